@@ -1,0 +1,52 @@
+//! Hermetic infrastructure for tests, the demo and the chaos suite: its own
+//! `nats-server -js` and PostgreSQL cluster on free loopback ports in temporary
+//! folders, and the service binaries as child processes, each of which can be
+//! killed and restarted. Everything is stopped on `Drop`, also when a test
+//! panics. Given `NATS_URL` / `DATABASE_URL` it uses those servers instead
+//! (then they cannot be killed).
+mod nats;
+mod postgres;
+mod process;
+
+pub use nats::Nats;
+pub use postgres::Postgres;
+pub use process::{ServiceProcess, bin_dir};
+
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding a free loopback port")
+}
+
+/// Waits until something accepts TCP connections on `port`.
+pub fn wait_for_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    anyhow::bail!("nothing listened on 127.0.0.1:{port} within {timeout:?}")
+}
+
+/// Both servers a service needs.
+pub struct Infra {
+    pub nats: Nats,
+    pub postgres: Postgres,
+}
+
+impl Infra {
+    /// Starts (or, with `NATS_URL` / `DATABASE_URL` set, adopts) NATS and PostgreSQL.
+    pub fn start() -> anyhow::Result<Self> {
+        Ok(Infra {
+            nats: Nats::start()?,
+            postgres: Postgres::start()?,
+        })
+    }
+}

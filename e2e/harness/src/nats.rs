@@ -1,0 +1,94 @@
+//! A `nats-server -js` on a free port with its store in a temporary folder.
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::{free_port, wait_for_port};
+
+pub struct Nats {
+    url: String,
+    port: u16,
+    store: Option<TempDir>,
+    child: Option<Child>,
+}
+
+impl Nats {
+    /// Starts a fresh server, or adopts the one `NATS_URL` names.
+    pub fn start() -> anyhow::Result<Self> {
+        if let Ok(url) = std::env::var("NATS_URL") {
+            return Ok(Nats {
+                url,
+                port: 0,
+                store: None,
+                child: None,
+            });
+        }
+        let port = free_port();
+        let mut nats = Nats {
+            url: format!("nats://127.0.0.1:{port}"),
+            port,
+            store: Some(tempfile::Builder::new().prefix("saga-nats-").tempdir()?),
+            child: None,
+        };
+        nats.restart()?;
+        Ok(nats)
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn store(&self) -> anyhow::Result<&TempDir> {
+        self.store.as_ref().ok_or_else(|| {
+            anyhow::anyhow!("NATS at {} is external and cannot be controlled", self.url)
+        })
+    }
+
+    /// SIGKILL: the broker dies mid-flow, as in a crash.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        self.store()?;
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts the server again on the same port and store (after [`Nats::kill`]).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill()?;
+        let store = self.store()?.path().to_owned();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(store.join("nats.log"))?;
+        let child = Command::new("nats-server")
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(store.join("jetstream"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| {
+                anyhow::anyhow!("cannot start nats-server (is it installed? see README): {e}")
+            })?;
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(15))
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! A PostgreSQL cluster made with `initdb` in a temporary folder, run with
+//! `pg_ctl` on a free port. PostgreSQL refuses to run as root, so as root the
+//! commands run as the `postgres` account over a folder it owns.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sqlx::Connection;
+use tempfile::TempDir;
+
+use crate::free_port;
+
+pub struct Postgres {
+    admin_url: String,
+    port: u16,
+    dir: Option<TempDir>,
+    running: bool,
+}
+
+fn bin(name: &str) -> PathBuf {
+    let from_pg_config = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join(name));
+    match from_pg_config {
+        Some(path) if path.exists() => path,
+        _ => PathBuf::from(name),
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Runs a PostgreSQL tool, as the `postgres` account when we are root.
+fn run_pg(tool: &str, args: &[&str]) -> anyhow::Result<()> {
+    let program = bin(tool);
+    let mut command = if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(&program);
+        c
+    } else {
+        Command::new(&program)
+    };
+    let output = command.args(args).output().map_err(|e| {
+        anyhow::anyhow!(
+            "cannot run {} (is the PostgreSQL server installed? see README): {e}",
+            program.display()
+        )
+    })?;
+    if !output.status.success() {
+        anyhow::bail!(
+            "{tool} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+impl Postgres {
+    /// Creates and starts a fresh cluster, or adopts the server `DATABASE_URL` names.
+    pub fn start() -> anyhow::Result<Self> {
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            return Ok(Postgres {
+                admin_url: url,
+                port: 0,
+                dir: None,
+                running: true,
+            });
+        }
+        let dir = tempfile::Builder::new().prefix("saga-pg-").tempdir()?;
+        if is_root() {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:"])
+                .arg(dir.path())
+                .status()?;
+            anyhow::ensure!(status.success(), "chown of {} failed", dir.path().display());
+        }
+        let data = dir.path().join("data");
+        run_pg(
+            "initdb",
+            &[
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "-D",
+                path_str(&data)?,
+            ],
+        )?;
+        let port = free_port();
+        let mut pg = Postgres {
+            admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            port,
+            dir: Some(dir),
+            running: false,
+        };
+        pg.restart()?;
+        Ok(pg)
+    }
+
+    fn dir(&self) -> anyhow::Result<&Path> {
+        self.dir.as_ref().map(|d| d.path()).ok_or_else(|| {
+            anyhow::anyhow!(
+                "PostgreSQL at {} is external and cannot be controlled",
+                self.admin_url
+            )
+        })
+    }
+
+    /// Starts the server (again) on the same port and data folder.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let dir = self.dir()?.to_owned();
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c max_connections=400 -c fsync=off",
+            self.port,
+            path_str(&dir)?
+        );
+        run_pg(
+            "pg_ctl",
+            &[
+                "start",
+                "-w",
+                "-t",
+                "60",
+                "-D",
+                path_str(&dir.join("data"))?,
+                "-l",
+                path_str(&dir.join("postgres.log"))?,
+                "-o",
+                &options,
+            ],
+        )?;
+        self.running = true;
+        Ok(())
+    }
+
+    /// Immediate-mode stop: no checkpoint, connections cut, as in a crash.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        let data = self.dir()?.join("data");
+        run_pg(
+            "pg_ctl",
+            &["stop", "-m", "immediate", "-w", "-D", path_str(&data)?],
+        )?;
+        self.running = false;
+        Ok(())
+    }
+
+    /// Creates database `name` (if missing) and returns its URL.
+    pub async fn create_database(&self, name: &str) -> anyhow::Result<String> {
+        anyhow::ensure!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "database name {name:?} must be letters, digits and underscores"
+        );
+        let mut conn = sqlx::PgConnection::connect(&self.admin_url).await?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind(name)
+                .fetch_one(&mut conn)
+                .await?;
+        if !exists {
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+                .execute(&mut conn)
+                .await?;
+        }
+        conn.close().await?;
+        Ok(self.database_url(name))
+    }
+
+    /// The URL of database `name` on this server.
+    pub fn database_url(&self, name: &str) -> String {
+        match self.admin_url.rsplit_once('/') {
+            Some((server, _)) => format!("{server}/{name}"),
+            None => format!("{}/{name}", self.admin_url),
+        }
+    }
+}
+
+fn path_str(path: &Path) -> anyhow::Result<&str> {
+    path.to_str()
+        .ok_or_else(|| anyhow::anyhow!("path {} is not UTF-8", path.display()))
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if self.running && self.dir.is_some() {
+            let _ = self.kill();
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! Settings every service shares, from flags or the environment. A service
+//! flattens this into its own `clap` arguments and adds its business knobs.
+use std::net::SocketAddr;
+use std::time::Duration;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Config {
+    /// NATS server with JetStream.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// This service's own PostgreSQL database.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    /// Address the gRPC API listens on.
+    #[arg(long, env = "GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+    /// JetStream stream holding every saga event.
+    #[arg(long, env = "STREAM", default_value = "SAGA")]
+    pub stream: String,
+    /// Subject prefix of the stream; an event goes to `<prefix>.<event type>`.
+    #[arg(long, env = "SUBJECT_PREFIX", default_value = "saga")]
+    pub subject_prefix: String,
+    /// How long the stream keeps events, in seconds (also bounds inbox retention).
+    #[arg(long, env = "STREAM_MAX_AGE_SECS", default_value_t = 7 * 24 * 3600)]
+    pub stream_max_age_secs: u64,
+    /// JetStream duplicate window for Nats-Msg-Id, in seconds.
+    #[arg(long, env = "DUPLICATE_WINDOW_SECS", default_value_t = 120)]
+    pub duplicate_window_secs: u64,
+    /// Events handled at once; events of one saga never run side by side.
+    #[arg(long, env = "CONSUMER_LANES", default_value_t = 16)]
+    pub consumer_lanes: usize,
+    /// Messages delivered and not yet acknowledged, at most.
+    #[arg(long, env = "MAX_ACK_PENDING", default_value_t = 512)]
+    pub max_ack_pending: i64,
+    /// Seconds JetStream waits for an ack before redelivering.
+    #[arg(long, env = "ACK_WAIT_SECS", default_value_t = 30)]
+    pub ack_wait_secs: u64,
+    /// Outbox rows published per relay round.
+    #[arg(long, env = "RELAY_BATCH", default_value_t = 256)]
+    pub relay_batch: i64,
+    /// Relay polling fallback when no NOTIFY arrives, in milliseconds.
+    #[arg(long, env = "RELAY_POLL_MS", default_value_t = 500)]
+    pub relay_poll_ms: u64,
+    /// How often sent outbox rows and old inbox rows are deleted, in seconds.
+    #[arg(long, env = "CLEANUP_INTERVAL_SECS", default_value_t = 300)]
+    pub cleanup_interval_secs: u64,
+    /// Log format: "text" or "json".
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+impl Config {
+    /// Defaults for everything but the two URLs and the listen address (tests, the demo).
+    pub fn new(nats_url: &str, database_url: &str) -> Self {
+        use clap::{FromArgMatches, Parser};
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            config: Config,
+        }
+        let matches = <Wrapper as clap::CommandFactory>::command()
+            .no_binary_name(true)
+            .try_get_matches_from([
+                "--nats-url",
+                nats_url,
+                "--database-url",
+                database_url,
+                "--grpc-addr",
+                "127.0.0.1:0",
+            ])
+            .expect("built-in defaults parse");
+        Wrapper::from_arg_matches(&matches)
+            .expect("built-in defaults parse")
+            .config
+    }
+
+    pub fn ack_wait(&self) -> Duration {
+        Duration::from_secs(self.ack_wait_secs)
+    }
+
+    pub fn duplicate_window(&self) -> Duration {
+        Duration::from_secs(self.duplicate_window_secs)
+    }
+
+    pub fn stream_max_age(&self) -> Duration {
+        Duration::from_secs(self.stream_max_age_secs)
+    }
+
+    /// The subject filter that covers every saga event.
+    pub fn all_events_subject(&self) -> String {
+        format!("{}.>", self.subject_prefix)
+    }
+}

@@ -1,0 +1,325 @@
+//! The inbox consumer: durable pull consumer, dedup before effect, ack after commit.
+//!
+//! Messages are spread over a fixed number of lanes by saga id, so one saga's
+//! events are handled one at a time in delivery order while different sagas
+//! run side by side. For each message:
+//! 1. decode the envelope; a message that is not one is parked (dead letter);
+//! 2. in one transaction: insert the event id into `choreo_inbox` (an id
+//!    already there means "done before": ack and skip), run the handler's
+//!    effects and outbox writes, commit;
+//! 3. ack only after the commit.
+//!
+//! A handler's [`Reject`] (unknown type, unsupported version, unreadable
+//! payload) parks the message with its reason and raw bytes; any other error is
+//! retried in the lane with backoff, then nak'ed with a delay for redelivery.
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::Tx;
+use crate::envelope::{Envelope, Reject};
+
+/// A service's reaction to the events it consumes. Business rules only: write
+/// rows and outgoing events into `tx`; the consumer commits and acks.
+#[async_trait::async_trait]
+pub trait Handler: Send + Sync + 'static {
+    async fn handle(&self, tx: &mut Tx, event: &Envelope) -> Result<(), HandleError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    /// The event cannot be read by this service: park it, never retry.
+    #[error(transparent)]
+    Reject(#[from] Reject),
+    /// A database error: retried.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Any other transient failure: retried.
+    #[error("{0}")]
+    Transient(String),
+}
+
+/// What happened to one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Effects committed.
+    Applied,
+    /// Seen before: nothing done.
+    Duplicate,
+    /// Not readable: must be parked.
+    Parked(Reject),
+}
+
+/// Counters a test or metrics endpoint can read.
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    pub applied: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub parked: AtomicU64,
+    pub retries: AtomicU64,
+    pub redeliveries: AtomicU64,
+}
+
+/// Dedup, effects and commit for one event: the inbox step, in one transaction.
+pub async fn apply(
+    pool: &PgPool,
+    handler: &dyn Handler,
+    event: &Envelope,
+) -> Result<Outcome, HandleError> {
+    let mut tx = pool.begin().await?;
+    let fresh = sqlx::query(
+        "INSERT INTO choreo_inbox (event_id, event_type, saga_id) VALUES ($1, $2, $3)
+         ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(event.id())
+    .bind(&event.event_type)
+    .bind(&event.saga_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if !fresh {
+        tx.rollback().await?;
+        return Ok(Outcome::Duplicate);
+    }
+    match handler.handle(&mut tx, event).await {
+        Ok(()) => {
+            tx.commit().await?;
+            Ok(Outcome::Applied)
+        }
+        Err(HandleError::Reject(reject)) => {
+            tx.rollback().await?;
+            Ok(Outcome::Parked(reject))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Records a message this service cannot read. Idempotent per stream sequence.
+pub async fn park(
+    pool: &PgPool,
+    stream: &str,
+    stream_seq: u64,
+    subject: &str,
+    reason: &str,
+    raw: &[u8],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO choreo_dead_letter (stream, stream_seq, subject, reason, raw) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (stream, stream_seq) DO NOTHING",
+    )
+    .bind(stream)
+    .bind(stream_seq as i64)
+    .bind(subject)
+    .bind(reason)
+    .bind(raw)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+const IN_LANE_ATTEMPTS: u32 = 5;
+
+pub struct Consumer {
+    pool: PgPool,
+    handler: Arc<dyn Handler>,
+    lanes: usize,
+    stats: Arc<ConsumerStats>,
+}
+
+impl Consumer {
+    pub fn new(pool: PgPool, handler: Arc<dyn Handler>, lanes: usize) -> Self {
+        Consumer {
+            pool,
+            handler,
+            lanes: lanes.max(1),
+            stats: Arc::default(),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<ConsumerStats> {
+        self.stats.clone()
+    }
+
+    /// Pulls and handles messages until `shutdown`; then finishes the message
+    /// each lane is on and hands the rest back to JetStream (nak).
+    pub async fn run(
+        self,
+        consumer: jetstream::consumer::PullConsumer,
+        shutdown: CancellationToken,
+    ) {
+        let lanes = TaskTracker::new();
+        let mut senders = Vec::with_capacity(self.lanes);
+        let this = Arc::new(self);
+        for _ in 0..this.lanes {
+            let (tx, rx) = mpsc::channel::<(jetstream::Message, Result<Envelope, Reject>)>(32);
+            senders.push(tx);
+            lanes.spawn(this.clone().lane(rx, shutdown.clone()));
+        }
+        'pull: while !shutdown.is_cancelled() {
+            let mut messages = match consumer.messages().await {
+                Ok(messages) => messages,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot pull messages yet; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            };
+            loop {
+                let next = tokio::select! {
+                    next = messages.next() => next,
+                    _ = shutdown.cancelled() => break 'pull,
+                };
+                match next {
+                    Some(Ok(message)) => {
+                        let decoded = Envelope::from_bytes(&message.payload);
+                        let key = match &decoded {
+                            Ok(env) => env.saga_id.as_str(),
+                            Err(_) => message.subject.as_str(),
+                        };
+                        let mut hasher = DefaultHasher::new();
+                        key.hash(&mut hasher);
+                        let lane = (hasher.finish() % senders.len() as u64) as usize;
+                        if senders[lane].send((message, decoded)).await.is_err() {
+                            break 'pull;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "pull stream hiccup (broker away?)");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    None => continue 'pull,
+                }
+            }
+        }
+        drop(senders);
+        lanes.close();
+        lanes.wait().await;
+    }
+
+    async fn lane(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<(jetstream::Message, Result<Envelope, Reject>)>,
+        shutdown: CancellationToken,
+    ) {
+        while let Some((message, decoded)) = rx.recv().await {
+            if shutdown.is_cancelled() {
+                let _ = message.ack_with(AckKind::Nak(None)).await;
+                continue;
+            }
+            self.process(message, decoded, &shutdown).await;
+        }
+    }
+
+    async fn process(
+        &self,
+        message: jetstream::Message,
+        decoded: Result<Envelope, Reject>,
+        shutdown: &CancellationToken,
+    ) {
+        let (stream, stream_seq, delivered) = match message.info() {
+            Ok(info) => (info.stream.to_owned(), info.stream_sequence, info.delivered),
+            Err(_) => (String::new(), 0, 1),
+        };
+        if delivered > 1 {
+            self.stats.redeliveries.fetch_add(1, Ordering::Relaxed);
+        }
+        let event = match decoded {
+            Ok(event) => event,
+            Err(reject) => return self.park(&message, &stream, stream_seq, &reject).await,
+        };
+        let span = tracing::info_span!(
+            "event",
+            order_id = %event.saga_id,
+            event_id = %event.event_id,
+            event_type = %event.event_type,
+            delivered
+        );
+        async {
+            let mut backoff = Duration::from_millis(50);
+            for attempt in 1..=IN_LANE_ATTEMPTS {
+                match apply(&self.pool, self.handler.as_ref(), &event).await {
+                    Ok(Outcome::Applied) => {
+                        self.stats.applied.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!("handled");
+                        ack(&message).await;
+                        return;
+                    }
+                    Ok(Outcome::Duplicate) => {
+                        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!("duplicate delivery absorbed by the inbox");
+                        ack(&message).await;
+                        return;
+                    }
+                    Ok(Outcome::Parked(reject)) => {
+                        return self.park(&message, &stream, stream_seq, &reject).await;
+                    }
+                    Err(e) => {
+                        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(error = %e, attempt, "handling failed; will retry");
+                        if attempt == IN_LANE_ATTEMPTS || shutdown.is_cancelled() {
+                            break;
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff *= 2;
+                    }
+                }
+            }
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn park(
+        &self,
+        message: &jetstream::Message,
+        stream: &str,
+        stream_seq: u64,
+        reject: &Reject,
+    ) {
+        let reason = reject.to_string();
+        match park(
+            &self.pool,
+            stream,
+            stream_seq,
+            &message.subject,
+            &reason,
+            &message.payload,
+        )
+        .await
+        {
+            Ok(()) => {
+                self.stats.parked.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(subject = %message.subject, stream_seq, %reason, "message parked in the dead-letter table");
+                ack(message).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot park message yet; it will come back");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            }
+        }
+    }
+}
+
+async fn ack(message: &jetstream::Message) {
+    if let Err(e) = message.ack().await {
+        // The effects are committed; a redelivery is absorbed by the inbox.
+        tracing::warn!(error = %e, "ack failed; the inbox will absorb the redelivery");
+    }
+}

@@ -1,0 +1,37 @@
+//! choreo: the platform library for choreographed sagas on NATS JetStream.
+//!
+//! A service built on it writes business rules only: a [`Handler`] that turns
+//! one consumed event into row changes and outgoing events inside one
+//! transaction, and a gRPC API. Everything else lives here: the versioned
+//! [`Envelope`], the transactional [`outbox`] and its [`relay`], the
+//! deduplicating [`consumer`] with its dead-letter table, the compensation
+//! [`barrier`], stream and consumer [`provision`]ing, retention [`cleanup`],
+//! and the [`runtime`] that wires config, telemetry, gRPC and shutdown.
+
+pub mod barrier;
+pub mod cleanup;
+pub mod config;
+pub mod consumer;
+pub mod db;
+pub mod envelope;
+pub mod grpc;
+pub mod outbox;
+pub mod provision;
+pub mod relay;
+pub mod runtime;
+pub mod telemetry;
+
+/// Generated from proto/choreo/v1/envelope.proto.
+pub mod proto {
+    #![allow(clippy::all)]
+    include!(concat!(env!("OUT_DIR"), "/choreo.v1.rs"));
+}
+
+pub use config::Config;
+pub use consumer::{HandleError, Handler};
+pub use envelope::{Envelope, EventPayload, Reject};
+pub use outbox::Outbox;
+pub use runtime::Service;
+
+/// The transaction a handler writes its effects and outgoing events in.
+pub type Tx = sqlx::Transaction<'static, sqlx::Postgres>;

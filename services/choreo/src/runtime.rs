@@ -1,0 +1,191 @@
+//! Wires one service: database and migrations, NATS and provisioning, the
+//! relay, the consumer, the cleanup task and the gRPC server, all stopped
+//! by one shutdown token. A service's `main` builds a [`Service`] and hands it
+//! its handler and API; nothing else.
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::service::Routes;
+
+use crate::config::Config;
+use crate::consumer::{Consumer, Handler};
+use crate::outbox::Outbox;
+use crate::relay::Relay;
+use crate::{cleanup, db, grpc, provision};
+
+/// What a service hands the runtime once its database is ready.
+pub struct Parts {
+    /// Reacts to consumed events.
+    pub handler: Arc<dyn Handler>,
+    /// The service's gRPC API.
+    pub routes: Routes,
+    /// Fully qualified gRPC service names, reported SERVING by health.
+    pub service_names: Vec<&'static str>,
+    /// Encoded descriptor set of the API, served by reflection.
+    pub descriptor: &'static [u8],
+}
+
+/// What a service's builder may use: its database, its outbox, its settings,
+/// and a place to run background tasks that stop with the service.
+#[derive(Clone)]
+pub struct Context {
+    pub pool: PgPool,
+    pub outbox: Outbox,
+    pub config: Config,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+pub struct Service {
+    name: &'static str,
+    config: Config,
+    migrator: Migrator,
+}
+
+impl Service {
+    /// `name` is the producer name in envelopes and the durable consumer name.
+    pub fn new(name: &'static str, config: Config, migrator: Migrator) -> Self {
+        Service {
+            name,
+            config,
+            migrator,
+        }
+    }
+
+    /// Runs until SIGINT or SIGTERM.
+    pub async fn run<F>(self, build: F) -> anyhow::Result<()>
+    where
+        F: FnOnce(&Context) -> Parts,
+    {
+        crate::telemetry::init(&self.config.log_format);
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        self.run_until(build, shutdown).await
+    }
+
+    /// Runs until `shutdown` is cancelled, then stops taking work, finishes
+    /// in-flight handlers and publishes, drains NATS and closes the pool.
+    pub async fn run_until<F>(self, build: F, shutdown: CancellationToken) -> anyhow::Result<()>
+    where
+        F: FnOnce(&Context) -> Parts,
+    {
+        let config = self.config;
+        let pool = db::connect(&config.database_url, Duration::from_secs(60)).await?;
+        db::migrate(&pool, &self.migrator).await?;
+
+        let (client, js) = connect_nats(&config.nats_url, self.name).await?;
+        let Some(consumer) = retry_until(&shutdown, "provisioning JetStream", || async {
+            let stream = provision::ensure_stream(&js, &config).await?;
+            provision::ensure_consumer(&stream, self.name, &config).await
+        })
+        .await
+        else {
+            return Ok(());
+        };
+
+        let tasks = TaskTracker::new();
+        let context = Context {
+            pool: pool.clone(),
+            outbox: Outbox::new(self.name, &config.subject_prefix),
+            config: config.clone(),
+            shutdown: shutdown.clone(),
+            tasks: tasks.clone(),
+        };
+        let parts = build(&context);
+
+        let relay = Relay::new(
+            pool.clone(),
+            js.clone(),
+            config.relay_batch,
+            Duration::from_millis(config.relay_poll_ms),
+        );
+        tasks.spawn(relay.run(shutdown.clone()));
+        let consumer_loop = Consumer::new(pool.clone(), parts.handler, config.consumer_lanes);
+        tasks.spawn(consumer_loop.run(consumer, shutdown.clone()));
+        tasks.spawn(cleanup::run(
+            pool.clone(),
+            cleanup::Retention::derive(&config),
+            Duration::from_secs(config.cleanup_interval_secs),
+            shutdown.clone(),
+        ));
+        tracing::info!(service = self.name, "started");
+
+        let served = grpc::serve(
+            config.grpc_addr,
+            parts.routes,
+            &parts.service_names,
+            &[parts.descriptor],
+            shutdown.clone(),
+        )
+        .await;
+        // Whether the server stopped by request or by error, stop everything.
+        shutdown.cancel();
+        tasks.close();
+        tasks.wait().await;
+        if let Err(e) = client.drain().await {
+            tracing::warn!(error = %e, "draining NATS failed");
+        }
+        pool.close().await;
+        tracing::info!(service = self.name, "stopped");
+        served
+    }
+}
+
+/// A NATS client that keeps reconnecting for ever (the broker may be down at
+/// start or restart at any time) and a JetStream context with a bounded PubAck wait.
+pub async fn connect_nats(
+    url: &str,
+    name: &str,
+) -> anyhow::Result<(async_nats::Client, jetstream::Context)> {
+    let client = async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connect(url)
+        .await?;
+    let js = jetstream::ContextBuilder::new()
+        .ack_timeout(Duration::from_secs(5))
+        .build(client.clone());
+    Ok((client, js))
+}
+
+/// Calls `attempt` until it succeeds, backing off; `None` if shut down first.
+pub async fn retry_until<T, F, Fut>(
+    shutdown: &CancellationToken,
+    what: &str,
+    mut attempt: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match attempt().await {
+            Ok(value) => return Some(value),
+            Err(e) => tracing::warn!(error = %e, "{what} failed; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return None,
+        }
+        delay = (delay * 2).min(Duration::from_secs(3));
+    }
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutdown requested");
+    shutdown.cancel();
+}

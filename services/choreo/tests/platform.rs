@@ -1,0 +1,571 @@
+//! The platform library against a real nats-server and a real PostgreSQL,
+//! both started by the harness and killed where a test needs a crash.
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, message::PublishMessage};
+use choreo::barrier::{self, Action, Compensation};
+use choreo::consumer::{self, Consumer, Outcome};
+use choreo::relay::Relay;
+use choreo::{Config, Envelope, EventPayload, HandleError, Handler, Outbox, Tx};
+use harness::Infra;
+use prost::Message;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Ping {
+    #[prost(uint32, tag = "1")]
+    n: u32,
+}
+impl EventPayload for Ping {
+    const EVENT_TYPE: &'static str = "test.ping";
+    const SCHEMA_VERSION: u32 = 1;
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Mystery {}
+impl EventPayload for Mystery {
+    const EVENT_TYPE: &'static str = "test.mystery";
+    const SCHEMA_VERSION: u32 = 1;
+}
+
+/// Counts how many times each event's effect was applied.
+struct CountEffects {
+    delay: Duration,
+}
+
+#[async_trait::async_trait]
+impl Handler for CountEffects {
+    async fn handle(&self, tx: &mut Tx, event: &Envelope) -> Result<(), HandleError> {
+        let _ping: Ping = event.payload()?;
+        sqlx::query(
+            "INSERT INTO effects (event_id, applied) VALUES ($1, 1)
+             ON CONFLICT (event_id) DO UPDATE SET applied = effects.applied + 1",
+        )
+        .bind(event.id())
+        .execute(&mut **tx)
+        .await?;
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        Ok(())
+    }
+}
+
+struct Setup {
+    infra: Infra,
+    pool: PgPool,
+    config: Config,
+    js: jetstream::Context,
+    stream: jetstream::stream::Stream,
+}
+
+async fn setup() -> Setup {
+    let infra = tokio::task::spawn_blocking(Infra::start)
+        .await
+        .unwrap()
+        .expect("infra");
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let db = infra
+        .postgres
+        .create_database(&format!("t_{id}"))
+        .await
+        .unwrap();
+    let mut config = Config::new(infra.nats.url(), &db);
+    config.stream = format!("T{id}");
+    config.subject_prefix = format!("t{id}");
+    config.relay_poll_ms = 100;
+    config.ack_wait_secs = 5;
+    let pool = choreo::db::connect(&db, Duration::from_secs(10))
+        .await
+        .unwrap();
+    choreo::db::migrate(&pool, &sqlx::migrate::Migrator::with_migrations(vec![]))
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE effects (event_id UUID PRIMARY KEY, applied INT NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (_client, js) = choreo::runtime::connect_nats(infra.nats.url(), "test")
+        .await
+        .unwrap();
+    let stream = choreo::provision::ensure_stream(&js, &config)
+        .await
+        .unwrap();
+    Setup {
+        infra,
+        pool,
+        config,
+        js,
+        stream,
+    }
+}
+
+impl Setup {
+    fn outbox(&self) -> Outbox {
+        Outbox::new("test", &self.config.subject_prefix)
+    }
+
+    fn relay(&self, batch: i64) -> Relay {
+        Relay::new(
+            self.pool.clone(),
+            self.js.clone(),
+            batch,
+            Duration::from_millis(100),
+        )
+    }
+
+    /// Commits `n` ping events in one transaction.
+    async fn emit(&self, n: u32) -> Vec<Envelope> {
+        let outbox = self.outbox();
+        let mut tx = self.pool.begin().await.unwrap();
+        let mut sent = Vec::new();
+        for i in 0..n {
+            sent.push(
+                outbox
+                    .emit(&mut tx, &format!("saga-{}", i % 7), None, &Ping { n: i })
+                    .await
+                    .unwrap(),
+            );
+        }
+        tx.commit().await.unwrap();
+        sent
+    }
+
+    async fn stream_messages(&self) -> u64 {
+        let mut stream = self.js.get_stream(&self.config.stream).await.unwrap();
+        stream.info().await.unwrap().state.messages
+    }
+
+    async fn unsent(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM choreo_outbox WHERE sent_at IS NULL")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Publishes raw bytes to the stream with their own message id.
+    async fn publish_raw(&self, subject_suffix: &str, bytes: Vec<u8>) {
+        self.js
+            .send_publish(
+                format!("{}.{subject_suffix}", self.config.subject_prefix),
+                PublishMessage::build()
+                    .payload(bytes.into())
+                    .message_id(uuid::Uuid::new_v4().to_string()),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    async fn consumer(&self, durable: &str) -> jetstream::consumer::PullConsumer {
+        choreo::provision::ensure_consumer(&self.stream, durable, &self.config)
+            .await
+            .unwrap()
+    }
+
+    async fn effect_counts(&self) -> Vec<i32> {
+        sqlx::query_scalar("SELECT applied FROM effects ORDER BY event_id")
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+    }
+}
+
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out after {timeout:?} waiting for: {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_committed_while_nats_is_down_arrive_once_after_it_returns() {
+    let mut s = setup().await;
+    let shutdown = CancellationToken::new();
+    let relay = tokio::spawn(s.relay(64).run(shutdown.clone()));
+
+    s.infra.nats.kill().unwrap();
+    s.emit(150).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        s.unsent().await,
+        150,
+        "nothing can be sent while NATS is down"
+    );
+    s.infra.nats.restart().unwrap();
+
+    eventually(
+        "every outbox row marked sent",
+        Duration::from_secs(60),
+        || async { s.unsent().await == 0 },
+    )
+    .await;
+    assert_eq!(s.stream_messages().await, 150);
+    shutdown.cancel();
+    relay.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_crash_between_puback_and_mark_republishes_and_the_stream_keeps_one_copy() {
+    let s = setup().await;
+    s.emit(40).await;
+    let crashed = s.relay(256);
+    let mut conn = s.pool.acquire().await.unwrap();
+    let round = crashed.publish(&mut conn).await.unwrap();
+    assert_eq!(round.acked.len(), 40, "first relay saw every PubAck");
+    drop(conn); // the relay dies here: nothing is marked sent
+    assert_eq!(s.unsent().await, 40);
+
+    let shutdown = CancellationToken::new();
+    let relay = s.relay(256);
+    let stats = relay.stats();
+    let task = tokio::spawn(relay.run(shutdown.clone()));
+    eventually("rows marked sent", Duration::from_secs(30), || async {
+        s.unsent().await == 0
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+    assert_eq!(
+        stats.published.load(Ordering::SeqCst),
+        40,
+        "the second relay published every row again"
+    );
+    assert_eq!(
+        s.stream_messages().await,
+        40,
+        "JetStream dropped the copies by Nats-Msg-Id"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_publish_each_row_once_and_only_one_leads() {
+    let s = setup().await;
+    let shutdown = CancellationToken::new();
+    let (a, b) = (s.relay(32), s.relay(32));
+    let (stats_a, stats_b) = (a.stats(), b.stats());
+    let tasks = [
+        tokio::spawn(a.run(shutdown.clone())),
+        tokio::spawn(b.run(shutdown.clone())),
+    ];
+    for _ in 0..10 {
+        s.emit(30).await;
+        assert!(
+            !(stats_a.leader.load(Ordering::SeqCst) && stats_b.leader.load(Ordering::SeqCst)),
+            "two leaders at once"
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    eventually("rows marked sent", Duration::from_secs(30), || async {
+        s.unsent().await == 0
+    })
+    .await;
+    shutdown.cancel();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let published =
+        stats_a.published.load(Ordering::SeqCst) + stats_b.published.load(Ordering::SeqCst);
+    assert_eq!(
+        published, 300,
+        "each row published exactly once across both relays"
+    );
+    assert!(
+        stats_a.published.load(Ordering::SeqCst) == 0
+            || stats_b.published.load(Ordering::SeqCst) == 0,
+        "only one relay published"
+    );
+    assert_eq!(s.stream_messages().await, 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_shutdown_mid_batch_loses_nothing_and_doubles_nothing() {
+    let s = setup().await;
+    s.emit(5000).await;
+    let shutdown = CancellationToken::new();
+    let relay = s.relay(20);
+    let stats = relay.stats();
+    let task = tokio::spawn(relay.run(shutdown.clone()));
+    while stats.published.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    shutdown.cancel();
+    task.await.unwrap();
+    let after_first = s.unsent().await;
+    assert!(
+        after_first > 0,
+        "shutdown came mid-way (unsent {after_first})"
+    );
+
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(s.relay(256).run(shutdown.clone()));
+    eventually("rows marked sent", Duration::from_secs(60), || async {
+        s.unsent().await == 0
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+    assert_eq!(s.stream_messages().await, 5000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_delivery_is_applied_once() {
+    let s = setup().await;
+    let handler = Arc::new(CountEffects {
+        delay: Duration::ZERO,
+    });
+    let twice = Envelope::new("test", "saga-1", None, &Ping { n: 1 });
+    // Different message ids, so JetStream's duplicate window cannot help.
+    s.publish_raw("test.ping", twice.encode_to_vec()).await;
+    s.publish_raw("test.ping", twice.encode_to_vec()).await;
+    // Consumer killed after commit, before ack: the effect is committed and the
+    // message is still in the stream, to be delivered again.
+    let committed = Envelope::new("test", "saga-2", None, &Ping { n: 2 });
+    assert_eq!(
+        consumer::apply(&s.pool, handler.as_ref(), &committed)
+            .await
+            .unwrap(),
+        Outcome::Applied
+    );
+    s.publish_raw("test.ping", committed.encode_to_vec()).await;
+
+    let consumer = Consumer::new(s.pool.clone(), handler, 4);
+    let stats = consumer.stats();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(s.consumer("dup").await, shutdown.clone()));
+    eventually(
+        "three deliveries handled",
+        Duration::from_secs(30),
+        || async {
+            stats.applied.load(Ordering::SeqCst) + stats.duplicates.load(Ordering::SeqCst) == 3
+        },
+    )
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+    assert_eq!(stats.applied.load(Ordering::SeqCst), 1);
+    assert_eq!(stats.duplicates.load(Ordering::SeqCst), 2);
+    assert_eq!(s.effect_counts().await, vec![1, 1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_messages_are_parked_with_a_reason_and_the_next_one_is_handled() {
+    let s = setup().await;
+    s.publish_raw("test.ping", b"\xff\xfe not protobuf at all".to_vec())
+        .await;
+    s.publish_raw(
+        "test.mystery",
+        Envelope::new("test", "saga-1", None, &Mystery {}).encode_to_vec(),
+    )
+    .await;
+    let mut future_version = Envelope::new("test", "saga-1", None, &Ping { n: 1 });
+    future_version.schema_version = 99;
+    s.publish_raw("test.ping", future_version.encode_to_vec())
+        .await;
+    let valid = Envelope::new("test", "saga-1", None, &Ping { n: 2 });
+    s.publish_raw("test.ping", valid.encode_to_vec()).await;
+
+    let consumer = Consumer::new(
+        s.pool.clone(),
+        Arc::new(CountEffects {
+            delay: Duration::ZERO,
+        }),
+        4,
+    );
+    let stats = consumer.stats();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(s.consumer("dlq").await, shutdown.clone()));
+    eventually(
+        "the valid message handled",
+        Duration::from_secs(30),
+        || async {
+            stats.applied.load(Ordering::SeqCst) == 1 && stats.parked.load(Ordering::SeqCst) == 3
+        },
+    )
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+
+    let parked: Vec<(i64, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT stream_seq, reason, raw FROM choreo_dead_letter ORDER BY stream_seq",
+    )
+    .fetch_all(&s.pool)
+    .await
+    .unwrap();
+    let reasons: Vec<&str> = parked.iter().map(|(_, r, _)| r.as_str()).collect();
+    assert_eq!(parked.len(), 3, "{reasons:?}");
+    assert!(
+        reasons[0].contains("not an event envelope"),
+        "{}",
+        reasons[0]
+    );
+    assert!(
+        reasons[1].contains("unknown event type \"test.mystery\""),
+        "{}",
+        reasons[1]
+    );
+    assert!(
+        reasons[2].contains("unsupported schema version 99"),
+        "{}",
+        reasons[2]
+    );
+    assert_eq!(
+        parked[0].2, b"\xff\xfe not protobuf at all",
+        "raw bytes kept"
+    );
+    assert_eq!(s.effect_counts().await, vec![1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_shutdown_mid_batch_loses_nothing_and_doubles_nothing() {
+    let s = setup().await;
+    for i in 0..300u32 {
+        let env = Envelope::new("test", &format!("saga-{}", i % 40), None, &Ping { n: i });
+        s.publish_raw("test.ping", env.encode_to_vec()).await;
+    }
+    let handler = Arc::new(CountEffects {
+        delay: Duration::from_millis(5),
+    });
+    let first = Consumer::new(s.pool.clone(), handler.clone(), 8);
+    let stats = first.stats();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(first.run(s.consumer("stop").await, shutdown.clone()));
+    eventually("a third handled", Duration::from_secs(30), || async {
+        stats.applied.load(Ordering::SeqCst) >= 100
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+    let handled_before = stats.applied.load(Ordering::SeqCst);
+    assert!(handled_before < 300, "shutdown came mid-way");
+
+    let second = Consumer::new(s.pool.clone(), handler, 8);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(second.run(s.consumer("stop").await, shutdown.clone()));
+    eventually("all 300 applied", Duration::from_secs(60), || async {
+        s.effect_counts().await.len() == 300
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+    assert!(
+        s.effect_counts().await.iter().all(|&n| n == 1),
+        "an effect was applied twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_barrier_orders_actions_and_compensations() {
+    let s = setup().await;
+    let mut tx = s.pool.begin().await.unwrap();
+    // Compensation before action: recorded, nothing to undo, action refused for good.
+    assert_eq!(
+        barrier::compensation(&mut tx, "a", "reserve")
+            .await
+            .unwrap(),
+        Compensation::NothingToUndo
+    );
+    assert_eq!(
+        barrier::compensation(&mut tx, "a", "reserve")
+            .await
+            .unwrap(),
+        Compensation::AlreadyCompensated
+    );
+    assert_eq!(
+        barrier::action(&mut tx, "a", "reserve").await.unwrap(),
+        Action::Refused
+    );
+    assert_eq!(
+        barrier::action(&mut tx, "a", "reserve").await.unwrap(),
+        Action::Refused
+    );
+    // Action, repeat, compensation, repeat, late action.
+    assert_eq!(
+        barrier::action(&mut tx, "b", "reserve").await.unwrap(),
+        Action::Proceed
+    );
+    assert_eq!(
+        barrier::action(&mut tx, "b", "reserve").await.unwrap(),
+        Action::AlreadyDone
+    );
+    assert_eq!(
+        barrier::compensation(&mut tx, "b", "reserve")
+            .await
+            .unwrap(),
+        Compensation::Undo
+    );
+    assert_eq!(
+        barrier::compensation(&mut tx, "b", "reserve")
+            .await
+            .unwrap(),
+        Compensation::AlreadyCompensated
+    );
+    assert_eq!(
+        barrier::action(&mut tx, "b", "reserve").await.unwrap(),
+        Action::Refused
+    );
+    // Steps are independent.
+    assert_eq!(
+        barrier::action(&mut tx, "b", "ship").await.unwrap(),
+        Action::Proceed
+    );
+    tx.commit().await.unwrap();
+
+    // Racing action and compensation in two transactions: exactly one consistent story.
+    for round in 0..20 {
+        let saga = format!("race-{round}");
+        let (pa, pc) = (s.pool.clone(), s.pool.clone());
+        let (sa, sc) = (saga.clone(), saga.clone());
+        let act = tokio::spawn(async move {
+            let mut tx = pa.begin().await.unwrap();
+            let r = barrier::action(&mut tx, &sa, "step").await.unwrap();
+            tx.commit().await.unwrap();
+            r
+        });
+        let comp = tokio::spawn(async move {
+            let mut tx = pc.begin().await.unwrap();
+            let r = barrier::compensation(&mut tx, &sc, "step").await.unwrap();
+            tx.commit().await.unwrap();
+            r
+        });
+        let (a, c) = (act.await.unwrap(), comp.await.unwrap());
+        assert!(
+            matches!(
+                (a, c),
+                (Action::Proceed, Compensation::Undo)
+                    | (Action::Refused, Compensation::NothingToUndo)
+            ),
+            "inconsistent race outcome {a:?} / {c:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_is_idempotent() {
+    let s = setup().await;
+    choreo::provision::ensure_stream(&s.js, &s.config)
+        .await
+        .unwrap();
+    s.consumer("same").await;
+    s.consumer("same").await;
+    let info =
+        s.js.get_stream(&s.config.stream)
+            .await
+            .unwrap()
+            .get_info()
+            .await
+            .unwrap();
+    assert_eq!(info.config.duplicate_window, s.config.duplicate_window());
+}
