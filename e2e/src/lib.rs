@@ -1,1 +1,329 @@
+//! The whole saga as a user meets it: the harness's NATS and PostgreSQL, the
+//! four real service binaries as processes, and gRPC clients to them. Used by
+//! the end-to-end tests and by the demo.
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
+use contracts::inventory::v1::{
+    self as inventory, inventory_service_client::InventoryServiceClient,
+};
+use contracts::notification::v1::{
+    self as notification, notification_service_client::NotificationServiceClient,
+};
+use contracts::order::v1::{self as order, order_service_client::OrderServiceClient};
+use contracts::shipping::v1::{self as shipping, shipping_service_client::ShippingServiceClient};
+use harness::{Infra, ServiceProcess, free_port};
+use tonic::transport::Channel;
+
+pub use order::OrderStatus;
+
+/// The four services, in saga order.
+pub const SERVICES: [&str; 4] = ["order", "inventory", "shipping", "notification"];
+
+/// Knobs a test or the demo may turn.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Seconds an open order may stall before the order service cancels it.
+    pub order_deadline_secs: u64,
+    /// Chance that a forward step fails on purpose (inventory, shipping, notification).
+    pub injected_failure_rate: f64,
+    /// Log level of the services (RUST_LOG).
+    pub log: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            order_deadline_secs: 60,
+            injected_failure_rate: 0.0,
+            log: "info".into(),
+        }
+    }
+}
+
+pub struct Clients {
+    pub order: OrderServiceClient<Channel>,
+    pub inventory: InventoryServiceClient<Channel>,
+    pub shipping: ShippingServiceClient<Channel>,
+    pub notification: NotificationServiceClient<Channel>,
+}
+
+pub struct System {
+    pub infra: Infra,
+    /// Service logs, kept after the run (printed when a test fails).
+    pub logs: PathBuf,
+    pub processes: Vec<ServiceProcess>,
+    pub ports: Vec<u16>,
+    pub clients: Clients,
+    /// Database URL of each service, in [`SERVICES`] order.
+    pub databases: Vec<String>,
+}
+
+async fn channel(port: u16, timeout: Duration) -> anyhow::Result<Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(20));
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(channel) = endpoint.connect().await {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+            let check = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await;
+            if check.is_ok() {
+                return Ok(channel);
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no healthy gRPC server on port {port} within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+impl System {
+    /// Starts NATS, PostgreSQL and the four services, and waits until each answers health checks.
+    pub async fn start(options: Options) -> anyhow::Result<Self> {
+        let infra = tokio::task::spawn_blocking(Infra::start).await??;
+        let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+        let logs = std::env::temp_dir().join("saga-e2e").join(&run);
+        std::fs::create_dir_all(&logs)?;
+        let mut processes = Vec::new();
+        let mut ports = Vec::new();
+        let mut databases = Vec::new();
+        for name in SERVICES {
+            let database = infra
+                .postgres
+                .create_database(&format!("{name}_{run}"))
+                .await?;
+            let port = free_port();
+            let env = vec![
+                ("NATS_URL", infra.nats.url().to_owned()),
+                ("DATABASE_URL", database.clone()),
+                ("GRPC_ADDR", format!("127.0.0.1:{port}")),
+                ("STREAM", format!("SAGA_{run}")),
+                ("SUBJECT_PREFIX", format!("saga_{run}")),
+                ("RELAY_POLL_MS", "200".into()),
+                ("ACK_WAIT_SECS", "10".into()),
+                (
+                    "ORDER_DEADLINE_SECS",
+                    options.order_deadline_secs.to_string(),
+                ),
+                ("DEADLINE_CHECK_MS", "250".into()),
+                (
+                    "INJECTED_FAILURE_RATE",
+                    options.injected_failure_rate.to_string(),
+                ),
+                ("RUST_LOG", options.log.clone()),
+            ];
+            let env = env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            processes.push(ServiceProcess::start(
+                name,
+                env,
+                logs.join(format!("{name}.log")),
+            )?);
+            ports.push(port);
+            databases.push(database);
+        }
+        let wait = Duration::from_secs(60);
+        let clients = Clients {
+            order: OrderServiceClient::new(channel(ports[0], wait).await?),
+            inventory: InventoryServiceClient::new(channel(ports[1], wait).await?),
+            shipping: ShippingServiceClient::new(channel(ports[2], wait).await?),
+            notification: NotificationServiceClient::new(channel(ports[3], wait).await?),
+        };
+        Ok(System {
+            infra,
+            logs,
+            processes,
+            ports,
+            clients,
+            databases,
+        })
+    }
+
+    /// The process of service `name`, to kill or restart.
+    pub fn service(&mut self, name: &str) -> &mut ServiceProcess {
+        self.processes
+            .iter_mut()
+            .find(|p| p.name() == name)
+            .unwrap_or_else(|| panic!("no service {name}"))
+    }
+
+    /// Where a service writes its log.
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.logs.join(format!("{name}.log"))
+    }
+
+    pub async fn set_stock(&self, sku: &str, available: u64) -> anyhow::Result<()> {
+        self.clients
+            .inventory
+            .clone()
+            .set_stock(inventory::SetStockRequest {
+                sku: sku.into(),
+                available,
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn stock(&self, sku: &str) -> anyhow::Result<inventory::Stock> {
+        Ok(self
+            .clients
+            .inventory
+            .clone()
+            .get_stock(inventory::GetStockRequest { sku: sku.into() })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn place(&self, request: order::PlaceOrderRequest) -> anyhow::Result<order::Order> {
+        let response = self
+            .clients
+            .order
+            .clone()
+            .place_order(request)
+            .await?
+            .into_inner();
+        response
+            .order
+            .ok_or_else(|| anyhow::anyhow!("PlaceOrder answered without an order"))
+    }
+
+    pub async fn get(&self, order_id: &str) -> anyhow::Result<order::Order> {
+        Ok(self
+            .clients
+            .order
+            .clone()
+            .get_order(order::GetOrderRequest {
+                order_id: order_id.into(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Polls the order until its status is one of `wanted`.
+    pub async fn wait_for(
+        &self,
+        order_id: &str,
+        wanted: &[OrderStatus],
+        timeout: Duration,
+    ) -> anyhow::Result<order::Order> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let order = self.get(order_id).await;
+            if let Ok(order) = &order
+                && wanted.contains(&order.status())
+            {
+                return Ok(order.clone());
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "order {order_id} did not reach {wanted:?} within {timeout:?}; last seen {:?}",
+                    order.map(|o| (o.status(), o.reason))
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the order is COMPLETED or CANCELLED.
+    pub async fn wait_terminal(
+        &self,
+        order_id: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<order::Order> {
+        self.wait_for(
+            order_id,
+            &[OrderStatus::Completed, OrderStatus::Cancelled],
+            timeout,
+        )
+        .await
+    }
+
+    pub async fn reservation(
+        &self,
+        order_id: &str,
+    ) -> Result<inventory::Reservation, tonic::Status> {
+        self.clients
+            .inventory
+            .clone()
+            .get_reservation(inventory::GetReservationRequest {
+                order_id: order_id.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn shipment(&self, order_id: &str) -> Result<shipping::Shipment, tonic::Status> {
+        self.clients
+            .shipping
+            .clone()
+            .get_shipment(shipping::GetShipmentRequest {
+                order_id: order_id.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn notifications(
+        &self,
+        order_id: &str,
+    ) -> anyhow::Result<notification::ListNotificationsResponse> {
+        Ok(self
+            .clients
+            .notification
+            .clone()
+            .list_notifications(notification::ListNotificationsRequest {
+                order_id: order_id.into(),
+            })
+            .await?
+            .into_inner())
+    }
+}
+
+/// A place-order request with one line per `(sku, quantity)`.
+pub fn order_request(
+    key: &str,
+    customer: &str,
+    destination: &str,
+    contact: &str,
+    items: &[(&str, u32)],
+) -> order::PlaceOrderRequest {
+    order::PlaceOrderRequest {
+        customer: customer.into(),
+        destination: destination.into(),
+        items: items
+            .iter()
+            .map(|(sku, quantity)| order::OrderItem {
+                sku: (*sku).into(),
+                quantity: *quantity,
+            })
+            .collect(),
+        idempotency_key: key.into(),
+        contact: contact.into(),
+    }
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "service logs of this run are kept in {}",
+                self.logs.display()
+            );
+        }
+    }
+}
+
+/// The event types on an order's timeline, in order.
+pub fn timeline(order: &order::Order) -> Vec<&str> {
+    order
+        .timeline
+        .iter()
+        .map(|e| e.event_type.as_str())
+        .collect()
+}

@@ -44,6 +44,9 @@ pub struct Config {
     /// How often sent outbox rows and old inbox rows are deleted, in seconds.
     #[arg(long, env = "CLEANUP_INTERVAL_SECS", default_value_t = 300)]
     pub cleanup_interval_secs: u64,
+    /// Chance (0 to 1) that a forward business step fails on purpose, for load and chaos runs.
+    #[arg(long, env = "INJECTED_FAILURE_RATE", default_value_t = 0.0)]
+    pub injected_failure_rate: f64,
     /// Log format: "text" or "json".
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -72,6 +75,11 @@ impl Config {
         Wrapper::from_arg_matches(&matches)
             .expect("built-in defaults parse")
             .config
+    }
+
+    /// Draws whether this step should fail on purpose (see `injected_failure_rate`).
+    pub fn inject_failure(&self) -> bool {
+        self.injected_failure_rate > 0.0 && rand::random::<f64>() < self.injected_failure_rate
     }
 
     pub fn ack_wait(&self) -> Duration {

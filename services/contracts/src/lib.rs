@@ -1,1 +1,98 @@
+//! Every wire contract of the order saga, generated from `proto/`: the event
+//! payloads (with their event type and schema version) and the four services'
+//! gRPC APIs. The only place a message shape is defined is `proto/`; this
+//! crate adds the one table that binds each payload to its event type.
+#![allow(clippy::large_enum_variant)]
 
+use choreo::{Envelope, EventPayload, Reject};
+
+pub mod events {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/events.v1.rs"));
+    }
+}
+pub mod order {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/order.v1.rs"));
+    }
+}
+pub mod inventory {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/inventory.v1.rs"));
+    }
+}
+pub mod shipping {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/shipping.v1.rs"));
+    }
+}
+pub mod notification {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/notification.v1.rs"));
+    }
+}
+
+/// Encoded `FileDescriptorSet` of every API, for gRPC reflection.
+pub const DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
+
+macro_rules! saga_events {
+    ($($payload:ident = $event_type:literal, version $version:literal);* $(;)?) => {
+        $(
+            impl EventPayload for events::v1::$payload {
+                const EVENT_TYPE: &'static str = $event_type;
+                const SCHEMA_VERSION: u32 = $version;
+            }
+        )*
+
+        /// Any event of the order saga, decoded from its envelope.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum SagaEvent {
+            $($payload(events::v1::$payload)),*
+        }
+
+        impl SagaEvent {
+            /// Decodes the payload an envelope carries; an unknown type or an
+            /// unsupported version is a [`Reject`] (the message gets parked).
+            pub fn decode(envelope: &Envelope) -> Result<Self, Reject> {
+                match envelope.event_type.as_str() {
+                    $($event_type => envelope.payload().map(SagaEvent::$payload),)*
+                    other => Err(Reject::UnknownType(other.to_owned())),
+                }
+            }
+        }
+
+        /// Every event type of the saga.
+        pub const EVENT_TYPES: &[&str] = &[$($event_type),*];
+    };
+}
+
+saga_events! {
+    OrderCreated = "order.created", version 1;
+    OrderCancelled = "order.cancelled", version 1;
+    InventoryReserved = "inventory.reserved", version 1;
+    InventoryRejected = "inventory.rejected", version 1;
+    InventoryReleased = "inventory.released", version 1;
+    ShippingScheduled = "shipping.scheduled", version 1;
+    ShippingFailed = "shipping.failed", version 1;
+    ShippingCancelled = "shipping.cancelled", version 1;
+    NotificationSent = "notification.sent", version 1;
+    NotificationFailed = "notification.failed", version 1;
+    NotificationCancelled = "notification.cancelled", version 1;
+}
+
+/// The one SKU format every service accepts: 1 to 64 letters, digits, '-' or '_'.
+pub fn check_sku(sku: &str) -> Result<(), String> {
+    if sku.is_empty() {
+        return Err("sku is required".into());
+    }
+    if sku.len() > 64
+        || !sku
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(format!(
+            "sku {sku:?} must be 1 to 64 letters, digits, '-' or '_'"
+        ));
+    }
+    Ok(())
+}

@@ -1,1 +1,21 @@
-fn main() {}
+//! inventory: wires config and the platform runtime around the inventory service.
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "Inventory service of the saga: reserves and releases stock")]
+struct Args {
+    #[command(flatten)]
+    platform: choreo::Config,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    choreo::Service::new(
+        "inventory",
+        args.platform,
+        sqlx::migrate!("../../migrations/inventory"),
+    )
+    .run(inventory::parts)
+    .await
+}

@@ -1,0 +1,132 @@
+//! Inventory's gRPC API: stock levels (read and, for admins, set) and the
+//! reservation of an order.
+use choreo::grpc::internal;
+use contracts::inventory::v1::{self as api, inventory_service_server::InventoryService};
+use sqlx::PgPool;
+use tonic::{Request, Response, Status};
+
+pub struct InventoryApi {
+    pub pool: PgPool,
+}
+
+/// Above this a stock level is surely a typo.
+const MAX_STOCK: u64 = 1_000_000_000;
+
+fn stock((sku, available, reserved): (String, i64, i64)) -> api::Stock {
+    api::Stock {
+        sku,
+        available: available as u64,
+        reserved: reserved as u64,
+    }
+}
+
+fn reservation_status(text: &str) -> api::ReservationStatus {
+    match text {
+        "HELD" => api::ReservationStatus::Held,
+        "REJECTED" => api::ReservationStatus::Rejected,
+        "RELEASED" => api::ReservationStatus::Released,
+        "NEVER_MADE" => api::ReservationStatus::NeverMade,
+        _ => api::ReservationStatus::Unspecified,
+    }
+}
+
+#[tonic::async_trait]
+impl InventoryService for InventoryApi {
+    async fn set_stock(
+        &self,
+        request: Request<api::SetStockRequest>,
+    ) -> Result<Response<api::Stock>, Status> {
+        let request = request.into_inner();
+        let sku = request.sku.trim();
+        contracts::check_sku(sku).map_err(Status::invalid_argument)?;
+        if request.available > MAX_STOCK {
+            return Err(Status::invalid_argument(format!(
+                "available {} is out of range: at most {MAX_STOCK}",
+                request.available
+            )));
+        }
+        let row: (String, i64, i64) = sqlx::query_as(
+            "INSERT INTO stock (sku, available) VALUES ($1, $2)
+             ON CONFLICT (sku) DO UPDATE SET available = $2 RETURNING sku, available, reserved",
+        )
+        .bind(sku)
+        .bind(request.available as i64)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(internal)?;
+        tracing::info!(sku, available = request.available, "stock set");
+        Ok(Response::new(stock(row)))
+    }
+
+    async fn get_stock(
+        &self,
+        request: Request<api::GetStockRequest>,
+    ) -> Result<Response<api::Stock>, Status> {
+        let sku = request.get_ref().sku.trim();
+        contracts::check_sku(sku).map_err(Status::invalid_argument)?;
+        let row: Option<(String, i64, i64)> =
+            sqlx::query_as("SELECT sku, available, reserved FROM stock WHERE sku = $1")
+                .bind(sku)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(internal)?;
+        row.map(|r| Response::new(stock(r)))
+            .ok_or_else(|| Status::not_found(format!("no SKU {sku} in stock; SetStock creates it")))
+    }
+
+    async fn list_stock(
+        &self,
+        _: Request<api::ListStockRequest>,
+    ) -> Result<Response<api::ListStockResponse>, Status> {
+        let rows: Vec<(String, i64, i64)> =
+            sqlx::query_as("SELECT sku, available, reserved FROM stock ORDER BY sku")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(internal)?;
+        Ok(Response::new(api::ListStockResponse {
+            items: rows.into_iter().map(stock).collect(),
+        }))
+    }
+
+    async fn get_reservation(
+        &self,
+        request: Request<api::GetReservationRequest>,
+    ) -> Result<Response<api::Reservation>, Status> {
+        let order_id = request.get_ref().order_id.trim();
+        if uuid::Uuid::parse_str(order_id).is_err() {
+            return Err(Status::invalid_argument(format!(
+                "order_id {order_id:?} is not a UUID"
+            )));
+        }
+        let head: Option<(String, String)> =
+            sqlx::query_as("SELECT status, reason FROM reservations WHERE order_id = $1")
+                .bind(order_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(internal)?;
+        let Some((status, reason)) = head else {
+            return Err(Status::not_found(format!(
+                "inventory has no reservation for order {order_id}"
+            )));
+        };
+        let lines: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT sku, quantity FROM reservation_lines WHERE order_id = $1 ORDER BY sku",
+        )
+        .bind(order_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(internal)?;
+        Ok(Response::new(api::Reservation {
+            order_id: order_id.to_owned(),
+            status: reservation_status(&status) as i32,
+            lines: lines
+                .into_iter()
+                .map(|(sku, quantity)| api::ReservationLine {
+                    sku,
+                    quantity: quantity as u32,
+                })
+                .collect(),
+            reason,
+        }))
+    }
+}

@@ -1,0 +1,199 @@
+//! Inventory's rules: hold every line of an order or none; give back exactly
+//! what was held when the order is compensated.
+use choreo::barrier::{self, Action, Compensation};
+use choreo::{Config, Envelope, HandleError, Handler, Outbox, Tx};
+use contracts::SagaEvent;
+use contracts::events::v1 as ev;
+use sqlx::{Acquire, PgConnection};
+
+/// The barrier step inventory owns.
+const STEP: &str = "reserve";
+
+pub struct InventoryHandler {
+    pub outbox: Outbox,
+    pub config: Config,
+}
+
+/// Why an order cannot be held, or `None` when every line was taken.
+/// Lines are taken in SKU order so two orders never wait on each other's rows.
+async fn take(
+    tx: &mut PgConnection,
+    lines: &[ev::OrderLine],
+) -> Result<Option<String>, sqlx::Error> {
+    let mut sorted: Vec<&ev::OrderLine> = lines.iter().collect();
+    sorted.sort_by(|a, b| a.sku.cmp(&b.sku));
+    let mut attempt = tx.begin().await?; // a savepoint: all lines or none
+    for line in sorted {
+        let taken = sqlx::query(
+            "UPDATE stock SET available = available - $2, reserved = reserved + $2
+             WHERE sku = $1 AND available >= $2",
+        )
+        .bind(&line.sku)
+        .bind(line.quantity as i64)
+        .execute(&mut *attempt)
+        .await?
+        .rows_affected();
+        if taken == 0 {
+            let available: Option<i64> =
+                sqlx::query_scalar("SELECT available FROM stock WHERE sku = $1")
+                    .bind(&line.sku)
+                    .fetch_optional(&mut *attempt)
+                    .await?;
+            attempt.rollback().await?;
+            return Ok(Some(match available {
+                None => format!("unknown SKU {}", line.sku),
+                Some(n) => format!(
+                    "not enough stock of {} ({n} available, {} ordered)",
+                    line.sku, line.quantity
+                ),
+            }));
+        }
+    }
+    attempt.commit().await?;
+    Ok(None)
+}
+
+async fn record(
+    tx: &mut PgConnection,
+    order_id: &str,
+    status: &str,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO reservations (order_id, status, reason) VALUES ($1, $2, $3)
+         ON CONFLICT (order_id) DO UPDATE SET status = $2, reason = $3, updated_at = now()",
+    )
+    .bind(order_id)
+    .bind(status)
+    .bind(reason)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+impl InventoryHandler {
+    async fn reserve(
+        &self,
+        tx: &mut Tx,
+        envelope: &Envelope,
+        order: ev::OrderCreated,
+    ) -> Result<(), HandleError> {
+        let order_id = envelope.saga_id.as_str();
+        match barrier::action(tx, order_id, STEP).await? {
+            Action::Proceed => {}
+            Action::AlreadyDone => return Ok(()),
+            Action::Refused => {
+                tracing::info!(
+                    "order was compensated before it reached inventory; nothing reserved"
+                );
+                return Ok(());
+            }
+        }
+        let refusal = if self.config.inject_failure() {
+            Some("injected failure (configured failure rate)".to_owned())
+        } else {
+            take(tx, &order.lines).await?
+        };
+        if let Some(reason) = refusal {
+            tracing::info!(%reason, "reservation rejected");
+            record(tx, order_id, "REJECTED", &reason).await?;
+            self.outbox
+                .emit(
+                    tx,
+                    order_id,
+                    Some(envelope),
+                    &ev::InventoryRejected { reason },
+                )
+                .await?;
+            return Ok(());
+        }
+        record(tx, order_id, "HELD", "").await?;
+        for line in &order.lines {
+            sqlx::query(
+                "INSERT INTO reservation_lines (order_id, sku, quantity) VALUES ($1, $2, $3)",
+            )
+            .bind(order_id)
+            .bind(&line.sku)
+            .bind(line.quantity as i64)
+            .execute(&mut **tx)
+            .await?;
+        }
+        tracing::info!(lines = order.lines.len(), "stock reserved");
+        let reserved = ev::InventoryReserved {
+            lines: order.lines,
+            destination: order.destination,
+            contact: order.contact,
+            customer: order.customer,
+        };
+        self.outbox
+            .emit(tx, order_id, Some(envelope), &reserved)
+            .await?;
+        Ok(())
+    }
+
+    async fn release(&self, tx: &mut Tx, envelope: &Envelope) -> Result<(), HandleError> {
+        let order_id = envelope.saga_id.as_str();
+        let released = match barrier::compensation(tx, order_id, STEP).await? {
+            Compensation::AlreadyCompensated => return Ok(()),
+            Compensation::NothingToUndo => {
+                record(
+                    tx,
+                    order_id,
+                    "NEVER_MADE",
+                    "compensated before any reservation",
+                )
+                .await?;
+                vec![]
+            }
+            Compensation::Undo => {
+                let held: Vec<(String, i64)> = sqlx::query_as(
+                    "SELECT l.sku, l.quantity FROM reservation_lines l JOIN reservations r USING (order_id)
+                     WHERE order_id = $1 AND r.status = 'HELD' ORDER BY l.sku",
+                )
+                .bind(order_id)
+                .fetch_all(&mut **tx)
+                .await?;
+                for (sku, quantity) in &held {
+                    sqlx::query("UPDATE stock SET available = available + $2, reserved = reserved - $2 WHERE sku = $1")
+                        .bind(sku)
+                        .bind(quantity)
+                        .execute(&mut **tx)
+                        .await?;
+                }
+                if !held.is_empty() {
+                    record(tx, order_id, "RELEASED", "order compensated").await?;
+                }
+                held
+            }
+        };
+        tracing::info!(lines = released.len(), "reservation compensated");
+        let payload = ev::InventoryReleased {
+            nothing_held: released.is_empty(),
+            released: released
+                .into_iter()
+                .map(|(sku, quantity)| ev::OrderLine {
+                    sku,
+                    quantity: quantity as u32,
+                })
+                .collect(),
+        };
+        self.outbox
+            .emit(tx, order_id, Some(envelope), &payload)
+            .await?;
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for InventoryHandler {
+    async fn handle(&self, tx: &mut Tx, envelope: &Envelope) -> Result<(), HandleError> {
+        match SagaEvent::decode(envelope)? {
+            SagaEvent::OrderCreated(order) => self.reserve(tx, envelope, order).await,
+            // Shipping failed, or shipping finished its own compensation: give the stock back.
+            SagaEvent::ShippingFailed(_) | SagaEvent::ShippingCancelled(_) => {
+                self.release(tx, envelope).await
+            }
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! The order service's gRPC API: place, read, list, cancel and watch orders.
+use std::pin::Pin;
+use std::time::Duration;
+
+use choreo::Outbox;
+use choreo::grpc::internal;
+use contracts::events::v1 as ev;
+use contracts::order::v1::{self as api, order_service_server::OrderService};
+use sqlx::PgPool;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status as GrpcStatus};
+use uuid::Uuid;
+
+use crate::domain::{NewOrder, Status};
+use crate::{handler, store};
+
+pub struct OrderApi {
+    pub pool: PgPool,
+    pub outbox: Outbox,
+    pub deadline: Duration,
+    pub watch_poll: Duration,
+}
+
+const MAX_PAGE: u32 = 500;
+
+fn order_id(text: &str) -> Result<Uuid, GrpcStatus> {
+    if text.trim().is_empty() {
+        return Err(GrpcStatus::invalid_argument("order_id is required"));
+    }
+    Uuid::parse_str(text.trim())
+        .map_err(|_| GrpcStatus::invalid_argument(format!("order_id {text:?} is not a UUID")))
+}
+
+impl OrderApi {
+    async fn load(&self, id: Uuid) -> Result<api::Order, GrpcStatus> {
+        store::load(&self.pool, id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| GrpcStatus::not_found(format!("no order {id}")))
+    }
+}
+
+#[tonic::async_trait]
+impl OrderService for OrderApi {
+    #[tracing::instrument(skip_all, fields(order_id))]
+    async fn place_order(
+        &self,
+        request: Request<api::PlaceOrderRequest>,
+    ) -> Result<Response<api::PlaceOrderResponse>, GrpcStatus> {
+        let order =
+            NewOrder::validate(request.into_inner()).map_err(GrpcStatus::invalid_argument)?;
+        let mut tx = self.pool.begin().await.map_err(internal)?;
+        let id = Uuid::now_v7();
+        let created = store::insert(&mut tx, id, &order, self.deadline)
+            .await
+            .map_err(internal)?;
+        let id = if created {
+            let payload = ev::OrderCreated {
+                customer: order.customer.clone(),
+                destination: order.destination.clone(),
+                contact: order.contact.clone(),
+                lines: order
+                    .lines
+                    .iter()
+                    .map(|(sku, quantity)| ev::OrderLine {
+                        sku: sku.clone(),
+                        quantity: *quantity,
+                    })
+                    .collect(),
+            };
+            self.outbox
+                .emit(&mut tx, &id.to_string(), None, &payload)
+                .await
+                .map_err(internal)?;
+            tx.commit().await.map_err(internal)?;
+            id
+        } else {
+            // The key was used before (or by a concurrent request that won): same order, nothing new.
+            let (existing, fingerprint) = store::find_by_key(&mut tx, &order.idempotency_key)
+                .await
+                .map_err(internal)?
+                .ok_or_else(|| internal("idempotency key vanished"))?;
+            tx.rollback().await.map_err(internal)?;
+            if fingerprint != order.fingerprint() {
+                return Err(GrpcStatus::already_exists(format!(
+                    "idempotency_key {:?} was already used for order {existing} with different contents; use a new key for a new order",
+                    order.idempotency_key
+                )));
+            }
+            existing
+        };
+        tracing::Span::current().record("order_id", tracing::field::display(id));
+        if created {
+            tracing::info!("order placed");
+        }
+        Ok(Response::new(api::PlaceOrderResponse {
+            order: Some(self.load(id).await?),
+            created,
+        }))
+    }
+
+    async fn get_order(
+        &self,
+        request: Request<api::GetOrderRequest>,
+    ) -> Result<Response<api::Order>, GrpcStatus> {
+        let id = order_id(&request.get_ref().order_id)?;
+        Ok(Response::new(self.load(id).await?))
+    }
+
+    async fn list_orders(
+        &self,
+        request: Request<api::ListOrdersRequest>,
+    ) -> Result<Response<api::ListOrdersResponse>, GrpcStatus> {
+        let request = request.into_inner();
+        let status = match api::OrderStatus::try_from(request.status) {
+            Ok(s) => Status::from_proto(s),
+            Err(_) => {
+                return Err(GrpcStatus::invalid_argument(format!(
+                    "status {} is not an OrderStatus",
+                    request.status
+                )));
+            }
+        };
+        let page_size = match request.page_size {
+            0 => 50,
+            n if n > MAX_PAGE => {
+                return Err(GrpcStatus::invalid_argument(format!(
+                    "page_size {n} is too large: ask for at most {MAX_PAGE}"
+                )));
+            }
+            n => n,
+        };
+        let after = if request.page_token.is_empty() {
+            None
+        } else {
+            Some(Uuid::parse_str(&request.page_token).map_err(|_| {
+                GrpcStatus::invalid_argument(
+                    "page_token is not one this server gave out; start again with an empty token",
+                )
+            })?)
+        };
+        let mut orders = store::list(&self.pool, status, after, page_size as i64 + 1)
+            .await
+            .map_err(internal)?;
+        let next_page_token = if orders.len() > page_size as usize {
+            orders.truncate(page_size as usize);
+            orders
+                .last()
+                .map(|o| o.order_id.clone())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(api::ListOrdersResponse {
+            orders,
+            next_page_token,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id))]
+    async fn cancel_order(
+        &self,
+        request: Request<api::CancelOrderRequest>,
+    ) -> Result<Response<api::Order>, GrpcStatus> {
+        let request = request.into_inner();
+        let id = order_id(&request.order_id)?;
+        if request.reason.len() > 500 {
+            return Err(GrpcStatus::invalid_argument(
+                "reason is longer than 500 characters",
+            ));
+        }
+        let mut tx = self.pool.begin().await.map_err(internal)?;
+        let status = store::lock(&mut tx, id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| GrpcStatus::not_found(format!("no order {id}")))?;
+        if status == Status::Completed {
+            return Err(GrpcStatus::failed_precondition(format!(
+                "order {id} is already COMPLETED; a completed order cannot be cancelled"
+            )));
+        }
+        if status.is_open() {
+            let why = request.reason.trim();
+            let reason = if why.is_empty() {
+                "customer: cancelled by the customer".to_owned()
+            } else {
+                format!("customer: {why}")
+            };
+            handler::start_cancel(&mut tx, &self.outbox, id, &reason, self.deadline)
+                .await
+                .map_err(internal)?;
+            tracing::info!(%reason, "customer cancelled the order");
+        }
+        tx.commit().await.map_err(internal)?;
+        Ok(Response::new(self.load(id).await?))
+    }
+
+    type WatchOrderStream =
+        Pin<Box<dyn Stream<Item = Result<api::StatusChange, GrpcStatus>> + Send>>;
+
+    async fn watch_order(
+        &self,
+        request: Request<api::WatchOrderRequest>,
+    ) -> Result<Response<Self::WatchOrderStream>, GrpcStatus> {
+        let id = order_id(&request.get_ref().order_id)?;
+        self.load(id).await?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(16);
+        let pool = self.pool.clone();
+        let poll = self.watch_poll;
+        tokio::spawn(async move {
+            let mut seen = 0;
+            loop {
+                let changes = match store::changes_after(&pool, id, seen).await {
+                    Ok(changes) => changes,
+                    Err(e) => {
+                        let _ = sender.send(Err(internal(e))).await;
+                        return;
+                    }
+                };
+                for change in changes {
+                    seen = change.sequence as i32;
+                    let terminal = matches!(
+                        api::OrderStatus::try_from(change.status),
+                        Ok(api::OrderStatus::Completed | api::OrderStatus::Cancelled)
+                    );
+                    if sender.send(Ok(change)).await.is_err() || terminal {
+                        return; // client gone, or the story is over
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(poll) => {}
+                    _ = sender.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
+    }
+}

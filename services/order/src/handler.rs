@@ -1,0 +1,147 @@
+//! How the order reacts to the saga's events: every event of an order goes on
+//! its timeline; the ones that move it change its status. The order service
+//! starts compensation itself only for a customer cancel or a deadline.
+use std::time::Duration;
+
+use choreo::{Envelope, HandleError, Handler, Outbox, Reject, Tx};
+use contracts::SagaEvent;
+use contracts::events::v1 as ev;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::domain::Status;
+use crate::store;
+
+/// Reads every event of its orders; writes only its own tables (it never
+/// needs to answer an event with one of its own).
+pub struct OrderHandler {
+    pub deadline: Duration,
+}
+
+/// Moves an open order to CANCELLING and publishes `order.cancelled`, which
+/// walks compensation back through notification, shipping and inventory.
+pub async fn start_cancel(
+    tx: &mut PgConnection,
+    outbox: &Outbox,
+    id: Uuid,
+    reason: &str,
+    deadline: Duration,
+) -> Result<(), sqlx::Error> {
+    store::set_status(tx, id, Status::Cancelling, Some(reason), deadline).await?;
+    outbox
+        .emit(
+            tx,
+            &id.to_string(),
+            None,
+            &ev::OrderCancelled {
+                reason: reason.to_owned(),
+            },
+        )
+        .await?;
+    Ok(())
+}
+
+fn lines(lines: &[ev::OrderLine]) -> String {
+    lines
+        .iter()
+        .map(|l| format!("{} x{}", l.sku, l.quantity))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A line for the timeline, and the status the event asks for (with reason).
+fn meaning(event: &SagaEvent) -> (String, Option<(Status, Option<String>)>) {
+    use SagaEvent::*;
+    match event {
+        OrderCreated(e) => (
+            format!("placed: {} to {}", lines(&e.lines), e.destination),
+            None,
+        ),
+        OrderCancelled(e) => (format!("compensation started: {}", e.reason), None),
+        InventoryReserved(e) => (
+            format!("stock held: {}", lines(&e.lines)),
+            Some((Status::Reserved, None)),
+        ),
+        InventoryRejected(e) => (
+            format!("stock refused: {}", e.reason),
+            Some((Status::Cancelled, Some(format!("inventory: {}", e.reason)))),
+        ),
+        InventoryReleased(e) => (
+            if e.nothing_held {
+                "compensated: no stock was held".to_owned()
+            } else {
+                format!("compensated: stock released: {}", lines(&e.released))
+            },
+            Some((Status::Cancelled, None)),
+        ),
+        ShippingScheduled(e) => (
+            format!(
+                "shipment {} scheduled with {} to {}",
+                e.shipment_id, e.carrier, e.destination
+            ),
+            Some((Status::Scheduled, None)),
+        ),
+        ShippingFailed(e) => (
+            format!("shipping failed: {}", e.reason),
+            Some((Status::Cancelling, Some(format!("shipping: {}", e.reason)))),
+        ),
+        ShippingCancelled(e) => (
+            if e.nothing_scheduled {
+                "compensated: no shipment to cancel".to_owned()
+            } else {
+                format!("compensated: shipment {} cancelled", e.shipment_id)
+            },
+            None,
+        ),
+        NotificationSent(e) => (
+            format!("customer notified by {}", e.channel),
+            Some((Status::Completed, None)),
+        ),
+        NotificationFailed(e) => (
+            format!("notification failed: {}", e.reason),
+            Some((
+                Status::Cancelling,
+                Some(format!("notification: {}", e.reason)),
+            )),
+        ),
+        NotificationCancelled(e) => (
+            if e.notice_sent {
+                "compensated: cancellation notice sent".to_owned()
+            } else {
+                "compensated: no notification to take back".to_owned()
+            },
+            None,
+        ),
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for OrderHandler {
+    async fn handle(&self, tx: &mut Tx, envelope: &Envelope) -> Result<(), HandleError> {
+        let event = SagaEvent::decode(envelope)?;
+        let id = Uuid::parse_str(&envelope.saga_id).map_err(|_| {
+            Reject::Malformed(format!("saga id {:?} is not an order id", envelope.saga_id))
+        })?;
+        let Some(status) = store::lock(tx, id).await? else {
+            return Err(Reject::Malformed(format!(
+                "order {id} does not exist in this order service"
+            ))
+            .into());
+        };
+        let (detail, wanted) = meaning(&event);
+        store::record_event(tx, id, envelope, &detail).await?;
+        if let Some((next, reason)) = wanted {
+            if status.may_become(next) {
+                store::set_status(tx, id, next, reason.as_deref(), self.deadline).await?;
+                tracing::info!(from = status.as_str(), to = next.as_str(), "order moved");
+            } else if status != next {
+                tracing::info!(
+                    status = status.as_str(),
+                    ignored = next.as_str(),
+                    "late event does not move the order"
+                );
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,47 @@
+//! The order service: takes orders over gRPC, follows each one through the
+//! saga by the events of the other services, and cancels what stalls.
+pub mod deadline;
+pub mod domain;
+pub mod grpc;
+pub mod handler;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use choreo::runtime::{Context, Parts};
+use contracts::order::v1::order_service_server::{OrderServiceServer, SERVICE_NAME};
+
+/// The order service's business settings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Rules {
+    /// Seconds an open order may go without progress before it is cancelled.
+    #[arg(long, env = "ORDER_DEADLINE_SECS", default_value_t = 30)]
+    pub deadline_secs: u64,
+    /// How often overdue orders are looked for, in milliseconds.
+    #[arg(long, env = "DEADLINE_CHECK_MS", default_value_t = 1000)]
+    pub deadline_check_ms: u64,
+}
+
+pub fn parts(context: &Context, rules: Rules) -> Parts {
+    let deadline = Duration::from_secs(rules.deadline_secs);
+    context.tasks.spawn(deadline::run(
+        context.pool.clone(),
+        context.outbox.clone(),
+        deadline,
+        Duration::from_millis(rules.deadline_check_ms),
+        context.shutdown.clone(),
+    ));
+    let api = grpc::OrderApi {
+        pool: context.pool.clone(),
+        outbox: context.outbox.clone(),
+        deadline,
+        watch_poll: Duration::from_millis(100),
+    };
+    Parts {
+        handler: Arc::new(handler::OrderHandler { deadline }),
+        routes: tonic::service::Routes::new(OrderServiceServer::new(api)),
+        service_names: vec![SERVICE_NAME],
+        descriptor: contracts::DESCRIPTOR_SET,
+    }
+}

@@ -1,0 +1,295 @@
+//! Reading and writing the order service's tables. Every write takes the
+//! caller's transaction, so state, status history and outbox rows commit together.
+use std::time::Duration;
+
+use choreo::Envelope;
+use contracts::order::v1 as api;
+use sqlx::{PgConnection, PgPool, Row};
+use uuid::Uuid;
+
+use crate::domain::{NewOrder, Status};
+
+/// Inserts a new order with its lines; `false` when the idempotency key is taken.
+pub async fn insert(
+    tx: &mut PgConnection,
+    id: Uuid,
+    order: &NewOrder,
+    deadline: Duration,
+) -> Result<bool, sqlx::Error> {
+    let inserted = sqlx::query(
+        "INSERT INTO orders (order_id, customer, destination, contact, status, idempotency_key, fingerprint, deadline_at)
+         VALUES ($1, $2, $3, $4, 'PENDING', $5, $6, now() + make_interval(secs => $7))
+         ON CONFLICT (idempotency_key) DO NOTHING",
+    )
+    .bind(id)
+    .bind(&order.customer)
+    .bind(&order.destination)
+    .bind(&order.contact)
+    .bind(&order.idempotency_key)
+    .bind(order.fingerprint())
+    .bind(deadline.as_secs_f64())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
+        return Ok(false);
+    }
+    for (line_no, (sku, quantity)) in order.lines.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO order_lines (order_id, line_no, sku, quantity) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(line_no as i32)
+        .bind(sku)
+        .bind(*quantity as i32)
+        .execute(&mut *tx)
+        .await?;
+    }
+    record_change(tx, id, Status::Pending, "").await?;
+    Ok(true)
+}
+
+/// The order a key was used for, and what it asked for.
+pub async fn find_by_key(
+    tx: &mut PgConnection,
+    key: &str,
+) -> Result<Option<(Uuid, String)>, sqlx::Error> {
+    sqlx::query_as("SELECT order_id, fingerprint FROM orders WHERE idempotency_key = $1")
+        .bind(key)
+        .fetch_optional(tx)
+        .await
+}
+
+/// Locks the order's row for the rest of the transaction and returns its status.
+pub async fn lock(tx: &mut PgConnection, id: Uuid) -> Result<Option<Status>, sqlx::Error> {
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM orders WHERE order_id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(tx)
+            .await?;
+    Ok(status.and_then(|s| Status::parse(&s)))
+}
+
+/// Moves the order to `status`; `reason` replaces the old one only when given.
+/// Forward progress pushes the deadline out by `deadline`.
+pub async fn set_status(
+    tx: &mut PgConnection,
+    id: Uuid,
+    status: Status,
+    reason: Option<&str>,
+    deadline: Duration,
+) -> Result<(), sqlx::Error> {
+    let reason: String = sqlx::query_scalar(
+        "UPDATE orders SET status = $2, reason = COALESCE($3, reason), updated_at = now(),
+                deadline_at = CASE WHEN $2 IN ('RESERVED', 'SCHEDULED') THEN now() + make_interval(secs => $4) ELSE deadline_at END
+         WHERE order_id = $1 RETURNING reason",
+    )
+    .bind(id)
+    .bind(status.as_str())
+    .bind(reason)
+    .bind(deadline.as_secs_f64())
+    .fetch_one(&mut *tx)
+    .await?;
+    record_change(tx, id, status, &reason).await
+}
+
+async fn record_change(
+    tx: &mut PgConnection,
+    id: Uuid,
+    status: Status,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "WITH bumped AS (UPDATE orders SET changes = changes + 1 WHERE order_id = $1 RETURNING changes)
+         INSERT INTO order_status_changes (order_id, seq, status, reason) SELECT $1, changes, $2, $3 FROM bumped",
+    )
+    .bind(id)
+    .bind(status.as_str())
+    .bind(reason)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// Adds a saga event to the order's timeline (once per event id).
+pub async fn record_event(
+    tx: &mut PgConnection,
+    id: Uuid,
+    event: &Envelope,
+    detail: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO order_timeline (event_id, order_id, event_type, producer, occurred_at, detail)
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(event.id())
+    .bind(id)
+    .bind(&event.event_type)
+    .bind(&event.producer)
+    .bind(event.occurred_at())
+    .bind(detail)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+/// The whole story of one order, or `None` if there is no such order.
+pub async fn load(pool: &PgPool, id: Uuid) -> Result<Option<api::Order>, sqlx::Error> {
+    let Some(row) = sqlx::query(
+        "SELECT order_id, customer, destination, contact, status, reason, created_at, updated_at FROM orders WHERE order_id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let mut order = order_from_row(&row);
+    let lines: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT sku, quantity FROM order_lines WHERE order_id = $1 ORDER BY line_no",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    order.items = lines
+        .into_iter()
+        .map(|(sku, quantity)| api::OrderItem {
+            sku,
+            quantity: quantity as u32,
+        })
+        .collect();
+    let events: Vec<(Uuid, String, String, chrono::DateTime<chrono::Utc>, String)> =
+        sqlx::query_as(
+            "SELECT event_id, event_type, producer, occurred_at, detail FROM order_timeline
+         WHERE order_id = $1 ORDER BY occurred_at, event_id",
+        )
+        .bind(id)
+        .fetch_all(pool)
+        .await?;
+    order.timeline = events
+        .into_iter()
+        .map(
+            |(event_id, event_type, producer, at, detail)| api::TimelineEntry {
+                event_id: event_id.to_string(),
+                event_type,
+                producer,
+                occurred_at: Some(timestamp(at)),
+                detail,
+            },
+        )
+        .collect();
+    Ok(Some(order))
+}
+
+fn order_from_row(row: &sqlx::postgres::PgRow) -> api::Order {
+    let status = Status::parse(row.get("status"))
+        .map(Status::to_proto)
+        .unwrap_or_default();
+    api::Order {
+        order_id: row.get::<Uuid, _>("order_id").to_string(),
+        customer: row.get("customer"),
+        destination: row.get("destination"),
+        contact: row.get("contact"),
+        items: vec![],
+        status: status as i32,
+        reason: row.get("reason"),
+        created_at: Some(timestamp(row.get("created_at"))),
+        updated_at: Some(timestamp(row.get("updated_at"))),
+        timeline: vec![],
+    }
+}
+
+/// One page of orders, newest first, optionally of one status, after `after`.
+pub async fn list(
+    pool: &PgPool,
+    status: Option<Status>,
+    after: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<api::Order>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT order_id, customer, destination, contact, status, reason, created_at, updated_at FROM orders
+         WHERE ($1::text IS NULL OR status = $1) AND ($2::uuid IS NULL OR order_id < $2)
+         ORDER BY order_id DESC LIMIT $3",
+    )
+    .bind(status.map(Status::as_str))
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.get("order_id")).collect();
+    let lines: Vec<(Uuid, String, i32)> = sqlx::query_as(
+        "SELECT order_id, sku, quantity FROM order_lines WHERE order_id = ANY($1) ORDER BY order_id, line_no",
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let mut order = order_from_row(row);
+            let id: Uuid = row.get("order_id");
+            order.items = lines
+                .iter()
+                .filter(|(o, _, _)| *o == id)
+                .map(|(_, sku, quantity)| api::OrderItem {
+                    sku: sku.clone(),
+                    quantity: *quantity as u32,
+                })
+                .collect();
+            order
+        })
+        .collect())
+}
+
+/// Status changes of an order after position `after`, in order.
+pub async fn changes_after(
+    pool: &PgPool,
+    id: Uuid,
+    after: i32,
+) -> Result<Vec<api::StatusChange>, sqlx::Error> {
+    let rows: Vec<(i32, String, String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT seq, status, reason, at FROM order_status_changes WHERE order_id = $1 AND seq > $2 ORDER BY seq",
+    )
+    .bind(id)
+    .bind(after)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(seq, status, reason, at)| api::StatusChange {
+            order_id: id.to_string(),
+            status: Status::parse(&status)
+                .map(Status::to_proto)
+                .unwrap_or_default() as i32,
+            reason,
+            at: Some(timestamp(at)),
+            sequence: seq as u32,
+        })
+        .collect())
+}
+
+/// Open orders whose deadline passed, locked so one instance handles each.
+pub async fn lock_overdue(
+    tx: &mut PgConnection,
+    limit: i64,
+) -> Result<Vec<(Uuid, Status)>, sqlx::Error> {
+    let rows: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT order_id, status FROM orders
+         WHERE status IN ('PENDING', 'RESERVED', 'SCHEDULED') AND deadline_at < now()
+         ORDER BY deadline_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(id, s)| Status::parse(&s).map(|s| (id, s)))
+        .collect())
+}
