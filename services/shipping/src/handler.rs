@@ -34,7 +34,7 @@ impl ShippingHandler {
                 return Ok(());
             }
         }
-        let failure = if !self.served.iter().any(|d| *d == order.destination) {
+        let failure = if !self.served.contains(&order.destination) {
             Some(format!(
                 "carrier {} does not serve destination {}",
                 self.carrier, order.destination
