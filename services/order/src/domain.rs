@@ -222,7 +222,8 @@ mod tests {
 
     #[test]
     fn bad_requests_say_what_to_fix() {
-        let cases: Vec<(fn(&mut api::PlaceOrderRequest), &str)> = vec![
+        type Spoil = fn(&mut api::PlaceOrderRequest);
+        let cases: Vec<(Spoil, &str)> = vec![
             (|r| r.customer.clear(), "customer is required"),
             (|r| r.items.clear(), "items is empty"),
             (|r| r.items[0].quantity = 0, "quantity 0 is out of range"),
