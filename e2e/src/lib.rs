@@ -29,6 +29,9 @@ pub struct Options {
     pub injected_failure_rate: f64,
     /// Log level of the services (RUST_LOG).
     pub log: String,
+    /// Listen on the services' well-known ports (50051..50054), as sagactl expects,
+    /// instead of free ones.
+    pub well_known_ports: bool,
 }
 
 impl Default for Options {
@@ -37,6 +40,7 @@ impl Default for Options {
             order_deadline_secs: 60,
             injected_failure_rate: 0.0,
             log: "info".into(),
+            well_known_ports: false,
         }
     }
 }

@@ -23,10 +23,19 @@ fn bin(name: &str) -> PathBuf {
         .ok()
         .filter(|o| o.status.success())
         .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join(name));
-    match from_pg_config {
-        Some(path) if path.exists() => path,
-        _ => PathBuf::from(name),
+    if let Some(path) = from_pg_config.filter(|p| p.exists()) {
+        return path;
     }
+    // Debian keeps the server binaries in a versioned folder, off PATH.
+    let mut versioned: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path().join("bin").join(name))
+        .filter(|p| p.exists())
+        .collect();
+    versioned.sort();
+    versioned.pop().unwrap_or_else(|| PathBuf::from(name))
 }
 
 fn is_root() -> bool {

@@ -11,9 +11,9 @@ pub struct Config {
     /// This service's own PostgreSQL database.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: String,
-    /// Address the gRPC API listens on.
-    #[arg(long, env = "GRPC_ADDR", default_value = "127.0.0.1:50051")]
-    pub grpc_addr: SocketAddr,
+    /// Address the gRPC API listens on [default: 127.0.0.1 and the service's own port].
+    #[arg(long, env = "GRPC_ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
     /// JetStream stream holding every saga event.
     #[arg(long, env = "STREAM", default_value = "SAGA")]
     pub stream: String,

@@ -44,15 +44,18 @@ pub struct Context {
 
 pub struct Service {
     name: &'static str,
+    default_port: u16,
     config: Config,
     migrator: Migrator,
 }
 
 impl Service {
-    /// `name` is the producer name in envelopes and the durable consumer name.
-    pub fn new(name: &'static str, config: Config, migrator: Migrator) -> Self {
+    /// `name` is the producer name in envelopes and the durable consumer name;
+    /// the gRPC API listens on 127.0.0.1:`default_port` unless `GRPC_ADDR` says otherwise.
+    pub fn new(name: &'static str, default_port: u16, config: Config, migrator: Migrator) -> Self {
         Service {
             name,
+            default_port,
             config,
             migrator,
         }
@@ -117,7 +120,9 @@ impl Service {
         tracing::info!(service = self.name, "started");
 
         let served = grpc::serve(
-            config.grpc_addr,
+            config
+                .grpc_addr
+                .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], self.default_port))),
             parts.routes,
             &parts.service_names,
             &[parts.descriptor],

@@ -13,6 +13,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     choreo::Service::new(
         "inventory",
+        50052,
         args.platform,
         sqlx::migrate!("../../migrations/inventory"),
     )

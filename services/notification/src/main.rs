@@ -13,6 +13,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     choreo::Service::new(
         "notification",
+        50054,
         args.platform,
         sqlx::migrate!("../../migrations/notification"),
     )

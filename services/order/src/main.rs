@@ -17,6 +17,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     choreo::Service::new(
         "order",
+        50051,
         args.platform,
         sqlx::migrate!("../../migrations/order"),
     )

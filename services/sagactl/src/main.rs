@@ -1,1 +1,352 @@
-fn main() {}
+//! sagactl: a command-line client of the order saga's gRPC APIs, for people
+//! who would rather not write gRPC calls.
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use contracts::inventory::v1::{
+    self as inventory, inventory_service_client::InventoryServiceClient,
+};
+use contracts::notification::v1::{
+    self as notification, notification_service_client::NotificationServiceClient,
+};
+use contracts::order::v1::{self as order, order_service_client::OrderServiceClient};
+use contracts::shipping::v1::{self as shipping, shipping_service_client::ShippingServiceClient};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(about = "Place, read, list, cancel and watch orders; read and set stock")]
+struct Cli {
+    #[arg(
+        long,
+        env = "ORDER_ADDR",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    order_addr: String,
+    #[arg(
+        long,
+        env = "INVENTORY_ADDR",
+        default_value = "http://127.0.0.1:50052",
+        global = true
+    )]
+    inventory_addr: String,
+    #[arg(
+        long,
+        env = "SHIPPING_ADDR",
+        default_value = "http://127.0.0.1:50053",
+        global = true
+    )]
+    shipping_addr: String,
+    #[arg(
+        long,
+        env = "NOTIFICATION_ADDR",
+        default_value = "http://127.0.0.1:50054",
+        global = true
+    )]
+    notification_addr: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Place an order: sagactl place --customer ada --destination DE --contact ada@example.com --item BOOK=2
+    Place {
+        #[arg(long)]
+        customer: String,
+        #[arg(long)]
+        destination: String,
+        #[arg(long, default_value = "")]
+        contact: String,
+        /// SKU=QUANTITY, repeatable.
+        #[arg(long = "item", required = true)]
+        items: Vec<String>,
+        /// Reuse a key to retry safely; a fresh one is made when omitted.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// The whole story of one order, timeline included.
+    Get { order_id: String },
+    /// Orders, newest first.
+    List {
+        /// pending, reserved, scheduled, completed, cancelling or cancelled.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        page_size: u32,
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+    /// Cancel an order that is not complete yet.
+    Cancel {
+        order_id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Print each status change of an order until it ends.
+    Watch { order_id: String },
+    /// Stock of one SKU, or of every SKU.
+    Stock { sku: Option<String> },
+    /// Set the units available for a SKU.
+    SetStock { sku: String, available: u64 },
+    /// What inventory, shipping and notification each hold for an order.
+    Effects { order_id: String },
+}
+
+async fn connect(addr: &str) -> anyhow::Result<Channel> {
+    tonic::transport::Endpoint::from_shared(addr.to_owned())?
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach {addr}"))
+}
+
+fn time(t: &Option<prost_types::Timestamp>) -> String {
+    t.as_ref()
+        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
+        .map(|t| t.format("%H:%M:%S%.3f").to_string())
+        .unwrap_or_default()
+}
+
+fn status_name(status: i32) -> &'static str {
+    order::OrderStatus::try_from(status)
+        .map(|s| s.as_str_name().trim_start_matches("ORDER_STATUS_"))
+        .unwrap_or("?")
+}
+
+fn print_order(o: &order::Order) {
+    println!("order       {}", o.order_id);
+    println!("status      {}", status_name(o.status));
+    if !o.reason.is_empty() {
+        println!("reason      {}", o.reason);
+    }
+    println!(
+        "customer    {} <{}> to {}",
+        o.customer, o.contact, o.destination
+    );
+    let items: Vec<String> = o
+        .items
+        .iter()
+        .map(|i| format!("{} x{}", i.sku, i.quantity))
+        .collect();
+    println!("items       {}", items.join(", "));
+    if !o.timeline.is_empty() {
+        println!("timeline");
+        for e in &o.timeline {
+            println!(
+                "  {}  {:<24} {:<13} {}",
+                time(&e.occurred_at),
+                e.event_type,
+                e.producer,
+                e.detail
+            );
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Place {
+            customer,
+            destination,
+            contact,
+            items,
+            key,
+        } => {
+            let items = items
+                .iter()
+                .map(|item| {
+                    let (sku, quantity) = item
+                        .split_once('=')
+                        .with_context(|| format!("item {item:?} should be SKU=QUANTITY"))?;
+                    Ok(order::OrderItem {
+                        sku: sku.to_owned(),
+                        quantity: quantity
+                            .parse()
+                            .with_context(|| format!("quantity in {item:?}"))?,
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let key = key.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let placed = OrderServiceClient::new(connect(&cli.order_addr).await?)
+                .place_order(order::PlaceOrderRequest {
+                    customer,
+                    destination,
+                    items,
+                    idempotency_key: key.clone(),
+                    contact,
+                })
+                .await?
+                .into_inner();
+            println!(
+                "{} (idempotency key {key})",
+                if placed.created {
+                    "placed"
+                } else {
+                    "already placed"
+                }
+            );
+            if let Some(o) = placed.order {
+                print_order(&o);
+            }
+        }
+        Command::Get { order_id } => {
+            let o = OrderServiceClient::new(connect(&cli.order_addr).await?)
+                .get_order(order::GetOrderRequest { order_id })
+                .await?
+                .into_inner();
+            print_order(&o);
+        }
+        Command::List {
+            status,
+            page_size,
+            page_token,
+        } => {
+            let status = match status {
+                None => order::OrderStatus::Unspecified,
+                Some(s) => {
+                    order::OrderStatus::from_str_name(&format!("ORDER_STATUS_{}", s.to_uppercase()))
+                        .with_context(|| format!("unknown status {s:?}"))?
+                }
+            };
+            let page = OrderServiceClient::new(connect(&cli.order_addr).await?)
+                .list_orders(order::ListOrdersRequest {
+                    status: status as i32,
+                    page_size,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            for o in &page.orders {
+                println!(
+                    "{}  {:<10}  {:<10}  {}",
+                    o.order_id,
+                    status_name(o.status),
+                    o.customer,
+                    o.reason
+                );
+            }
+            if !page.next_page_token.is_empty() {
+                println!("next page: --page-token {}", page.next_page_token);
+            }
+        }
+        Command::Cancel { order_id, reason } => {
+            let o = OrderServiceClient::new(connect(&cli.order_addr).await?)
+                .cancel_order(order::CancelOrderRequest { order_id, reason })
+                .await?
+                .into_inner();
+            print_order(&o);
+        }
+        Command::Watch { order_id } => {
+            let mut changes = OrderServiceClient::new(connect(&cli.order_addr).await?)
+                .watch_order(order::WatchOrderRequest { order_id })
+                .await?
+                .into_inner();
+            while let Some(change) = changes.next().await {
+                let change = change?;
+                println!(
+                    "{}  #{}  {:<10}  {}",
+                    time(&change.at),
+                    change.sequence,
+                    status_name(change.status),
+                    change.reason
+                );
+            }
+        }
+        Command::Stock { sku } => {
+            let mut client = InventoryServiceClient::new(connect(&cli.inventory_addr).await?);
+            let items = match sku {
+                Some(sku) => vec![
+                    client
+                        .get_stock(inventory::GetStockRequest { sku })
+                        .await?
+                        .into_inner(),
+                ],
+                None => {
+                    client
+                        .list_stock(inventory::ListStockRequest {})
+                        .await?
+                        .into_inner()
+                        .items
+                }
+            };
+            println!("{:<16} {:>10} {:>10}", "SKU", "available", "reserved");
+            for s in items {
+                println!("{:<16} {:>10} {:>10}", s.sku, s.available, s.reserved);
+            }
+        }
+        Command::SetStock { sku, available } => {
+            let s = InventoryServiceClient::new(connect(&cli.inventory_addr).await?)
+                .set_stock(inventory::SetStockRequest { sku, available })
+                .await?
+                .into_inner();
+            println!(
+                "{}: {} available, {} reserved",
+                s.sku, s.available, s.reserved
+            );
+        }
+        Command::Effects { order_id } => {
+            match InventoryServiceClient::new(connect(&cli.inventory_addr).await?)
+                .get_reservation(inventory::GetReservationRequest {
+                    order_id: order_id.clone(),
+                })
+                .await
+            {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    let lines: Vec<String> = r
+                        .lines
+                        .iter()
+                        .map(|l| format!("{} x{}", l.sku, l.quantity))
+                        .collect();
+                    println!(
+                        "inventory     {:?} {} {}",
+                        r.status(),
+                        lines.join(", "),
+                        r.reason
+                    );
+                }
+                Err(e) => println!("inventory     {}", e.message()),
+            }
+            match ShippingServiceClient::new(connect(&cli.shipping_addr).await?)
+                .get_shipment(shipping::GetShipmentRequest {
+                    order_id: order_id.clone(),
+                })
+                .await
+            {
+                Ok(s) => {
+                    let s = s.into_inner();
+                    println!(
+                        "shipping      {:?} {} {} {}",
+                        s.status(),
+                        s.shipment_id,
+                        s.destination,
+                        s.reason
+                    );
+                }
+                Err(e) => println!("shipping      {}", e.message()),
+            }
+            let n = NotificationServiceClient::new(connect(&cli.notification_addr).await?)
+                .list_notifications(notification::ListNotificationsRequest { order_id })
+                .await?
+                .into_inner();
+            for m in &n.notifications {
+                println!(
+                    "notification  {:?} to {} by {} at {}",
+                    m.kind(),
+                    m.recipient,
+                    m.channel,
+                    time(&m.sent_at)
+                );
+            }
+            if n.notifications.is_empty() {
+                println!("notification  none sent {}", n.note);
+            }
+        }
+    }
+    Ok(())
+}

@@ -15,6 +15,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     choreo::Service::new(
         "shipping",
+        50053,
         args.platform,
         sqlx::migrate!("../../migrations/shipping"),
     )
