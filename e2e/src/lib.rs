@@ -1,6 +1,8 @@
 //! The whole saga as a user meets it: the harness's NATS and PostgreSQL, the
 //! four real service binaries as processes, and gRPC clients to them. Used by
 //! the end-to-end tests and by the demo.
+pub mod chaos;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -12,7 +14,7 @@ use contracts::notification::v1::{
 };
 use contracts::order::v1::{self as order, order_service_client::OrderServiceClient};
 use contracts::shipping::v1::{self as shipping, shipping_service_client::ShippingServiceClient};
-use harness::{Infra, ServiceProcess, free_port};
+use harness::{Infra, Proxy, ServiceProcess, free_port};
 use tonic::transport::Channel;
 
 pub use order::OrderStatus;
@@ -32,6 +34,9 @@ pub struct Options {
     /// Listen on the services' well-known ports (50051..50054), as sagactl expects,
     /// instead of free ones.
     pub well_known_ports: bool,
+    /// Put a [`Proxy`] between each service and NATS and PostgreSQL, so the
+    /// network between them can be cut, stalled or delayed.
+    pub proxies: bool,
 }
 
 impl Default for Options {
@@ -41,10 +46,12 @@ impl Default for Options {
             injected_failure_rate: 0.0,
             log: "info".into(),
             well_known_ports: false,
+            proxies: false,
         }
     }
 }
 
+#[derive(Clone)]
 pub struct Clients {
     pub order: OrderServiceClient<Channel>,
     pub inventory: InventoryServiceClient<Channel>,
@@ -59,6 +66,8 @@ pub struct System {
     pub processes: Vec<ServiceProcess>,
     pub ports: Vec<u16>,
     pub clients: Clients,
+    /// Per service, in [`SERVICES`] order: (proxy to NATS, proxy to PostgreSQL).
+    pub proxies: Vec<(Proxy, Proxy)>,
     /// Database URL of each service, in [`SERVICES`] order.
     pub databases: Vec<String>,
 }
@@ -98,15 +107,32 @@ impl System {
         let mut processes = Vec::new();
         let mut ports = Vec::new();
         let mut databases = Vec::new();
-        for name in SERVICES {
+        let mut proxies = Vec::new();
+        for (i, name) in SERVICES.into_iter().enumerate() {
             let database = infra
                 .postgres
                 .create_database(&format!("{name}_{run}"))
                 .await?;
-            let port = free_port();
+            let port = if options.well_known_ports {
+                50051 + i as u16
+            } else {
+                free_port()
+            };
+            let (nats_url, database_url) = if options.proxies {
+                let nats = Proxy::start(infra.nats.port()).await?;
+                let pg = Proxy::start(infra.postgres.port()).await?;
+                let urls = (
+                    format!("nats://127.0.0.1:{}", nats.port()),
+                    format!("postgres://postgres@127.0.0.1:{}/{name}_{run}", pg.port()),
+                );
+                proxies.push((nats, pg));
+                urls
+            } else {
+                (infra.nats.url().to_owned(), database.clone())
+            };
             let env = vec![
-                ("NATS_URL", infra.nats.url().to_owned()),
-                ("DATABASE_URL", database.clone()),
+                ("NATS_URL", nats_url),
+                ("DATABASE_URL", database_url),
                 ("GRPC_ADDR", format!("127.0.0.1:{port}")),
                 ("STREAM", format!("SAGA_{run}")),
                 ("SUBJECT_PREFIX", format!("saga_{run}")),
@@ -146,6 +172,7 @@ impl System {
             ports,
             clients,
             databases,
+            proxies,
         })
     }
 
@@ -155,6 +182,20 @@ impl System {
             .iter_mut()
             .find(|p| p.name() == name)
             .unwrap_or_else(|| panic!("no service {name}"))
+    }
+
+    /// Starts a second instance of service `name` beside the first (same
+    /// database, same durable consumer), on a free gRPC port.
+    pub fn twin(&self, name: &str) -> anyhow::Result<ServiceProcess> {
+        let first = self
+            .processes
+            .iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| anyhow::anyhow!("no service {name}"))?;
+        first.twin(
+            &[("GRPC_ADDR", format!("127.0.0.1:{}", free_port()))],
+            self.logs.join(format!("{name}-twin.log")),
+        )
     }
 
     /// Where a service writes its log.

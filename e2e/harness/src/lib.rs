@@ -7,10 +7,12 @@
 mod nats;
 mod postgres;
 mod process;
+mod proxy;
 
 pub use nats::Nats;
 pub use postgres::Postgres;
 pub use process::{ServiceProcess, bin_dir};
+pub use proxy::{Mode, Proxy};
 
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};

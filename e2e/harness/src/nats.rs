@@ -35,6 +35,11 @@ impl Nats {
         Ok(nats)
     }
 
+    /// The port the server listens on (0 when external).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     pub fn url(&self) -> &str {
         &self.url
     }

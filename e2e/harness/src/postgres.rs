@@ -185,6 +185,11 @@ impl Postgres {
         Ok(self.database_url(name))
     }
 
+    /// The port the server listens on (0 when external).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// The URL of database `name` on this server.
     pub fn database_url(&self, name: &str) -> String {
         match self.admin_url.rsplit_once('/') {

@@ -46,6 +46,17 @@ impl ServiceProcess {
         Ok(process)
     }
 
+    /// A second instance of the same binary with the same settings but
+    /// `overrides` (e.g. another GRPC_ADDR), logging to `log`.
+    pub fn twin(&self, overrides: &[(&str, String)], log: PathBuf) -> anyhow::Result<Self> {
+        let mut env = self.env.clone();
+        for (key, value) in overrides {
+            env.retain(|(k, _)| k != key);
+            env.push(((*key).to_owned(), value.clone()));
+        }
+        ServiceProcess::start(&self.name, env, log)
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -247,6 +247,9 @@ impl Consumer {
             delivered
         );
         async {
+            if delivered > 1 {
+                tracing::info!("redelivered");
+            }
             let mut backoff = Duration::from_millis(50);
             for attempt in 1..=IN_LANE_ATTEMPTS {
                 match apply(&self.pool, self.handler.as_ref(), &event).await {

@@ -576,7 +576,9 @@ async fn a_republish_past_the_duplicate_window_is_absorbed_by_the_inbox() {
     s.config.stream = format!("{}W", s.config.stream);
     s.config.subject_prefix = format!("{}w", s.config.subject_prefix);
     s.config.duplicate_window_secs = 1;
-    s.stream = choreo::provision::ensure_stream(&s.js, &s.config).await.unwrap();
+    s.stream = choreo::provision::ensure_stream(&s.js, &s.config)
+        .await
+        .unwrap();
     s.emit(25).await;
     let relay = s.relay(256);
     let mut conn = s.pool.acquire().await.unwrap();
@@ -585,12 +587,25 @@ async fn a_republish_past_the_duplicate_window_is_absorbed_by_the_inbox() {
     tokio::time::sleep(Duration::from_millis(2500)).await; // the duplicate window passes
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(s.relay(256).run(shutdown.clone()));
-    eventually("rows marked sent", Duration::from_secs(30), || async { s.unsent().await == 0 }).await;
+    eventually("rows marked sent", Duration::from_secs(30), || async {
+        s.unsent().await == 0
+    })
+    .await;
     shutdown.cancel();
     task.await.unwrap();
-    assert_eq!(s.stream_messages().await, 50, "past the window JetStream keeps both copies");
+    assert_eq!(
+        s.stream_messages().await,
+        50,
+        "past the window JetStream keeps both copies"
+    );
 
-    let consumer = Consumer::new(s.pool.clone(), Arc::new(CountEffects { delay: Duration::ZERO }), 4);
+    let consumer = Consumer::new(
+        s.pool.clone(),
+        Arc::new(CountEffects {
+            delay: Duration::ZERO,
+        }),
+        4,
+    );
     let stats = consumer.stats();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(consumer.run(s.consumer("late").await, shutdown.clone()));
@@ -618,7 +633,10 @@ async fn cleanup_deletes_only_rows_past_their_retention() {
         .execute(&s.pool)
         .await
         .unwrap();
-    for (id, age) in [(uuid::Uuid::now_v7(), "30 days"), (uuid::Uuid::now_v7(), "1 day")] {
+    for (id, age) in [
+        (uuid::Uuid::now_v7(), "30 days"),
+        (uuid::Uuid::now_v7(), "1 day"),
+    ] {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO choreo_inbox (event_id, event_type, saga_id, received_at) VALUES ($1, 't', 's', now() - interval '{age}')"
         )))
@@ -629,8 +647,15 @@ async fn cleanup_deletes_only_rows_past_their_retention() {
     }
     let retention = choreo::cleanup::Retention::derive(&s.config);
     assert_eq!(retention.sent_outbox, s.config.duplicate_window());
-    assert_eq!(retention.inbox, s.config.stream_max_age() + s.config.duplicate_window());
+    assert_eq!(
+        retention.inbox,
+        s.config.stream_max_age() + s.config.duplicate_window()
+    );
     let (outbox, inbox) = choreo::cleanup::sweep(&s.pool, retention).await.unwrap();
-    assert_eq!((outbox, inbox), (4, 1), "old sent rows and the 30-day inbox row go; the rest stays");
+    assert_eq!(
+        (outbox, inbox),
+        (4, 1),
+        "old sent rows and the 30-day inbox row go; the rest stays"
+    );
     assert_eq!(s.unsent().await, 4, "unsent rows are never deleted");
 }

@@ -1,0 +1,821 @@
+//! The chaos run: many concurrent orders while a seeded schedule kills
+//! services (one or two at once), the broker and the database, cuts, stalls
+//! and delays the network between a service and NATS or PostgreSQL, and runs a
+//! second instance of a service for a while. Then, once things are quiet, it
+//! checks the promises the system makes, over gRPC and in each service's
+//! database. The same seed replays the same schedule and the same orders.
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use contracts::order::v1 as api;
+use harness::{Mode, ServiceProcess};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use sqlx::PgPool;
+use tonic::Code;
+
+use crate::{Options, SERVICES, System, order_request};
+
+/// How big a run is.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub name: &'static str,
+    pub seed: u64,
+    pub orders: usize,
+    /// How long faults are injected (orders are placed over the same span).
+    pub fault_window: Duration,
+    /// How long the system may take to settle once the faults stop.
+    pub quiet_timeout: Duration,
+    pub order_deadline_secs: u64,
+}
+
+impl Profile {
+    /// The profile CI runs: a few minutes on 2 cores, every kind of fault.
+    pub fn short(seed: u64) -> Self {
+        Profile {
+            name: "short",
+            seed,
+            orders: 200,
+            fault_window: Duration::from_secs(60),
+            quiet_timeout: Duration::from_secs(180),
+            order_deadline_secs: 20,
+        }
+    }
+
+    /// Thousands of orders over ten minutes of faults.
+    pub fn long(seed: u64) -> Self {
+        Profile {
+            name: "long",
+            seed,
+            orders: 3000,
+            fault_window: Duration::from_secs(600),
+            quiet_timeout: Duration::from_secs(300),
+            order_deadline_secs: 30,
+        }
+    }
+
+    /// `CHAOS_PROFILE` (short or long), `CHAOS_SEED` (else a fresh one) and `CHAOS_ORDERS`.
+    pub fn from_env() -> Self {
+        let seed = std::env::var("CHAOS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random);
+        let mut profile = match std::env::var("CHAOS_PROFILE").as_deref() {
+            Ok("long") => Profile::long(seed),
+            _ => Profile::short(seed),
+        };
+        if let Some(orders) = std::env::var("CHAOS_ORDERS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
+            profile.orders = orders;
+        }
+        profile
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    Nats,
+    Postgres,
+}
+
+#[derive(Debug, Clone)]
+pub enum Fault {
+    KillService {
+        service: &'static str,
+        pause: Duration,
+    },
+    KillTwo {
+        services: [&'static str; 2],
+        pause: Duration,
+    },
+    KillNats {
+        pause: Duration,
+    },
+    KillPostgres {
+        pause: Duration,
+    },
+    Network {
+        service: &'static str,
+        link: Link,
+        mode: Mode,
+        span: Duration,
+    },
+    SecondInstance {
+        service: &'static str,
+        span: Duration,
+    },
+}
+
+impl Fault {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Fault::KillService { .. } => "kill a service",
+            Fault::KillTwo { .. } => "kill two services",
+            Fault::KillNats { .. } => "kill nats-server",
+            Fault::KillPostgres { .. } => "stop postgres (immediate)",
+            Fault::Network {
+                mode: Mode::Cut, ..
+            } => "network cut",
+            Fault::Network {
+                mode: Mode::Stall, ..
+            } => "network stall",
+            Fault::Network { .. } => "network delay",
+            Fault::SecondInstance { .. } => "second instance",
+        }
+    }
+
+    /// How long the fault holds the schedule (a second instance runs on in the background).
+    fn holds(&self) -> Duration {
+        match self {
+            Fault::KillService { pause, .. }
+            | Fault::KillTwo { pause, .. }
+            | Fault::KillNats { pause }
+            | Fault::KillPostgres { pause } => *pause,
+            Fault::Network { span, .. } => *span,
+            Fault::SecondInstance { .. } => Duration::ZERO,
+        }
+    }
+}
+
+const KINDS: u8 = 8;
+
+fn make_fault(kind: u8, rng: &mut StdRng) -> Fault {
+    let service = |rng: &mut StdRng| SERVICES[rng.random_range(0..SERVICES.len())];
+    let pause = |rng: &mut StdRng| Duration::from_millis(rng.random_range(300..3000));
+    let span = |rng: &mut StdRng| Duration::from_millis(rng.random_range(1000..5000));
+    let link = |rng: &mut StdRng| {
+        if rng.random_bool(0.5) {
+            Link::Nats
+        } else {
+            Link::Postgres
+        }
+    };
+    match kind {
+        0 => Fault::KillService {
+            service: service(rng),
+            pause: pause(rng),
+        },
+        1 => {
+            let mut two = SERVICES;
+            two.shuffle(rng);
+            Fault::KillTwo {
+                services: [two[0], two[1]],
+                pause: pause(rng),
+            }
+        }
+        2 => Fault::KillNats { pause: pause(rng) },
+        3 => Fault::KillPostgres { pause: pause(rng) },
+        4 => Fault::Network {
+            service: service(rng),
+            link: link(rng),
+            mode: Mode::Cut,
+            span: span(rng),
+        },
+        5 => Fault::Network {
+            service: service(rng),
+            link: link(rng),
+            mode: Mode::Stall,
+            span: span(rng),
+        },
+        6 => Fault::Network {
+            service: service(rng),
+            link: link(rng),
+            mode: Mode::Delay(Duration::from_millis(rng.random_range(20..200))),
+            span: span(rng),
+        },
+        _ => Fault::SecondInstance {
+            service: service(rng),
+            span: Duration::from_millis(rng.random_range(5000..15000)),
+        },
+    }
+}
+
+/// The fault schedule of a seed: one of every kind first (in a seeded order),
+/// then seeded picks, each at its offset from the start, until `window` is full.
+pub fn schedule(seed: u64, window: Duration) -> Vec<(Duration, Fault)> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut kinds: Vec<u8> = (0..KINDS).collect();
+    kinds.shuffle(&mut rng);
+    let mut at = Duration::from_secs(2);
+    let mut faults = Vec::new();
+    while at < window {
+        let kind = kinds
+            .get(faults.len())
+            .copied()
+            .unwrap_or_else(|| rng.random_range(0..KINDS));
+        let fault = make_fault(kind, &mut rng);
+        let gap = Duration::from_millis(rng.random_range(1000..3000));
+        faults.push((at, fault.clone()));
+        at += fault.holds() + gap;
+    }
+    faults
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scenario {
+    Happy,
+    ScarceStock,
+    UnservedDestination,
+    UnreachableCustomer,
+    CustomerCancel,
+}
+
+struct Planned {
+    scenario: Scenario,
+    request: api::PlaceOrderRequest,
+    start_at: Duration,
+    cancel_after: Option<Duration>,
+}
+
+/// Stock seeded before the run; RARE is scarce so orders compete for it.
+pub const INITIAL_STOCK: [(&str, u64); 4] = [
+    ("BOOK", 100_000),
+    ("PEN", 100_000),
+    ("MUG", 100_000),
+    ("RARE", 30),
+];
+
+fn plan(profile: &Profile) -> Vec<Planned> {
+    let mut rng = StdRng::seed_from_u64(profile.seed ^ 0x5eed_0f_0de5);
+    let spread = profile.fault_window.mul_f64(0.9);
+    (0..profile.orders)
+        .map(|i| {
+            let roll = rng.random_range(0..100);
+            let scenario = match roll {
+                0..55 => Scenario::Happy,
+                55..65 => Scenario::ScarceStock,
+                65..75 => Scenario::UnservedDestination,
+                75..85 => Scenario::UnreachableCustomer,
+                _ => Scenario::CustomerCancel,
+            };
+            let key = format!("chaos-{}-{i}", profile.seed);
+            let customer = format!("c{i}");
+            let contact = format!("c{i}@example.com");
+            let books = rng.random_range(1..4);
+            let request = match scenario {
+                Scenario::Happy | Scenario::CustomerCancel => order_request(
+                    &key,
+                    &customer,
+                    "DE",
+                    &contact,
+                    &[("BOOK", books), ("PEN", 1)],
+                ),
+                Scenario::ScarceStock => {
+                    order_request(&key, &customer, "FR", &contact, &[("MUG", 1), ("RARE", 3)])
+                }
+                Scenario::UnservedDestination => {
+                    order_request(&key, &customer, "AQ", &contact, &[("MUG", 2)])
+                }
+                Scenario::UnreachableCustomer => order_request(
+                    &key,
+                    &customer,
+                    "US",
+                    &format!("c{i}@nowhere.invalid"),
+                    &[("BOOK", 1)],
+                ),
+            };
+            Planned {
+                scenario,
+                request,
+                start_at: spread.mul_f64(i as f64 / profile.orders.max(1) as f64),
+                cancel_after: (scenario == Scenario::CustomerCancel)
+                    .then(|| Duration::from_millis(rng.random_range(0..3000))),
+            }
+        })
+        .collect()
+}
+
+struct Placed {
+    scenario: Scenario,
+    order_id: Result<String, String>,
+}
+
+/// Places one planned order as a patient client would: retry with the same
+/// idempotency key until it is accepted, then (for a cancel) cancel it.
+async fn place(
+    client: crate::Clients,
+    planned: Planned,
+    started: Instant,
+    give_up: Duration,
+) -> Placed {
+    tokio::time::sleep(planned.start_at.saturating_sub(started.elapsed())).await;
+    let deadline = Instant::now() + give_up;
+    let mut order = client.order;
+    let order_id = loop {
+        match order.place_order(planned.request.clone()).await {
+            Ok(response) => {
+                break Ok(response
+                    .into_inner()
+                    .order
+                    .map(|o| o.order_id)
+                    .unwrap_or_default());
+            }
+            Err(status) if Instant::now() > deadline => {
+                break Err(format!("could not place within {give_up:?}: {status}"));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    };
+    if let (Ok(id), Some(after)) = (&order_id, planned.cancel_after) {
+        tokio::time::sleep(after).await;
+        loop {
+            let cancel = order
+                .cancel_order(api::CancelOrderRequest {
+                    order_id: id.clone(),
+                    reason: "chaos customer changed their mind".into(),
+                })
+                .await;
+            match cancel {
+                Ok(_) => break,
+                Err(status) if status.code() == Code::FailedPrecondition => break, // completed first
+                Err(_) if Instant::now() > deadline => break,
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    }
+    Placed {
+        scenario: planned.scenario,
+        order_id,
+    }
+}
+
+async fn inject(
+    sys: &mut System,
+    fault: &Fault,
+    twins: &mut Vec<(ServiceProcess, Instant)>,
+) -> anyhow::Result<()> {
+    match fault {
+        Fault::KillService { service, pause } => {
+            tokio::task::block_in_place(|| sys.service(service).kill())?;
+            tokio::time::sleep(*pause).await;
+            tokio::task::block_in_place(|| sys.service(service).restart())?;
+        }
+        Fault::KillTwo { services, pause } => {
+            for service in services {
+                tokio::task::block_in_place(|| sys.service(service).kill())?;
+            }
+            tokio::time::sleep(*pause).await;
+            for service in services {
+                tokio::task::block_in_place(|| sys.service(service).restart())?;
+            }
+        }
+        Fault::KillNats { pause } => {
+            tokio::task::block_in_place(|| sys.infra.nats.kill())?;
+            tokio::time::sleep(*pause).await;
+            tokio::task::block_in_place(|| sys.infra.nats.restart())?;
+        }
+        Fault::KillPostgres { pause } => {
+            tokio::task::block_in_place(|| sys.infra.postgres.kill())?;
+            tokio::time::sleep(*pause).await;
+            tokio::task::block_in_place(|| sys.infra.postgres.restart())?;
+        }
+        Fault::Network {
+            service,
+            link,
+            mode,
+            span,
+        } => {
+            let i = SERVICES
+                .iter()
+                .position(|s| s == service)
+                .expect("known service");
+            let proxy = match link {
+                Link::Nats => &sys.proxies[i].0,
+                Link::Postgres => &sys.proxies[i].1,
+            };
+            proxy.set(*mode);
+            tokio::time::sleep(*span).await;
+            proxy.set(Mode::Pass);
+        }
+        Fault::SecondInstance { service, span } => {
+            twins.push((
+                tokio::task::block_in_place(|| sys.twin(service))?,
+                Instant::now() + *span,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What a run saw and what it found broken.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub profile: String,
+    pub seed: u64,
+    pub orders: usize,
+    pub faults: BTreeMap<&'static str, usize>,
+    pub outcomes: BTreeMap<(String, String), usize>,
+    pub redeliveries: usize,
+    pub duplicates_absorbed: usize,
+    pub time_to_quiet: Duration,
+    pub run_time: Duration,
+    pub violations: Vec<String>,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "chaos run: profile {}, seed {}", self.profile, self.seed)?;
+        writeln!(f, "  replay with CHAOS_SEED={}", self.seed)?;
+        writeln!(f, "  orders: {}", self.orders)?;
+        writeln!(f, "  faults injected:")?;
+        for (kind, n) in &self.faults {
+            writeln!(f, "    {kind:<28} {n}")?;
+        }
+        writeln!(f, "  outcomes:")?;
+        for ((scenario, status), n) in &self.outcomes {
+            writeln!(f, "    {scenario:<22} {status:<11} {n}")?;
+        }
+        writeln!(f, "  redeliveries handled: {}", self.redeliveries)?;
+        writeln!(
+            f,
+            "  duplicates absorbed by inboxes: {}",
+            self.duplicates_absorbed
+        )?;
+        writeln!(
+            f,
+            "  time to quiet after the last fault: {:.1}s",
+            self.time_to_quiet.as_secs_f64()
+        )?;
+        writeln!(f, "  whole run: {:.1}s", self.run_time.as_secs_f64())?;
+        if self.violations.is_empty() {
+            writeln!(f, "  invariants: all hold")
+        } else {
+            writeln!(f, "  INVARIANTS BROKEN ({}):", self.violations.len())?;
+            for v in self.violations.iter().take(50) {
+                writeln!(f, "    {v}")?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Runs a whole chaos profile and returns its report (violations included).
+pub async fn run(profile: Profile) -> anyhow::Result<Report> {
+    let started_run = Instant::now();
+    let mut sys = System::start(Options {
+        order_deadline_secs: profile.order_deadline_secs,
+        log: "info".into(),
+        proxies: true,
+        ..Options::default()
+    })
+    .await?;
+    eprintln!(
+        "chaos: seed {} ({} profile), logs in {}",
+        profile.seed,
+        profile.name,
+        sys.logs.display()
+    );
+    for (sku, units) in INITIAL_STOCK {
+        sys.set_stock(sku, units).await?;
+    }
+
+    let started = Instant::now();
+    let give_up = profile.fault_window + Duration::from_secs(120);
+    let placers: Vec<_> = plan(&profile)
+        .into_iter()
+        .map(|planned| tokio::spawn(place(sys.clients.clone(), planned, started, give_up)))
+        .collect();
+
+    let mut report = Report {
+        profile: profile.name.into(),
+        seed: profile.seed,
+        orders: profile.orders,
+        ..Report::default()
+    };
+    let mut twins: Vec<(ServiceProcess, Instant)> = Vec::new();
+    for (at, fault) in schedule(profile.seed, profile.fault_window) {
+        tokio::time::sleep(at.saturating_sub(started.elapsed())).await;
+        eprintln!("chaos: {:>6.1}s {fault:?}", started.elapsed().as_secs_f64());
+        inject(&mut sys, &fault, &mut twins).await?;
+        *report.faults.entry(fault.kind()).or_default() += 1;
+        twins.retain_mut(|(twin, until)| {
+            if Instant::now() < *until {
+                return true;
+            }
+            let _ = twin.kill();
+            false
+        });
+    }
+    for (twin, _) in &mut twins {
+        twin.kill()?;
+    }
+    let faults_over = Instant::now();
+
+    let mut placed = Vec::new();
+    for placer in placers {
+        placed.push(placer.await?);
+    }
+    let databases = connect_all(&sys).await?;
+    wait_for_quiet(&sys, &databases, &placed, profile.quiet_timeout).await;
+    report.time_to_quiet = faults_over.elapsed();
+    check(&sys, &databases, &placed, &mut report).await?;
+    report.run_time = started_run.elapsed();
+    let (redeliveries, duplicates) = count_in_logs(&sys.logs);
+    report.redeliveries = redeliveries;
+    report.duplicates_absorbed = duplicates;
+    Ok(report)
+}
+
+async fn connect_all(sys: &System) -> anyhow::Result<Vec<PgPool>> {
+    let mut pools = Vec::new();
+    for url in &sys.databases {
+        pools.push(
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(2)
+                .connect(url)
+                .await?,
+        );
+    }
+    Ok(pools)
+}
+
+async fn unsent_total(databases: &[PgPool]) -> i64 {
+    let mut total = 0;
+    for pool in databases {
+        total += sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM choreo_outbox WHERE sent_at IS NULL",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap_or(i64::MAX / 8);
+    }
+    total
+}
+
+async fn wait_for_quiet(sys: &System, databases: &[PgPool], placed: &[Placed], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let ids: Vec<&String> = placed
+        .iter()
+        .filter_map(|p| p.order_id.as_ref().ok())
+        .collect();
+    while Instant::now() < deadline {
+        let mut open = 0;
+        for id in &ids {
+            match sys.get(id).await {
+                Ok(o)
+                    if matches!(
+                        o.status(),
+                        api::OrderStatus::Completed | api::OrderStatus::Cancelled
+                    ) => {}
+                _ => open += 1,
+            }
+        }
+        if open == 0 && unsent_total(databases).await == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn count_in_logs(dir: &std::path::Path) -> (usize, usize) {
+    let mut redeliveries = 0;
+    let mut duplicates = 0;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if let Ok(text) = std::fs::read_to_string(entry.path()) {
+            redeliveries += text.matches("redelivered").count();
+            duplicates += text.matches("duplicate delivery absorbed").count();
+        }
+    }
+    (redeliveries, duplicates)
+}
+
+/// Checks every invariant; each broken one names the order (or SKU) and what is wrong.
+async fn check(
+    sys: &System,
+    databases: &[PgPool],
+    placed: &[Placed],
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let [orders_db, inventory_db, shipping_db, notification_db] = databases else {
+        anyhow::bail!("expected four databases");
+    };
+    let v = &mut report.violations;
+
+    // Per-order facts from each service's own database.
+    let lines: Vec<(uuid::Uuid, String, i32)> =
+        sqlx::query_as("SELECT order_id, sku, quantity FROM order_lines")
+            .fetch_all(orders_db)
+            .await?;
+    let timeline: Vec<(uuid::Uuid, String)> =
+        sqlx::query_as("SELECT order_id, event_type FROM order_timeline")
+            .fetch_all(orders_db)
+            .await?;
+    let reservations: HashMap<String, String> =
+        sqlx::query_as("SELECT order_id, status FROM reservations")
+            .fetch_all(inventory_db)
+            .await?
+            .into_iter()
+            .collect();
+    let reserved_lines: HashMap<String, i64> =
+        sqlx::query_as("SELECT order_id, count(*) FROM reservation_lines GROUP BY order_id")
+            .fetch_all(inventory_db)
+            .await?
+            .into_iter()
+            .collect();
+    let shipments: HashMap<String, String> =
+        sqlx::query_as("SELECT order_id, status FROM shipments")
+            .fetch_all(shipping_db)
+            .await?
+            .into_iter()
+            .collect();
+    let notes: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT order_id, kind, count(*) FROM notifications GROUP BY order_id, kind",
+    )
+    .fetch_all(notification_db)
+    .await?;
+    let note_count = |id: &str, kind: &str| {
+        notes
+            .iter()
+            .find(|(o, k, _)| o == id && k == kind)
+            .map(|(_, _, n)| *n)
+            .unwrap_or(0)
+    };
+
+    let mut held_by_completed: HashMap<String, i64> = HashMap::new();
+    for p in placed {
+        let id = match &p.order_id {
+            Ok(id) => id.clone(),
+            Err(e) => {
+                v.push(format!(
+                    "client: {:?} order was never accepted: {e}",
+                    p.scenario
+                ));
+                continue;
+            }
+        };
+        let order = match sys.get(&id).await {
+            Ok(o) => o,
+            Err(e) => {
+                v.push(format!("order {id}: cannot be read: {e}"));
+                continue;
+            }
+        };
+        let status = order.status();
+        let status_name = status
+            .as_str_name()
+            .trim_start_matches("ORDER_STATUS_")
+            .to_owned();
+        *report
+            .outcomes
+            .entry((format!("{:?}", p.scenario), status_name.clone()))
+            .or_default() += 1;
+        let uuid = uuid::Uuid::parse_str(&id)?;
+        let events: Vec<&str> = timeline
+            .iter()
+            .filter(|(o, _)| *o == uuid)
+            .map(|(_, t)| t.as_str())
+            .collect();
+        let has = |t: &str| events.contains(&t);
+        let order_lines: Vec<&(uuid::Uuid, String, i32)> =
+            lines.iter().filter(|(o, _, _)| *o == uuid).collect();
+        let reservation = reservations.get(&id).map(String::as_str);
+        let shipment = shipments.get(&id).map(String::as_str);
+
+        // 4. No effect twice: every event type at most once per order.
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for t in &events {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (t, n) in counts.iter().filter(|(_, n)| **n > 1) {
+            v.push(format!(
+                "order {id}: {t} happened {n} times (an effect applied twice)"
+            ));
+        }
+        match status {
+            api::OrderStatus::Completed => {
+                // 3. One reservation, one live shipment, exactly one notification.
+                if reservation != Some("HELD") {
+                    v.push(format!(
+                        "order {id}: COMPLETED but reservation is {reservation:?}"
+                    ));
+                }
+                if reserved_lines.get(&id).copied().unwrap_or(0) != order_lines.len() as i64 {
+                    v.push(format!(
+                        "order {id}: COMPLETED but holds {:?} lines of {}",
+                        reserved_lines.get(&id),
+                        order_lines.len()
+                    ));
+                }
+                if shipment != Some("SCHEDULED") {
+                    v.push(format!(
+                        "order {id}: COMPLETED but shipment is {shipment:?}"
+                    ));
+                }
+                let (confirmations, cancellations) = (
+                    note_count(&id, "CONFIRMATION"),
+                    note_count(&id, "CANCELLATION"),
+                );
+                if (confirmations, cancellations) != (1, 0) {
+                    v.push(format!("order {id}: COMPLETED with {confirmations} confirmations and {cancellations} cancellation notices"));
+                }
+                // 6. The timeline fits.
+                if !has("notification.sent")
+                    || has("inventory.released")
+                    || has("inventory.rejected")
+                    || has("order.cancelled")
+                {
+                    v.push(format!("order {id}: COMPLETED but timeline is {events:?}"));
+                }
+                for (_, sku, quantity) in order_lines {
+                    *held_by_completed.entry(sku.clone()).or_default() += *quantity as i64;
+                }
+            }
+            api::OrderStatus::Cancelled => {
+                if reservation == Some("HELD") {
+                    v.push(format!("order {id}: CANCELLED but still holds stock"));
+                }
+                if shipment == Some("SCHEDULED") {
+                    v.push(format!("order {id}: CANCELLED but its shipment is live"));
+                }
+                if note_count(&id, "CONFIRMATION") != note_count(&id, "CANCELLATION") {
+                    v.push(format!(
+                        "order {id}: CANCELLED, customer told it ships and never told otherwise"
+                    ));
+                }
+                if order.reason.is_empty() {
+                    v.push(format!("order {id}: CANCELLED without a reason"));
+                }
+                if !(has("inventory.released") || has("inventory.rejected")) {
+                    v.push(format!("order {id}: CANCELLED but the timeline shows no end of compensation: {events:?}"));
+                }
+                if has("notification.sent") && !has("notification.cancelled") {
+                    v.push(format!("order {id}: CANCELLED after notification.sent without notification.cancelled"));
+                }
+            }
+            other => v.push(format!("order {id}: stuck in {other:?} ({})", order.reason)),
+        }
+        let expected_failure = match p.scenario {
+            Scenario::UnservedDestination => Some("shipping: carrier"),
+            Scenario::UnreachableCustomer => Some("notification: customer"),
+            _ => None,
+        };
+        if let Some(prefix) = expected_failure
+            && (status != api::OrderStatus::Cancelled
+                || !(order.reason.starts_with(prefix) || order.reason.starts_with("deadline:")))
+        {
+            v.push(format!(
+                "order {id}: {:?} ended {status:?} with reason {:?}",
+                p.scenario, order.reason
+            ));
+        }
+    }
+
+    // 2. Stock is conserved per SKU.
+    let stock: Vec<(String, i64, i64)> =
+        sqlx::query_as("SELECT sku, available, reserved FROM stock")
+            .fetch_all(inventory_db)
+            .await?;
+    for (sku, initial) in INITIAL_STOCK {
+        let Some((_, available, reserved)) = stock.iter().find(|(s, _, _)| s == sku) else {
+            v.push(format!("sku {sku}: missing from stock"));
+            continue;
+        };
+        let held = held_by_completed.get(sku).copied().unwrap_or(0);
+        if available + reserved != initial as i64 || *reserved != held {
+            v.push(format!(
+                "sku {sku}: initial {initial}, available {available}, reserved {reserved}, held by completed orders {held}"
+            ));
+        }
+    }
+
+    // 4 and 5. Nothing left unsent, nothing parked.
+    for (name, pool) in SERVICES.iter().zip(databases) {
+        let unsent: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM choreo_outbox WHERE sent_at IS NULL")
+                .fetch_one(pool)
+                .await?;
+        if unsent > 0 {
+            v.push(format!("{name}: {unsent} outbox rows never sent"));
+        }
+        let parked: Vec<(String, String)> =
+            sqlx::query_as("SELECT subject, reason FROM choreo_dead_letter")
+                .fetch_all(pool)
+                .await?;
+        for (subject, reason) in parked {
+            v.push(format!("{name}: dead letter on {subject}: {reason}"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_replays_the_same_schedule_with_every_kind_of_fault() {
+        let a = format!("{:?}", schedule(7, Duration::from_secs(60)));
+        let b = format!("{:?}", schedule(7, Duration::from_secs(60)));
+        assert_eq!(a, b);
+        assert_ne!(a, format!("{:?}", schedule(8, Duration::from_secs(60))));
+        let kinds: std::collections::BTreeSet<&str> = schedule(7, Duration::from_secs(60))
+            .iter()
+            .map(|(_, f)| f.kind())
+            .collect();
+        assert_eq!(kinds.len(), 8, "{kinds:?}");
+    }
+}
