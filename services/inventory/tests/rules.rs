@@ -1,0 +1,147 @@
+//! Inventory's rules against a real PostgreSQL, events applied through the
+//! platform's inbox step exactly as the consumer applies them.
+use std::time::Duration;
+
+use choreo::consumer::{Outcome, apply};
+use choreo::{Config, Envelope, Outbox};
+use contracts::events::v1 as ev;
+use inventory::handler::InventoryHandler;
+use sqlx::PgPool;
+
+async fn database() -> (harness::Postgres, PgPool) {
+    let pg = tokio::task::spawn_blocking(harness::Postgres::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let url = pg
+        .create_database(&format!("inv_{}", uuid::Uuid::new_v4().simple()))
+        .await
+        .unwrap();
+    let pool = choreo::db::connect(&url, Duration::from_secs(10))
+        .await
+        .unwrap();
+    choreo::db::migrate(&pool, &sqlx::migrate!("../../migrations/inventory"))
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO stock (sku, available) VALUES ('BOOK', 10), ('PEN', 1)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    (pg, pool)
+}
+
+fn handler() -> InventoryHandler {
+    InventoryHandler {
+        outbox: Outbox::new("inventory", "saga"),
+        config: Config::new("nats://unused", "postgres://unused"),
+    }
+}
+
+fn created(order: &str, lines: &[(&str, u32)]) -> Envelope {
+    let payload = ev::OrderCreated {
+        customer: "ada".into(),
+        destination: "DE".into(),
+        contact: "ada@example.com".into(),
+        lines: lines
+            .iter()
+            .map(|(sku, quantity)| ev::OrderLine {
+                sku: (*sku).into(),
+                quantity: *quantity,
+            })
+            .collect(),
+    };
+    Envelope::new("order", order, None, &payload)
+}
+
+async fn stock(pool: &PgPool, sku: &str) -> (i64, i64) {
+    sqlx::query_as("SELECT available, reserved FROM stock WHERE sku = $1")
+        .bind(sku)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn emitted(pool: &PgPool, order: &str) -> Vec<String> {
+    sqlx::query_scalar("SELECT event_type FROM choreo_outbox WHERE saga_id = $1 ORDER BY seq")
+        .bind(order)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_lines_or_none_and_a_redelivered_order_takes_stock_once() {
+    let (_pg, pool) = database().await;
+    let h = handler();
+    let order = uuid::Uuid::now_v7().to_string();
+    let event = created(&order, &[("BOOK", 3), ("PEN", 1)]);
+    assert_eq!(apply(&pool, &h, &event).await.unwrap(), Outcome::Applied);
+    assert_eq!(apply(&pool, &h, &event).await.unwrap(), Outcome::Duplicate);
+    assert_eq!(stock(&pool, "BOOK").await, (7, 3));
+    assert_eq!(stock(&pool, "PEN").await, (0, 1));
+
+    // PEN is gone: the BOOK line of this order must not be taken either.
+    let second = uuid::Uuid::now_v7().to_string();
+    apply(&pool, &h, &created(&second, &[("BOOK", 2), ("PEN", 1)]))
+        .await
+        .unwrap();
+    assert_eq!(stock(&pool, "BOOK").await, (7, 3));
+    assert_eq!(emitted(&pool, &second).await, ["inventory.rejected"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compensation_before_the_reservation_bars_it_for_good() {
+    let (_pg, pool) = database().await;
+    let h = handler();
+    let order = uuid::Uuid::now_v7().to_string();
+    let cancel = Envelope::new(
+        "shipping",
+        &order,
+        None,
+        &ev::ShippingCancelled {
+            shipment_id: String::new(),
+            nothing_scheduled: true,
+        },
+    );
+    assert_eq!(apply(&pool, &h, &cancel).await.unwrap(), Outcome::Applied);
+    // The forward event arrives late: refused, no stock held.
+    assert_eq!(
+        apply(&pool, &h, &created(&order, &[("BOOK", 4)]))
+            .await
+            .unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!(stock(&pool, "BOOK").await, (10, 0));
+    let status: String = sqlx::query_scalar("SELECT status FROM reservations WHERE order_id = $1")
+        .bind(&order)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "NEVER_MADE");
+    assert_eq!(emitted(&pool, &order).await, ["inventory.released"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_compensations_release_once() {
+    let (_pg, pool) = database().await;
+    let h = handler();
+    let order = uuid::Uuid::now_v7().to_string();
+    apply(&pool, &h, &created(&order, &[("BOOK", 4)]))
+        .await
+        .unwrap();
+    assert_eq!(stock(&pool, "BOOK").await, (6, 4));
+    let failed = Envelope::new(
+        "shipping",
+        &order,
+        None,
+        &ev::ShippingFailed { reason: "x".into() },
+    );
+    let cancelled = Envelope::new("shipping", &order, None, &ev::ShippingCancelled::default());
+    apply(&pool, &h, &failed).await.unwrap();
+    apply(&pool, &h, &cancelled).await.unwrap();
+    assert_eq!(stock(&pool, "BOOK").await, (10, 0), "released exactly once");
+    assert_eq!(
+        emitted(&pool, &order).await,
+        ["inventory.reserved", "inventory.released"]
+    );
+}

@@ -1,0 +1,164 @@
+//! The order's reactions to saga events against a real PostgreSQL, applied
+//! through the platform's inbox step as the consumer applies them.
+use std::time::Duration;
+
+use choreo::consumer::apply;
+use choreo::{Envelope, EventPayload};
+use contracts::events::v1 as ev;
+use order::handler::OrderHandler;
+use sqlx::PgPool;
+
+async fn database() -> (harness::Postgres, PgPool) {
+    let pg = tokio::task::spawn_blocking(harness::Postgres::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let url = pg
+        .create_database(&format!("ord_{}", uuid::Uuid::new_v4().simple()))
+        .await
+        .unwrap();
+    let pool = choreo::db::connect(&url, Duration::from_secs(10))
+        .await
+        .unwrap();
+    choreo::db::migrate(&pool, &sqlx::migrate!("../../migrations/order"))
+        .await
+        .unwrap();
+    (pg, pool)
+}
+
+async fn place(pool: &PgPool) -> uuid::Uuid {
+    let id = uuid::Uuid::now_v7();
+    let order = order::domain::NewOrder {
+        customer: "ada".into(),
+        destination: "DE".into(),
+        contact: "ada@example.com".into(),
+        lines: vec![("BOOK".into(), 1)],
+        idempotency_key: id.to_string(),
+    };
+    let mut tx = pool.begin().await.unwrap();
+    assert!(
+        order::store::insert(&mut tx, id, &order, Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+    tx.commit().await.unwrap();
+    id
+}
+
+fn event<P: EventPayload>(id: uuid::Uuid, payload: P) -> Envelope {
+    Envelope::new("test", &id.to_string(), None, &payload)
+}
+
+async fn status(pool: &PgPool, id: uuid::Uuid) -> (String, String) {
+    sqlx::query_as("SELECT status, reason FROM orders WHERE order_id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reordered_forward_events_still_complete_the_order() {
+    let (_pg, pool) = database().await;
+    let h = OrderHandler {
+        deadline: Duration::from_secs(30),
+    };
+    let id = place(&pool).await;
+    // A redelivery put the last step first.
+    apply(&pool, &h, &event(id, ev::NotificationSent::default()))
+        .await
+        .unwrap();
+    apply(&pool, &h, &event(id, ev::ShippingScheduled::default()))
+        .await
+        .unwrap();
+    apply(&pool, &h, &event(id, ev::InventoryReserved::default()))
+        .await
+        .unwrap();
+    assert_eq!(status(&pool, id).await.0, "COMPLETED");
+    let changes: Vec<String> = sqlx::query_scalar(
+        "SELECT status FROM order_status_changes WHERE order_id = $1 ORDER BY seq",
+    )
+    .bind(id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(changes, ["PENDING", "COMPLETED"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_events_never_revive_a_cancelled_order_and_the_first_reason_stays() {
+    let (_pg, pool) = database().await;
+    let h = OrderHandler {
+        deadline: Duration::from_secs(30),
+    };
+    let id = place(&pool).await;
+    apply(&pool, &h, &event(id, ev::InventoryReserved::default()))
+        .await
+        .unwrap();
+    apply(
+        &pool,
+        &h,
+        &event(
+            id,
+            ev::ShippingFailed {
+                reason: "no road".into(),
+            },
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        status(&pool, id).await,
+        ("CANCELLING".into(), "shipping: no road".into())
+    );
+    apply(&pool, &h, &event(id, ev::InventoryReleased::default()))
+        .await
+        .unwrap();
+    apply(&pool, &h, &event(id, ev::NotificationSent::default()))
+        .await
+        .unwrap();
+    apply(
+        &pool,
+        &h,
+        &event(
+            id,
+            ev::NotificationFailed {
+                reason: "later".into(),
+            },
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        status(&pool, id).await,
+        ("CANCELLED".into(), "shipping: no road".into())
+    );
+    let timeline: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM order_timeline WHERE order_id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        timeline, 5,
+        "every event is on the timeline, even the ones that changed nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_for_an_unknown_order_is_parked_not_dropped() {
+    let (_pg, pool) = database().await;
+    let h = OrderHandler {
+        deadline: Duration::from_secs(30),
+    };
+    let outcome = apply(
+        &pool,
+        &h,
+        &event(uuid::Uuid::now_v7(), ev::NotificationSent::default()),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(outcome, choreo::consumer::Outcome::Parked(reason) if reason.to_string().contains("does not exist"))
+    );
+}
