@@ -240,7 +240,7 @@ pub const INITIAL_STOCK: [(&str, u64); 4] = [
 ];
 
 fn plan(profile: &Profile) -> Vec<Planned> {
-    let mut rng = StdRng::seed_from_u64(profile.seed ^ 0x5eed_0f_0de5);
+    let mut rng = StdRng::seed_from_u64(profile.seed ^ 0x005e_ed0f_0de5);
     let spread = profile.fault_window.mul_f64(0.9);
     (0..profile.orders)
         .map(|i| {
