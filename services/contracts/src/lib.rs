@@ -96,3 +96,10 @@ pub fn check_sku(sku: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The cause of a compensation as the order shows it: the step that failed
+/// (or "customer", "deadline") and its reason. Built in one place so every
+/// service that starts or passes on a compensation words it the same way.
+pub fn cause(step: &str, reason: &str) -> String {
+    format!("{step}: {reason}")
+}

@@ -131,7 +131,12 @@ impl InventoryHandler {
         Ok(())
     }
 
-    async fn release(&self, tx: &mut Tx, envelope: &Envelope) -> Result<(), HandleError> {
+    async fn release(
+        &self,
+        tx: &mut Tx,
+        envelope: &Envelope,
+        cause: String,
+    ) -> Result<(), HandleError> {
         let order_id = envelope.saga_id.as_str();
         let released = match barrier::compensation(tx, order_id, STEP).await? {
             Compensation::AlreadyCompensated => return Ok(()),
@@ -168,6 +173,7 @@ impl InventoryHandler {
         };
         tracing::info!(lines = released.len(), "reservation compensated");
         let payload = ev::InventoryReleased {
+            cause,
             nothing_held: released.is_empty(),
             released: released
                 .into_iter()
@@ -190,9 +196,11 @@ impl Handler for InventoryHandler {
         match SagaEvent::decode(envelope)? {
             SagaEvent::OrderCreated(order) => self.reserve(tx, envelope, order).await,
             // Shipping failed, or shipping finished its own compensation: give the stock back.
-            SagaEvent::ShippingFailed(_) | SagaEvent::ShippingCancelled(_) => {
-                self.release(tx, envelope).await
+            SagaEvent::ShippingFailed(e) => {
+                let cause = contracts::cause("shipping", &e.reason);
+                self.release(tx, envelope, cause).await
             }
+            SagaEvent::ShippingCancelled(e) => self.release(tx, envelope, e.cause).await,
             _ => Ok(()),
         }
     }

@@ -101,6 +101,7 @@ async fn a_compensation_before_the_reservation_bars_it_for_good() {
         &ev::ShippingCancelled {
             shipment_id: String::new(),
             nothing_scheduled: true,
+            cause: "customer: changed my mind".into(),
         },
     );
     assert_eq!(apply(&pool, &h, &cancel).await.unwrap(), Outcome::Applied);

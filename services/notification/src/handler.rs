@@ -106,7 +106,12 @@ impl NotificationHandler {
         Ok(())
     }
 
-    async fn take_back(&self, tx: &mut Tx, envelope: &Envelope) -> Result<(), HandleError> {
+    async fn take_back(
+        &self,
+        tx: &mut Tx,
+        envelope: &Envelope,
+        cause: String,
+    ) -> Result<(), HandleError> {
         let order_id = envelope.saga_id.as_str();
         let notice_sent = match barrier::compensation(tx, order_id, STEP).await? {
             Compensation::AlreadyCompensated => return Ok(()),
@@ -137,7 +142,7 @@ impl NotificationHandler {
                 tx,
                 order_id,
                 Some(envelope),
-                &ev::NotificationCancelled { notice_sent },
+                &ev::NotificationCancelled { notice_sent, cause },
             )
             .await?;
         Ok(())
@@ -150,7 +155,7 @@ impl Handler for NotificationHandler {
         match SagaEvent::decode(envelope)? {
             SagaEvent::ShippingScheduled(shipment) => self.notify(tx, envelope, shipment).await,
             // A customer cancel or a deadline: compensation starts here, at the last step.
-            SagaEvent::OrderCancelled(_) => self.take_back(tx, envelope).await,
+            SagaEvent::OrderCancelled(e) => self.take_back(tx, envelope, e.reason).await,
             _ => Ok(()),
         }
     }

@@ -49,68 +49,95 @@ fn lines(lines: &[ev::OrderLine]) -> String {
         .join(", ")
 }
 
-/// A line for the timeline, and the status the event asks for (with reason).
-fn meaning(event: &SagaEvent) -> (String, Option<(Status, Option<String>)>) {
+/// What an event means to the order.
+struct Meaning {
+    /// A line for the timeline.
+    detail: String,
+    /// The status the event asks for, if any.
+    status: Option<Status>,
+    /// Why the order is being compensated, if the event knows. The first
+    /// reason an order hears is the one it keeps, whichever event brings it:
+    /// a compensation event can overtake the failure that started it.
+    reason: Option<String>,
+}
+
+fn meaning(event: &SagaEvent) -> Meaning {
     use SagaEvent::*;
+    let m = |detail: String, status: Option<Status>, reason: Option<String>| Meaning {
+        detail,
+        status,
+        reason: reason.filter(|r| !r.is_empty()),
+    };
     match event {
-        OrderCreated(e) => (
+        OrderCreated(e) => m(
             format!("placed: {} to {}", lines(&e.lines), e.destination),
             None,
+            None,
         ),
-        OrderCancelled(e) => (format!("compensation started: {}", e.reason), None),
-        InventoryReserved(e) => (
+        OrderCancelled(e) => m(
+            format!("compensation started: {}", e.reason),
+            None,
+            Some(e.reason.clone()),
+        ),
+        InventoryReserved(e) => m(
             format!("stock held: {}", lines(&e.lines)),
-            Some((Status::Reserved, None)),
+            Some(Status::Reserved),
+            None,
         ),
-        InventoryRejected(e) => (
+        InventoryRejected(e) => m(
             format!("stock refused: {}", e.reason),
-            Some((Status::Cancelled, Some(format!("inventory: {}", e.reason)))),
+            Some(Status::Cancelled),
+            Some(contracts::cause("inventory", &e.reason)),
         ),
-        InventoryReleased(e) => (
+        InventoryReleased(e) => m(
             if e.nothing_held {
                 "compensated: no stock was held".to_owned()
             } else {
                 format!("compensated: stock released: {}", lines(&e.released))
             },
-            Some((Status::Cancelled, None)),
+            Some(Status::Cancelled),
+            Some(e.cause.clone()),
         ),
-        ShippingScheduled(e) => (
+        ShippingScheduled(e) => m(
             format!(
                 "shipment {} scheduled with {} to {}",
                 e.shipment_id, e.carrier, e.destination
             ),
-            Some((Status::Scheduled, None)),
+            Some(Status::Scheduled),
+            None,
         ),
-        ShippingFailed(e) => (
+        ShippingFailed(e) => m(
             format!("shipping failed: {}", e.reason),
-            Some((Status::Cancelling, Some(format!("shipping: {}", e.reason)))),
+            Some(Status::Cancelling),
+            Some(contracts::cause("shipping", &e.reason)),
         ),
-        ShippingCancelled(e) => (
+        ShippingCancelled(e) => m(
             if e.nothing_scheduled {
                 "compensated: no shipment to cancel".to_owned()
             } else {
                 format!("compensated: shipment {} cancelled", e.shipment_id)
             },
             None,
+            Some(e.cause.clone()),
         ),
-        NotificationSent(e) => (
+        NotificationSent(e) => m(
             format!("customer notified by {}", e.channel),
-            Some((Status::Completed, None)),
+            Some(Status::Completed),
+            None,
         ),
-        NotificationFailed(e) => (
+        NotificationFailed(e) => m(
             format!("notification failed: {}", e.reason),
-            Some((
-                Status::Cancelling,
-                Some(format!("notification: {}", e.reason)),
-            )),
+            Some(Status::Cancelling),
+            Some(contracts::cause("notification", &e.reason)),
         ),
-        NotificationCancelled(e) => (
+        NotificationCancelled(e) => m(
             if e.notice_sent {
                 "compensated: cancellation notice sent".to_owned()
             } else {
                 "compensated: no notification to take back".to_owned()
             },
             None,
+            Some(e.cause.clone()),
         ),
     }
 }
@@ -128,18 +155,24 @@ impl Handler for OrderHandler {
             ))
             .into());
         };
-        let (detail, wanted) = meaning(&event);
-        store::record_event(tx, id, envelope, &detail).await?;
-        if let Some((next, reason)) = wanted {
-            if status.may_become(next) {
-                store::set_status(tx, id, next, reason.as_deref(), self.deadline).await?;
+        let meaning = meaning(&event);
+        store::record_event(tx, id, envelope, &meaning.detail).await?;
+        match meaning.status {
+            Some(next) if status.may_become(next) => {
+                store::set_status(tx, id, next, meaning.reason.as_deref(), self.deadline).await?;
                 tracing::info!(from = status.as_str(), to = next.as_str(), "order moved");
-            } else if status != next {
-                tracing::info!(
-                    status = status.as_str(),
-                    ignored = next.as_str(),
-                    "late event does not move the order"
-                );
+            }
+            other => {
+                if let Some(ignored) = other.filter(|next| *next != status) {
+                    tracing::info!(
+                        status = status.as_str(),
+                        ignored = ignored.as_str(),
+                        "late event does not move the order"
+                    );
+                }
+                if let Some(reason) = &meaning.reason {
+                    store::keep_first_reason(tx, id, reason).await?;
+                }
             }
         }
         Ok(())

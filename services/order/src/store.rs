@@ -70,7 +70,7 @@ pub async fn lock(tx: &mut PgConnection, id: Uuid) -> Result<Option<Status>, sql
     Ok(status.and_then(|s| Status::parse(&s)))
 }
 
-/// Moves the order to `status`; `reason` replaces the old one only when given.
+/// Moves the order to `status`; `reason` is kept only if the order has none yet.
 /// Forward progress pushes the deadline out by `deadline`.
 pub async fn set_status(
     tx: &mut PgConnection,
@@ -80,7 +80,7 @@ pub async fn set_status(
     deadline: Duration,
 ) -> Result<(), sqlx::Error> {
     let reason: String = sqlx::query_scalar(
-        "UPDATE orders SET status = $2, reason = COALESCE($3, reason), updated_at = now(),
+        "UPDATE orders SET status = $2, reason = CASE WHEN reason = '' THEN COALESCE($3, '') ELSE reason END, updated_at = now(),
                 deadline_at = CASE WHEN $2 IN ('RESERVED', 'SCHEDULED') THEN now() + make_interval(secs => $4) ELSE deadline_at END
          WHERE order_id = $1 RETURNING reason",
     )
@@ -91,6 +91,22 @@ pub async fn set_status(
     .fetch_one(&mut *tx)
     .await?;
     record_change(tx, id, status, &reason).await
+}
+
+/// Records why the order is being compensated, unless it already knows.
+pub async fn keep_first_reason(
+    tx: &mut PgConnection,
+    id: Uuid,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE orders SET reason = $2, updated_at = now() WHERE order_id = $1 AND reason = ''",
+    )
+    .bind(id)
+    .bind(reason)
+    .execute(tx)
+    .await?;
+    Ok(())
 }
 
 async fn record_change(

@@ -162,3 +162,42 @@ async fn an_event_for_an_unknown_order_is_parked_not_dropped() {
         matches!(outcome, choreo::consumer::Outcome::Parked(reason) if reason.to_string().contains("does not exist"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compensation_that_overtakes_its_failure_still_brings_the_reason() {
+    // Found by the chaos suite: inventory.released handled before the
+    // shipping.failed that caused it left a CANCELLED order with no reason.
+    let (_pg, pool) = database().await;
+    let h = OrderHandler {
+        deadline: Duration::from_secs(30),
+    };
+    let id = place(&pool).await;
+    apply(&pool, &h, &event(id, ev::InventoryReserved::default()))
+        .await
+        .unwrap();
+    let released = ev::InventoryReleased {
+        cause: contracts::cause("shipping", "no road"),
+        ..Default::default()
+    };
+    apply(&pool, &h, &event(id, released)).await.unwrap();
+    assert_eq!(
+        status(&pool, id).await,
+        ("CANCELLED".into(), "shipping: no road".into())
+    );
+    apply(
+        &pool,
+        &h,
+        &event(
+            id,
+            ev::ShippingFailed {
+                reason: "no road".into(),
+            },
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        status(&pool, id).await,
+        ("CANCELLED".into(), "shipping: no road".into())
+    );
+}

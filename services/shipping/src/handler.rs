@@ -81,7 +81,12 @@ impl ShippingHandler {
         Ok(())
     }
 
-    async fn cancel(&self, tx: &mut Tx, envelope: &Envelope) -> Result<(), HandleError> {
+    async fn cancel(
+        &self,
+        tx: &mut Tx,
+        envelope: &Envelope,
+        cause: String,
+    ) -> Result<(), HandleError> {
         let order_id = envelope.saga_id.as_str();
         let cancelled: Option<Uuid> = match barrier::compensation(tx, order_id, STEP).await? {
             Compensation::AlreadyCompensated => return Ok(()),
@@ -104,6 +109,7 @@ impl ShippingHandler {
         };
         tracing::info!(shipment = ?cancelled, "shipment compensated");
         let payload = ev::ShippingCancelled {
+            cause,
             shipment_id: cancelled.map(|id| id.to_string()).unwrap_or_default(),
             nothing_scheduled: cancelled.is_none(),
         };
@@ -120,9 +126,11 @@ impl Handler for ShippingHandler {
         match SagaEvent::decode(envelope)? {
             SagaEvent::InventoryReserved(order) => self.schedule(tx, envelope, order).await,
             // The customer could not be told, or notification finished its own compensation.
-            SagaEvent::NotificationFailed(_) | SagaEvent::NotificationCancelled(_) => {
-                self.cancel(tx, envelope).await
+            SagaEvent::NotificationFailed(e) => {
+                let cause = contracts::cause("notification", &e.reason);
+                self.cancel(tx, envelope, cause).await
             }
+            SagaEvent::NotificationCancelled(e) => self.cancel(tx, envelope, e.cause).await,
             _ => Ok(()),
         }
     }
