@@ -72,8 +72,8 @@ pub struct System {
     pub databases: Vec<String>,
 }
 
-async fn channel(port: u16, timeout: Duration) -> anyhow::Result<Channel> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+async fn channel(addr: &str, timeout: Duration) -> anyhow::Result<Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(20));
     let deadline = Instant::now() + timeout;
@@ -91,7 +91,7 @@ async fn channel(port: u16, timeout: Duration) -> anyhow::Result<Channel> {
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "no healthy gRPC server on port {port} within {timeout:?}"
+            "no healthy gRPC server at {addr} within {timeout:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -108,11 +108,18 @@ impl System {
         let mut ports = Vec::new();
         let mut databases = Vec::new();
         let mut proxies = Vec::new();
+        if infra.postgres.is_own() {
+            infra.postgres.run_init_script().await?;
+        }
         for (i, name) in SERVICES.into_iter().enumerate() {
-            let database = infra
-                .postgres
-                .create_database(&format!("{name}_{run}"))
-                .await?;
+            // On our own cluster the databases are the ones deploy/postgres-init.sql
+            // makes (as in docker-compose); on a shared server, names of this run.
+            let db_name = if infra.postgres.is_own() {
+                name.to_owned()
+            } else {
+                format!("{name}_{run}")
+            };
+            let database = infra.postgres.create_database(&db_name).await?;
             let port = if options.well_known_ports {
                 50051 + i as u16
             } else {
@@ -123,7 +130,7 @@ impl System {
                 let pg = Proxy::start(infra.postgres.port()).await?;
                 let urls = (
                     format!("nats://127.0.0.1:{}", nats.port()),
-                    format!("postgres://postgres@127.0.0.1:{}/{name}_{run}", pg.port()),
+                    format!("postgres://postgres@127.0.0.1:{}/{db_name}", pg.port()),
                 );
                 proxies.push((nats, pg));
                 urls
@@ -158,13 +165,15 @@ impl System {
             ports.push(port);
             databases.push(database);
         }
-        let wait = Duration::from_secs(60);
-        let clients = Clients {
-            order: OrderServiceClient::new(channel(ports[0], wait).await?),
-            inventory: InventoryServiceClient::new(channel(ports[1], wait).await?),
-            shipping: ShippingServiceClient::new(channel(ports[2], wait).await?),
-            notification: NotificationServiceClient::new(channel(ports[3], wait).await?),
-        };
+        let url = |port: u16| format!("http://127.0.0.1:{port}");
+        let clients = Clients::connect(
+            &url(ports[0]),
+            &url(ports[1]),
+            &url(ports[2]),
+            &url(ports[3]),
+            Duration::from_secs(60),
+        )
+        .await?;
         Ok(System {
             infra,
             logs,
@@ -202,10 +211,27 @@ impl System {
     pub fn log_path(&self, name: &str) -> PathBuf {
         self.logs.join(format!("{name}.log"))
     }
+}
+
+impl Clients {
+    /// Connects to running services (e.g. the docker-compose ones), waiting until each is healthy.
+    pub async fn connect(
+        order: &str,
+        inventory: &str,
+        shipping: &str,
+        notification: &str,
+        wait: Duration,
+    ) -> anyhow::Result<Self> {
+        Ok(Clients {
+            order: OrderServiceClient::new(channel(order, wait).await?),
+            inventory: InventoryServiceClient::new(channel(inventory, wait).await?),
+            shipping: ShippingServiceClient::new(channel(shipping, wait).await?),
+            notification: NotificationServiceClient::new(channel(notification, wait).await?),
+        })
+    }
 
     pub async fn set_stock(&self, sku: &str, available: u64) -> anyhow::Result<()> {
-        self.clients
-            .inventory
+        self.inventory
             .clone()
             .set_stock(inventory::SetStockRequest {
                 sku: sku.into(),
@@ -217,7 +243,6 @@ impl System {
 
     pub async fn stock(&self, sku: &str) -> anyhow::Result<inventory::Stock> {
         Ok(self
-            .clients
             .inventory
             .clone()
             .get_stock(inventory::GetStockRequest { sku: sku.into() })
@@ -226,13 +251,7 @@ impl System {
     }
 
     pub async fn place(&self, request: order::PlaceOrderRequest) -> anyhow::Result<order::Order> {
-        let response = self
-            .clients
-            .order
-            .clone()
-            .place_order(request)
-            .await?
-            .into_inner();
+        let response = self.order.clone().place_order(request).await?.into_inner();
         response
             .order
             .ok_or_else(|| anyhow::anyhow!("PlaceOrder answered without an order"))
@@ -240,7 +259,6 @@ impl System {
 
     pub async fn get(&self, order_id: &str) -> anyhow::Result<order::Order> {
         Ok(self
-            .clients
             .order
             .clone()
             .get_order(order::GetOrderRequest {
@@ -293,8 +311,7 @@ impl System {
         &self,
         order_id: &str,
     ) -> Result<inventory::Reservation, tonic::Status> {
-        self.clients
-            .inventory
+        self.inventory
             .clone()
             .get_reservation(inventory::GetReservationRequest {
                 order_id: order_id.into(),
@@ -304,8 +321,7 @@ impl System {
     }
 
     pub async fn shipment(&self, order_id: &str) -> Result<shipping::Shipment, tonic::Status> {
-        self.clients
-            .shipping
+        self.shipping
             .clone()
             .get_shipment(shipping::GetShipmentRequest {
                 order_id: order_id.into(),
@@ -319,7 +335,6 @@ impl System {
         order_id: &str,
     ) -> anyhow::Result<notification::ListNotificationsResponse> {
         Ok(self
-            .clients
             .notification
             .clone()
             .list_notifications(notification::ListNotificationsRequest {
@@ -350,6 +365,15 @@ pub fn order_request(
             .collect(),
         idempotency_key: key.into(),
         contact: contact.into(),
+    }
+}
+
+/// The client helpers of [`Clients`] work on a [`System`] directly.
+impl std::ops::Deref for System {
+    type Target = Clients;
+
+    fn deref(&self) -> &Clients {
+        &self.clients
     }
 }
 

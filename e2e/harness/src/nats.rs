@@ -6,9 +6,15 @@ use tempfile::TempDir;
 
 use crate::{free_port, wait_for_port};
 
+/// deploy/nats.conf, shared with docker-compose.
+pub fn config_file() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/nats.conf")
+}
+
 pub struct Nats {
     url: String,
     port: u16,
+    monitor_port: u16,
     store: Option<TempDir>,
     child: Option<Child>,
 }
@@ -20,6 +26,7 @@ impl Nats {
             return Ok(Nats {
                 url,
                 port: 0,
+                monitor_port: 0,
                 store: None,
                 child: None,
             });
@@ -28,6 +35,7 @@ impl Nats {
         let mut nats = Nats {
             url: format!("nats://127.0.0.1:{port}"),
             port,
+            monitor_port: free_port(),
             store: Some(tempfile::Builder::new().prefix("saga-nats-").tempdir()?),
             child: None,
         };
@@ -68,15 +76,13 @@ impl Nats {
             .create(true)
             .append(true)
             .open(store.join("nats.log"))?;
+        // The same configuration docker-compose mounts; the flags put it on
+        // our own port, monitoring port and store.
         let child = Command::new("nats-server")
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-sd",
-            ])
+            .arg("-c")
+            .arg(config_file())
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-m", &self.monitor_port.to_string(), "-sd"])
             .arg(store.join("jetstream"))
             .stdout(Stdio::null())
             .stderr(log)

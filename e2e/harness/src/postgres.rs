@@ -164,6 +164,36 @@ impl Postgres {
         Ok(())
     }
 
+    /// Whether this cluster is the harness's own (not adopted from `DATABASE_URL`).
+    pub fn is_own(&self) -> bool {
+        self.dir.is_some()
+    }
+
+    /// Runs deploy/postgres-init.sql (shared with docker-compose), one statement at a time.
+    pub async fn run_init_script(&self) -> anyhow::Result<()> {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/postgres-init.sql");
+        let script = std::fs::read_to_string(&path)?;
+        let mut conn = sqlx::PgConnection::connect(&self.admin_url).await?;
+        let without_comments: Vec<&str> = script
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("--"))
+            .collect();
+        for statement in without_comments
+            .join("\n")
+            .split(';')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            sqlx::query(sqlx::AssertSqlSafe(statement.to_owned()))
+                .execute(&mut conn)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {statement}: {e}", path.display()))?;
+        }
+        conn.close().await?;
+        Ok(())
+    }
+
     /// Creates database `name` (if missing) and returns its URL.
     pub async fn create_database(&self, name: &str) -> anyhow::Result<String> {
         anyhow::ensure!(

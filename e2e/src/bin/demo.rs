@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use contracts::order::v1 as api;
-use e2e::{Options, OrderStatus, System, order_request};
+use e2e::{Clients, Options, OrderStatus, System, order_request};
 
 #[derive(Parser)]
 #[command(about = "Run the order saga end to end and show what happened")]
@@ -20,6 +20,21 @@ struct Args {
     /// Seconds an order may stall before its deadline cancels it.
     #[arg(long, default_value_t = 20)]
     deadline_secs: u64,
+    /// Drive services that already run (docker-compose) instead of starting them.
+    #[arg(long)]
+    external: bool,
+    #[arg(long, env = "ORDER_ADDR", default_value = "http://127.0.0.1:50051")]
+    order_addr: String,
+    #[arg(long, env = "INVENTORY_ADDR", default_value = "http://127.0.0.1:50052")]
+    inventory_addr: String,
+    #[arg(long, env = "SHIPPING_ADDR", default_value = "http://127.0.0.1:50053")]
+    shipping_addr: String,
+    #[arg(
+        long,
+        env = "NOTIFICATION_ADDR",
+        default_value = "http://127.0.0.1:50054"
+    )]
+    notification_addr: String,
 }
 
 struct Scenario {
@@ -82,15 +97,31 @@ fn status_name(status: OrderStatus) -> &'static str {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    println!("starting NATS, PostgreSQL and the four services...");
-    let sys = System::start(Options {
-        order_deadline_secs: args.deadline_secs,
-        log: "warn".into(),
-        well_known_ports: args.keep_running,
-        ..Options::default()
-    })
-    .await?;
-    println!("service logs: {}", sys.logs.display());
+    // Keeps the system (when this demo started it) alive until the end.
+    let (_system, sys): (Option<System>, Clients) = if args.external {
+        println!("connecting to the running services...");
+        let clients = Clients::connect(
+            &args.order_addr,
+            &args.inventory_addr,
+            &args.shipping_addr,
+            &args.notification_addr,
+            Duration::from_secs(120),
+        )
+        .await?;
+        (None, clients)
+    } else {
+        println!("starting NATS, PostgreSQL and the four services...");
+        let system = System::start(Options {
+            order_deadline_secs: args.deadline_secs,
+            log: "warn".into(),
+            well_known_ports: args.keep_running,
+            ..Options::default()
+        })
+        .await?;
+        println!("service logs: {}", system.logs.display());
+        let clients = system.clients.clone();
+        (Some(system), clients)
+    };
 
     for (sku, units) in [("BOOK", 100), ("PEN", 100), ("MUG", 20), ("RARE", 1)] {
         sys.set_stock(sku, units).await?;
@@ -101,8 +132,7 @@ async fn main() -> anyhow::Result<()> {
     for scenario in scenarios(args.happy) {
         let order = sys.place(scenario.request.clone()).await?;
         if scenario.cancel {
-            sys.clients
-                .order
+            sys.order
                 .clone()
                 .cancel_order(api::CancelOrderRequest {
                     order_id: order.order_id.clone(),
@@ -172,7 +202,7 @@ async fn main() -> anyhow::Result<()> {
         println!("{:<6} {:>10} {:>10}", sku, stock.available, stock.reserved);
     }
 
-    if args.keep_running {
+    if args.keep_running && !args.external {
         println!();
         println!("the system keeps running; try:");
         println!("  cargo run -q -p sagactl -- list");

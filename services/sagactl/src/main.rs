@@ -93,6 +93,11 @@ enum Command {
     SetStock { sku: String, available: u64 },
     /// What inventory, shipping and notification each hold for an order.
     Effects { order_id: String },
+    /// Exit 0 when the gRPC server at --addr reports SERVING (for container healthchecks).
+    Health {
+        #[arg(long)]
+        addr: String,
+    },
 }
 
 async fn connect(addr: &str) -> anyhow::Result<Channel> {
@@ -150,6 +155,18 @@ fn print_order(o: &order::Order) {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Health { addr } => {
+            let status = tonic_health::pb::health_client::HealthClient::new(connect(&addr).await?)
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await?
+                .into_inner()
+                .status();
+            anyhow::ensure!(
+                status == tonic_health::pb::health_check_response::ServingStatus::Serving,
+                "{addr} reports {status:?}"
+            );
+            println!("{addr}: SERVING");
+        }
         Command::Place {
             customer,
             destination,
