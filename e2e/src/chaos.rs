@@ -492,15 +492,31 @@ pub async fn run(profile: Profile) -> anyhow::Result<Report> {
         eprintln!("chaos: {:>6.1}s {fault:?}", started.elapsed().as_secs_f64());
         inject(&mut sys, &fault, &mut twins).await?;
         *report.faults.entry(fault.kind()).or_default() += 1;
+        let mut died = Vec::new();
         twins.retain_mut(|(twin, until)| {
+            if !twin.is_running() {
+                died.push(twin.name().to_owned());
+                return false;
+            }
             if Instant::now() < *until {
                 return true;
             }
             let _ = twin.kill();
             false
         });
+        for name in died {
+            report.violations.push(format!(
+                "second instance of {name} exited by itself (see {name}-twin.log)"
+            ));
+        }
     }
     for (twin, _) in &mut twins {
+        if !twin.is_running() {
+            report.violations.push(format!(
+                "second instance of {} exited by itself",
+                twin.name()
+            ));
+        }
         twin.kill()?;
     }
     let faults_over = Instant::now();

@@ -37,6 +37,8 @@ pub struct Options {
     /// Put a [`Proxy`] between each service and NATS and PostgreSQL, so the
     /// network between them can be cut, stalled or delayed.
     pub proxies: bool,
+    /// Export traces to this OTLP/gRPC endpoint.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for Options {
@@ -47,6 +49,7 @@ impl Default for Options {
             log: "info".into(),
             well_known_ports: false,
             proxies: false,
+            otlp_endpoint: None,
         }
     }
 }
@@ -65,6 +68,10 @@ pub struct System {
     pub logs: PathBuf,
     pub processes: Vec<ServiceProcess>,
     pub ports: Vec<u16>,
+    /// JetStream stream of this run (STREAM); its subjects start with `saga_<run>`.
+    pub stream: String,
+    /// Prometheus port of each service, in [`SERVICES`] order.
+    pub metrics_ports: Vec<u16>,
     pub clients: Clients,
     /// Per service, in [`SERVICES`] order: (proxy to NATS, proxy to PostgreSQL).
     pub proxies: Vec<(Proxy, Proxy)>,
@@ -108,6 +115,7 @@ impl System {
         let mut ports = Vec::new();
         let mut databases = Vec::new();
         let mut proxies = Vec::new();
+        let mut metrics_ports = Vec::new();
         if infra.postgres.is_own() {
             infra.postgres.run_init_script().await?;
         }
@@ -156,7 +164,15 @@ impl System {
                 ),
                 ("RUST_LOG", options.log.clone()),
             ];
-            let env = env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            let metrics_port = free_port();
+            metrics_ports.push(metrics_port);
+            let mut env: Vec<(String, String)> =
+                env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            env.push(("METRICS_ADDR".into(), format!("127.0.0.1:{metrics_port}")));
+            if let Some(endpoint) = &options.otlp_endpoint {
+                env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint.clone()));
+                env.push(("OTEL_BSP_SCHEDULE_DELAY".into(), "200".into()));
+            }
             processes.push(ServiceProcess::start(
                 name,
                 env,
@@ -179,6 +195,8 @@ impl System {
             logs,
             processes,
             ports,
+            metrics_ports,
+            stream: format!("SAGA_{run}"),
             clients,
             databases,
             proxies,
@@ -202,9 +220,34 @@ impl System {
             .find(|p| p.name() == name)
             .ok_or_else(|| anyhow::anyhow!("no service {name}"))?;
         first.twin(
-            &[("GRPC_ADDR", format!("127.0.0.1:{}", free_port()))],
+            &[
+                ("GRPC_ADDR", format!("127.0.0.1:{}", free_port())),
+                ("METRICS_ADDR", format!("127.0.0.1:{}", free_port())),
+            ],
             self.logs.join(format!("{name}-twin.log")),
         )
+    }
+
+    /// The Prometheus text of service `name`'s metrics endpoint.
+    pub async fn metrics(&self, name: &str) -> anyhow::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let i = SERVICES
+            .iter()
+            .position(|s| *s == name)
+            .ok_or_else(|| anyhow::anyhow!("no service {name}"))?;
+        let mut stream =
+            tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_ports[i])).await?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        anyhow::ensure!(
+            head.starts_with("HTTP/1.") && head.contains(" 200"),
+            "metrics answered {head}"
+        );
+        Ok(body.to_owned())
     }
 
     /// Where a service writes its log.

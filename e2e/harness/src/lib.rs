@@ -10,6 +10,7 @@ mod process;
 mod proxy;
 
 pub use nats::Nats;
+pub use nats::config_file as nats_config_file;
 pub use postgres::Postgres;
 pub use process::{ServiceProcess, bin_dir};
 pub use proxy::{Mode, Proxy};

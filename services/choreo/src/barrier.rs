@@ -60,6 +60,7 @@ pub async fn action(
     Ok(if state == "done" {
         Action::AlreadyDone
     } else {
+        metrics::counter!("saga_actions_refused_total", "step" => step.to_owned()).increment(1);
         Action::Refused
     })
 }
@@ -80,6 +81,7 @@ pub async fn compensation(
     .await?
     .rows_affected();
     if inserted == 1 {
+        count_compensation(step, "nothing_to_undo");
         return Ok(Compensation::NothingToUndo);
     }
     let undone = sqlx::query(
@@ -92,8 +94,14 @@ pub async fn compensation(
     .await?
     .rows_affected();
     Ok(if undone == 1 {
+        count_compensation(step, "undo");
         Compensation::Undo
     } else {
         Compensation::AlreadyCompensated
     })
+}
+
+fn count_compensation(step: &str, kind: &'static str) {
+    metrics::counter!("saga_compensations_total", "step" => step.to_owned(), "kind" => kind)
+        .increment(1);
 }

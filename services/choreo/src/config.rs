@@ -44,6 +44,12 @@ pub struct Config {
     /// How often sent outbox rows and old inbox rows are deleted, in seconds.
     #[arg(long, env = "CLEANUP_INTERVAL_SECS", default_value_t = 300)]
     pub cleanup_interval_secs: u64,
+    /// Serve Prometheus metrics here [default: 127.0.0.1 and the service's own metrics port].
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// OTLP/gRPC endpoint to export traces to, e.g. http://127.0.0.1:4317; none means no export.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Chance (0 to 1) that a forward business step fails on purpose, for load and chaos runs.
     #[arg(long, env = "INJECTED_FAILURE_RATE", default_value_t = 0.0)]
     pub injected_failure_rate: f64,

@@ -241,13 +241,20 @@ impl Consumer {
         };
         let span = tracing::info_span!(
             "event",
+            otel.name = %format!("handle {}", event.event_type),
             order_id = %event.saga_id,
             event_id = %event.event_id,
             event_type = %event.event_type,
             delivered
         );
+        crate::telemetry::set_parent(&span, &event.traceparent);
+        let handled = |outcome: &'static str| {
+            metrics::counter!("saga_events_handled_total", "event_type" => event.event_type.clone(), "outcome" => outcome)
+                .increment(1);
+        };
         async {
             if delivered > 1 {
+                metrics::counter!("saga_redeliveries_total").increment(1);
                 tracing::info!("redelivered");
             }
             let mut backoff = Duration::from_millis(50);
@@ -255,21 +262,25 @@ impl Consumer {
                 match apply(&self.pool, self.handler.as_ref(), &event).await {
                     Ok(Outcome::Applied) => {
                         self.stats.applied.fetch_add(1, Ordering::Relaxed);
+                        handled("applied");
                         tracing::debug!("handled");
                         ack(&message).await;
                         return;
                     }
                     Ok(Outcome::Duplicate) => {
                         self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                        handled("duplicate");
                         tracing::info!("duplicate delivery absorbed by the inbox");
                         ack(&message).await;
                         return;
                     }
                     Ok(Outcome::Parked(reject)) => {
+                        handled("parked");
                         return self.park(&message, &stream, stream_seq, &reject).await;
                     }
                     Err(e) => {
                         self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        handled("retried");
                         tracing::warn!(error = %e, attempt, "handling failed; will retry");
                         if attempt == IN_LANE_ATTEMPTS || shutdown.is_cancelled() {
                             break;
@@ -307,6 +318,7 @@ impl Consumer {
         {
             Ok(()) => {
                 self.stats.parked.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("saga_dead_letters_total").increment(1);
                 tracing::warn!(subject = %message.subject, stream_seq, %reason, "message parked in the dead-letter table");
                 ack(message).await;
             }

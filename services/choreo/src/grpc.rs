@@ -1,6 +1,9 @@
 //! gRPC plumbing: a server with `grpc.health.v1` and reflection beside the
 //! service's own API, and the one place internal errors become a `Status`.
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
@@ -36,6 +39,8 @@ pub async fn serve(
         TcpIncoming::bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     tracing::info!(%addr, "gRPC API listening");
     tonic::transport::Server::builder()
+        .trace_fn(request_span)
+        .layer(tower::layer::layer_fn(|inner| CountRequests { inner }))
         .add_routes(routes)
         .add_service(health_service)
         .add_service(v1.build_v1()?)
@@ -49,4 +54,60 @@ pub async fn serve(
 pub fn internal(error: impl std::fmt::Display) -> tonic::Status {
     tracing::error!(%error, "request failed");
     tonic::Status::internal("internal error; the server log has the details")
+}
+
+/// One span per request, a child of the caller's `traceparent` when it sends one.
+fn request_span(request: &http::Request<()>) -> tracing::Span {
+    let span = tracing::info_span!("grpc", otel.name = %request.uri().path(), otel.kind = "server");
+    if let Some(traceparent) = request
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+    {
+        crate::telemetry::set_parent(&span, traceparent);
+    }
+    span
+}
+
+/// Counts requests by method and status code (`saga_grpc_requests_total`).
+/// Handler errors travel as trailers-only responses, so their code is in the
+/// headers; a response without one is a success.
+#[derive(Clone)]
+struct CountRequests<S> {
+    inner: S,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for CountRequests<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let method = request.uri().path().to_owned();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            let code = match &response {
+                Ok(r) => r
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map(|c| format!("{:?}", tonic::Code::from_i32(c)))
+                    .unwrap_or_else(|| "Ok".to_owned()),
+                Err(_) => "TransportError".to_owned(),
+            };
+            metrics::counter!("saga_grpc_requests_total", "method" => method, "code" => code)
+                .increment(1);
+            response
+        })
+    }
 }

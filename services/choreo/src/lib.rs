@@ -31,7 +31,7 @@ pub use config::Config;
 pub use consumer::{HandleError, Handler};
 pub use envelope::{Envelope, EventPayload, Reject};
 pub use outbox::Outbox;
-pub use runtime::Service;
+pub use runtime::{Ports, Service};
 
 /// The transaction a handler writes its effects and outgoing events in.
 pub type Tx = sqlx::Transaction<'static, sqlx::Postgres>;

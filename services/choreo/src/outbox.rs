@@ -35,7 +35,11 @@ impl Outbox {
         cause: Option<&Envelope>,
         payload: &P,
     ) -> Result<Envelope, sqlx::Error> {
-        let envelope = Envelope::new(&self.producer, saga_id, cause, payload);
+        let mut envelope = Envelope::new(&self.producer, saga_id, cause, payload);
+        // The work that writes the event is its parent in the trace.
+        if let Some(traceparent) = crate::telemetry::current_traceparent() {
+            envelope.traceparent = traceparent;
+        }
         self.insert(tx, &envelope).await?;
         Ok(envelope)
     }

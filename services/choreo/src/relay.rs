@@ -161,6 +161,7 @@ impl Relay {
             ..Published::default()
         };
         let mut in_flight = Vec::with_capacity(rows.len());
+        let started = std::time::Instant::now();
         for (event_id, subject, payload, traceparent) in rows {
             let mut message = PublishMessage::build()
                 .payload(payload.into())
@@ -178,7 +179,11 @@ impl Relay {
         }
         for (event_id, ack) in in_flight {
             match ack.await {
-                Ok(_) => round.acked.push(event_id),
+                Ok(_) => {
+                    metrics::histogram!("saga_publish_latency_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    round.acked.push(event_id)
+                }
                 Err(e) => {
                     round.error.get_or_insert_with(|| e.to_string());
                 }
@@ -187,6 +192,7 @@ impl Relay {
         self.stats
             .published
             .fetch_add(round.acked.len() as u64, Ordering::Relaxed);
+        metrics::counter!("saga_outbox_published_total").increment(round.acked.len() as u64);
         Ok(round)
     }
 
@@ -206,5 +212,25 @@ impl Relay {
         .execute(conn)
         .await?;
         Ok(())
+    }
+}
+
+/// Samples the outbox backlog and the age of its oldest unsent row into
+/// gauges every `every`, until `shutdown`.
+pub async fn sample_backlog(pool: PgPool, every: Duration, shutdown: CancellationToken) {
+    loop {
+        let sample: Result<(i64, Option<f64>), sqlx::Error> = sqlx::query_as(
+            "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM choreo_outbox WHERE sent_at IS NULL",
+        )
+        .fetch_one(&pool)
+        .await;
+        if let Ok((backlog, oldest)) = sample {
+            metrics::gauge!("saga_outbox_backlog").set(backlog as f64);
+            metrics::gauge!("saga_outbox_oldest_unsent_age_seconds").set(oldest.unwrap_or(0.0));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return,
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! by one shutdown token. A service's `main` builds a [`Service`] and hands it
 //! its handler and API; nothing else.
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,18 +45,25 @@ pub struct Context {
 
 pub struct Service {
     name: &'static str,
-    default_port: u16,
+    ports: Ports,
     config: Config,
     migrator: Migrator,
 }
 
+/// A service's own ports on 127.0.0.1, used unless `GRPC_ADDR` / `METRICS_ADDR` say otherwise.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub grpc: u16,
+    pub metrics: u16,
+}
+
 impl Service {
     /// `name` is the producer name in envelopes and the durable consumer name;
-    /// the gRPC API listens on 127.0.0.1:`default_port` unless `GRPC_ADDR` says otherwise.
-    pub fn new(name: &'static str, default_port: u16, config: Config, migrator: Migrator) -> Self {
+    /// `ports` are where it listens unless configured otherwise.
+    pub fn new(name: &'static str, ports: Ports, config: Config, migrator: Migrator) -> Self {
         Service {
             name,
-            default_port,
+            ports,
             config,
             migrator,
         }
@@ -66,10 +74,21 @@ impl Service {
     where
         F: FnOnce(&Context) -> Parts,
     {
-        crate::telemetry::init(&self.config.log_format);
+        let telemetry = crate::telemetry::init(
+            &self.config.log_format,
+            self.name,
+            self.config.otlp_endpoint.as_deref(),
+        );
+        let metrics_addr = self
+            .config
+            .metrics_addr
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], self.ports.metrics)));
+        crate::telemetry::serve_metrics(metrics_addr)?;
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
-        self.run_until(build, shutdown).await
+        let result = self.run_until(build, shutdown).await;
+        telemetry.shutdown();
+        result
     }
 
     /// Runs until `shutdown` is cancelled, then stops taking work, finishes
@@ -111,6 +130,11 @@ impl Service {
         tasks.spawn(relay.run(shutdown.clone()));
         let consumer_loop = Consumer::new(pool.clone(), parts.handler, config.consumer_lanes);
         tasks.spawn(consumer_loop.run(consumer, shutdown.clone()));
+        tasks.spawn(crate::relay::sample_backlog(
+            pool.clone(),
+            Duration::from_secs(2),
+            shutdown.clone(),
+        ));
         tasks.spawn(cleanup::run(
             pool.clone(),
             cleanup::Retention::derive(&config),
@@ -122,7 +146,7 @@ impl Service {
         let served = grpc::serve(
             config
                 .grpc_addr
-                .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], self.default_port))),
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], self.ports.grpc))),
             parts.routes,
             &parts.service_names,
             &[parts.descriptor],

@@ -13,7 +13,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     choreo::Service::new(
         "inventory",
-        50052,
+        choreo::Ports {
+            grpc: 50052,
+            metrics: 9102,
+        },
         args.platform,
         sqlx::migrate!("../../migrations/inventory"),
     )

@@ -13,7 +13,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     choreo::Service::new(
         "notification",
-        50054,
+        choreo::Ports {
+            grpc: 50054,
+            metrics: 9104,
+        },
         args.platform,
         sqlx::migrate!("../../migrations/notification"),
     )

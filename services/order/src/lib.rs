@@ -32,6 +32,11 @@ pub fn parts(context: &Context, rules: Rules) -> Parts {
         Duration::from_millis(rules.deadline_check_ms),
         context.shutdown.clone(),
     ));
+    context.tasks.spawn(deadline::sample_statuses(
+        context.pool.clone(),
+        Duration::from_secs(2),
+        context.shutdown.clone(),
+    ));
     let api = grpc::OrderApi {
         pool: context.pool.clone(),
         outbox: context.outbox.clone(),

@@ -17,7 +17,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     choreo::Service::new(
         "order",
-        50051,
+        choreo::Ports {
+            grpc: 50051,
+            metrics: 9101,
+        },
         args.platform,
         sqlx::migrate!("../../migrations/order"),
     )

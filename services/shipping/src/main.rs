@@ -15,7 +15,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     choreo::Service::new(
         "shipping",
-        50053,
+        choreo::Ports {
+            grpc: 50053,
+            metrics: 9103,
+        },
         args.platform,
         sqlx::migrate!("../../migrations/shipping"),
     )

@@ -1,0 +1,245 @@
+//! Docker cannot run containers on our machines, so this checks the compose
+//! file against what it names instead: every file it mounts exists, every
+//! environment variable it sets is one the binary reads, ports agree between
+//! the services, their healthchecks, Prometheus and the demo, and the
+//! Dockerfile builds the binaries with the same cargo command as CI.
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_yaml_ng::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn compose() -> Value {
+    let mut value: Value =
+        serde_yaml_ng::from_str(&read("docker-compose.yml")).expect("docker-compose.yml parses");
+    value.apply_merge().expect("merge keys resolve");
+    value
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_sequence()
+        .map(|s| {
+            s.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Environment variables a binary reads, from its `--help` (`[env: NAME=`).
+fn env_vars_read_by(binary: &str) -> BTreeSet<String> {
+    let output = Command::new(harness::bin_dir().join(binary))
+        .arg("--help")
+        .output()
+        .unwrap_or_else(|e| panic!("{binary} --help: {e} (build the binaries first)"));
+    let help = String::from_utf8_lossy(&output.stdout);
+    help.split("[env: ")
+        .skip(1)
+        .filter_map(|rest| rest.split('=').next().map(str::to_owned))
+        .collect()
+}
+
+fn port_of(addr: &str) -> u16 {
+    addr.rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn compose_names_only_what_exists_and_agrees_with_itself() {
+    let compose = compose();
+    let services = compose["services"].as_mapping().expect("services");
+    let names: BTreeSet<&str> = services.keys().filter_map(Value::as_str).collect();
+    for expected in [
+        "nats",
+        "postgres",
+        "order",
+        "inventory",
+        "shipping",
+        "notification",
+        "demo",
+        "jaeger",
+        "prometheus",
+    ] {
+        assert!(
+            names.contains(expected),
+            "docker-compose.yml lacks service {expected}"
+        );
+    }
+
+    // Mounted files exist, and the config files are the ones the harness uses.
+    for (name, service) in services {
+        for volume in strings(&service["volumes"]) {
+            if let Some(local) = volume.strip_prefix("./") {
+                let file = local.split(':').next().unwrap();
+                assert!(repo().join(file).exists(), "{name:?} mounts missing {file}");
+            }
+        }
+    }
+    assert!(
+        strings(&compose["services"]["nats"]["volumes"])
+            .iter()
+            .any(|v| v.starts_with("./deploy/nats.conf:/etc/nats/nats.conf"))
+    );
+    assert!(
+        strings(&compose["services"]["nats"]["command"])
+            .windows(2)
+            .any(|w| w == ["-c", "/etc/nats/nats.conf"])
+    );
+    assert_eq!(
+        harness::nats_config_file().canonicalize().unwrap(),
+        repo().join("deploy/nats.conf").canonicalize().unwrap()
+    );
+    assert!(
+        strings(&compose["services"]["postgres"]["volumes"])
+            .iter()
+            .any(|v| v.starts_with("./deploy/postgres-init.sql:/docker-entrypoint-initdb.d/"))
+    );
+    let init = read("deploy/postgres-init.sql");
+    let prometheus = read("deploy/prometheus.yml");
+
+    for (service, binary) in [
+        ("order", "order"),
+        ("inventory", "inventory"),
+        ("shipping", "shipping"),
+        ("notification", "notification"),
+    ] {
+        let s = &compose["services"][service];
+        assert_eq!(
+            strings(&s["command"]),
+            [binary],
+            "{service} runs its binary"
+        );
+        let env = s["environment"].as_mapping().expect("environment");
+        let reads = env_vars_read_by(binary);
+        for key in env.keys().filter_map(Value::as_str) {
+            // RUST_LOG is read by the logging filter, not by clap.
+            assert!(
+                key == "RUST_LOG" || reads.contains(key),
+                "{service} is given {key}, which {binary} does not read ({reads:?})"
+            );
+        }
+        let get = |k: &str| {
+            env.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_else(|| panic!("{service} lacks {k}"))
+                .to_owned()
+        };
+        assert_eq!(get("NATS_URL"), "nats://nats:4222");
+        let database = get("DATABASE_URL");
+        assert!(
+            database.starts_with("postgres://postgres@postgres:5432/"),
+            "{database}"
+        );
+        let db = database.rsplit('/').next().unwrap();
+        assert!(
+            init.contains(&format!("CREATE DATABASE \"{db}\""))
+                || init.contains(&format!("CREATE DATABASE {db};")),
+            "{db} is not created by postgres-init.sql"
+        );
+        let published: Vec<u16> = strings(&s["ports"])
+            .iter()
+            .map(|p| p.split(':').next().unwrap().parse().unwrap())
+            .collect();
+        let grpc = port_of(&get("GRPC_ADDR"));
+        let metrics = port_of(&get("METRICS_ADDR"));
+        assert!(
+            published.contains(&grpc) && published.contains(&metrics),
+            "{service} publishes {published:?}"
+        );
+        assert!(
+            prometheus.contains(&format!("{service}:{metrics}")),
+            "prometheus does not scrape {service}:{metrics}"
+        );
+        let health = strings(&s["healthcheck"]["test"]).join(" ");
+        assert!(
+            health.contains(&format!("sagactl health --addr http://127.0.0.1:{grpc}")),
+            "{service} healthcheck: {health}"
+        );
+        assert_eq!(get("OTEL_EXPORTER_OTLP_ENDPOINT"), "http://jaeger:4317");
+        // The demo reaches this service where it listens.
+        let demo_key = format!("{}_ADDR", service.to_uppercase());
+        let demo_addr = compose["services"]["demo"]["environment"][demo_key.as_str()]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(demo_addr, format!("http://{service}:{grpc}"));
+        for dependency in ["nats", "postgres"] {
+            assert_eq!(
+                s["depends_on"][dependency]["condition"].as_str(),
+                Some("service_healthy"),
+                "{service} waits for {dependency}"
+            );
+        }
+    }
+    let demo = &compose["services"]["demo"];
+    assert_eq!(strings(&demo["command"]), ["demo", "--external"]);
+    let demo_reads = env_vars_read_by("demo");
+    for key in demo["environment"]
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .filter_map(Value::as_str)
+    {
+        assert!(
+            demo_reads.contains(key),
+            "demo is given {key}, which it does not read"
+        );
+    }
+    for service in ["order", "inventory", "shipping", "notification"] {
+        assert_eq!(
+            demo["depends_on"][service]["condition"].as_str(),
+            Some("service_healthy")
+        );
+    }
+}
+
+#[test]
+fn the_dockerfile_builds_what_ci_builds() {
+    let dockerfile = read("Dockerfile");
+    let ci = read(".ci/run");
+    let readme = read("README.md");
+    let build = "cargo build --workspace --bins";
+    assert!(
+        dockerfile.contains(&format!("RUN {build}\n")),
+        "Dockerfile must run `{build}`"
+    );
+    assert!(
+        ci.lines().any(|l| l.starts_with(build)),
+        ".ci/run must run `{build}`"
+    );
+    assert!(
+        readme.contains(&format!("{build} && cargo nextest run --workspace")),
+        "README's test command"
+    );
+    let compose = compose();
+    let copied: BTreeSet<&str> = dockerfile
+        .lines()
+        .filter(|l| l.starts_with("COPY --from=build"))
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|w| w.strip_prefix("/src/target/debug/"))
+        .collect();
+    for (_, service) in compose["services"].as_mapping().unwrap() {
+        if service["image"].as_str() == Some("saga:dev")
+            && let Some(binary) = strings(&service["command"]).first()
+        {
+            assert!(copied.contains(binary.as_str()), "the image lacks {binary}");
+        }
+    }
+    assert!(
+        copied.contains("sagactl"),
+        "healthchecks need sagactl in the image"
+    );
+}
