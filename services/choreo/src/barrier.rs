@@ -22,6 +22,26 @@ pub enum Action {
     Refused,
 }
 
+impl Action {
+    /// Whether the step's work should be done now; says in the log why not.
+    pub fn proceeds(self, step: &str) -> bool {
+        match self {
+            Action::Proceed => true,
+            Action::AlreadyDone => {
+                tracing::info!(step, "step already done for this saga; nothing to do");
+                false
+            }
+            Action::Refused => {
+                tracing::info!(
+                    step,
+                    "step was compensated before its work arrived; refused"
+                );
+                false
+            }
+        }
+    }
+}
+
 /// What a step's compensation must do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compensation {

@@ -1,6 +1,6 @@
 //! Inventory's rules: hold every line of an order or none; give back exactly
 //! what was held when the order is compensated.
-use choreo::barrier::{self, Action, Compensation};
+use choreo::barrier::{self, Compensation};
 use choreo::{Config, Envelope, HandleError, Handler, Outbox, Tx};
 use contracts::SagaEvent;
 use contracts::events::v1 as ev;
@@ -79,15 +79,8 @@ impl InventoryHandler {
         order: ev::OrderCreated,
     ) -> Result<(), HandleError> {
         let order_id = envelope.saga_id.as_str();
-        match barrier::action(tx, order_id, STEP).await? {
-            Action::Proceed => {}
-            Action::AlreadyDone => return Ok(()),
-            Action::Refused => {
-                tracing::info!(
-                    "order was compensated before it reached inventory; nothing reserved"
-                );
-                return Ok(());
-            }
+        if !barrier::action(tx, order_id, STEP).await?.proceeds(STEP) {
+            return Ok(());
         }
         let refusal = if self.config.inject_failure() {
             Some("injected failure (configured failure rate)".to_owned())

@@ -3,7 +3,7 @@
 //! the customer was told, send a cancellation notice.
 use std::sync::Arc;
 
-use choreo::barrier::{self, Action, Compensation};
+use choreo::barrier::{self, Compensation};
 use choreo::{Config, Envelope, HandleError, Handler, Outbox, Tx};
 use contracts::SagaEvent;
 use contracts::events::v1 as ev;
@@ -52,15 +52,8 @@ impl NotificationHandler {
         shipment: ev::ShippingScheduled,
     ) -> Result<(), HandleError> {
         let order_id = envelope.saga_id.as_str();
-        match barrier::action(tx, order_id, STEP).await? {
-            Action::Proceed => {}
-            Action::AlreadyDone => return Ok(()),
-            Action::Refused => {
-                tracing::info!(
-                    "order was compensated before it reached notification; nothing sent"
-                );
-                return Ok(());
-            }
+        if !barrier::action(tx, order_id, STEP).await?.proceeds(STEP) {
+            return Ok(());
         }
         let unreachable = match reachable(&shipment.contact) {
             Err(reason) => Some(format!(

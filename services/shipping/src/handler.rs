@@ -1,6 +1,6 @@
 //! Shipping's rules: schedule a shipment for a reserved order if the carrier
 //! serves its destination; cancel it when the order is compensated.
-use choreo::barrier::{self, Action, Compensation};
+use choreo::barrier::{self, Compensation};
 use choreo::{Config, Envelope, HandleError, Handler, Outbox, Tx};
 use contracts::SagaEvent;
 use contracts::events::v1 as ev;
@@ -24,15 +24,8 @@ impl ShippingHandler {
         order: ev::InventoryReserved,
     ) -> Result<(), HandleError> {
         let order_id = envelope.saga_id.as_str();
-        match barrier::action(tx, order_id, STEP).await? {
-            Action::Proceed => {}
-            Action::AlreadyDone => return Ok(()),
-            Action::Refused => {
-                tracing::info!(
-                    "order was compensated before it reached shipping; no shipment made"
-                );
-                return Ok(());
-            }
+        if !barrier::action(tx, order_id, STEP).await?.proceeds(STEP) {
+            return Ok(());
         }
         let failure = if !self.served.contains(&order.destination) {
             Some(format!(
