@@ -568,6 +568,7 @@ async fn wait_for_quiet(sys: &System, databases: &[PgPool], placed: &[Placed], t
         .iter()
         .filter_map(|p| p.order_id.as_ref().ok())
         .collect();
+    let mut last_said = Instant::now();
     while Instant::now() < deadline {
         let mut open = 0;
         for id in &ids {
@@ -580,8 +581,13 @@ async fn wait_for_quiet(sys: &System, databases: &[PgPool], placed: &[Placed], t
                 _ => open += 1,
             }
         }
-        if open == 0 && unsent_total(databases).await == 0 {
+        let unsent = unsent_total(databases).await;
+        if open == 0 && unsent == 0 {
             return;
+        }
+        if last_said.elapsed() >= Duration::from_secs(10) {
+            eprintln!("chaos: waiting for quiet: {open} orders open, {unsent} outbox rows unsent");
+            last_said = Instant::now();
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
