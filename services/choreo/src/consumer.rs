@@ -33,6 +33,13 @@ use crate::envelope::{Envelope, Reject};
 #[async_trait::async_trait]
 pub trait Handler: Send + Sync + 'static {
     async fn handle(&self, tx: &mut Tx, event: &Envelope) -> Result<(), HandleError>;
+
+    /// Whether this service acts on `event` at all. Events it does not act on
+    /// are acknowledged without a transaction (no effect, so nothing to
+    /// deduplicate); a [`Reject`] parks the message. The default reads every event.
+    fn reacts_to(&self, _event: &Envelope) -> Result<bool, Reject> {
+        Ok(true)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -235,8 +242,13 @@ impl Consumer {
         if delivered > 1 {
             self.stats.redeliveries.fetch_add(1, Ordering::Relaxed);
         }
-        let event = match decoded {
-            Ok(event) => event,
+        let event = match decoded.and_then(|event| Ok((self.handler.reacts_to(&event)?, event))) {
+            Ok((true, event)) => event,
+            Ok((false, event)) => {
+                metrics::counter!("saga_events_handled_total", "event_type" => event.event_type, "outcome" => "ignored")
+                    .increment(1);
+                return ack(&message).await;
+            }
             Err(reject) => return self.park(&message, &stream, stream_seq, &reject).await,
         };
         let span = tracing::info_span!(

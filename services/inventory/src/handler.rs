@@ -1,7 +1,7 @@
 //! Inventory's rules: hold every line of an order or none; give back exactly
 //! what was held when the order is compensated.
 use choreo::barrier::{self, Compensation};
-use choreo::{Config, Envelope, HandleError, Handler, Outbox, Tx};
+use choreo::{Config, Envelope, HandleError, Handler, Outbox, Reject, Tx};
 use contracts::SagaEvent;
 use contracts::events::v1 as ev;
 use sqlx::{Acquire, PgConnection};
@@ -185,6 +185,15 @@ impl InventoryHandler {
 
 #[async_trait::async_trait]
 impl Handler for InventoryHandler {
+    fn reacts_to(&self, envelope: &Envelope) -> Result<bool, Reject> {
+        Ok(matches!(
+            SagaEvent::decode(envelope)?,
+            SagaEvent::OrderCreated(_)
+                | SagaEvent::ShippingFailed(_)
+                | SagaEvent::ShippingCancelled(_)
+        ))
+    }
+
     async fn handle(&self, tx: &mut Tx, envelope: &Envelope) -> Result<(), HandleError> {
         match SagaEvent::decode(envelope)? {
             SagaEvent::OrderCreated(order) => self.reserve(tx, envelope, order).await,

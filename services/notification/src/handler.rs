@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use choreo::barrier::{self, Compensation};
-use choreo::{Config, Envelope, HandleError, Handler, Outbox, Tx};
+use choreo::{Config, Envelope, HandleError, Handler, Outbox, Reject, Tx};
 use contracts::SagaEvent;
 use contracts::events::v1 as ev;
 use uuid::Uuid;
@@ -144,6 +144,13 @@ impl NotificationHandler {
 
 #[async_trait::async_trait]
 impl Handler for NotificationHandler {
+    fn reacts_to(&self, envelope: &Envelope) -> Result<bool, Reject> {
+        Ok(matches!(
+            SagaEvent::decode(envelope)?,
+            SagaEvent::ShippingScheduled(_) | SagaEvent::OrderCancelled(_)
+        ))
+    }
+
     async fn handle(&self, tx: &mut Tx, envelope: &Envelope) -> Result<(), HandleError> {
         match SagaEvent::decode(envelope)? {
             SagaEvent::ShippingScheduled(shipment) => self.notify(tx, envelope, shipment).await,

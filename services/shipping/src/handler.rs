@@ -1,7 +1,7 @@
 //! Shipping's rules: schedule a shipment for a reserved order if the carrier
 //! serves its destination; cancel it when the order is compensated.
 use choreo::barrier::{self, Compensation};
-use choreo::{Config, Envelope, HandleError, Handler, Outbox, Tx};
+use choreo::{Config, Envelope, HandleError, Handler, Outbox, Reject, Tx};
 use contracts::SagaEvent;
 use contracts::events::v1 as ev;
 use uuid::Uuid;
@@ -115,6 +115,15 @@ impl ShippingHandler {
 
 #[async_trait::async_trait]
 impl Handler for ShippingHandler {
+    fn reacts_to(&self, envelope: &Envelope) -> Result<bool, Reject> {
+        Ok(matches!(
+            SagaEvent::decode(envelope)?,
+            SagaEvent::InventoryReserved(_)
+                | SagaEvent::NotificationFailed(_)
+                | SagaEvent::NotificationCancelled(_)
+        ))
+    }
+
     async fn handle(&self, tx: &mut Tx, envelope: &Envelope) -> Result<(), HandleError> {
         match SagaEvent::decode(envelope)? {
             SagaEvent::InventoryReserved(order) => self.schedule(tx, envelope, order).await,
