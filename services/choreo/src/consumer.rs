@@ -27,6 +27,7 @@ use tracing::Instrument;
 
 use crate::Tx;
 use crate::envelope::{Envelope, Reject};
+use crate::provision::ConsumerSource;
 
 /// A service's reaction to the events it consumes. Business rules only: write
 /// rows and outgoing events into `tx`; the consumer commits and acks.
@@ -159,11 +160,7 @@ impl Consumer {
 
     /// Pulls and handles messages until `shutdown`; then finishes the message
     /// each lane is on and hands the rest back to JetStream (nak).
-    pub async fn run(
-        self,
-        consumer: jetstream::consumer::PullConsumer,
-        shutdown: CancellationToken,
-    ) {
+    pub async fn run(self, source: ConsumerSource, shutdown: CancellationToken) {
         let lanes = TaskTracker::new();
         let mut senders = Vec::with_capacity(self.lanes);
         let this = Arc::new(self);
@@ -173,6 +170,16 @@ impl Consumer {
             lanes.spawn(this.clone().lane(rx, shutdown.clone()));
         }
         'pull: while !shutdown.is_cancelled() {
+            let consumer = match source.get().await {
+                Ok(consumer) => consumer,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reach the durable consumer yet; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            };
             let mut messages = match consumer.messages().await {
                 Ok(messages) => messages,
                 Err(e) => {
@@ -183,6 +190,7 @@ impl Consumer {
                     }
                 }
             };
+            let mut failures = 0u32;
             loop {
                 let next = tokio::select! {
                     next = messages.next() => next,
@@ -190,6 +198,7 @@ impl Consumer {
                 };
                 match next {
                     Some(Ok(message)) => {
+                        failures = 0;
                         let decoded = Envelope::from_bytes(&message.payload);
                         let key = match &decoded {
                             Ok(env) => env.saga_id.as_str(),
@@ -203,7 +212,14 @@ impl Consumer {
                         }
                     }
                     Some(Err(e)) => {
-                        tracing::debug!(error = %e, "pull stream hiccup (broker away?)");
+                        // Usually the broker is away and the stream recovers by
+                        // itself; a long run of errors may mean the consumer is
+                        // gone, so make sure it exists again.
+                        failures += 1;
+                        tracing::debug!(error = %e, failures, "pull stream hiccup (broker away?)");
+                        if failures >= 30 {
+                            continue 'pull;
+                        }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                     None => continue 'pull,

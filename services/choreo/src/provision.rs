@@ -7,6 +7,32 @@ use async_nats::jetstream::{self, consumer::pull, stream};
 
 use crate::config::Config;
 
+/// Where a service's consumer loop gets its durable consumer, at start and
+/// again whenever the broker has lost it (a crashed nats-server can come back
+/// without a consumer it had just created, or with an older ack floor).
+#[derive(Clone)]
+pub struct ConsumerSource {
+    js: jetstream::Context,
+    config: Config,
+    durable: String,
+}
+
+impl ConsumerSource {
+    pub fn new(js: jetstream::Context, config: Config, durable: &str) -> Self {
+        ConsumerSource {
+            js,
+            config,
+            durable: durable.to_owned(),
+        }
+    }
+
+    /// Ensures the stream and the durable consumer exist, and returns the consumer.
+    pub async fn get(&self) -> anyhow::Result<jetstream::consumer::PullConsumer> {
+        let stream = ensure_stream(&self.js, &self.config).await?;
+        ensure_consumer(&stream, &self.durable, &self.config).await
+    }
+}
+
 /// The stream every saga event goes to.
 pub async fn ensure_stream(
     js: &jetstream::Context,

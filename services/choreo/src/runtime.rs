@@ -102,14 +102,13 @@ impl Service {
         db::migrate(&pool, &self.migrator).await?;
 
         let (client, js) = connect_nats(&config.nats_url, self.name).await?;
-        let Some(consumer) = retry_until(&shutdown, "provisioning JetStream", || async {
-            let stream = provision::ensure_stream(&js, &config).await?;
-            provision::ensure_consumer(&stream, self.name, &config).await
-        })
-        .await
-        else {
+        let source = provision::ConsumerSource::new(js.clone(), config.clone(), self.name);
+        if retry_until(&shutdown, "provisioning JetStream", || source.get())
+            .await
+            .is_none()
+        {
             return Ok(());
-        };
+        }
 
         let tasks = TaskTracker::new();
         let context = Context {
@@ -129,7 +128,7 @@ impl Service {
         );
         tasks.spawn(relay.run(shutdown.clone()));
         let consumer_loop = Consumer::new(pool.clone(), parts.handler, config.consumer_lanes);
-        tasks.spawn(consumer_loop.run(consumer, shutdown.clone()));
+        tasks.spawn(consumer_loop.run(source, shutdown.clone()));
         tasks.spawn(crate::relay::sample_backlog(
             pool.clone(),
             Duration::from_secs(2),

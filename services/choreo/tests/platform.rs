@@ -162,9 +162,11 @@ impl Setup {
     }
 
     async fn consumer(&self, durable: &str) -> jetstream::consumer::PullConsumer {
-        choreo::provision::ensure_consumer(&self.stream, durable, &self.config)
-            .await
-            .unwrap()
+        self.source(durable).get().await.unwrap()
+    }
+
+    fn source(&self, durable: &str) -> choreo::provision::ConsumerSource {
+        choreo::provision::ConsumerSource::new(self.js.clone(), self.config.clone(), durable)
     }
 
     async fn effect_counts(&self) -> Vec<i32> {
@@ -344,7 +346,7 @@ async fn a_duplicate_delivery_is_applied_once() {
     let consumer = Consumer::new(s.pool.clone(), handler, 4);
     let stats = consumer.stats();
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(consumer.run(s.consumer("dup").await, shutdown.clone()));
+    let task = tokio::spawn(consumer.run(s.source("dup"), shutdown.clone()));
     eventually(
         "three deliveries handled",
         Duration::from_secs(30),
@@ -386,7 +388,7 @@ async fn unreadable_messages_are_parked_with_a_reason_and_the_next_one_is_handle
     );
     let stats = consumer.stats();
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(consumer.run(s.consumer("dlq").await, shutdown.clone()));
+    let task = tokio::spawn(consumer.run(s.source("dlq"), shutdown.clone()));
     eventually(
         "the valid message handled",
         Duration::from_secs(30),
@@ -441,7 +443,7 @@ async fn consumer_shutdown_mid_batch_loses_nothing_and_doubles_nothing() {
     let first = Consumer::new(s.pool.clone(), handler.clone(), 8);
     let stats = first.stats();
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(first.run(s.consumer("stop").await, shutdown.clone()));
+    let task = tokio::spawn(first.run(s.source("stop"), shutdown.clone()));
     eventually("a third handled", Duration::from_secs(30), || async {
         stats.applied.load(Ordering::SeqCst) >= 100
     })
@@ -453,7 +455,7 @@ async fn consumer_shutdown_mid_batch_loses_nothing_and_doubles_nothing() {
 
     let second = Consumer::new(s.pool.clone(), handler, 8);
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(second.run(s.consumer("stop").await, shutdown.clone()));
+    let task = tokio::spawn(second.run(s.source("stop"), shutdown.clone()));
     eventually("all 300 applied", Duration::from_secs(60), || async {
         s.effect_counts().await.len() == 300
     })
@@ -608,7 +610,7 @@ async fn a_republish_past_the_duplicate_window_is_absorbed_by_the_inbox() {
     );
     let stats = consumer.stats();
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(consumer.run(s.consumer("late").await, shutdown.clone()));
+    let task = tokio::spawn(consumer.run(s.source("late"), shutdown.clone()));
     eventually("both copies handled", Duration::from_secs(30), || async {
         stats.applied.load(Ordering::SeqCst) + stats.duplicates.load(Ordering::SeqCst) == 50
     })
@@ -658,4 +660,45 @@ async fn cleanup_deletes_only_rows_past_their_retention() {
         "old sent rows and the 30-day inbox row go; the rest stays"
     );
     assert_eq!(s.unsent().await, 4, "unsent rows are never deleted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_the_broker_lost_is_recreated_and_nothing_is_applied_twice() {
+    let s = setup().await;
+    let handler = Arc::new(CountEffects {
+        delay: Duration::ZERO,
+    });
+    for i in 0..20u32 {
+        let env = Envelope::new("test", &format!("saga-{i}"), None, &Ping { n: i });
+        s.publish_raw("test.ping", env.encode_to_vec()).await;
+    }
+    let consumer = Consumer::new(s.pool.clone(), handler, 4);
+    let stats = consumer.stats();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(s.source("lost"), shutdown.clone()));
+    eventually("the first 20 applied", Duration::from_secs(30), || async {
+        stats.applied.load(Ordering::SeqCst) == 20
+    })
+    .await;
+    // The broker forgets the durable consumer (as a crashed nats-server can).
+    s.stream.delete_consumer("lost").await.unwrap();
+    for i in 20..30u32 {
+        let env = Envelope::new("test", &format!("saga-{i}"), None, &Ping { n: i });
+        s.publish_raw("test.ping", env.encode_to_vec()).await;
+    }
+    eventually(
+        "the consumer re-created and the last 10 applied",
+        Duration::from_secs(60),
+        || async { stats.applied.load(Ordering::SeqCst) == 30 },
+    )
+    .await;
+    // The re-created consumer starts from the beginning: the inbox absorbs the first 20.
+    eventually("the replay absorbed", Duration::from_secs(30), || async {
+        stats.duplicates.load(Ordering::SeqCst) == 20
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+    assert!(s.effect_counts().await.iter().all(|&n| n == 1));
+    assert_eq!(s.effect_counts().await.len(), 30);
 }
