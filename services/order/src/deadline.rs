@@ -1,4 +1,4 @@
-//! Background work of the order service. The order's deadline: an open order that makes no progress in time is
+//! The order's deadline: an open order that makes no progress in time is
 //! cancelled with a reason naming the step it waited for. Every instance
 //! runs this; `FOR UPDATE SKIP LOCKED` gives each overdue order to one of them.
 use std::time::Duration;
@@ -46,35 +46,4 @@ pub async fn sweep(
     }
     tx.commit().await?;
     Ok(overdue.len())
-}
-
-/// Samples how many orders are in each status into the `saga_orders` gauge.
-pub async fn sample_statuses(pool: PgPool, every: Duration, shutdown: CancellationToken) {
-    loop {
-        let counts: Result<Vec<(String, i64)>, sqlx::Error> =
-            sqlx::query_as("SELECT status, count(*) FROM orders GROUP BY status")
-                .fetch_all(&pool)
-                .await;
-        if let Ok(counts) = counts {
-            for status in [
-                "PENDING",
-                "RESERVED",
-                "SCHEDULED",
-                "COMPLETED",
-                "CANCELLING",
-                "CANCELLED",
-            ] {
-                let n = counts
-                    .iter()
-                    .find(|(s, _)| s == status)
-                    .map(|(_, n)| *n)
-                    .unwrap_or(0);
-                metrics::gauge!("saga_orders", "status" => status).set(n as f64);
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = shutdown.cancelled() => return,
-        }
-    }
 }

@@ -2,6 +2,7 @@
 //! saga by the events of the other services, and cancels what stalls.
 pub mod deadline;
 pub mod domain;
+pub mod gauges;
 pub mod grpc;
 pub mod handler;
 pub mod store;
@@ -32,7 +33,7 @@ pub fn parts(context: &Context, rules: Rules) -> Parts {
         Duration::from_millis(rules.deadline_check_ms),
         context.shutdown.clone(),
     ));
-    context.tasks.spawn(deadline::sample_statuses(
+    context.tasks.spawn(gauges::sample_statuses(
         context.pool.clone(),
         Duration::from_secs(2),
         context.shutdown.clone(),
