@@ -564,29 +564,34 @@ async fn unsent_total(databases: &[PgPool]) -> i64 {
 
 async fn wait_for_quiet(sys: &System, databases: &[PgPool], placed: &[Placed], timeout: Duration) {
     let deadline = Instant::now() + timeout;
-    let ids: Vec<&String> = placed
+    // Orders that ended stay ended (the checks prove it), so only the open ones are asked again.
+    let mut open: Vec<&String> = placed
         .iter()
         .filter_map(|p| p.order_id.as_ref().ok())
         .collect();
     let mut last_said = Instant::now();
     while Instant::now() < deadline {
-        let mut open = 0;
-        for id in &ids {
+        let mut still_open = Vec::new();
+        for id in open {
             match sys.get(id).await {
                 Ok(o)
                     if matches!(
                         o.status(),
                         api::OrderStatus::Completed | api::OrderStatus::Cancelled
                     ) => {}
-                _ => open += 1,
+                _ => still_open.push(id),
             }
         }
+        open = still_open;
         let unsent = unsent_total(databases).await;
-        if open == 0 && unsent == 0 {
+        if open.is_empty() && unsent == 0 {
             return;
         }
         if last_said.elapsed() >= Duration::from_secs(10) {
-            eprintln!("chaos: waiting for quiet: {open} orders open, {unsent} outbox rows unsent");
+            eprintln!(
+                "chaos: waiting for quiet: {} orders open, {unsent} outbox rows unsent",
+                open.len()
+            );
             last_said = Instant::now();
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
