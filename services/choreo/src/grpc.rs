@@ -35,8 +35,10 @@ pub async fn serve(
         v1 = v1.register_encoded_file_descriptor_set(set);
         v1alpha = v1alpha.register_encoded_file_descriptor_set(set);
     }
-    let incoming =
-        TcpIncoming::bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let incoming = TcpIncoming::bind(addr)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?
+        // Small gRPC responses go out at once instead of waiting on the peer's delayed ACK.
+        .with_nodelay(Some(true));
     tracing::info!(%addr, "gRPC API listening");
     tonic::transport::Server::builder()
         .trace_fn(request_span)
