@@ -2,6 +2,7 @@
 //! four real service binaries as processes, and gRPC clients to them. Used by
 //! the end-to-end tests and by the demo.
 pub mod chaos;
+pub mod demo;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

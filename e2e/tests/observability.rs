@@ -349,3 +349,65 @@ async fn one_order_is_one_trace_across_the_four_services() {
         "parent chain goes through the events: {notification_hops:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_demo_every_counter_agrees_with_the_timelines() {
+    let sys = System::start(Options::default()).await.unwrap();
+    let outcomes = e2e::demo::run(&sys, 6).await.unwrap();
+    // What happened, as the order service's timelines (over gRPC) tell it.
+    let mut happened: HashMap<String, f64> = HashMap::new();
+    for (_, order) in &outcomes {
+        for event in &order.timeline {
+            *happened.entry(event.event_type.clone()).or_default() += 1.0;
+        }
+    }
+    let count = |t: &str| happened.get(t).copied().unwrap_or(0.0);
+    let ended = |s: OrderStatus| outcomes.iter().filter(|(_, o)| o.status() == s).count() as f64;
+    assert!(
+        count("inventory.released") >= 3.0,
+        "the demo compensates: {happened:?}"
+    );
+
+    until("every counter to agree", || {
+        let sys = &sys;
+        let happened = happened.clone();
+        async move {
+            let order = sys.metrics("order").await.unwrap();
+            // The order service applies every event of its orders once.
+            let applied = happened.iter().all(|(t, n)| {
+                sample(
+                    &order,
+                    "saga_events_handled_total",
+                    &[("event_type", t), ("outcome", "applied")],
+                ) == *n
+            });
+            let statuses = sample(&order, "saga_orders", &[("status", "COMPLETED")])
+                == ended(OrderStatus::Completed)
+                && sample(&order, "saga_orders", &[("status", "CANCELLED")])
+                    == ended(OrderStatus::Cancelled);
+            let mut published = true;
+            let mut compensated = true;
+            for (service, step, undo_event) in [
+                ("order", "", ""),
+                ("inventory", "reserve", "inventory.released"),
+                ("shipping", "ship", "shipping.cancelled"),
+                ("notification", "notify", "notification.cancelled"),
+            ] {
+                let m = sys.metrics(service).await.unwrap();
+                let produced: f64 = happened
+                    .iter()
+                    .filter(|(t, _)| t.starts_with(&format!("{service}.")))
+                    .map(|(_, n)| n)
+                    .sum();
+                published &= sample(&m, "saga_outbox_published_total", &[]) == produced;
+                if !step.is_empty() {
+                    compensated &= sample(&m, "saga_compensations_total", &[("step", step)])
+                        == count(undo_event);
+                }
+                published &= sample(&m, "saga_dead_letters_total", &[]) == 0.0;
+            }
+            applied && statuses && published && compensated
+        }
+    })
+    .await;
+}
