@@ -108,7 +108,13 @@ async fn channel(addr: &str, timeout: Duration) -> anyhow::Result<Channel> {
 impl System {
     /// Starts NATS, PostgreSQL and the four services, and waits until each answers health checks.
     pub async fn start(options: Options) -> anyhow::Result<Self> {
-        let infra = tokio::task::spawn_blocking(Infra::start).await??;
+        // Network faults and kills need servers of our own.
+        let start = if options.proxies {
+            Infra::start_own
+        } else {
+            Infra::start
+        };
+        let infra = tokio::task::spawn_blocking(start).await??;
         let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
         let logs = std::env::temp_dir().join("saga-e2e").join(&run);
         std::fs::create_dir_all(&logs)?;

@@ -52,4 +52,13 @@ impl Infra {
             postgres: Postgres::start()?,
         })
     }
+
+    /// Starts both servers of its own, whatever the environment says: for
+    /// tests that kill them.
+    pub fn start_own() -> anyhow::Result<Self> {
+        Ok(Infra {
+            nats: Nats::start_own()?,
+            postgres: Postgres::start_own()?,
+        })
+    }
 }

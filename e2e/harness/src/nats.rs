@@ -22,15 +22,20 @@ pub struct Nats {
 impl Nats {
     /// Starts a fresh server, or adopts the one `NATS_URL` names.
     pub fn start() -> anyhow::Result<Self> {
-        if let Ok(url) = std::env::var("NATS_URL") {
-            return Ok(Nats {
+        match std::env::var("NATS_URL") {
+            Ok(url) => Ok(Nats {
                 url,
                 port: 0,
                 monitor_port: 0,
                 store: None,
                 child: None,
-            });
+            }),
+            Err(_) => Self::start_own(),
         }
+    }
+
+    /// Starts a fresh server whatever the environment says (for tests that kill it).
+    pub fn start_own() -> anyhow::Result<Self> {
         let port = free_port();
         let mut nats = Nats {
             url: format!("nats://127.0.0.1:{port}"),

@@ -63,7 +63,16 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
-    let infra = tokio::task::spawn_blocking(Infra::start)
+    setup_with(Infra::start).await
+}
+
+/// With servers of our own whatever the environment says: for tests that kill them.
+async fn setup_own() -> Setup {
+    setup_with(Infra::start_own).await
+}
+
+async fn setup_with(start: fn() -> anyhow::Result<Infra>) -> Setup {
+    let infra = tokio::task::spawn_blocking(start)
         .await
         .unwrap()
         .expect("infra");
@@ -194,7 +203,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_committed_while_nats_is_down_arrive_once_after_it_returns() {
-    let mut s = setup().await;
+    let mut s = setup_own().await;
     let shutdown = CancellationToken::new();
     let relay = tokio::spawn(s.relay(64).run(shutdown.clone()));
 
