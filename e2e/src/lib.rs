@@ -40,6 +40,8 @@ pub struct Options {
     pub proxies: bool,
     /// Export traces to this OTLP/gRPC endpoint.
     pub otlp_endpoint: Option<String>,
+    /// More environment for every service, e.g. ("STUCK_AFTER_DELIVERIES", "2").
+    pub extra_env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -51,6 +53,7 @@ impl Default for Options {
             well_known_ports: false,
             proxies: false,
             otlp_endpoint: None,
+            extra_env: Vec::new(),
         }
     }
 }
@@ -176,6 +179,7 @@ impl System {
             let mut env: Vec<(String, String)> =
                 env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
             env.push(("METRICS_ADDR".into(), format!("127.0.0.1:{metrics_port}")));
+            env.extend(options.extra_env.iter().cloned());
             if let Some(endpoint) = &options.otlp_endpoint {
                 env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint.clone()));
                 env.push(("OTEL_BSP_SCHEDULE_DELAY".into(), "200".into()));

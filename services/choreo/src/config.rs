@@ -50,6 +50,10 @@ pub struct Config {
     /// OTLP/gRPC endpoint to export traces to, e.g. http://127.0.0.1:4317; none means no export.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// After this many deliveries of an event that keeps failing, report it
+    /// (a `choreo.stuck` event) while it goes on being retried.
+    #[arg(long, env = "STUCK_AFTER_DELIVERIES", default_value_t = 10)]
+    pub stuck_after_deliveries: u64,
     /// Chance (0 to 1) that a forward business step fails on purpose, for load and chaos runs.
     #[arg(long, env = "INJECTED_FAILURE_RATE", default_value_t = 0.0)]
     pub injected_failure_rate: f64,

@@ -27,6 +27,7 @@ use tracing::Instrument;
 
 use crate::Tx;
 use crate::envelope::{Envelope, Reject};
+use crate::outbox::Outbox;
 use crate::provision::ConsumerSource;
 
 /// A service's reaction to the events it consumes. Business rules only: write
@@ -142,6 +143,7 @@ pub struct Consumer {
     handler: Arc<dyn Handler>,
     lanes: usize,
     stats: Arc<ConsumerStats>,
+    stuck: Option<(Outbox, u64)>,
 }
 
 impl Consumer {
@@ -151,7 +153,15 @@ impl Consumer {
             handler,
             lanes: lanes.max(1),
             stats: Arc::default(),
+            stuck: None,
         }
+    }
+
+    /// Once an event has been delivered `after` times and still fails, write a
+    /// `choreo.stuck` event for its saga through `outbox` (once per event).
+    pub fn report_stuck(mut self, outbox: Outbox, after: u64) -> Self {
+        self.stuck = Some((outbox, after.max(1)));
+        self
     }
 
     pub fn stats(&self) -> Arc<ConsumerStats> {
@@ -311,6 +321,7 @@ impl Consumer {
                         handled("retried");
                         tracing::warn!(error = %e, attempt, "handling failed; will retry");
                         if attempt == IN_LANE_ATTEMPTS || shutdown.is_cancelled() {
+                            self.report_if_stuck(&event, delivered, &e).await;
                             break;
                         }
                         tokio::time::sleep(backoff).await;
@@ -324,6 +335,51 @@ impl Consumer {
         }
         .instrument(span)
         .await
+    }
+
+    async fn report_if_stuck(&self, event: &Envelope, delivered: i64, error: &HandleError) {
+        let Some((outbox, after)) = &self.stuck else {
+            return;
+        };
+        if (delivered.max(0) as u64) < *after {
+            return;
+        }
+        let report = async {
+            let mut tx = self.pool.begin().await?;
+            let first = sqlx::query(
+                "INSERT INTO choreo_stuck (event_id) VALUES ($1) ON CONFLICT DO NOTHING",
+            )
+            .bind(event.id())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if first {
+                let stuck = crate::proto::Stuck {
+                    event_id: event.event_id.clone(),
+                    event_type: event.event_type.clone(),
+                    service: outbox.producer().to_owned(),
+                    error: error.to_string(),
+                    deliveries: delivered as u32,
+                };
+                outbox
+                    .emit(&mut tx, &event.saga_id, Some(event), &stuck)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok::<bool, sqlx::Error>(first)
+        };
+        match report.await {
+            Ok(true) => {
+                metrics::counter!("saga_stuck_total").increment(1);
+                tracing::error!(
+                    delivered,
+                    "event keeps failing; reported as stuck, still retrying"
+                );
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot report the stuck event yet"),
+        }
     }
 
     async fn park(

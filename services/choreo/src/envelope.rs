@@ -13,6 +13,11 @@ pub trait EventPayload: Message + Default + Sized {
     const SCHEMA_VERSION: u32;
 }
 
+impl EventPayload for crate::proto::Stuck {
+    const EVENT_TYPE: &'static str = "choreo.stuck";
+    const SCHEMA_VERSION: u32 = 1;
+}
+
 /// Why a message was parked in the dead-letter table instead of handled.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Reject {

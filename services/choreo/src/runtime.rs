@@ -127,7 +127,8 @@ impl Service {
             Duration::from_millis(config.relay_poll_ms),
         );
         tasks.spawn(relay.run(shutdown.clone()));
-        let consumer_loop = Consumer::new(pool.clone(), parts.handler, config.consumer_lanes);
+        let consumer_loop = Consumer::new(pool.clone(), parts.handler, config.consumer_lanes)
+            .report_stuck(context.outbox.clone(), config.stuck_after_deliveries);
         tasks.spawn(consumer_loop.run(source, shutdown.clone()));
         tasks.spawn(crate::relay::sample_backlog(
             pool.clone(),

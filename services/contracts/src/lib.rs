@@ -35,7 +35,8 @@ pub mod notification {
 /// Encoded `FileDescriptorSet` of every API, for gRPC reflection.
 pub const DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
 
-macro_rules! saga_events {
+/// Binds each payload of `events/v1` to its event type and schema version.
+macro_rules! event_payloads {
     ($($payload:ident = $event_type:literal, version $version:literal);* $(;)?) => {
         $(
             impl EventPayload for events::v1::$payload {
@@ -43,30 +44,10 @@ macro_rules! saga_events {
                 const SCHEMA_VERSION: u32 = $version;
             }
         )*
-
-        /// Any event of the order saga, decoded from its envelope.
-        #[derive(Debug, Clone, PartialEq)]
-        pub enum SagaEvent {
-            $($payload(events::v1::$payload)),*
-        }
-
-        impl SagaEvent {
-            /// Decodes the payload an envelope carries; an unknown type or an
-            /// unsupported version is a [`Reject`] (the message gets parked).
-            pub fn decode(envelope: &Envelope) -> Result<Self, Reject> {
-                match envelope.event_type.as_str() {
-                    $($event_type => envelope.payload().map(SagaEvent::$payload),)*
-                    other => Err(Reject::UnknownType(other.to_owned())),
-                }
-            }
-        }
-
-        /// Every event type of the saga.
-        pub const EVENT_TYPES: &[&str] = &[$($event_type),*];
     };
 }
 
-saga_events! {
+event_payloads! {
     OrderCreated = "order.created", version 1;
     OrderCancelled = "order.cancelled", version 1;
     InventoryReserved = "inventory.reserved", version 1;
@@ -78,6 +59,48 @@ saga_events! {
     NotificationSent = "notification.sent", version 1;
     NotificationFailed = "notification.failed", version 1;
     NotificationCancelled = "notification.cancelled", version 1;
+}
+
+macro_rules! saga_events {
+    ($($variant:ident($payload:path)),* $(,)?) => {
+        /// Any event of the order saga, decoded from its envelope.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum SagaEvent {
+            $($variant($payload)),*
+        }
+
+        impl SagaEvent {
+            /// Decodes the payload an envelope carries; an unknown type or an
+            /// unsupported version is a [`Reject`] (the message gets parked).
+            pub fn decode(envelope: &Envelope) -> Result<Self, Reject> {
+                $(
+                    if envelope.event_type == <$payload as EventPayload>::EVENT_TYPE {
+                        return envelope.payload().map(SagaEvent::$variant);
+                    }
+                )*
+                Err(Reject::UnknownType(envelope.event_type.clone()))
+            }
+        }
+
+        /// Every event type of the saga.
+        pub const EVENT_TYPES: &[&str] = &[$(<$payload as EventPayload>::EVENT_TYPE),*];
+    };
+}
+
+saga_events! {
+    OrderCreated(events::v1::OrderCreated),
+    OrderCancelled(events::v1::OrderCancelled),
+    InventoryReserved(events::v1::InventoryReserved),
+    InventoryRejected(events::v1::InventoryRejected),
+    InventoryReleased(events::v1::InventoryReleased),
+    ShippingScheduled(events::v1::ShippingScheduled),
+    ShippingFailed(events::v1::ShippingFailed),
+    ShippingCancelled(events::v1::ShippingCancelled),
+    NotificationSent(events::v1::NotificationSent),
+    NotificationFailed(events::v1::NotificationFailed),
+    NotificationCancelled(events::v1::NotificationCancelled),
+    // Written by the platform library when a service keeps failing on an event.
+    Stuck(choreo::proto::Stuck),
 }
 
 /// The one SKU format every service accepts: 1 to 64 letters, digits, '-' or '_'.

@@ -139,9 +139,15 @@ impl OrderService for OrderApi {
                 )
             })?)
         };
-        let mut orders = store::list(&self.pool, status, after, page_size as i64 + 1)
-            .await
-            .map_err(internal)?;
+        let mut orders = store::list(
+            &self.pool,
+            status,
+            request.stuck_only,
+            after,
+            page_size as i64 + 1,
+        )
+        .await
+        .map_err(internal)?;
         let next_page_token = if orders.len() > page_size as usize {
             orders.truncate(page_size as usize);
             orders

@@ -59,6 +59,8 @@ struct Meaning {
     /// reason an order hears is the one it keeps, whichever event brings it:
     /// a compensation event can overtake the failure that started it.
     reason: Option<String>,
+    /// Why the saga is stuck, for a `choreo.stuck` report.
+    stuck: Option<String>,
 }
 
 fn meaning(event: &SagaEvent) -> Meaning {
@@ -67,6 +69,7 @@ fn meaning(event: &SagaEvent) -> Meaning {
         detail,
         status,
         reason: reason.filter(|r| !r.is_empty()),
+        stuck: None,
     };
     match event {
         OrderCreated(e) => m(
@@ -139,6 +142,18 @@ fn meaning(event: &SagaEvent) -> Meaning {
             None,
             Some(e.cause.clone()),
         ),
+        Stuck(e) => {
+            let stuck = format!(
+                "{} keeps failing on {} ({} deliveries so far): {}",
+                e.service, e.event_type, e.deliveries, e.error
+            );
+            Meaning {
+                detail: format!("stuck: {stuck}"),
+                status: None,
+                reason: None,
+                stuck: Some(stuck),
+            }
+        }
     }
 }
 
@@ -172,6 +187,10 @@ impl Handler for OrderHandler {
                 }
                 if let Some(reason) = &meaning.reason {
                     store::keep_first_reason(tx, id, reason).await?;
+                }
+                if let Some(stuck) = meaning.stuck.as_deref().filter(|_| !status.is_terminal()) {
+                    tracing::error!(%stuck, "saga stuck");
+                    store::mark_stuck(tx, id, stuck).await?;
                 }
             }
         }

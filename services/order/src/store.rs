@@ -80,7 +80,7 @@ pub async fn set_status(
     deadline: Duration,
 ) -> Result<(), sqlx::Error> {
     let reason: String = sqlx::query_scalar(
-        "UPDATE orders SET status = $2, reason = CASE WHEN reason = '' THEN COALESCE($3, '') ELSE reason END, updated_at = now(),
+        "UPDATE orders SET status = $2, reason = CASE WHEN reason = '' THEN COALESCE($3, '') ELSE reason END, stuck = '', updated_at = now(),
                 deadline_at = CASE WHEN $2 IN ('RESERVED', 'SCHEDULED') THEN now() + make_interval(secs => $4) ELSE deadline_at END
          WHERE order_id = $1 RETURNING reason",
     )
@@ -91,6 +91,16 @@ pub async fn set_status(
     .fetch_one(&mut *tx)
     .await?;
     record_change(tx, id, status, &reason).await
+}
+
+/// Records that a service keeps failing on one of the order's events.
+pub async fn mark_stuck(tx: &mut PgConnection, id: Uuid, stuck: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE orders SET stuck = $2, updated_at = now() WHERE order_id = $1")
+        .bind(id)
+        .bind(stuck)
+        .execute(tx)
+        .await?;
+    Ok(())
 }
 
 /// Records why the order is being compensated, unless it already knows.
@@ -159,7 +169,7 @@ fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
 /// The whole story of one order, or `None` if there is no such order.
 pub async fn load(pool: &PgPool, id: Uuid) -> Result<Option<api::Order>, sqlx::Error> {
     let Some(row) = sqlx::query(
-        "SELECT order_id, customer, destination, contact, status, reason, created_at, updated_at FROM orders WHERE order_id = $1",
+        "SELECT order_id, customer, destination, contact, status, reason, stuck, created_at, updated_at FROM orders WHERE order_id = $1",
     )
     .bind(id)
     .fetch_optional(pool)
@@ -216,6 +226,7 @@ fn order_from_row(row: &sqlx::postgres::PgRow) -> api::Order {
         items: vec![],
         status: status as i32,
         reason: row.get("reason"),
+        stuck: row.get("stuck"),
         created_at: Some(timestamp(row.get("created_at"))),
         updated_at: Some(timestamp(row.get("updated_at"))),
         timeline: vec![],
@@ -226,17 +237,20 @@ fn order_from_row(row: &sqlx::postgres::PgRow) -> api::Order {
 pub async fn list(
     pool: &PgPool,
     status: Option<Status>,
+    stuck_only: bool,
     after: Option<Uuid>,
     limit: i64,
 ) -> Result<Vec<api::Order>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT order_id, customer, destination, contact, status, reason, created_at, updated_at FROM orders
+        "SELECT order_id, customer, destination, contact, status, reason, stuck, created_at, updated_at FROM orders
          WHERE ($1::text IS NULL OR status = $1) AND ($2::uuid IS NULL OR order_id < $2)
+           AND (NOT $4 OR stuck <> '')
          ORDER BY order_id DESC LIMIT $3",
     )
     .bind(status.map(Status::as_str))
     .bind(after)
     .bind(limit)
+    .bind(stuck_only)
     .fetch_all(pool)
     .await?;
     let ids: Vec<Uuid> = rows.iter().map(|r| r.get("order_id")).collect();

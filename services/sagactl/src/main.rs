@@ -78,6 +78,9 @@ enum Command {
         page_size: u32,
         #[arg(long, default_value = "")]
         page_token: String,
+        /// Only orders whose saga is stuck on a step that keeps failing.
+        #[arg(long)]
+        stuck: bool,
     },
     /// Cancel an order that is not complete yet.
     Cancel {
@@ -126,6 +129,9 @@ fn print_order(o: &order::Order) {
     println!("status      {}", status_name(o.status));
     if !o.reason.is_empty() {
         println!("reason      {}", o.reason);
+    }
+    if !o.stuck.is_empty() {
+        println!("STUCK       {}", o.stuck);
     }
     println!(
         "customer    {} <{}> to {}",
@@ -222,6 +228,7 @@ async fn main() -> anyhow::Result<()> {
             status,
             page_size,
             page_token,
+            stuck,
         } => {
             let status = match status {
                 None => order::OrderStatus::Unspecified,
@@ -235,6 +242,7 @@ async fn main() -> anyhow::Result<()> {
                     status: status as i32,
                     page_size,
                     page_token,
+                    stuck_only: stuck,
                 })
                 .await?
                 .into_inner();
