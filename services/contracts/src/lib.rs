@@ -81,9 +81,6 @@ macro_rules! saga_events {
                 Err(Reject::UnknownType(envelope.event_type.clone()))
             }
         }
-
-        /// Every event type of the saga.
-        pub const EVENT_TYPES: &[&str] = &[$(<$payload as EventPayload>::EVENT_TYPE),*];
     };
 }
 
