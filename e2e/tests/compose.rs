@@ -4,13 +4,16 @@
 //! the services, their healthchecks, Prometheus and the demo, and the
 //! Dockerfile builds the binaries with the same cargo command as CI.
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use serde_yaml_ng::Value;
 
+/// The repository root: tests run in their package's folder (e2e/).
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    std::env::current_dir()
+        .expect("working directory")
+        .join("..")
 }
 
 fn read(path: &str) -> String {
@@ -99,8 +102,13 @@ fn compose_names_only_what_exists_and_agrees_with_itself() {
             .any(|w| w == ["-c", "/etc/nats/nats.conf"])
     );
     assert_eq!(
-        harness::nats_config_file().canonicalize().unwrap(),
-        repo().join("deploy/nats.conf").canonicalize().unwrap()
+        harness::NATS_CONFIG,
+        read("deploy/nats.conf"),
+        "the harness runs deploy/nats.conf"
+    );
+    assert_eq!(
+        harness::POSTGRES_INIT_SCRIPT,
+        read("deploy/postgres-init.sql")
     );
     assert!(
         strings(&compose["services"]["postgres"]["volumes"])

@@ -9,8 +9,9 @@ mod postgres;
 mod process;
 mod proxy;
 
+pub use nats::CONFIG as NATS_CONFIG;
 pub use nats::Nats;
-pub use nats::config_file as nats_config_file;
+pub use postgres::INIT_SCRIPT as POSTGRES_INIT_SCRIPT;
 pub use postgres::Postgres;
 pub use process::{ServiceProcess, bin_dir};
 pub use proxy::{Mode, Proxy};

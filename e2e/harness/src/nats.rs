@@ -6,10 +6,9 @@ use tempfile::TempDir;
 
 use crate::{free_port, wait_for_port};
 
-/// deploy/nats.conf, shared with docker-compose.
-pub fn config_file() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/nats.conf")
-}
+/// deploy/nats.conf, shared with docker-compose, built in (so the binaries
+/// need no path to the source tree at run time).
+pub const CONFIG: &str = include_str!("../../../deploy/nats.conf");
 
 pub struct Nats {
     url: String,
@@ -81,11 +80,12 @@ impl Nats {
             .create(true)
             .append(true)
             .open(store.join("nats.log"))?;
+        std::fs::write(store.join("nats.conf"), CONFIG)?;
         // The same configuration docker-compose mounts; the flags put it on
         // our own port, monitoring port and store.
         let child = Command::new("nats-server")
             .arg("-c")
-            .arg(config_file())
+            .arg(store.join("nats.conf"))
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string()])
             .args(["-m", &self.monitor_port.to_string(), "-sd"])
             .arg(store.join("jetstream"))

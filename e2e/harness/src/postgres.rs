@@ -9,6 +9,9 @@ use tempfile::TempDir;
 
 use crate::free_port;
 
+/// deploy/postgres-init.sql, shared with docker-compose, built in.
+pub const INIT_SCRIPT: &str = include_str!("../../../deploy/postgres-init.sql");
+
 pub struct Postgres {
     admin_url: String,
     port: u16,
@@ -176,9 +179,7 @@ impl Postgres {
 
     /// Runs deploy/postgres-init.sql (shared with docker-compose), one statement at a time.
     pub async fn run_init_script(&self) -> anyhow::Result<()> {
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/postgres-init.sql");
-        let script = std::fs::read_to_string(&path)?;
+        let script = INIT_SCRIPT;
         let mut conn = sqlx::PgConnection::connect(&self.admin_url).await?;
         let without_comments: Vec<&str> = script
             .lines()
@@ -193,7 +194,7 @@ impl Postgres {
             sqlx::query(sqlx::AssertSqlSafe(statement.to_owned()))
                 .execute(&mut conn)
                 .await
-                .map_err(|e| anyhow::anyhow!("{}: {statement}: {e}", path.display()))?;
+                .map_err(|e| anyhow::anyhow!("deploy/postgres-init.sql: {statement}: {e}"))?;
         }
         conn.close().await?;
         Ok(())
