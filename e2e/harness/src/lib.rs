@@ -39,6 +39,13 @@ pub fn wait_for_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
     anyhow::bail!("nothing listened on 127.0.0.1:{port} within {timeout:?}")
 }
 
+/// A PostgreSQL server (or the one `DATABASE_URL` names) and a fresh database on it.
+pub async fn fresh_database() -> anyhow::Result<(Postgres, String)> {
+    let postgres = tokio::task::spawn_blocking(Postgres::start).await??;
+    let url = postgres.fresh_database().await?;
+    Ok((postgres, url))
+}
+
 /// Both servers a service needs.
 pub struct Infra {
     pub nats: Nats,

@@ -200,6 +200,12 @@ impl Postgres {
         Ok(())
     }
 
+    /// Creates a database with a name no other test uses, and returns its URL.
+    pub async fn fresh_database(&self) -> anyhow::Result<String> {
+        self.create_database(&format!("t_{}", uuid::Uuid::new_v4().simple()))
+            .await
+    }
+
     /// Creates database `name` (if missing) and returns its URL.
     pub async fn create_database(&self, name: &str) -> anyhow::Result<String> {
         anyhow::ensure!(

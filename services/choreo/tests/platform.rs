@@ -77,11 +77,7 @@ async fn setup_with(start: fn() -> anyhow::Result<Infra>) -> Setup {
         .unwrap()
         .expect("infra");
     let id = uuid::Uuid::new_v4().simple().to_string();
-    let db = infra
-        .postgres
-        .create_database(&format!("t_{id}"))
-        .await
-        .unwrap();
+    let db = infra.postgres.fresh_database().await.unwrap();
     let mut config = Config::new(infra.nats.url(), &db);
     config.stream = format!("T{id}");
     config.subject_prefix = format!("t{id}");

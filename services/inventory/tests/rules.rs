@@ -9,14 +9,7 @@ use inventory::handler::InventoryHandler;
 use sqlx::PgPool;
 
 async fn database() -> (harness::Postgres, PgPool) {
-    let pg = tokio::task::spawn_blocking(harness::Postgres::start)
-        .await
-        .unwrap()
-        .unwrap();
-    let url = pg
-        .create_database(&format!("inv_{}", uuid::Uuid::new_v4().simple()))
-        .await
-        .unwrap();
+    let (pg, url) = harness::fresh_database().await.unwrap();
     let pool = choreo::db::connect(&url, Duration::from_secs(10))
         .await
         .unwrap();
