@@ -2,7 +2,7 @@
 //! through the platform's inbox step as the consumer applies them.
 use std::time::Duration;
 
-use choreo::consumer::apply;
+use choreo::consumer::{Outcome, apply};
 use choreo::{Envelope, EventPayload};
 use contracts::events::v1 as ev;
 use order::handler::OrderHandler;
@@ -42,6 +42,16 @@ fn event<P: EventPayload>(id: uuid::Uuid, payload: P) -> Envelope {
     Envelope::new("test", &id.to_string(), None, &payload)
 }
 
+/// Applies one event for order `id` through the inbox step, as the consumer would.
+async fn deliver<P: EventPayload>(
+    pool: &PgPool,
+    h: &OrderHandler,
+    id: uuid::Uuid,
+    payload: P,
+) -> Outcome {
+    apply(pool, h, &event(id, payload)).await.unwrap()
+}
+
 async fn status(pool: &PgPool, id: uuid::Uuid) -> (String, String) {
     sqlx::query_as("SELECT status, reason FROM orders WHERE order_id = $1")
         .bind(id)
@@ -58,15 +68,9 @@ async fn reordered_forward_events_still_complete_the_order() {
     };
     let id = place(&pool).await;
     // A redelivery put the last step first.
-    apply(&pool, &h, &event(id, ev::NotificationSent::default()))
-        .await
-        .unwrap();
-    apply(&pool, &h, &event(id, ev::ShippingScheduled::default()))
-        .await
-        .unwrap();
-    apply(&pool, &h, &event(id, ev::InventoryReserved::default()))
-        .await
-        .unwrap();
+    deliver(&pool, &h, id, ev::NotificationSent::default()).await;
+    deliver(&pool, &h, id, ev::ShippingScheduled::default()).await;
+    deliver(&pool, &h, id, ev::InventoryReserved::default()).await;
     assert_eq!(status(&pool, id).await.0, "COMPLETED");
     let changes: Vec<String> = sqlx::query_scalar(
         "SELECT status FROM order_status_changes WHERE order_id = $1 ORDER BY seq",
@@ -85,43 +89,31 @@ async fn late_events_never_revive_a_cancelled_order_and_the_first_reason_stays()
         deadline: Duration::from_secs(30),
     };
     let id = place(&pool).await;
-    apply(&pool, &h, &event(id, ev::InventoryReserved::default()))
-        .await
-        .unwrap();
-    apply(
+    deliver(&pool, &h, id, ev::InventoryReserved::default()).await;
+    deliver(
         &pool,
         &h,
-        &event(
-            id,
-            ev::ShippingFailed {
-                reason: "no road".into(),
-            },
-        ),
+        id,
+        ev::ShippingFailed {
+            reason: "no road".into(),
+        },
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
         status(&pool, id).await,
         ("CANCELLING".into(), "shipping: no road".into())
     );
-    apply(&pool, &h, &event(id, ev::InventoryReleased::default()))
-        .await
-        .unwrap();
-    apply(&pool, &h, &event(id, ev::NotificationSent::default()))
-        .await
-        .unwrap();
-    apply(
+    deliver(&pool, &h, id, ev::InventoryReleased::default()).await;
+    deliver(&pool, &h, id, ev::NotificationSent::default()).await;
+    deliver(
         &pool,
         &h,
-        &event(
-            id,
-            ev::NotificationFailed {
-                reason: "later".into(),
-            },
-        ),
+        id,
+        ev::NotificationFailed {
+            reason: "later".into(),
+        },
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
         status(&pool, id).await,
         ("CANCELLED".into(), "shipping: no road".into())
@@ -165,30 +157,25 @@ async fn a_compensation_that_overtakes_its_failure_still_brings_the_reason() {
         deadline: Duration::from_secs(30),
     };
     let id = place(&pool).await;
-    apply(&pool, &h, &event(id, ev::InventoryReserved::default()))
-        .await
-        .unwrap();
+    deliver(&pool, &h, id, ev::InventoryReserved::default()).await;
     let released = ev::InventoryReleased {
         cause: contracts::cause("shipping", "no road"),
         ..Default::default()
     };
-    apply(&pool, &h, &event(id, released)).await.unwrap();
+    deliver(&pool, &h, id, released).await;
     assert_eq!(
         status(&pool, id).await,
         ("CANCELLED".into(), "shipping: no road".into())
     );
-    apply(
+    deliver(
         &pool,
         &h,
-        &event(
-            id,
-            ev::ShippingFailed {
-                reason: "no road".into(),
-            },
-        ),
+        id,
+        ev::ShippingFailed {
+            reason: "no road".into(),
+        },
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
         status(&pool, id).await,
         ("CANCELLED".into(), "shipping: no road".into())
