@@ -100,6 +100,16 @@ saga_events! {
     Stuck(choreo::proto::Stuck),
 }
 
+/// The one check of an order id every API applies: required, and a UUID
+/// (returned in the canonical form the services store).
+pub fn parse_order_id(text: &str) -> Result<uuid::Uuid, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("order_id is required".into());
+    }
+    uuid::Uuid::parse_str(text).map_err(|_| format!("order_id {text:?} is not a UUID"))
+}
+
 /// The one SKU format every service accepts: 1 to 64 letters, digits, '-' or '_'.
 pub fn check_sku(sku: &str) -> Result<(), String> {
     if sku.is_empty() {

@@ -92,12 +92,10 @@ impl InventoryService for InventoryApi {
         &self,
         request: Request<api::GetReservationRequest>,
     ) -> Result<Response<api::Reservation>, Status> {
-        let order_id = request.get_ref().order_id.trim();
-        if uuid::Uuid::parse_str(order_id).is_err() {
-            return Err(Status::invalid_argument(format!(
-                "order_id {order_id:?} is not a UUID"
-            )));
-        }
+        let order_id = contracts::parse_order_id(&request.get_ref().order_id)
+            .map_err(Status::invalid_argument)?
+            .to_string();
+        let order_id = order_id.as_str();
         let head: Option<(String, String)> =
             sqlx::query_as("SELECT status, reason FROM reservations WHERE order_id = $1")
                 .bind(order_id)

@@ -15,12 +15,10 @@ impl NotificationService for NotificationApi {
         &self,
         request: Request<api::ListNotificationsRequest>,
     ) -> Result<Response<api::ListNotificationsResponse>, Status> {
-        let order_id = request.get_ref().order_id.trim();
-        if Uuid::parse_str(order_id).is_err() {
-            return Err(Status::invalid_argument(format!(
-                "order_id {order_id:?} is not a UUID"
-            )));
-        }
+        let order_id = contracts::parse_order_id(&request.get_ref().order_id)
+            .map_err(Status::invalid_argument)?
+            .to_string();
+        let order_id = order_id.as_str();
         let rows: Vec<(Uuid, String, String, String, chrono::DateTime<chrono::Utc>)> =
             sqlx::query_as(
                 "SELECT notification_id, kind, recipient, channel, sent_at FROM notifications

@@ -24,11 +24,7 @@ pub struct OrderApi {
 const MAX_PAGE: u32 = 500;
 
 fn order_id(text: &str) -> Result<Uuid, GrpcStatus> {
-    if text.trim().is_empty() {
-        return Err(GrpcStatus::invalid_argument("order_id is required"));
-    }
-    Uuid::parse_str(text.trim())
-        .map_err(|_| GrpcStatus::invalid_argument(format!("order_id {text:?} is not a UUID")))
+    contracts::parse_order_id(text).map_err(GrpcStatus::invalid_argument)
 }
 
 impl OrderApi {

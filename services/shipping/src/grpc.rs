@@ -15,12 +15,10 @@ impl ShippingService for ShippingApi {
         &self,
         request: Request<api::GetShipmentRequest>,
     ) -> Result<Response<api::Shipment>, Status> {
-        let order_id = request.get_ref().order_id.trim();
-        if Uuid::parse_str(order_id).is_err() {
-            return Err(Status::invalid_argument(format!(
-                "order_id {order_id:?} is not a UUID"
-            )));
-        }
+        let order_id = contracts::parse_order_id(&request.get_ref().order_id)
+            .map_err(Status::invalid_argument)?
+            .to_string();
+        let order_id = order_id.as_str();
         let row: Option<(Option<Uuid>, String, String, String, String)> = sqlx::query_as(
             "SELECT shipment_id, status, carrier, destination, reason FROM shipments WHERE order_id = $1",
         )
