@@ -19,12 +19,45 @@ pub use proxy::{Mode, Proxy};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-/// A loopback port nobody listens on right now.
+/// A loopback port nobody listens on right now, for a server to bind.
+///
+/// Taken below the kernel's ephemeral range (`ip_local_port_range`), never
+/// from it: a port the kernel hands out is also what it picks for the local
+/// end of outgoing connections, so between our check and the server's bind
+/// any client connection on the machine could take it (a nats-server that
+/// then failed to bind made CI fail once). Below the range only another
+/// listener can collide, and the pick is random among thousands.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding a free loopback port")
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let (low, high) = port_range_below_ephemeral();
+    let mut given = GIVEN.lock().expect("port list");
+    for _ in 0..1000 {
+        let port = rand::random_range(low..high);
+        if given.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no free loopback port in {low}..{high}")
+}
+
+/// Ports between 15000 and the start of the ephemeral range (32768 on Linux
+/// by default; read from /proc when it says otherwise).
+fn port_range_below_ephemeral() -> (u16, u16) {
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if ephemeral_start > 16000 {
+        (15000, ephemeral_start)
+    } else {
+        // An unusual range; fall back to what is above it.
+        (61000, 65000)
+    }
 }
 
 /// Waits until something accepts TCP connections on `port`.
@@ -68,5 +101,43 @@ impl Infra {
             nats: Nats::start_own()?,
             postgres: Postgres::start_own()?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_and_outside_the_ephemeral_range() {
+        let (low, high) = port_range_below_ephemeral();
+        let ports: Vec<u16> = (0..50).map(|_| free_port()).collect();
+        for port in &ports {
+            assert!((low..high).contains(port), "{port} outside {low}..{high}");
+            TcpListener::bind(("127.0.0.1", *port)).expect("still free");
+        }
+        let mut unique = ports.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), ports.len(), "a port was handed out twice");
+    }
+
+    #[test]
+    fn a_nats_server_that_cannot_bind_says_why_at_once() {
+        // Something else holds its monitoring port: the server exits, and the
+        // harness reports its log instead of waiting out the timeout.
+        let squatter = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let taken = squatter.local_addr().expect("addr").port();
+        let started = Instant::now();
+        let mut nats = Nats::with_ports(free_port(), taken).expect("store");
+        let error = nats.restart().expect_err("the port is taken");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "took {:?}",
+            started.elapsed()
+        );
+        let message = format!("{error:#}");
+        assert!(message.contains("exited"), "{message}");
+        assert!(message.contains("address already in use"), "{message}");
     }
 }

@@ -35,16 +35,20 @@ impl Nats {
 
     /// Starts a fresh server whatever the environment says (for tests that kill it).
     pub fn start_own() -> anyhow::Result<Self> {
-        let port = free_port();
-        let mut nats = Nats {
-            url: format!("nats://127.0.0.1:{port}"),
-            port,
-            monitor_port: free_port(),
-            store: Some(tempfile::Builder::new().prefix("saga-nats-").tempdir()?),
-            child: None,
-        };
+        let mut nats = Self::with_ports(free_port(), free_port())?;
         nats.restart()?;
         Ok(nats)
+    }
+
+    /// A server not yet started, for these ports and a fresh store.
+    pub(crate) fn with_ports(port: u16, monitor_port: u16) -> anyhow::Result<Self> {
+        Ok(Nats {
+            url: format!("nats://127.0.0.1:{port}"),
+            port,
+            monitor_port,
+            store: Some(tempfile::Builder::new().prefix("saga-nats-").tempdir()?),
+            child: None,
+        })
     }
 
     /// The port the server listens on (0 when external).
@@ -96,7 +100,43 @@ impl Nats {
                 anyhow::anyhow!("cannot start nats-server (is it installed? see README): {e}")
             })?;
         self.child = Some(child);
-        wait_for_port(self.port, Duration::from_secs(15))
+        self.wait_until_listening(Duration::from_secs(15))
+    }
+
+    /// Waits for the client port; if the server exits first (a port taken,
+    /// a bad store), says so with the end of its log instead of waiting out
+    /// the timeout.
+    fn wait_until_listening(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if wait_for_port(self.port, Duration::from_millis(100)).is_ok() {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                self.child = None;
+                anyhow::bail!(
+                    "nats-server on port {} exited ({status}) before listening; its log ends:\n{}",
+                    self.port,
+                    self.log_tail()
+                );
+            }
+        }
+        anyhow::bail!(
+            "nats-server did not listen on 127.0.0.1:{} within {timeout:?}; its log ends:\n{}",
+            self.port,
+            self.log_tail()
+        )
+    }
+
+    fn log_tail(&self) -> String {
+        let Some(store) = self.store.as_ref() else {
+            return String::new();
+        };
+        let log = std::fs::read_to_string(store.path().join("nats.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
     }
 }
 
