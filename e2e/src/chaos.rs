@@ -562,6 +562,14 @@ async fn unsent_total(databases: &[PgPool]) -> i64 {
     total
 }
 
+/// Messages the notification service has queued and not yet sent or given up on.
+async fn queued_notifications(notification_db: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM notifications WHERE status = 'PENDING'")
+        .fetch_one(notification_db)
+        .await
+        .unwrap_or(i64::MAX / 8)
+}
+
 /// Waits until every placed order has ended and every outbox is empty. Reads
 /// the order database (fast, and exact about when quiet came); the checks that
 /// follow read every order over gRPC as well.
@@ -578,11 +586,14 @@ async fn wait_for_quiet(databases: &[PgPool], placed: &[Placed], timeout: Durati
         .unwrap_or(0);
         let open = placed_ok - ended;
         let unsent = unsent_total(databases).await;
-        if open <= 0 && unsent == 0 {
+        let queued = queued_notifications(&databases[3]).await;
+        if open <= 0 && unsent == 0 && queued == 0 {
             return;
         }
         if last_said.elapsed() >= Duration::from_secs(10) {
-            eprintln!("chaos: waiting for quiet: {open} orders open, {unsent} outbox rows unsent");
+            eprintln!(
+                "chaos: waiting for quiet: {open} orders open, {unsent} outbox rows unsent, {queued} notifications queued"
+            );
             last_said = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -641,7 +652,7 @@ async fn check(
             .into_iter()
             .collect();
     let notes: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT order_id, kind, count(*) FROM notifications GROUP BY order_id, kind",
+        "SELECT order_id, kind, count(*) FROM notifications WHERE status = 'SENT' GROUP BY order_id, kind",
     )
     .fetch_all(notification_db)
     .await?;
@@ -816,6 +827,12 @@ async fn check(
         for (subject, reason) in parked {
             v.push(format!("{name}: dead letter on {subject}: {reason}"));
         }
+    }
+    let queued = queued_notifications(notification_db).await;
+    if queued > 0 {
+        v.push(format!(
+            "notification: {queued} messages still queued, never sent"
+        ));
     }
     Ok(())
 }

@@ -397,6 +397,32 @@ impl Clients {
             .await?
             .into_inner())
     }
+
+    /// The notifications of an order once none is waiting to be sent (a
+    /// cancellation notice can still be queued when the order has ended).
+    pub async fn settled_notifications(
+        &self,
+        order_id: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<notification::ListNotificationsResponse> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notes = self.notifications(order_id).await?;
+            let pending = notes
+                .notifications
+                .iter()
+                .any(|n| n.status() == notification::NotificationStatus::Pending);
+            if !pending {
+                return Ok(notes);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "order {order_id}: notifications still pending after {timeout:?}: {notes:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 /// A place-order request with one line per `(sku, quantity)`.

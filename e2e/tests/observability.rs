@@ -135,6 +135,15 @@ async fn metrics_agree_with_what_happened() {
             "{service}"
         );
     }
+    let notification = sys.metrics("notification").await.unwrap();
+    assert_eq!(
+        sample(
+            &notification,
+            "notifications_total",
+            &[("kind", "CONFIRMATION"), ("outcome", "sent")]
+        ),
+        1.0
+    );
     let order = sys.metrics("order").await.unwrap();
     let handled = |event_type| {
         sample(
@@ -288,6 +297,7 @@ async fn one_order_is_one_trace_across_the_four_services() {
         ("inventory", "handle order.created"),
         ("shipping", "handle inventory.reserved"),
         ("notification", "handle shipping.scheduled"),
+        ("notification", "send notification"),
         ("order", "handle notification.sent"),
     ];
     let mut chain: Vec<Span> = Vec::new();

@@ -2,7 +2,7 @@
 use std::time::Duration;
 
 use contracts::inventory::v1::ReservationStatus;
-use contracts::notification::v1::NotificationKind;
+use contracts::notification::v1::{NotificationKind, NotificationStatus};
 use contracts::order::v1 as api;
 use contracts::shipping::v1::ShipmentStatus;
 use e2e::{Options, OrderStatus, System, order_request, timeline};
@@ -65,12 +65,17 @@ async fn happy_path_completes_with_one_reservation_one_shipment_one_notification
     let shipment = sys.shipment(&placed.order_id).await.unwrap();
     assert_eq!(shipment.status(), ShipmentStatus::Scheduled);
     assert!(!shipment.shipment_id.is_empty());
-    let notes = sys.notifications(&placed.order_id).await.unwrap();
+    let notes = sys
+        .settled_notifications(&placed.order_id, SETTLE)
+        .await
+        .unwrap();
     assert_eq!(notes.notifications.len(), 1);
     assert_eq!(
         notes.notifications[0].kind(),
         NotificationKind::Confirmation
     );
+    assert_eq!(notes.notifications[0].status(), NotificationStatus::Sent);
+    assert!(notes.notifications[0].sent_at.is_some());
     assert_eq!(notes.notifications[0].recipient, "ada@example.com");
 
     let book = sys.stock("BOOK").await.unwrap();
@@ -190,8 +195,25 @@ async fn each_failure_path_ends_cancelled_with_its_reason_and_compensations_in_r
         sys.reservation(&o.order_id).await.unwrap().status(),
         ReservationStatus::Released
     );
-    let notes = sys.notifications(&o.order_id).await.unwrap();
-    assert!(notes.notifications.is_empty());
+    // The confirmation was queued and bounced; nothing went out.
+    let notes = sys
+        .settled_notifications(&o.order_id, SETTLE)
+        .await
+        .unwrap();
+    let bounced: Vec<_> = notes
+        .notifications
+        .iter()
+        .map(|n| (n.kind(), n.status()))
+        .collect();
+    assert_eq!(
+        bounced,
+        [(NotificationKind::Confirmation, NotificationStatus::Failed)]
+    );
+    assert!(
+        notes.notifications[0].last_error.contains("does not exist"),
+        "{:?}",
+        notes.notifications[0]
+    );
     assert!(notes.note.contains("cannot be reached"), "{}", notes.note);
 
     // Every unit is back on the shelf.
@@ -258,27 +280,37 @@ async fn a_customer_cancel_mid_flow_undoes_every_step() {
         sys.shipment(&o.order_id).await.unwrap().status(),
         ShipmentStatus::Cancelled
     );
-    // Notification, back, reads the stream in order: the confirmation it owed
-    // (older than the cancel) goes out, so compensation sends a cancellation
-    // notice, and the late notification.sent does not complete the order.
-    let kinds: Vec<NotificationKind> = sys
-        .notifications(&o.order_id)
+    // Notification, back, reads the stream in order: it queues the
+    // confirmation it owed (older than the cancel), then the compensation
+    // either withdraws it before it goes out or, if the dispatcher was first,
+    // follows it with a cancellation notice; a late notification.sent does
+    // not complete the order.
+    let sent: Vec<(NotificationKind, NotificationStatus)> = sys
+        .settled_notifications(&o.order_id, SETTLE)
         .await
         .unwrap()
         .notifications
         .iter()
-        .map(|n| n.kind())
+        .map(|n| (n.kind(), n.status()))
         .collect();
     if events.contains(&"notification.sent") {
         assert_eq!(
-            kinds,
+            sent,
             [
-                NotificationKind::Confirmation,
-                NotificationKind::Cancellation
+                (NotificationKind::Confirmation, NotificationStatus::Sent),
+                (NotificationKind::Cancellation, NotificationStatus::Sent)
             ]
         );
     } else {
-        assert!(kinds.is_empty(), "{kinds:?}");
+        assert!(
+            sent.is_empty()
+                || sent
+                    == [(
+                        NotificationKind::Confirmation,
+                        NotificationStatus::Withdrawn
+                    )],
+            "{sent:?}"
+        );
     }
     let book = sys.stock("BOOK").await.unwrap();
     assert_eq!((book.available, book.reserved), (5, 0));

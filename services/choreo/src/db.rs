@@ -29,6 +29,14 @@ pub async fn connect(url: &str, give_up: Duration) -> anyhow::Result<PgPool> {
     }
 }
 
+/// A pool for `url` (see [`connect`]) with the platform's and `service`'s
+/// migrations applied: how a service, and a test of its rules, opens its database.
+pub async fn open(url: &str, give_up: Duration, service: &Migrator) -> anyhow::Result<PgPool> {
+    let pool = connect(url, give_up).await?;
+    migrate(&pool, service).await?;
+    Ok(pool)
+}
+
 /// Applies the platform's migrations and then `service`'s.
 pub async fn migrate(pool: &PgPool, service: &Migrator) -> anyhow::Result<()> {
     platform_migrator().run(pool).await?;
@@ -41,4 +49,68 @@ pub fn platform_migrator() -> Migrator {
     let mut migrator = sqlx::migrate!("../../migrations/choreo");
     migrator.dangerous_set_table_name("_choreo_migrations");
     migrator
+}
+
+/// Sleeps until a `NOTIFY` on a channel, a poll interval, or shutdown, whichever
+/// comes first: how background workers (the relay, a service's own
+/// dispatchers) wake for new rows without waiting out a whole poll. The poll
+/// covers every gap: a listener that cannot connect or has lost its
+/// connection, and a notification sent while nobody listened.
+pub struct Wakeup {
+    pool: PgPool,
+    channel: &'static str,
+    poll: Duration,
+    listener: Option<sqlx::postgres::PgListener>,
+}
+
+impl Wakeup {
+    pub fn new(pool: PgPool, channel: &'static str, poll: Duration) -> Self {
+        Wakeup {
+            pool,
+            channel,
+            poll,
+            listener: None,
+        }
+    }
+
+    /// Listens from now on, so a notification sent before the next
+    /// [`Wakeup::wait`] is not missed. Errors leave the poll to cover.
+    pub async fn listen(&mut self) {
+        if self.listener.is_some() {
+            return;
+        }
+        let listener = async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+            listener.listen(self.channel).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        match listener.await {
+            Ok(listener) => self.listener = Some(listener),
+            Err(e) => {
+                tracing::debug!(error = %e, channel = self.channel, "cannot listen yet; polling")
+            }
+        }
+    }
+
+    /// Waits for a notification, the poll interval, or `shutdown`.
+    pub async fn wait(&mut self, shutdown: &tokio_util::sync::CancellationToken) {
+        self.listen().await;
+        let poll = self.poll;
+        let notified = async {
+            match self.listener.as_mut() {
+                Some(listener) => {
+                    if listener.recv().await.is_err() {
+                        // The listener reconnects on its next call; the poll covers the gap.
+                        tokio::time::sleep(poll).await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = notified => {}
+            _ = tokio::time::sleep(poll) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
 }

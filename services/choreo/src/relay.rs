@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage};
-use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -113,8 +112,8 @@ impl Relay {
         conn: &mut PgConnection,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
-        let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen("choreo_outbox").await?;
+        let mut wakeup = crate::db::Wakeup::new(self.pool.clone(), "choreo_outbox", self.poll);
+        wakeup.listen().await;
         let mut backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
             let round = self.publish(conn).await?;
@@ -132,16 +131,7 @@ impl Relay {
             if round.attempted as i64 >= self.batch {
                 continue; // more rows are waiting
             }
-            tokio::select! {
-                notified = listener.recv() => {
-                    if notified.is_err() {
-                        // The listener reconnects on its next call; the poll covers the gap.
-                        tokio::time::sleep(self.poll).await;
-                    }
-                }
-                _ = tokio::time::sleep(self.poll) => {}
-                _ = shutdown.cancelled() => {}
-            }
+            wakeup.wait(shutdown).await;
         }
         Ok(())
     }

@@ -98,8 +98,12 @@ impl Service {
         F: FnOnce(&Context) -> Parts,
     {
         let config = self.config;
-        let pool = db::connect(&config.database_url, Duration::from_secs(60)).await?;
-        db::migrate(&pool, &self.migrator).await?;
+        let pool = db::open(
+            &config.database_url,
+            Duration::from_secs(60),
+            &self.migrator,
+        )
+        .await?;
 
         let (client, js) = connect_nats(&config.nats_url, self.name).await?;
         let source = provision::ConsumerSource::new(js.clone(), config.clone(), self.name);

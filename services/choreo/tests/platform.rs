@@ -83,10 +83,8 @@ async fn setup_with(start: fn() -> anyhow::Result<Infra>) -> Setup {
     config.subject_prefix = format!("t{id}");
     config.relay_poll_ms = 100;
     config.ack_wait_secs = 5;
-    let pool = choreo::db::connect(&db, Duration::from_secs(10))
-        .await
-        .unwrap();
-    choreo::db::migrate(&pool, &sqlx::migrate::Migrator::with_migrations(vec![]))
+    let no_service_migrations = sqlx::migrate::Migrator::with_migrations(vec![]);
+    let pool = choreo::db::open(&db, Duration::from_secs(10), &no_service_migrations)
         .await
         .unwrap();
     sqlx::query("CREATE TABLE effects (event_id UUID PRIMARY KEY, applied INT NOT NULL)")

@@ -10,10 +10,8 @@ use sqlx::PgPool;
 
 async fn database() -> (harness::Postgres, PgPool) {
     let (pg, url) = harness::fresh_database().await.unwrap();
-    let pool = choreo::db::connect(&url, Duration::from_secs(10))
-        .await
-        .unwrap();
-    choreo::db::migrate(&pool, &sqlx::migrate!("../../migrations/inventory"))
+    let migrations = sqlx::migrate!("../../migrations/inventory");
+    let pool = choreo::db::open(&url, Duration::from_secs(10), &migrations)
         .await
         .unwrap();
     sqlx::query("INSERT INTO stock (sku, available) VALUES ('BOOK', 10), ('PEN', 1)")

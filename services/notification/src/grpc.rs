@@ -1,5 +1,6 @@
-//! Notification's gRPC API: the messages sent about an order.
+//! Notification's gRPC API: the messages queued and sent about an order.
 use choreo::grpc::internal;
+use chrono::{DateTime, Utc};
 use contracts::notification::v1::{self as api, notification_service_server::NotificationService};
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
@@ -7,6 +8,26 @@ use uuid::Uuid;
 
 pub struct NotificationApi {
     pub pool: PgPool,
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    notification_id: Uuid,
+    kind: String,
+    recipient: String,
+    channel: String,
+    status: String,
+    queued_at: DateTime<Utc>,
+    sent_at: Option<DateTime<Utc>>,
+    attempts: i32,
+    last_error: Option<String>,
+}
+
+fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: at.timestamp_subsec_nanos() as i32,
+    }
 }
 
 #[tonic::async_trait]
@@ -19,15 +40,14 @@ impl NotificationService for NotificationApi {
             .map_err(Status::invalid_argument)?
             .to_string();
         let order_id = order_id.as_str();
-        let rows: Vec<(Uuid, String, String, String, chrono::DateTime<chrono::Utc>)> =
-            sqlx::query_as(
-                "SELECT notification_id, kind, recipient, channel, sent_at FROM notifications
-             WHERE order_id = $1 ORDER BY sent_at, notification_id",
-            )
-            .bind(order_id)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(internal)?;
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT notification_id, kind, recipient, channel, status, queued_at, sent_at, attempts, last_error
+             FROM notifications WHERE order_id = $1 ORDER BY queued_at, notification_id",
+        )
+        .bind(order_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(internal)?;
         let note: Option<String> =
             sqlx::query_scalar("SELECT reason FROM notification_failures WHERE order_id = $1")
                 .bind(order_id)
@@ -36,20 +56,27 @@ impl NotificationService for NotificationApi {
                 .map_err(internal)?;
         let notifications = rows
             .into_iter()
-            .map(|(id, kind, recipient, channel, at)| api::Notification {
-                notification_id: id.to_string(),
+            .map(|row| api::Notification {
+                notification_id: row.notification_id.to_string(),
                 order_id: order_id.to_owned(),
-                kind: match kind.as_str() {
+                kind: match row.kind.as_str() {
                     "CONFIRMATION" => api::NotificationKind::Confirmation,
                     "CANCELLATION" => api::NotificationKind::Cancellation,
                     _ => api::NotificationKind::Unspecified,
                 } as i32,
-                recipient,
-                channel,
-                sent_at: Some(prost_types::Timestamp {
-                    seconds: at.timestamp(),
-                    nanos: at.timestamp_subsec_nanos() as i32,
-                }),
+                recipient: row.recipient,
+                channel: row.channel,
+                sent_at: row.sent_at.map(timestamp),
+                status: match row.status.as_str() {
+                    "PENDING" => api::NotificationStatus::Pending,
+                    "SENT" => api::NotificationStatus::Sent,
+                    "WITHDRAWN" => api::NotificationStatus::Withdrawn,
+                    "FAILED" => api::NotificationStatus::Failed,
+                    _ => api::NotificationStatus::Unspecified,
+                } as i32,
+                queued_at: Some(timestamp(row.queued_at)),
+                attempts: row.attempts.max(0) as u32,
+                last_error: row.last_error.unwrap_or_default(),
             })
             .collect();
         Ok(Response::new(api::ListNotificationsResponse {

@@ -1,15 +1,15 @@
 //! Notification's rules: tell the customer once their order is scheduled; if
 //! they cannot be reached, fail the order; when an order is compensated after
 //! the customer was told, send a cancellation notice.
-use std::sync::Arc;
-
+//!
+//! The handler queues messages; the [`crate::dispatch`]er sends them once the
+//! handler's transaction has committed, and writes the event that follows.
 use choreo::barrier::{self, Compensation};
 use choreo::{Config, Envelope, HandleError, Handler, Outbox, Reject, Tx};
 use contracts::SagaEvent;
 use contracts::events::v1 as ev;
+use prost::Message;
 use uuid::Uuid;
-
-use crate::sender::{Sender, reachable};
 
 /// The barrier step notification owns.
 const STEP: &str = "notify";
@@ -17,31 +17,47 @@ const STEP: &str = "notify";
 pub struct NotificationHandler {
     pub outbox: Outbox,
     pub config: Config,
-    pub sender: Arc<dyn Sender>,
+    /// Recorded with each message.
+    pub channel: String,
+}
+
+/// A message to queue.
+struct Outgoing<'a> {
+    kind: &'a str,
+    customer: &'a str,
+    recipient: &'a str,
+    text: String,
 }
 
 impl NotificationHandler {
-    async fn deliver(
+    /// Writes a PENDING message for the dispatcher, caused by `envelope`, and
+    /// wakes the dispatcher when the transaction commits.
+    async fn queue(
         &self,
         tx: &mut Tx,
-        order_id: &str,
-        kind: &str,
-        recipient: &str,
-        text: &str,
+        envelope: &Envelope,
+        message: Outgoing<'_>,
     ) -> Result<Uuid, HandleError> {
         let id = Uuid::now_v7();
-        sqlx::query("INSERT INTO notifications (notification_id, order_id, kind, recipient, channel) VALUES ($1, $2, $3, $4, $5)")
-            .bind(id)
-            .bind(order_id)
-            .bind(kind)
-            .bind(recipient)
-            .bind(self.sender.channel())
+        sqlx::query(
+            "INSERT INTO notifications (notification_id, order_id, kind, customer, recipient, channel, body, cause)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(id)
+        .bind(&envelope.saga_id)
+        .bind(message.kind)
+        .bind(message.customer)
+        .bind(message.recipient)
+        .bind(&self.channel)
+        .bind(&message.text)
+        .bind(envelope.encode_to_vec())
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(crate::dispatch::CHANNEL)
             .execute(&mut **tx)
             .await?;
-        self.sender
-            .send(&id.to_string(), recipient, text)
-            .await
-            .map_err(HandleError::Transient)?;
+        tracing::info!(notification_id = %id, kind = message.kind, "notification queued");
         Ok(id)
     }
 
@@ -55,17 +71,8 @@ impl NotificationHandler {
         if !barrier::action(tx, order_id, STEP).await?.proceeds(STEP) {
             return Ok(());
         }
-        let unreachable = match reachable(&shipment.contact) {
-            Err(reason) => Some(format!(
-                "customer {} cannot be reached: {reason}",
-                shipment.customer
-            )),
-            Ok(()) if self.config.inject_failure() => {
-                Some("injected failure (configured failure rate)".to_owned())
-            }
-            Ok(()) => None,
-        };
-        if let Some(reason) = unreachable {
+        if self.config.inject_failure() {
+            let reason = "injected failure (configured failure rate)".to_owned();
             tracing::info!(%reason, "notification failed");
             sqlx::query("INSERT INTO notification_failures (order_id, reason) VALUES ($1, $2)")
                 .bind(order_id)
@@ -86,16 +93,13 @@ impl NotificationHandler {
             "Your order {order_id} is on its way with {} (shipment {}).",
             shipment.carrier, shipment.shipment_id
         );
-        let id = self
-            .deliver(tx, order_id, "CONFIRMATION", &shipment.contact, &text)
-            .await?;
-        let sent = ev::NotificationSent {
-            notification_id: id.to_string(),
-            channel: self.sender.channel().to_owned(),
+        let message = Outgoing {
+            kind: "CONFIRMATION",
+            customer: &shipment.customer,
+            recipient: &shipment.contact,
+            text,
         };
-        self.outbox
-            .emit(tx, order_id, Some(envelope), &sent)
-            .await?;
+        self.queue(tx, envelope, message).await?;
         Ok(())
     }
 
@@ -109,25 +113,7 @@ impl NotificationHandler {
         let notice_sent = match barrier::compensation(tx, order_id, STEP).await? {
             Compensation::AlreadyCompensated => return Ok(()),
             Compensation::NothingToUndo => false,
-            Compensation::Undo => {
-                let told: Option<String> = sqlx::query_scalar(
-                    "SELECT recipient FROM notifications WHERE order_id = $1 AND kind = 'CONFIRMATION'",
-                )
-                .bind(order_id)
-                .fetch_optional(&mut **tx)
-                .await?;
-                match told {
-                    Some(recipient) => {
-                        let text = format!(
-                            "Sorry: your order {order_id} was cancelled and will not be delivered."
-                        );
-                        self.deliver(tx, order_id, "CANCELLATION", &recipient, &text)
-                            .await?;
-                        true
-                    }
-                    None => false,
-                }
-            }
+            Compensation::Undo => self.withdraw_or_apologise(tx, envelope).await?,
         };
         tracing::info!(notice_sent, "notification compensated");
         self.outbox
@@ -139,6 +125,50 @@ impl NotificationHandler {
             )
             .await?;
         Ok(())
+    }
+
+    /// A confirmation that has not gone out yet is withdrawn, and the customer
+    /// never hears of the order; one that went out is followed by a
+    /// cancellation notice. Returns whether a notice was queued.
+    ///
+    /// If the dispatcher is sending the confirmation right now it holds the
+    /// row's lock: the UPDATE waits for its commit, then finds it SENT.
+    async fn withdraw_or_apologise(
+        &self,
+        tx: &mut Tx,
+        envelope: &Envelope,
+    ) -> Result<bool, HandleError> {
+        let order_id = envelope.saga_id.as_str();
+        let withdrawn = sqlx::query(
+            "UPDATE notifications SET status = 'WITHDRAWN'
+             WHERE order_id = $1 AND kind = 'CONFIRMATION' AND status = 'PENDING'",
+        )
+        .bind(order_id)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        if withdrawn > 0 {
+            tracing::info!("confirmation withdrawn before it went out");
+            return Ok(false);
+        }
+        let told: Option<(String, String)> = sqlx::query_as(
+            "SELECT customer, recipient FROM notifications
+             WHERE order_id = $1 AND kind = 'CONFIRMATION' AND status = 'SENT'",
+        )
+        .bind(order_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+        let Some((customer, recipient)) = told else {
+            return Ok(false);
+        };
+        let message = Outgoing {
+            kind: "CANCELLATION",
+            customer: &customer,
+            recipient: &recipient,
+            text: format!("Sorry: your order {order_id} was cancelled and will not be delivered."),
+        };
+        self.queue(tx, envelope, message).await?;
+        Ok(true)
     }
 }
 

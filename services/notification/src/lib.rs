@@ -1,22 +1,35 @@
 //! The notification service: tells customers their order is on its way, and
 //! takes it back when the order is compensated.
+pub mod dispatch;
 pub mod grpc;
 pub mod handler;
 pub mod sender;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use choreo::runtime::{Context, Parts};
 use contracts::notification::v1::notification_service_server::{
     NotificationServiceServer, SERVICE_NAME,
 };
 
+/// How often the dispatcher looks for due messages when nothing woke it.
+const DISPATCH_POLL: Duration = Duration::from_secs(1);
+
 pub fn parts(context: &Context) -> Parts {
+    let sender: Arc<dyn sender::Sender> = Arc::new(sender::LogSender);
+    context.tasks.spawn(dispatch::run(
+        context.pool.clone(),
+        context.outbox.clone(),
+        sender.clone(),
+        DISPATCH_POLL,
+        context.shutdown.clone(),
+    ));
     Parts {
         handler: Arc::new(handler::NotificationHandler {
             outbox: context.outbox.clone(),
             config: context.config.clone(),
-            sender: Arc::new(sender::LogSender),
+            channel: sender.channel().to_owned(),
         }),
         routes: tonic::service::Routes::new(NotificationServiceServer::new(
             grpc::NotificationApi {

@@ -1,19 +1,39 @@
 //! How a message reaches a customer. The shipped sender writes it to the log;
 //! a real one (SMTP, SMS) implements [`Sender`] and plugs into `parts`.
 //!
-//! A sender is called inside the handler's transaction, after the row that
-//! records the message is written: if the commit then fails, the event is
-//! redelivered and the message may go out again. A real sender should pass the
-//! notification id as its provider's idempotency key.
+//! A sender is called by the [`crate::dispatch`]er after the handler's
+//! transaction has committed, never inside it. If the service dies between
+//! the provider's answer and the commit that records it, the message is sent
+//! again with the same notification id: a real sender passes that id as its
+//! provider's idempotency key, which is what makes the second send a no-op.
+
+/// Why a message did not go out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// It never will (no such address, a hard bounce): the order cannot be
+    /// told, and a confirmation that cannot go out fails the order.
+    #[error("undeliverable: {0}")]
+    Undeliverable(String),
+    /// Not now (the provider is down, a rate limit): tried again later.
+    #[error("provider unavailable: {0}")]
+    Unavailable(String),
+}
 
 #[async_trait::async_trait]
 pub trait Sender: Send + Sync + 'static {
     /// The channel name recorded with each message, e.g. "email".
     fn channel(&self) -> &str;
-    async fn send(&self, notification_id: &str, recipient: &str, text: &str) -> Result<(), String>;
+    async fn send(
+        &self,
+        notification_id: &str,
+        recipient: &str,
+        text: &str,
+    ) -> Result<(), SendError>;
 }
 
-/// Logs each message instead of delivering it.
+/// Logs each message instead of delivering it. Mail to an address that
+/// cannot exist "bounces" (see [`reachable`]), so the failure path can be
+/// triggered on purpose.
 pub struct LogSender;
 
 #[async_trait::async_trait]
@@ -22,7 +42,13 @@ impl Sender for LogSender {
         "email (log)"
     }
 
-    async fn send(&self, notification_id: &str, recipient: &str, text: &str) -> Result<(), String> {
+    async fn send(
+        &self,
+        notification_id: &str,
+        recipient: &str,
+        text: &str,
+    ) -> Result<(), SendError> {
+        reachable(recipient).map_err(SendError::Undeliverable)?;
         tracing::info!(notification_id, recipient, text, "notification sent");
         Ok(())
     }

@@ -10,10 +10,8 @@ use sqlx::PgPool;
 
 async fn database() -> (harness::Postgres, PgPool) {
     let (pg, url) = harness::fresh_database().await.unwrap();
-    let pool = choreo::db::connect(&url, Duration::from_secs(10))
-        .await
-        .unwrap();
-    choreo::db::migrate(&pool, &sqlx::migrate!("../../migrations/order"))
+    let migrations = sqlx::migrate!("../../migrations/order");
+    let pool = choreo::db::open(&url, Duration::from_secs(10), &migrations)
         .await
         .unwrap();
     (pg, pool)

@@ -360,16 +360,30 @@ async fn main() -> anyhow::Result<()> {
                 .await?
                 .into_inner();
             for m in &n.notifications {
+                let when = match m.status() {
+                    notification::NotificationStatus::Sent => format!("at {}", time(&m.sent_at)),
+                    notification::NotificationStatus::Pending => {
+                        format!("queued at {}, {} attempts", time(&m.queued_at), m.attempts)
+                    }
+                    _ => format!("queued at {}", time(&m.queued_at)),
+                };
+                let error = if m.last_error.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", m.last_error)
+                };
                 println!(
-                    "notification  {:?} to {} by {} at {}",
+                    "notification  {:?} {:?} to {} by {} {when}{error}",
                     m.kind(),
+                    m.status(),
                     m.recipient,
                     m.channel,
-                    time(&m.sent_at)
                 );
             }
             if n.notifications.is_empty() {
-                println!("notification  none sent {}", n.note);
+                println!("notification  none {}", n.note);
+            } else if !n.note.is_empty() {
+                println!("notification  {}", n.note);
             }
         }
     }

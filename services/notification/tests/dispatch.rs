@@ -1,0 +1,293 @@
+//! Notification's rules against a real PostgreSQL: messages are queued by the
+//! handler (through the platform's inbox step, as the consumer applies them)
+//! and sent by the dispatcher after commit. The provider is the one part that
+//! is scripted here: it stands for a mail service outside the system.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use choreo::consumer::{Outcome, apply};
+use choreo::{Config, Envelope, Outbox};
+use contracts::events::v1 as ev;
+use notification::dispatch::{Dispatched, dispatch_one};
+use notification::handler::NotificationHandler;
+use notification::sender::{LogSender, SendError, Sender};
+use prost::Message;
+use sqlx::PgPool;
+
+async fn database() -> (harness::Postgres, PgPool) {
+    let (pg, url) = harness::fresh_database().await.unwrap();
+    let migrations = sqlx::migrate!("../../migrations/notification");
+    let pool = choreo::db::open(&url, Duration::from_secs(10), &migrations)
+        .await
+        .unwrap();
+    (pg, pool)
+}
+
+fn outbox() -> Outbox {
+    Outbox::new("notification", "saga")
+}
+
+fn handler() -> NotificationHandler {
+    NotificationHandler {
+        outbox: outbox(),
+        config: Config::new("nats://unused", "postgres://unused"),
+        channel: "test".into(),
+    }
+}
+
+fn scheduled(order: &str, contact: &str) -> Envelope {
+    Envelope::new(
+        "shipping",
+        order,
+        None,
+        &ev::ShippingScheduled {
+            shipment_id: "s-1".into(),
+            carrier: "Parcel".into(),
+            destination: "DE".into(),
+            contact: contact.into(),
+            customer: "ada".into(),
+        },
+    )
+}
+
+fn cancelled(order: &str) -> Envelope {
+    Envelope::new(
+        "order",
+        order,
+        None,
+        &ev::OrderCancelled {
+            reason: "customer: changed my mind".into(),
+        },
+    )
+}
+
+/// Events the service wrote for `order`, oldest first.
+async fn emitted(pool: &PgPool, order: &str) -> Vec<Envelope> {
+    let rows: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT payload FROM choreo_outbox WHERE saga_id = $1 ORDER BY seq")
+            .bind(order)
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    rows.iter()
+        .map(|bytes| Envelope::decode(bytes.as_slice()).unwrap())
+        .collect()
+}
+
+/// One round of the dispatcher.
+async fn dispatch(pool: &PgPool, sender: &dyn Sender) -> Option<Dispatched> {
+    dispatch_one(pool, &outbox(), sender).await.unwrap()
+}
+
+fn types(events: &[Envelope]) -> Vec<&str> {
+    events.iter().map(|e| e.event_type.as_str()).collect()
+}
+
+async fn statuses(pool: &PgPool, order: &str) -> Vec<(String, String)> {
+    sqlx::query_as(
+        "SELECT kind, status FROM notifications WHERE order_id = $1 ORDER BY queued_at, notification_id",
+    )
+    .bind(order)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// A provider that is down for its first `outages` calls, and counts the
+/// calls per notification id.
+#[derive(Default)]
+struct Provider {
+    outages: Mutex<usize>,
+    calls: Mutex<HashMap<String, usize>>,
+}
+
+#[async_trait::async_trait]
+impl Sender for Provider {
+    fn channel(&self) -> &str {
+        "test"
+    }
+
+    async fn send(&self, id: &str, _recipient: &str, _text: &str) -> Result<(), SendError> {
+        *self.calls.lock().unwrap().entry(id.to_owned()).or_default() += 1;
+        let mut outages = self.outages.lock().unwrap();
+        if *outages > 0 {
+            *outages -= 1;
+            return Err(SendError::Unavailable("503 from the provider".into()));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmation_goes_out_after_commit_and_survives_a_provider_outage() {
+    let (_pg, pool) = database().await;
+    let order = uuid::Uuid::now_v7().to_string();
+    let cause = scheduled(&order, "ada@example.com");
+    assert_eq!(
+        apply(&pool, &handler(), &cause).await.unwrap(),
+        Outcome::Applied
+    );
+    // Queued, not sent: nothing follows in the saga yet.
+    assert!(emitted(&pool, &order).await.is_empty());
+    assert_eq!(
+        statuses(&pool, &order).await,
+        [("CONFIRMATION".into(), "PENDING".into())]
+    );
+
+    let provider = Provider {
+        outages: Mutex::new(2),
+        ..Default::default()
+    };
+    assert!(matches!(
+        dispatch(&pool, &provider).await,
+        Some(Dispatched::Deferred(_))
+    ));
+    // Backing off: not due again at once.
+    assert_eq!(dispatch(&pool, &provider).await, None);
+    let make_due = "UPDATE notifications SET next_attempt_at = now()";
+    sqlx::query(make_due).execute(&pool).await.unwrap();
+    assert!(matches!(
+        dispatch(&pool, &provider).await,
+        Some(Dispatched::Deferred(_))
+    ));
+    sqlx::query(make_due).execute(&pool).await.unwrap();
+    assert_eq!(dispatch(&pool, &provider).await, Some(Dispatched::Sent));
+    assert_eq!(dispatch(&pool, &provider).await, None);
+
+    // Three calls, all with the one notification id (the provider's idempotency key).
+    let calls = provider.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls.values().copied().collect::<Vec<_>>(), [3]);
+    let (attempts, error): (i32, Option<String>) =
+        sqlx::query_as("SELECT attempts, last_error FROM notifications WHERE order_id = $1")
+            .bind(&order)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((attempts, error), (3, None));
+
+    // The saga goes on, caused by the event that asked for the message.
+    let events = emitted(&pool, &order).await;
+    assert_eq!(types(&events), ["notification.sent"]);
+    assert_eq!(events[0].causation_id, cause.event_id);
+    let sent = ev::NotificationSent::decode(events[0].payload.as_slice()).unwrap();
+    assert_eq!(sent.notification_id, *calls.keys().next().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounce_fails_the_order_with_the_providers_reason() {
+    let (_pg, pool) = database().await;
+    let order = uuid::Uuid::now_v7().to_string();
+    apply(&pool, &handler(), &scheduled(&order, "ada@nowhere.invalid"))
+        .await
+        .unwrap();
+    let outcome = dispatch(&pool, &LogSender).await;
+    let Some(Dispatched::Failed(reason)) = outcome else {
+        panic!("{outcome:?}");
+    };
+    assert!(
+        reason.starts_with("customer ada cannot be reached: mail to ada@nowhere.invalid bounced"),
+        "{reason}"
+    );
+    let events = emitted(&pool, &order).await;
+    assert_eq!(types(&events), ["notification.failed"]);
+    let failed = ev::NotificationFailed::decode(events[0].payload.as_slice()).unwrap();
+    assert_eq!(failed.reason, reason);
+    assert_eq!(
+        statuses(&pool, &order).await,
+        [("CONFIRMATION".into(), "FAILED".into())]
+    );
+    // Given up on, not retried.
+    sqlx::query("UPDATE notifications SET next_attempt_at = now()")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(dispatch(&pool, &LogSender).await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compensation_withdraws_a_confirmation_not_yet_sent() {
+    let (_pg, pool) = database().await;
+    let order = uuid::Uuid::now_v7().to_string();
+    apply(&pool, &handler(), &scheduled(&order, "ada@example.com"))
+        .await
+        .unwrap();
+    apply(&pool, &handler(), &cancelled(&order)).await.unwrap();
+
+    let provider = Provider::default();
+    assert_eq!(dispatch(&pool, &provider).await, None);
+    assert!(provider.calls.lock().unwrap().is_empty());
+    assert_eq!(
+        statuses(&pool, &order).await,
+        [("CONFIRMATION".into(), "WITHDRAWN".into())]
+    );
+    let events = emitted(&pool, &order).await;
+    assert_eq!(types(&events), ["notification.cancelled"]);
+    let undone = ev::NotificationCancelled::decode(events[0].payload.as_slice()).unwrap();
+    assert!(!undone.notice_sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compensation_after_the_confirmation_went_out_sends_one_notice() {
+    let (_pg, pool) = database().await;
+    let order = uuid::Uuid::now_v7().to_string();
+    let provider = Provider::default();
+    apply(&pool, &handler(), &scheduled(&order, "ada@example.com"))
+        .await
+        .unwrap();
+    assert_eq!(dispatch(&pool, &provider).await, Some(Dispatched::Sent));
+    apply(&pool, &handler(), &cancelled(&order)).await.unwrap();
+    // The same compensation redelivered under another event id: one notice.
+    apply(&pool, &handler(), &cancelled(&order)).await.unwrap();
+    assert_eq!(dispatch(&pool, &provider).await, Some(Dispatched::Sent));
+    assert_eq!(dispatch(&pool, &provider).await, None);
+    assert_eq!(
+        statuses(&pool, &order).await,
+        [
+            ("CONFIRMATION".into(), "SENT".into()),
+            ("CANCELLATION".into(), "SENT".into())
+        ]
+    );
+    assert_eq!(provider.calls.lock().unwrap().len(), 2);
+    // Only the confirmation moves the saga on; the notice is a courtesy.
+    let events = emitted(&pool, &order).await;
+    assert_eq!(
+        types(&events),
+        ["notification.sent", "notification.cancelled"]
+    );
+    let undone = ev::NotificationCancelled::decode(events[1].payload.as_slice()).unwrap();
+    assert!(undone.notice_sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_dispatchers_send_each_message_once() {
+    let (_pg, pool) = database().await;
+    let orders: Vec<String> = (0..60).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    for order in &orders {
+        apply(&pool, &handler(), &scheduled(order, "ada@example.com"))
+            .await
+            .unwrap();
+    }
+    let provider = Arc::new(Provider::default());
+    let drain = |pool: PgPool, provider: Arc<Provider>| async move {
+        let mut sent = 0;
+        while let Some(outcome) = dispatch(&pool, provider.as_ref()).await {
+            assert_eq!(outcome, Dispatched::Sent);
+            sent += 1;
+        }
+        sent
+    };
+    let (a, b) = tokio::join!(
+        tokio::spawn(drain(pool.clone(), provider.clone())),
+        tokio::spawn(drain(pool.clone(), provider.clone())),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a + b, orders.len(), "dispatcher a sent {a}, b sent {b}");
+    let calls = provider.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), orders.len());
+    assert!(calls.values().all(|n| *n == 1), "{calls:?}");
+    for order in &orders {
+        assert_eq!(types(&emitted(&pool, order).await), ["notification.sent"]);
+    }
+}
