@@ -80,7 +80,10 @@ pub async fn action(
     Ok(if state == "done" {
         Action::AlreadyDone
     } else {
-        metrics::counter!("saga_actions_refused_total", "step" => step.to_owned()).increment(1);
+        let step = step.to_owned();
+        crate::consumer::after_commit(move || {
+            metrics::counter!("saga_actions_refused_total", "step" => step).increment(1);
+        });
         Action::Refused
     })
 }
@@ -121,7 +124,10 @@ pub async fn compensation(
     })
 }
 
+/// Counted once the handler's transaction commits: a retried attempt does not count twice.
 fn count_compensation(step: &str, kind: &'static str) {
-    metrics::counter!("saga_compensations_total", "step" => step.to_owned(), "kind" => kind)
-        .increment(1);
+    let step = step.to_owned();
+    crate::consumer::after_commit(move || {
+        metrics::counter!("saga_compensations_total", "step" => step, "kind" => kind).increment(1);
+    });
 }

@@ -78,8 +78,48 @@ pub struct ConsumerStats {
     pub redeliveries: AtomicU64,
 }
 
+type AfterCommit = Vec<Box<dyn FnOnce() + Send>>;
+
+tokio::task_local! {
+    static AFTER_COMMIT: std::cell::RefCell<AfterCommit>;
+}
+
+/// Runs `f` once the transaction of the event being handled has committed, and
+/// never if it rolls back: for counters and other things outside the database
+/// that must not count an attempt that is retried. Outside a handler, runs `f` now.
+pub fn after_commit(f: impl FnOnce() + Send + 'static) {
+    let mut f = Some(f);
+    let _ = AFTER_COMMIT.try_with(|queue| {
+        if let Some(f) = f.take() {
+            queue.borrow_mut().push(Box::new(f));
+        }
+    });
+    if let Some(f) = f {
+        f();
+    }
+}
+
 /// Dedup, effects and commit for one event: the inbox step, in one transaction.
 pub async fn apply(
+    pool: &PgPool,
+    handler: &dyn Handler,
+    event: &Envelope,
+) -> Result<Outcome, HandleError> {
+    let (outcome, after) = AFTER_COMMIT
+        .scope(Default::default(), async {
+            let outcome = apply_in_tx(pool, handler, event).await;
+            (outcome, AFTER_COMMIT.with(|queue| queue.take()))
+        })
+        .await;
+    if matches!(outcome, Ok(Outcome::Applied)) {
+        for f in after {
+            f();
+        }
+    }
+    outcome
+}
+
+async fn apply_in_tx(
     pool: &PgPool,
     handler: &dyn Handler,
     event: &Envelope,

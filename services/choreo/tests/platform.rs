@@ -705,3 +705,72 @@ async fn a_consumer_the_broker_lost_is_recreated_and_nothing_is_applied_twice() 
     assert!(s.effect_counts().await.iter().all(|&n| n == 1));
     assert_eq!(s.effect_counts().await.len(), 30);
 }
+
+/// Registers an after-commit count, then fails its first `failures` attempts.
+struct CountsAfterCommit {
+    failures: std::sync::atomic::AtomicUsize,
+    counted: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl Handler for CountsAfterCommit {
+    async fn handle(&self, _tx: &mut Tx, event: &Envelope) -> Result<(), HandleError> {
+        let counted = self.counted.clone();
+        consumer::after_commit(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+        });
+        if event.event_type == Mystery::EVENT_TYPE {
+            return Err(HandleError::Reject(choreo::Reject::UnknownType(
+                event.event_type.clone(),
+            )));
+        }
+        let left = self.failures.load(Ordering::SeqCst);
+        if left > 0 {
+            self.failures.store(left - 1, Ordering::SeqCst);
+            return Err(HandleError::Transient("database hiccup".into()));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_commit_work_runs_once_per_committed_event_and_never_for_a_rolled_back_attempt() {
+    let s = setup().await;
+    let counted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handler = CountsAfterCommit {
+        failures: 2.into(),
+        counted: counted.clone(),
+    };
+    let event = Envelope::new("test", "saga-1", None, &Ping { n: 1 });
+    for _ in 0..2 {
+        assert!(consumer::apply(&s.pool, &handler, &event).await.is_err());
+    }
+    assert_eq!(
+        counted.load(Ordering::SeqCst),
+        0,
+        "two rolled-back attempts"
+    );
+    assert_eq!(
+        consumer::apply(&s.pool, &handler, &event).await.unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!(counted.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        consumer::apply(&s.pool, &handler, &event).await.unwrap(),
+        Outcome::Duplicate
+    );
+    let unreadable = Envelope::new("test", "saga-1", None, &Mystery {});
+    assert!(matches!(
+        consumer::apply(&s.pool, &handler, &unreadable)
+            .await
+            .unwrap(),
+        Outcome::Parked(_)
+    ));
+    assert_eq!(counted.load(Ordering::SeqCst), 1);
+    // Outside a handler there is no transaction to wait for: it runs at once.
+    let now = counted.clone();
+    consumer::after_commit(move || {
+        now.fetch_add(1, Ordering::SeqCst);
+    });
+    assert_eq!(counted.load(Ordering::SeqCst), 2);
+}
