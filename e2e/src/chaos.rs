@@ -411,6 +411,10 @@ pub struct Report {
     pub outcomes: BTreeMap<(String, String), usize>,
     pub redeliveries: usize,
     pub duplicates_absorbed: usize,
+    /// Messages handed to the provider again, with the same notification id
+    /// (a crash between the send and its commit): expected, harmless to a
+    /// provider that honours the id as an idempotency key.
+    pub provider_repeats: usize,
     pub time_to_quiet: Duration,
     pub run_time: Duration,
     pub violations: Vec<String>,
@@ -434,6 +438,11 @@ impl fmt::Display for Report {
             f,
             "  duplicates absorbed by inboxes: {}",
             self.duplicates_absorbed
+        )?;
+        writeln!(
+            f,
+            "  messages handed to the provider again (same id): {}",
+            self.provider_repeats
         )?;
         writeln!(
             f,
@@ -530,9 +539,10 @@ pub async fn run(profile: Profile) -> anyhow::Result<Report> {
     report.time_to_quiet = faults_over.elapsed();
     check(&sys, &databases, &placed, &mut report).await?;
     report.run_time = started_run.elapsed();
-    let (redeliveries, duplicates) = count_in_logs(&sys.logs);
-    report.redeliveries = redeliveries;
-    report.duplicates_absorbed = duplicates;
+    let logs = count_in_logs(&sys.logs);
+    report.redeliveries = logs.redeliveries;
+    report.duplicates_absorbed = logs.duplicates;
+    report.provider_repeats = logs.provider_repeats;
     Ok(report)
 }
 
@@ -600,16 +610,45 @@ async fn wait_for_quiet(databases: &[PgPool], placed: &[Placed], timeout: Durati
     }
 }
 
-fn count_in_logs(dir: &std::path::Path) -> (usize, usize) {
-    let mut redeliveries = 0;
-    let mut duplicates = 0;
+/// What the services' logs tell: redeliveries, duplicates the inboxes
+/// absorbed, and messages handed to the mail provider more than once.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct FromLogs {
+    redeliveries: usize,
+    duplicates: usize,
+    provider_repeats: usize,
+}
+
+/// The line notification's log sender writes per message
+/// (`notification::sender::LOG_SENDER_DELIVERED`).
+const DELIVERED: &str = "delivered by the log sender";
+
+fn count_in_logs(dir: &std::path::Path) -> FromLogs {
+    let mut counts = FromLogs::default();
+    let mut deliveries: HashMap<String, usize> = HashMap::new();
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         if let Ok(text) = std::fs::read_to_string(entry.path()) {
-            redeliveries += text.matches("redelivered").count();
-            duplicates += text.matches("duplicate delivery absorbed").count();
+            counts.redeliveries += text.matches("redelivered").count();
+            counts.duplicates += text.matches("duplicate delivery absorbed").count();
+            for line in text.lines() {
+                if let Some(id) = delivered_id(line) {
+                    *deliveries.entry(id.to_owned()).or_default() += 1;
+                }
+            }
         }
     }
-    (redeliveries, duplicates)
+    counts.provider_repeats = deliveries.values().map(|n| n - 1).sum();
+    counts
+}
+
+/// The notification id of a log sender's delivery line.
+fn delivered_id(line: &str) -> Option<&str> {
+    let after = &line[line.find(DELIVERED)? + DELIVERED.len()..];
+    let id = after
+        .split("notification_id=")
+        .nth(1)?
+        .trim_start_matches('"');
+    id.get(..36)
 }
 
 /// Checks every invariant; each broken one names the order (or SKU) and what is wrong.
@@ -840,6 +879,16 @@ async fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delivery_line_gives_its_notification_id() {
+        let line = "2026-11-25T17:29:03Z INFO send notification{order_id=01a213c0-fa93-72f5-9102-90f8c3de9c59 notification_id=01a213c0-fadf-779a-8c0b-f400ca039eaf kind=CONFIRMATION}: notification::sender: delivered by the log sender notification_id=\"01a213c0-fadf-779a-8c0b-f400ca039eaf\" recipient=\"c0@example.com\"";
+        assert_eq!(
+            delivered_id(line),
+            Some("01a213c0-fadf-779a-8c0b-f400ca039eaf")
+        );
+        assert_eq!(delivered_id("notification sent notification_id=x"), None);
+    }
 
     #[test]
     fn a_seed_replays_the_same_schedule_with_every_kind_of_fault() {

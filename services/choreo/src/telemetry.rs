@@ -58,7 +58,12 @@ pub fn init(format: &str, service: &str, otlp_endpoint: Option<&str>) -> Telemet
             .try_init()
     } else {
         registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    // Colours for a person at a terminal, plain text in a log file.
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
             .try_init()
     };
     Telemetry { provider }

@@ -31,6 +31,10 @@ pub trait Sender: Send + Sync + 'static {
     ) -> Result<(), SendError>;
 }
 
+/// The line the log sender writes for each message it "delivers" (the chaos
+/// suite counts these per notification id: how often the provider was called).
+pub const LOG_SENDER_DELIVERED: &str = "delivered by the log sender";
+
 /// Logs each message instead of delivering it. Mail to an address that
 /// cannot exist "bounces" (see [`reachable`]), so the failure path can be
 /// triggered on purpose.
@@ -49,7 +53,7 @@ impl Sender for LogSender {
         text: &str,
     ) -> Result<(), SendError> {
         reachable(recipient).map_err(SendError::Undeliverable)?;
-        tracing::info!(notification_id, recipient, text, "notification sent");
+        tracing::info!(notification_id, recipient, text, "{LOG_SENDER_DELIVERED}");
         Ok(())
     }
 }
