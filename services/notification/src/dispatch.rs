@@ -16,7 +16,7 @@ use choreo::db::Wakeup;
 use choreo::{Envelope, Outbox};
 use contracts::events::v1 as ev;
 use prost::Message;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -28,28 +28,53 @@ pub const CHANNEL: &str = "notifications_due";
 /// The longest wait between two attempts at one message.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
-/// Sends due messages until `shutdown`; woken by [`CHANNEL`], polling every `poll`.
+/// Sends due messages until `shutdown`; woken by [`CHANNEL`], polling every
+/// `poll`. `workers` batches of up to `batch` messages are in flight at once
+/// (`SKIP LOCKED` keeps them apart).
 pub async fn run(
     pool: PgPool,
     outbox: Outbox,
     sender: Arc<dyn Sender>,
     poll: Duration,
+    limits: Limits,
     shutdown: CancellationToken,
 ) {
     let mut wakeup = Wakeup::new(pool.clone(), CHANNEL, poll);
     wakeup.listen().await;
     while !shutdown.is_cancelled() {
-        loop {
-            match dispatch_one(&pool, &outbox, sender.as_ref()).await {
-                Ok(Some(_)) if !shutdown.is_cancelled() => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "dispatch failed; will retry");
-                    break;
-                }
+        let drains = (0..limits.workers.max(1))
+            .map(|_| drain(&pool, &outbox, sender.as_ref(), limits.batch, &shutdown));
+        futures::future::join_all(drains).await;
+        wakeup.wait(&shutdown).await;
+    }
+}
+
+/// How much the dispatcher does at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Batches in flight.
+    pub workers: usize,
+    /// Messages per batch (one transaction; their provider calls run together).
+    pub batch: i64,
+}
+
+/// Sends due batches one after another until none is due.
+async fn drain(
+    pool: &PgPool,
+    outbox: &Outbox,
+    sender: &dyn Sender,
+    batch: i64,
+    shutdown: &CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        match dispatch(pool, outbox, sender, batch).await {
+            Ok(done) if !done.is_empty() => {}
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "dispatch failed; will retry");
+                return;
             }
         }
-        wakeup.wait(&shutdown).await;
     }
 }
 
@@ -60,6 +85,16 @@ pub enum Dispatched {
     Failed(String),
     /// The provider is unavailable; the message waits for its next attempt.
     Deferred(String),
+}
+
+impl Dispatched {
+    fn label(&self) -> &'static str {
+        match self {
+            Dispatched::Sent => "sent",
+            Dispatched::Failed(_) => "failed",
+            Dispatched::Deferred(_) => "deferred",
+        }
+    }
 }
 
 /// A queued message whose time has come.
@@ -75,122 +110,150 @@ struct Due {
     attempts: i32,
 }
 
-/// Sends the oldest due message, if any, and records what happened.
-pub async fn dispatch_one(
+/// Sends up to `limit` due messages, oldest first, and records what happened
+/// to each in one transaction (with the saga events that follow). Returns
+/// what became of each; empty when nothing is due. If the commit fails, the
+/// batch is sent again later under the same notification ids.
+pub async fn dispatch(
     pool: &PgPool,
     outbox: &Outbox,
     sender: &dyn Sender,
-) -> Result<Option<Dispatched>, sqlx::Error> {
+    limit: i64,
+) -> Result<Vec<Dispatched>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let due: Option<Due> = sqlx::query_as(
+    let due: Vec<Due> = sqlx::query_as(
         "SELECT notification_id, order_id, kind, customer, recipient, body, cause, attempts
          FROM notifications
          WHERE status = 'PENDING' AND next_attempt_at <= now()
          ORDER BY next_attempt_at
-         LIMIT 1
+         LIMIT $1
          FOR UPDATE SKIP LOCKED",
     )
-    .fetch_optional(&mut *tx)
+    .bind(limit)
+    .fetch_all(&mut *tx)
     .await?;
-    let Some(Due {
-        notification_id: id,
-        order_id,
-        kind,
-        customer,
-        recipient,
-        body,
-        cause,
-        attempts,
-    }) = due
-    else {
-        return Ok(None);
-    };
-    let cause = cause.and_then(|bytes| Envelope::decode(bytes.as_slice()).ok());
-    let span = tracing::info_span!(
-        "send notification",
-        order_id = %order_id,
-        notification_id = %id,
-        kind = %kind,
-    );
-    if let Some(cause) = &cause {
-        choreo::telemetry::set_parent(&span, &cause.traceparent);
+    if due.is_empty() {
+        return Ok(Vec::new());
     }
-    async {
-        let outcome = match sender.send(&id.to_string(), &recipient, &body).await {
-            Ok(()) => {
-                sqlx::query(
-                    "UPDATE notifications SET status = 'SENT', sent_at = now(), attempts = attempts + 1, last_error = NULL
-                     WHERE notification_id = $1",
-                )
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-                if kind == "CONFIRMATION" {
-                    let sent = ev::NotificationSent {
-                        notification_id: id.to_string(),
-                        channel: sender.channel().to_owned(),
-                    };
-                    outbox.emit(&mut tx, &order_id, cause.as_ref(), &sent).await?;
-                }
-                tracing::info!("notification sent");
-                Dispatched::Sent
+    // Each message is its own span in its order's trace, child of the event that asked for it.
+    let spans: Vec<(tracing::Span, Option<Envelope>)> = due
+        .iter()
+        .map(|message| {
+            let cause = message
+                .cause
+                .as_deref()
+                .and_then(|bytes| Envelope::decode(bytes).ok());
+            let span = tracing::info_span!(
+                "send notification",
+                order_id = %message.order_id,
+                notification_id = %message.notification_id,
+                kind = %message.kind,
+            );
+            if let Some(cause) = &cause {
+                choreo::telemetry::set_parent(&span, &cause.traceparent);
             }
-            Err(SendError::Undeliverable(why)) => {
-                let reason = format!("customer {customer} cannot be reached: {why}");
-                sqlx::query(
-                    "UPDATE notifications SET status = 'FAILED', attempts = attempts + 1, last_error = $2
-                     WHERE notification_id = $1",
-                )
-                .bind(id)
-                .bind(&why)
-                .execute(&mut *tx)
-                .await?;
-                if kind == "CONFIRMATION" {
-                    sqlx::query(
-                        "INSERT INTO notification_failures (order_id, reason) VALUES ($1, $2)
-                         ON CONFLICT (order_id) DO NOTHING",
-                    )
-                    .bind(&order_id)
-                    .bind(&reason)
-                    .execute(&mut *tx)
-                    .await?;
-                    let failed = ev::NotificationFailed {
-                        reason: reason.clone(),
-                    };
-                    outbox.emit(&mut tx, &order_id, cause.as_ref(), &failed).await?;
-                }
-                tracing::info!(%reason, "notification failed");
-                Dispatched::Failed(reason)
-            }
-            Err(SendError::Unavailable(why)) => {
-                let wait = backoff(attempts);
-                sqlx::query(
-                    "UPDATE notifications
-                     SET attempts = attempts + 1, last_error = $2,
-                         next_attempt_at = now() + make_interval(secs => $3)
-                     WHERE notification_id = $1",
-                )
-                .bind(id)
-                .bind(&why)
-                .bind(wait.as_secs_f64())
-                .execute(&mut *tx)
-                .await?;
-                tracing::warn!(error = %why, retry_in = ?wait, "notification deferred");
-                Dispatched::Deferred(why)
-            }
-        };
-        tx.commit().await?;
-        let label = match &outcome {
-            Dispatched::Sent => "sent",
-            Dispatched::Failed(_) => "failed",
-            Dispatched::Deferred(_) => "deferred",
-        };
-        metrics::counter!("notifications_total", "kind" => kind.clone(), "outcome" => label)
+            (span, cause)
+        })
+        .collect();
+    let answers = futures::future::join_all(due.iter().zip(&spans).map(|(message, (span, _))| {
+        async move {
+            let id = message.notification_id.to_string();
+            sender.send(&id, &message.recipient, &message.body).await
+        }
+        .instrument(span.clone())
+    }))
+    .await;
+    let mut outcomes = Vec::with_capacity(due.len());
+    for ((message, (span, cause)), answer) in due.iter().zip(&spans).zip(answers) {
+        let outcome = record(&mut tx, outbox, sender, message, cause.as_ref(), answer)
+            .instrument(span.clone())
+            .await?;
+        outcomes.push(outcome);
+    }
+    tx.commit().await?;
+    for (message, outcome) in due.iter().zip(&outcomes) {
+        metrics::counter!("notifications_total", "kind" => message.kind.clone(), "outcome" => outcome.label())
             .increment(1);
-        Ok(Some(outcome))
     }
-    .instrument(span)
-    .await
+    Ok(outcomes)
+}
+
+/// Marks one message by the provider's answer, and writes the saga event a
+/// confirmation's answer calls for.
+async fn record(
+    tx: &mut PgConnection,
+    outbox: &Outbox,
+    sender: &dyn Sender,
+    message: &Due,
+    cause: Option<&Envelope>,
+    answer: Result<(), SendError>,
+) -> Result<Dispatched, sqlx::Error> {
+    let id = message.notification_id;
+    let order_id = message.order_id.as_str();
+    let confirmation = message.kind == "CONFIRMATION";
+    Ok(match answer {
+        Ok(()) => {
+            sqlx::query(
+                "UPDATE notifications SET status = 'SENT', sent_at = now(), attempts = attempts + 1, last_error = NULL
+                 WHERE notification_id = $1",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            if confirmation {
+                let sent = ev::NotificationSent {
+                    notification_id: id.to_string(),
+                    channel: sender.channel().to_owned(),
+                };
+                outbox.emit(tx, order_id, cause, &sent).await?;
+            }
+            tracing::info!("notification sent");
+            Dispatched::Sent
+        }
+        Err(SendError::Undeliverable(why)) => {
+            let reason = format!("customer {} cannot be reached: {why}", message.customer);
+            sqlx::query(
+                "UPDATE notifications SET status = 'FAILED', attempts = attempts + 1, last_error = $2
+                 WHERE notification_id = $1",
+            )
+            .bind(id)
+            .bind(&why)
+            .execute(&mut *tx)
+            .await?;
+            if confirmation {
+                sqlx::query(
+                    "INSERT INTO notification_failures (order_id, reason) VALUES ($1, $2)
+                     ON CONFLICT (order_id) DO NOTHING",
+                )
+                .bind(order_id)
+                .bind(&reason)
+                .execute(&mut *tx)
+                .await?;
+                let failed = ev::NotificationFailed {
+                    reason: reason.clone(),
+                };
+                outbox.emit(tx, order_id, cause, &failed).await?;
+            }
+            tracing::info!(%reason, "notification failed");
+            Dispatched::Failed(reason)
+        }
+        Err(SendError::Unavailable(why)) => {
+            let wait = backoff(message.attempts);
+            sqlx::query(
+                "UPDATE notifications
+                 SET attempts = attempts + 1, last_error = $2,
+                     next_attempt_at = now() + make_interval(secs => $3)
+                 WHERE notification_id = $1",
+            )
+            .bind(id)
+            .bind(&why)
+            .bind(wait.as_secs_f64())
+            .execute(&mut *tx)
+            .await?;
+            tracing::warn!(error = %why, retry_in = ?wait, "notification deferred");
+            Dispatched::Deferred(why)
+        }
+    })
 }
 
 /// 1 s, 2 s, 4 s ... up to [`MAX_BACKOFF`], by attempts made so far.

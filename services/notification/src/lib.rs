@@ -15,6 +15,11 @@ use contracts::notification::v1::notification_service_server::{
 
 /// How often the dispatcher looks for due messages when nothing woke it.
 const DISPATCH_POLL: Duration = Duration::from_secs(1);
+/// What the dispatcher sends at once: 2 batches of up to 32 messages.
+const DISPATCH_LIMITS: dispatch::Limits = dispatch::Limits {
+    workers: 2,
+    batch: 32,
+};
 
 pub fn parts(context: &Context) -> Parts {
     let sender: Arc<dyn sender::Sender> = Arc::new(sender::LogSender);
@@ -23,6 +28,7 @@ pub fn parts(context: &Context) -> Parts {
         context.outbox.clone(),
         sender.clone(),
         DISPATCH_POLL,
+        DISPATCH_LIMITS,
         context.shutdown.clone(),
     ));
     Parts {

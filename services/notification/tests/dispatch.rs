@@ -9,7 +9,7 @@ use std::time::Duration;
 use choreo::consumer::{Outcome, apply};
 use choreo::{Config, Envelope, Outbox};
 use contracts::events::v1 as ev;
-use notification::dispatch::{Dispatched, dispatch_one};
+use notification::dispatch::{Dispatched, dispatch};
 use notification::handler::NotificationHandler;
 use notification::sender::{LogSender, SendError, Sender};
 use prost::Message;
@@ -75,9 +75,11 @@ async fn emitted(pool: &PgPool, order: &str) -> Vec<Envelope> {
         .collect()
 }
 
-/// One round of the dispatcher.
-async fn dispatch(pool: &PgPool, sender: &dyn Sender) -> Option<Dispatched> {
-    dispatch_one(pool, &outbox(), sender).await.unwrap()
+/// One round of the dispatcher, one message at most.
+async fn dispatch_one(pool: &PgPool, sender: &dyn Sender) -> Option<Dispatched> {
+    let mut done = dispatch(pool, &outbox(), sender, 1).await.unwrap();
+    assert!(done.len() <= 1);
+    done.pop()
 }
 
 fn types(events: &[Envelope]) -> Vec<&str> {
@@ -94,8 +96,9 @@ async fn statuses(pool: &PgPool, order: &str) -> Vec<(String, String)> {
     .unwrap()
 }
 
-/// A provider that is down for its first `outages` calls, and counts the
-/// calls per notification id.
+/// A provider that is down for its first `outages` calls, bounces `.invalid`
+/// domains, always defers `greylisted@` addresses, and counts the calls per
+/// notification id.
 #[derive(Default)]
 struct Provider {
     outages: Mutex<usize>,
@@ -108,8 +111,14 @@ impl Sender for Provider {
         "test"
     }
 
-    async fn send(&self, id: &str, _recipient: &str, _text: &str) -> Result<(), SendError> {
+    async fn send(&self, id: &str, recipient: &str, _text: &str) -> Result<(), SendError> {
         *self.calls.lock().unwrap().entry(id.to_owned()).or_default() += 1;
+        if recipient.ends_with(".invalid") {
+            return Err(SendError::Undeliverable(format!("{recipient} bounced")));
+        }
+        if recipient.starts_with("greylisted@") {
+            return Err(SendError::Unavailable("try again later".into()));
+        }
         let mut outages = self.outages.lock().unwrap();
         if *outages > 0 {
             *outages -= 1;
@@ -140,20 +149,20 @@ async fn a_confirmation_goes_out_after_commit_and_survives_a_provider_outage() {
         ..Default::default()
     };
     assert!(matches!(
-        dispatch(&pool, &provider).await,
+        dispatch_one(&pool, &provider).await,
         Some(Dispatched::Deferred(_))
     ));
     // Backing off: not due again at once.
-    assert_eq!(dispatch(&pool, &provider).await, None);
+    assert_eq!(dispatch_one(&pool, &provider).await, None);
     let make_due = "UPDATE notifications SET next_attempt_at = now()";
     sqlx::query(make_due).execute(&pool).await.unwrap();
     assert!(matches!(
-        dispatch(&pool, &provider).await,
+        dispatch_one(&pool, &provider).await,
         Some(Dispatched::Deferred(_))
     ));
     sqlx::query(make_due).execute(&pool).await.unwrap();
-    assert_eq!(dispatch(&pool, &provider).await, Some(Dispatched::Sent));
-    assert_eq!(dispatch(&pool, &provider).await, None);
+    assert_eq!(dispatch_one(&pool, &provider).await, Some(Dispatched::Sent));
+    assert_eq!(dispatch_one(&pool, &provider).await, None);
 
     // Three calls, all with the one notification id (the provider's idempotency key).
     let calls = provider.calls.lock().unwrap().clone();
@@ -182,7 +191,7 @@ async fn a_bounce_fails_the_order_with_the_providers_reason() {
     apply(&pool, &handler(), &scheduled(&order, "ada@nowhere.invalid"))
         .await
         .unwrap();
-    let outcome = dispatch(&pool, &LogSender).await;
+    let outcome = dispatch_one(&pool, &LogSender).await;
     let Some(Dispatched::Failed(reason)) = outcome else {
         panic!("{outcome:?}");
     };
@@ -203,7 +212,7 @@ async fn a_bounce_fails_the_order_with_the_providers_reason() {
         .execute(&pool)
         .await
         .unwrap();
-    assert_eq!(dispatch(&pool, &LogSender).await, None);
+    assert_eq!(dispatch_one(&pool, &LogSender).await, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,7 +225,7 @@ async fn a_compensation_withdraws_a_confirmation_not_yet_sent() {
     apply(&pool, &handler(), &cancelled(&order)).await.unwrap();
 
     let provider = Provider::default();
-    assert_eq!(dispatch(&pool, &provider).await, None);
+    assert_eq!(dispatch_one(&pool, &provider).await, None);
     assert!(provider.calls.lock().unwrap().is_empty());
     assert_eq!(
         statuses(&pool, &order).await,
@@ -236,12 +245,12 @@ async fn a_compensation_after_the_confirmation_went_out_sends_one_notice() {
     apply(&pool, &handler(), &scheduled(&order, "ada@example.com"))
         .await
         .unwrap();
-    assert_eq!(dispatch(&pool, &provider).await, Some(Dispatched::Sent));
+    assert_eq!(dispatch_one(&pool, &provider).await, Some(Dispatched::Sent));
     apply(&pool, &handler(), &cancelled(&order)).await.unwrap();
     // The same compensation redelivered under another event id: one notice.
     apply(&pool, &handler(), &cancelled(&order)).await.unwrap();
-    assert_eq!(dispatch(&pool, &provider).await, Some(Dispatched::Sent));
-    assert_eq!(dispatch(&pool, &provider).await, None);
+    assert_eq!(dispatch_one(&pool, &provider).await, Some(Dispatched::Sent));
+    assert_eq!(dispatch_one(&pool, &provider).await, None);
     assert_eq!(
         statuses(&pool, &order).await,
         [
@@ -272,11 +281,16 @@ async fn two_dispatchers_send_each_message_once() {
     let provider = Arc::new(Provider::default());
     let drain = |pool: PgPool, provider: Arc<Provider>| async move {
         let mut sent = 0;
-        while let Some(outcome) = dispatch(&pool, provider.as_ref()).await {
-            assert_eq!(outcome, Dispatched::Sent);
-            sent += 1;
+        loop {
+            let batch = dispatch(&pool, &outbox(), provider.as_ref(), 7)
+                .await
+                .unwrap();
+            if batch.is_empty() {
+                return sent;
+            }
+            assert!(batch.iter().all(|o| *o == Dispatched::Sent), "{batch:?}");
+            sent += batch.len();
         }
-        sent
     };
     let (a, b) = tokio::join!(
         tokio::spawn(drain(pool.clone(), provider.clone())),
@@ -290,4 +304,42 @@ async fn two_dispatchers_send_each_message_once() {
     for order in &orders {
         assert_eq!(types(&emitted(&pool, order).await), ["notification.sent"]);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_batch_records_each_answer_on_its_own() {
+    let (_pg, pool) = database().await;
+    let contacts = [
+        "ada@example.com",
+        "bo@nowhere.invalid",
+        "greylisted@example.com",
+    ];
+    let orders: Vec<String> = contacts
+        .iter()
+        .map(|_| uuid::Uuid::now_v7().to_string())
+        .collect();
+    for (order, contact) in orders.iter().zip(contacts) {
+        apply(&pool, &handler(), &scheduled(order, contact))
+            .await
+            .unwrap();
+    }
+    let provider = Provider::default();
+    let outcomes = dispatch(&pool, &outbox(), &provider, 10).await.unwrap();
+    assert_eq!(outcomes.len(), 3);
+    assert_eq!(outcomes[0], Dispatched::Sent);
+    assert!(matches!(&outcomes[1], Dispatched::Failed(r) if r.contains("bounced")));
+    assert!(matches!(&outcomes[2], Dispatched::Deferred(_)));
+    assert_eq!(
+        types(&emitted(&pool, &orders[0]).await),
+        ["notification.sent"]
+    );
+    assert_eq!(
+        types(&emitted(&pool, &orders[1]).await),
+        ["notification.failed"]
+    );
+    assert!(emitted(&pool, &orders[2]).await.is_empty());
+    assert_eq!(
+        statuses(&pool, &orders[2]).await,
+        [("CONFIRMATION".into(), "PENDING".into())]
+    );
 }
