@@ -109,6 +109,20 @@ async fn channel(addr: &str, timeout: Duration) -> anyhow::Result<Channel> {
 }
 
 impl System {
+    /// Message `seq` of the saga stream as it is stored (subject and raw bytes).
+    pub async fn stream_message(
+        &self,
+        seq: u64,
+    ) -> anyhow::Result<async_nats::jetstream::message::StreamMessage> {
+        let client = async_nats::connect(self.infra.nats.url()).await?;
+        let message = async_nats::jetstream::new(client)
+            .get_stream(&self.stream)
+            .await?
+            .get_raw_message(seq)
+            .await?;
+        Ok(message)
+    }
+
     /// Starts NATS, PostgreSQL and the four services, and waits until each answers health checks.
     pub async fn start(options: Options) -> anyhow::Result<Self> {
         // Network faults and kills need servers of our own.

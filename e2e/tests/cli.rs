@@ -127,6 +127,35 @@ async fn a_person_can_drive_the_saga_from_the_command_line() {
         ],
     );
     assert!(ok && out.contains("SERVING"), "{out}");
+
+    // A message nobody can read is parked by every service, and shown with its reason.
+    let client = async_nats::connect(sys.infra.nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let first = sys.stream_message(1).await.unwrap();
+    let subject = first.subject.replace("order.created", "order.garbled");
+    js.publish(subject, "not protobuf at all".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut listed = String::new();
+    for _ in 0..100 {
+        let (ok, out) = sagactl(&sys, &["dead-letters", "inventory"]);
+        assert!(ok, "{out}");
+        if out.contains("order.garbled") {
+            listed = out;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(listed.contains("malformed message"), "{listed}");
+    let id = listed.split_whitespace().next().unwrap().to_owned();
+    let (ok, out) = sagactl(&sys, &["replay", "inventory", &id]);
+    assert!(!ok && out.contains("still cannot be read"), "{out}");
+    let (ok, out) = sagactl(&sys, &["dead-letters", "inventory"]);
+    assert!(ok && out.contains("(replayed 1 times)"), "{out}");
+    let (ok, out) = sagactl(&sys, &["dead-letters", "billing"]);
+    assert!(!ok && out.contains("no service \"billing\""), "{out}");
     assert_eq!(
         sys.wait_terminal(&order_id, Duration::from_secs(5))
             .await

@@ -91,13 +91,7 @@ async fn metrics_agree_with_what_happened() {
     // Inject a duplicate: the first event of the stream again, under a new message id.
     let client = async_nats::connect(sys.infra.nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
-    let first = js
-        .get_stream(&sys.stream)
-        .await
-        .unwrap()
-        .get_raw_message(1)
-        .await
-        .unwrap();
+    let first = sys.stream_message(1).await.unwrap();
     assert!(first.subject.ends_with("order.created"));
     js.send_publish(
         first.subject.to_string(),

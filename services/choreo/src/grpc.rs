@@ -52,6 +52,14 @@ pub async fn serve(
     Ok(())
 }
 
+/// A database time as a protobuf `Timestamp`, for API responses.
+pub fn timestamp(at: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: at.timestamp_subsec_nanos() as i32,
+    }
+}
+
 /// Logs an internal failure and answers the client without its details.
 pub fn internal(error: impl std::fmt::Display) -> tonic::Status {
     tracing::error!(%error, "request failed");

@@ -13,6 +13,7 @@ pub mod cleanup;
 pub mod config;
 pub mod consumer;
 pub mod db;
+pub mod dead_letters;
 pub mod envelope;
 pub mod grpc;
 pub mod outbox;
@@ -21,11 +22,15 @@ pub mod relay;
 pub mod runtime;
 pub mod telemetry;
 
-/// Generated from proto/choreo/v1/envelope.proto.
+/// Generated from proto/choreo/v1 (the envelope and the dead-letter API).
 pub mod proto {
     #![allow(clippy::all)]
     include!(concat!(env!("OUT_DIR"), "/choreo.v1.rs"));
 }
+
+/// Encoded descriptor set of proto/choreo/v1, for gRPC reflection.
+pub const DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/choreo_descriptor.bin"));
 
 pub use config::Config;
 pub use consumer::{HandleError, Handler};

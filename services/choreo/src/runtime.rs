@@ -131,6 +131,15 @@ impl Service {
             Duration::from_millis(config.relay_poll_ms),
         );
         tasks.spawn(relay.run(shutdown.clone()));
+        // Every service also serves its dead letters, replayed through its own handler.
+        let dead_letters =
+            crate::dead_letters::DeadLettersServer::new(crate::dead_letters::DeadLetterApi {
+                pool: pool.clone(),
+                handler: parts.handler.clone(),
+            });
+        let routes = parts.routes.add_service(dead_letters);
+        let mut service_names = parts.service_names;
+        service_names.push(crate::dead_letters::SERVICE_NAME);
         let consumer_loop = Consumer::new(pool.clone(), parts.handler, config.consumer_lanes)
             .report_stuck(context.outbox.clone(), config.stuck_after_deliveries);
         tasks.spawn(consumer_loop.run(source, shutdown.clone()));
@@ -151,9 +160,9 @@ impl Service {
             config
                 .grpc_addr
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], self.ports.grpc))),
-            parts.routes,
-            &parts.service_names,
-            &[parts.descriptor],
+            routes,
+            &service_names,
+            &[parts.descriptor, crate::DESCRIPTOR_SET],
             shutdown.clone(),
         )
         .await;

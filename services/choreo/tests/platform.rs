@@ -774,3 +774,97 @@ async fn after_commit_work_runs_once_per_committed_event_and_never_for_a_rolled_
     });
     assert_eq!(counted.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_is_listed_and_replayed_once_the_service_can_read_it() {
+    use choreo::dead_letters::DeadLetterApi;
+    use choreo::proto::dead_letters_server::DeadLetters;
+    use choreo::proto::{ListDeadLettersRequest, ReplayDeadLetterRequest};
+    use tonic::{Code, Request};
+
+    let s = setup().await;
+    let api = DeadLetterApi {
+        pool: s.pool.clone(),
+        handler: Arc::new(CountEffects {
+            delay: Duration::ZERO,
+        }),
+    };
+    // Parked as a consumer parks: garbage, and a ping an older build could not read.
+    let ping = Envelope::new("test", "saga-1", None, &Ping { n: 7 });
+    consumer::park(
+        &s.pool,
+        "S",
+        1,
+        "t.garbage",
+        "not an event envelope",
+        b"\xff\x00junk",
+    )
+    .await
+    .unwrap();
+    let old_reason = "unknown event type \"test.ping\"";
+    for seq in [2, 3] {
+        consumer::park(
+            &s.pool,
+            "S",
+            seq,
+            "t.test.ping",
+            old_reason,
+            &ping.encode_to_vec(),
+        )
+        .await
+        .unwrap();
+    }
+    let listed = api
+        .list_dead_letters(Request::new(ListDeadLettersRequest { limit: 0 }))
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters;
+    assert_eq!(listed.len(), 3);
+    assert_eq!(listed[0].reason, "not an event envelope");
+    assert_eq!(listed[1].reason, old_reason);
+    let replay = |id: i64| api.replay_dead_letter(Request::new(ReplayDeadLetterRequest { id }));
+
+    // Still garbage: kept, with the reason of this try.
+    let refused = replay(listed[0].id).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("still cannot be read"),
+        "{refused:?}"
+    );
+    // Readable now: applied once and gone; its copy is a duplicate and gone too.
+    let first = replay(listed[1].id).await.unwrap().into_inner();
+    assert_eq!(first.outcome, "applied");
+    let second = replay(listed[2].id).await.unwrap().into_inner();
+    assert_eq!(second.outcome, "duplicate");
+    let applied: i32 = sqlx::query_scalar("SELECT applied FROM effects WHERE event_id = $1")
+        .bind(ping.id())
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+    assert_eq!(applied, 1);
+    assert_eq!(
+        replay(listed[1].id).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    assert_eq!(replay(0).await.unwrap_err().code(), Code::InvalidArgument);
+
+    let left = api
+        .list_dead_letters(Request::new(ListDeadLettersRequest { limit: 10 }))
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].replays, 1);
+    assert!(
+        left[0].reason.starts_with("malformed message"),
+        "{:?}",
+        left[0]
+    );
+    let too_many = api
+        .list_dead_letters(Request::new(ListDeadLettersRequest { limit: 5000 }))
+        .await
+        .unwrap_err();
+    assert_eq!(too_many.code(), Code::InvalidArgument);
+}

@@ -1,5 +1,5 @@
 //! Notification's gRPC API: the messages queued and sent about an order.
-use choreo::grpc::internal;
+use choreo::grpc::{internal, timestamp};
 use chrono::{DateTime, Utc};
 use contracts::notification::v1::{self as api, notification_service_server::NotificationService};
 use sqlx::PgPool;
@@ -21,13 +21,6 @@ struct Row {
     sent_at: Option<DateTime<Utc>>,
     attempts: i32,
     last_error: Option<String>,
-}
-
-fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: at.timestamp(),
-        nanos: at.timestamp_subsec_nanos() as i32,
-    }
 }
 
 #[tonic::async_trait]

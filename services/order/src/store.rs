@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use choreo::Envelope;
+use choreo::grpc::timestamp;
 use contracts::order::v1 as api;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
@@ -157,13 +158,6 @@ pub async fn record_event(
     .execute(tx)
     .await?;
     Ok(())
-}
-
-fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
 }
 
 /// The whole story of one order, or `None` if there is no such order.

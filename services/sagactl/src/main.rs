@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
+use choreo::proto::dead_letters_client::DeadLettersClient;
 use clap::{Parser, Subcommand};
 use contracts::inventory::v1::{
     self as inventory, inventory_service_client::InventoryServiceClient,
@@ -96,11 +97,34 @@ enum Command {
     SetStock { sku: String, available: u64 },
     /// What inventory, shipping and notification each hold for an order.
     Effects { order_id: String },
+    /// Messages a service's consumer could not read and parked, with the reason.
+    DeadLetters {
+        /// order, inventory, shipping or notification.
+        service: String,
+    },
+    /// Run a parked message through the service's inbox step again (after a
+    /// deploy taught it to read it); still unreadable keeps it parked.
+    Replay { service: String, id: i64 },
     /// Exit 0 when the gRPC server at --addr reports SERVING (for container healthchecks).
     Health {
         #[arg(long)]
         addr: String,
     },
+}
+
+impl Cli {
+    /// The gRPC address of a service by its name.
+    fn service_addr(&self, service: &str) -> anyhow::Result<&str> {
+        Ok(match service {
+            "order" => &self.order_addr,
+            "inventory" => &self.inventory_addr,
+            "shipping" => &self.shipping_addr,
+            "notification" => &self.notification_addr,
+            other => anyhow::bail!(
+                "no service {other:?}: say order, inventory, shipping or notification"
+            ),
+        })
+    }
 }
 
 async fn connect(addr: &str) -> anyhow::Result<Channel> {
@@ -161,6 +185,41 @@ fn print_order(o: &order::Order) {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::DeadLetters { ref service } => {
+            let addr = cli.service_addr(service)?;
+            let parked = DeadLettersClient::new(connect(addr).await?)
+                .list_dead_letters(choreo::proto::ListDeadLettersRequest { limit: 0 })
+                .await?
+                .into_inner()
+                .dead_letters;
+            if parked.is_empty() {
+                println!("{service}: no dead letters");
+            }
+            for d in &parked {
+                println!(
+                    "{:>6}  {}  {} #{}  {} bytes  {}{}",
+                    d.id,
+                    time(&d.parked_at),
+                    d.subject,
+                    d.stream_seq,
+                    d.size,
+                    d.reason,
+                    if d.replays > 0 {
+                        format!(" (replayed {} times)", d.replays)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        }
+        Command::Replay { ref service, id } => {
+            let addr = cli.service_addr(service)?;
+            let replayed = DeadLettersClient::new(connect(addr).await?)
+                .replay_dead_letter(choreo::proto::ReplayDeadLetterRequest { id })
+                .await?
+                .into_inner();
+            println!("dead letter {id}: {}", replayed.outcome);
+        }
         Command::Health { addr } => {
             let status = tonic_health::pb::health_client::HealthClient::new(connect(&addr).await?)
                 .check(tonic_health::pb::HealthCheckRequest::default())
