@@ -87,9 +87,11 @@ impl Config {
             .config
     }
 
-    /// Draws whether this step should fail on purpose (see `injected_failure_rate`).
-    pub fn inject_failure(&self) -> bool {
-        self.injected_failure_rate > 0.0 && rand::random::<f64>() < self.injected_failure_rate
+    /// Draws whether this step should fail on purpose (see
+    /// `injected_failure_rate`); if so, the reason to give.
+    pub fn injected_failure(&self) -> Option<String> {
+        (self.injected_failure_rate > 0.0 && rand::random::<f64>() < self.injected_failure_rate)
+            .then(|| "injected failure (configured failure rate)".to_owned())
     }
 
     pub fn ack_wait(&self) -> Duration {

@@ -82,10 +82,9 @@ impl InventoryHandler {
         if !barrier::action(tx, order_id, STEP).await?.proceeds(STEP) {
             return Ok(());
         }
-        let refusal = if self.config.inject_failure() {
-            Some("injected failure (configured failure rate)".to_owned())
-        } else {
-            take(tx, &order.lines).await?
+        let refusal = match self.config.injected_failure() {
+            Some(reason) => Some(reason),
+            None => take(tx, &order.lines).await?,
         };
         if let Some(reason) = refusal {
             tracing::info!(%reason, "reservation rejected");

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::handler::fail_order;
 use crate::sender::{SendError, Sender};
 
 /// The channel the handler notifies (in its transaction, so at commit) when it queues a message.
@@ -221,20 +222,10 @@ async fn record(
             .execute(&mut *tx)
             .await?;
             if confirmation {
-                sqlx::query(
-                    "INSERT INTO notification_failures (order_id, reason) VALUES ($1, $2)
-                     ON CONFLICT (order_id) DO NOTHING",
-                )
-                .bind(order_id)
-                .bind(&reason)
-                .execute(&mut *tx)
-                .await?;
-                let failed = ev::NotificationFailed {
-                    reason: reason.clone(),
-                };
-                outbox.emit(tx, order_id, cause, &failed).await?;
+                fail_order(tx, outbox, order_id, cause, reason.clone()).await?;
+            } else {
+                tracing::info!(%reason, "cancellation notice undeliverable");
             }
-            tracing::info!(%reason, "notification failed");
             Dispatched::Failed(reason)
         }
         Err(SendError::Unavailable(why)) => {

@@ -9,6 +9,7 @@ use choreo::{Config, Envelope, HandleError, Handler, Outbox, Reject, Tx};
 use contracts::SagaEvent;
 use contracts::events::v1 as ev;
 use prost::Message;
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 /// The barrier step notification owns.
@@ -27,6 +28,32 @@ struct Outgoing<'a> {
     customer: &'a str,
     recipient: &'a str,
     text: String,
+}
+
+/// The customer cannot be told: records why (the order's note in
+/// ListNotifications) and writes `notification.failed`, which starts the
+/// compensation. Used by the handler (an injected failure) and by the
+/// dispatcher (the provider says the message can never be delivered).
+pub(crate) async fn fail_order(
+    tx: &mut PgConnection,
+    outbox: &Outbox,
+    order_id: &str,
+    cause: Option<&Envelope>,
+    reason: String,
+) -> Result<(), sqlx::Error> {
+    tracing::info!(%reason, "notification failed");
+    sqlx::query(
+        "INSERT INTO notification_failures (order_id, reason) VALUES ($1, $2)
+         ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(order_id)
+    .bind(&reason)
+    .execute(&mut *tx)
+    .await?;
+    outbox
+        .emit(tx, order_id, cause, &ev::NotificationFailed { reason })
+        .await?;
+    Ok(())
 }
 
 impl NotificationHandler {
@@ -71,22 +98,8 @@ impl NotificationHandler {
         if !barrier::action(tx, order_id, STEP).await?.proceeds(STEP) {
             return Ok(());
         }
-        if self.config.inject_failure() {
-            let reason = "injected failure (configured failure rate)".to_owned();
-            tracing::info!(%reason, "notification failed");
-            sqlx::query("INSERT INTO notification_failures (order_id, reason) VALUES ($1, $2)")
-                .bind(order_id)
-                .bind(&reason)
-                .execute(&mut **tx)
-                .await?;
-            self.outbox
-                .emit(
-                    tx,
-                    order_id,
-                    Some(envelope),
-                    &ev::NotificationFailed { reason },
-                )
-                .await?;
+        if let Some(reason) = self.config.injected_failure() {
+            fail_order(tx, &self.outbox, order_id, Some(envelope), reason).await?;
             return Ok(());
         }
         let text = format!(

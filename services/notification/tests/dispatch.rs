@@ -343,3 +343,26 @@ async fn one_batch_records_each_answer_on_its_own() {
         [("CONFIRMATION".into(), "PENDING".into())]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_injected_failure_fails_the_order_without_queueing_anything() {
+    let (_pg, pool) = database().await;
+    let order = uuid::Uuid::now_v7().to_string();
+    let mut failing = handler();
+    failing.config.injected_failure_rate = 1.0;
+    apply(&pool, &failing, &scheduled(&order, "ada@example.com"))
+        .await
+        .unwrap();
+    assert!(statuses(&pool, &order).await.is_empty());
+    let events = emitted(&pool, &order).await;
+    assert_eq!(types(&events), ["notification.failed"]);
+    let failed = ev::NotificationFailed::decode(events[0].payload.as_slice()).unwrap();
+    assert_eq!(failed.reason, "injected failure (configured failure rate)");
+    let note: String =
+        sqlx::query_scalar("SELECT reason FROM notification_failures WHERE order_id = $1")
+            .bind(&order)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(note, failed.reason);
+}

@@ -32,10 +32,8 @@ impl ShippingHandler {
                 "carrier {} does not serve destination {}",
                 self.carrier, order.destination
             ))
-        } else if self.config.inject_failure() {
-            Some("injected failure (configured failure rate)".to_owned())
         } else {
-            None
+            self.config.injected_failure()
         };
         if let Some(reason) = failure {
             tracing::info!(%reason, "shipment failed");
