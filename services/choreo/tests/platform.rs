@@ -106,6 +106,20 @@ async fn setup_with(start: fn() -> anyhow::Result<Infra>) -> Setup {
     }
 }
 
+struct RunningConsumer {
+    stats: Arc<consumer::ConsumerStats>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningConsumer {
+    /// Shuts the consumer down and waits for its in-flight messages.
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+    }
+}
+
 impl Setup {
     fn outbox(&self) -> Outbox {
         Outbox::new("test", &self.config.subject_prefix)
@@ -166,6 +180,19 @@ impl Setup {
 
     async fn consumer(&self, durable: &str) -> jetstream::consumer::PullConsumer {
         self.source(durable).get().await.unwrap()
+    }
+
+    /// A consumer of `handler` with `lanes` lanes on durable `durable`, running until stopped.
+    fn consume(&self, handler: Arc<dyn Handler>, lanes: usize, durable: &str) -> RunningConsumer {
+        let consumer = Consumer::new(self.pool.clone(), handler, lanes);
+        let stats = consumer.stats();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(consumer.run(self.source(durable), shutdown.clone()));
+        RunningConsumer {
+            stats,
+            shutdown,
+            task,
+        }
     }
 
     fn source(&self, durable: &str) -> choreo::provision::ConsumerSource {
@@ -346,10 +373,8 @@ async fn a_duplicate_delivery_is_applied_once() {
     );
     s.publish_raw("test.ping", committed.encode_to_vec()).await;
 
-    let consumer = Consumer::new(s.pool.clone(), handler, 4);
-    let stats = consumer.stats();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(consumer.run(s.source("dup"), shutdown.clone()));
+    let consumer = s.consume(handler, 4, "dup");
+    let stats = consumer.stats.clone();
     eventually(
         "three deliveries handled",
         Duration::from_secs(30),
@@ -358,8 +383,7 @@ async fn a_duplicate_delivery_is_applied_once() {
         },
     )
     .await;
-    shutdown.cancel();
-    task.await.unwrap();
+    consumer.stop().await;
     assert_eq!(stats.applied.load(Ordering::SeqCst), 1);
     assert_eq!(stats.duplicates.load(Ordering::SeqCst), 2);
     assert_eq!(s.effect_counts().await, vec![1, 1]);
@@ -382,16 +406,14 @@ async fn unreadable_messages_are_parked_with_a_reason_and_the_next_one_is_handle
     let valid = Envelope::new("test", "saga-1", None, &Ping { n: 2 });
     s.publish_raw("test.ping", valid.encode_to_vec()).await;
 
-    let consumer = Consumer::new(
-        s.pool.clone(),
+    let consumer = s.consume(
         Arc::new(CountEffects {
             delay: Duration::ZERO,
         }),
         4,
+        "dlq",
     );
-    let stats = consumer.stats();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(consumer.run(s.source("dlq"), shutdown.clone()));
+    let stats = consumer.stats.clone();
     eventually(
         "the valid message handled",
         Duration::from_secs(30),
@@ -400,8 +422,7 @@ async fn unreadable_messages_are_parked_with_a_reason_and_the_next_one_is_handle
         },
     )
     .await;
-    shutdown.cancel();
-    task.await.unwrap();
+    consumer.stop().await;
 
     let parked: Vec<(i64, String, Vec<u8>)> = sqlx::query_as(
         "SELECT stream_seq, reason, raw FROM choreo_dead_letter ORDER BY stream_seq",
@@ -443,28 +464,22 @@ async fn consumer_shutdown_mid_batch_loses_nothing_and_doubles_nothing() {
     let handler = Arc::new(CountEffects {
         delay: Duration::from_millis(5),
     });
-    let first = Consumer::new(s.pool.clone(), handler.clone(), 8);
-    let stats = first.stats();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(first.run(s.source("stop"), shutdown.clone()));
+    let first = s.consume(handler.clone(), 8, "stop");
+    let stats = first.stats.clone();
     eventually("a third handled", Duration::from_secs(30), || async {
         stats.applied.load(Ordering::SeqCst) >= 100
     })
     .await;
-    shutdown.cancel();
-    task.await.unwrap();
+    first.stop().await;
     let handled_before = stats.applied.load(Ordering::SeqCst);
     assert!(handled_before < 300, "shutdown came mid-way");
 
-    let second = Consumer::new(s.pool.clone(), handler, 8);
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(second.run(s.source("stop"), shutdown.clone()));
+    let second = s.consume(handler, 8, "stop");
     eventually("all 300 applied", Duration::from_secs(60), || async {
         s.effect_counts().await.len() == 300
     })
     .await;
-    shutdown.cancel();
-    task.await.unwrap();
+    second.stop().await;
     assert!(
         s.effect_counts().await.iter().all(|&n| n == 1),
         "an effect was applied twice"
@@ -604,22 +619,19 @@ async fn a_republish_past_the_duplicate_window_is_absorbed_by_the_inbox() {
         "past the window JetStream keeps both copies"
     );
 
-    let consumer = Consumer::new(
-        s.pool.clone(),
+    let consumer = s.consume(
         Arc::new(CountEffects {
             delay: Duration::ZERO,
         }),
         4,
+        "late",
     );
-    let stats = consumer.stats();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(consumer.run(s.source("late"), shutdown.clone()));
+    let stats = consumer.stats.clone();
     eventually("both copies handled", Duration::from_secs(30), || async {
         stats.applied.load(Ordering::SeqCst) + stats.duplicates.load(Ordering::SeqCst) == 50
     })
     .await;
-    shutdown.cancel();
-    task.await.unwrap();
+    consumer.stop().await;
     assert_eq!(stats.duplicates.load(Ordering::SeqCst), 25);
     let counts = s.effect_counts().await;
     assert_eq!(counts.len(), 25);
@@ -675,10 +687,8 @@ async fn a_consumer_the_broker_lost_is_recreated_and_nothing_is_applied_twice() 
         let env = Envelope::new("test", &format!("saga-{i}"), None, &Ping { n: i });
         s.publish_raw("test.ping", env.encode_to_vec()).await;
     }
-    let consumer = Consumer::new(s.pool.clone(), handler, 4);
-    let stats = consumer.stats();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(consumer.run(s.source("lost"), shutdown.clone()));
+    let consumer = s.consume(handler, 4, "lost");
+    let stats = consumer.stats.clone();
     eventually("the first 20 applied", Duration::from_secs(30), || async {
         stats.applied.load(Ordering::SeqCst) == 20
     })
@@ -700,8 +710,7 @@ async fn a_consumer_the_broker_lost_is_recreated_and_nothing_is_applied_twice() 
         stats.duplicates.load(Ordering::SeqCst) == 20
     })
     .await;
-    shutdown.cancel();
-    task.await.unwrap();
+    consumer.stop().await;
     assert!(s.effect_counts().await.iter().all(|&n| n == 1));
     assert_eq!(s.effect_counts().await.len(), 30);
 }
