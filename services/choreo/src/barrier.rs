@@ -81,7 +81,7 @@ pub async fn action(
         Action::AlreadyDone
     } else {
         let step = step.to_owned();
-        crate::consumer::after_commit(move || {
+        crate::inbox::after_commit(move || {
             metrics::counter!("saga_actions_refused_total", "step" => step).increment(1);
         });
         Action::Refused
@@ -127,7 +127,7 @@ pub async fn compensation(
 /// Counted once the handler's transaction commits: a retried attempt does not count twice.
 fn count_compensation(step: &str, kind: &'static str) {
     let step = step.to_owned();
-    crate::consumer::after_commit(move || {
+    crate::inbox::after_commit(move || {
         metrics::counter!("saga_compensations_total", "step" => step, "kind" => kind).increment(1);
     });
 }

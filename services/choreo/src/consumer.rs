@@ -1,17 +1,17 @@
-//! The inbox consumer: durable pull consumer, dedup before effect, ack after commit.
+//! The pull loop: a durable pull consumer, events spread over lanes, the inbox
+//! step for each, retries, and stuck reports.
 //!
 //! Messages are spread over a fixed number of lanes by saga id, so one saga's
 //! events are handled one at a time in delivery order while different sagas
 //! run side by side. For each message:
 //! 1. decode the envelope; a message that is not one is parked (dead letter);
-//! 2. in one transaction: insert the event id into `choreo_inbox` (an id
-//!    already there means "done before": ack and skip), run the handler's
-//!    effects and outbox writes, commit;
-//! 3. ack only after the commit.
-//!
-//! A handler's [`Reject`] (unknown type, unsupported version, unreadable
-//! payload) parks the message with its reason and raw bytes; any other error is
-//! retried in the lane with backoff, then nak'ed with a delay for redelivery.
+//! 2. an event type outside the service's [`Subscription`] is acknowledged
+//!    unread: no transaction, never parked;
+//! 3. decode the payload once into the handler's typed event; an unknown
+//!    version or unreadable payload is parked with the reason;
+//! 4. run the [`crate::inbox`] step (dedup, effects, commit) and ack only after
+//!    the commit. Any other error is retried in the lane with backoff, then
+//!    nak'ed with a delay for redelivery.
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,48 +25,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::Tx;
+use crate::choreography::Subscription;
 use crate::envelope::{Envelope, Reject};
+use crate::handler::{Decode, HandleError, Handler};
+use crate::inbox::{Outcome, apply_decoded};
 use crate::outbox::Outbox;
 use crate::provision::ConsumerSource;
-
-/// A service's reaction to the events it consumes. Business rules only: write
-/// rows and outgoing events into `tx`; the consumer commits and acks.
-#[async_trait::async_trait]
-pub trait Handler: Send + Sync + 'static {
-    async fn handle(&self, tx: &mut Tx, event: &Envelope) -> Result<(), HandleError>;
-
-    /// Whether this service acts on `event` at all. Events it does not act on
-    /// are acknowledged without a transaction (no effect, so nothing to
-    /// deduplicate); a [`Reject`] parks the message. The default reads every event.
-    fn reacts_to(&self, _event: &Envelope) -> Result<bool, Reject> {
-        Ok(true)
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum HandleError {
-    /// The event cannot be read by this service: park it, never retry.
-    #[error(transparent)]
-    Reject(#[from] Reject),
-    /// A database error: retried.
-    #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
-    /// Any other transient failure: retried.
-    #[error("{0}")]
-    Transient(String),
-}
-
-/// What happened to one event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Effects committed.
-    Applied,
-    /// Seen before: nothing done.
-    Duplicate,
-    /// Not readable: must be parked.
-    Parked(Reject),
-}
 
 /// Counters a test or metrics endpoint can read.
 #[derive(Debug, Default)]
@@ -74,123 +38,30 @@ pub struct ConsumerStats {
     pub applied: AtomicU64,
     pub duplicates: AtomicU64,
     pub parked: AtomicU64,
+    /// Delivered but outside the subscription: acknowledged unread.
+    pub ignored: AtomicU64,
     pub retries: AtomicU64,
     pub redeliveries: AtomicU64,
 }
 
-type AfterCommit = Vec<Box<dyn FnOnce() + Send>>;
-
-tokio::task_local! {
-    static AFTER_COMMIT: std::cell::RefCell<AfterCommit>;
-}
-
-/// Runs `f` once the transaction of the event being handled has committed, and
-/// never if it rolls back: for counters and other things outside the database
-/// that must not count an attempt that is retried. Outside a handler, runs `f` now.
-pub fn after_commit(f: impl FnOnce() + Send + 'static) {
-    let mut f = Some(f);
-    let _ = AFTER_COMMIT.try_with(|queue| {
-        if let Some(f) = f.take() {
-            queue.borrow_mut().push(Box::new(f));
-        }
-    });
-    if let Some(f) = f {
-        f();
-    }
-}
-
-/// Dedup, effects and commit for one event: the inbox step, in one transaction.
-pub async fn apply(
-    pool: &PgPool,
-    handler: &dyn Handler,
-    event: &Envelope,
-) -> Result<Outcome, HandleError> {
-    let (outcome, after) = AFTER_COMMIT
-        .scope(Default::default(), async {
-            let outcome = apply_in_tx(pool, handler, event).await;
-            (outcome, AFTER_COMMIT.with(|queue| queue.take()))
-        })
-        .await;
-    if matches!(outcome, Ok(Outcome::Applied)) {
-        for f in after {
-            f();
-        }
-    }
-    outcome
-}
-
-async fn apply_in_tx(
-    pool: &PgPool,
-    handler: &dyn Handler,
-    event: &Envelope,
-) -> Result<Outcome, HandleError> {
-    let mut tx = pool.begin().await?;
-    let fresh = sqlx::query(
-        "INSERT INTO choreo_inbox (event_id, event_type, saga_id) VALUES ($1, $2, $3)
-         ON CONFLICT (event_id) DO NOTHING",
-    )
-    .bind(event.id())
-    .bind(&event.event_type)
-    .bind(&event.saga_id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1;
-    if !fresh {
-        tx.rollback().await?;
-        return Ok(Outcome::Duplicate);
-    }
-    match handler.handle(&mut tx, event).await {
-        Ok(()) => {
-            tx.commit().await?;
-            Ok(Outcome::Applied)
-        }
-        Err(HandleError::Reject(reject)) => {
-            tx.rollback().await?;
-            Ok(Outcome::Parked(reject))
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// Records a message this service cannot read. Idempotent per stream sequence.
-pub async fn park(
-    pool: &PgPool,
-    stream: &str,
-    stream_seq: u64,
-    subject: &str,
-    reason: &str,
-    raw: &[u8],
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO choreo_dead_letter (stream, stream_seq, subject, reason, raw) VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (stream, stream_seq) DO NOTHING",
-    )
-    .bind(stream)
-    .bind(stream_seq as i64)
-    .bind(subject)
-    .bind(reason)
-    .bind(raw)
-    .execute(pool)
-    .await?;
-    Ok(())
-}
-
 const IN_LANE_ATTEMPTS: u32 = 5;
 
-pub struct Consumer {
+pub struct Consumer<H: Handler> {
     pool: PgPool,
-    handler: Arc<dyn Handler>,
+    handler: Arc<H>,
+    subscription: Subscription,
     lanes: usize,
     stats: Arc<ConsumerStats>,
     stuck: Option<(Outbox, u64)>,
 }
 
-impl Consumer {
-    pub fn new(pool: PgPool, handler: Arc<dyn Handler>, lanes: usize) -> Self {
+impl<H: Handler> Consumer<H> {
+    /// A consumer that hands `handler` the events of `subscription`.
+    pub fn new(pool: PgPool, handler: Arc<H>, subscription: Subscription, lanes: usize) -> Self {
         Consumer {
             pool,
             handler,
+            subscription,
             lanes: lanes.max(1),
             stats: Arc::default(),
             stuck: None,
@@ -308,15 +179,25 @@ impl Consumer {
         if delivered > 1 {
             self.stats.redeliveries.fetch_add(1, Ordering::Relaxed);
         }
-        let event = match decoded.and_then(|event| Ok((self.handler.reacts_to(&event)?, event))) {
-            Ok((true, event)) => event,
-            Ok((false, event)) => {
-                metrics::counter!("saga_events_handled_total", "event_type" => event.event_type, "outcome" => "ignored")
-                    .increment(1);
-                return ack(&message).await;
-            }
+        let envelope = match decoded {
+            Ok(envelope) => envelope,
             Err(reject) => return self.park(&message, &stream, stream_seq, &reject).await,
         };
+        if !self.subscription.consumes(&envelope.event_type) {
+            self.stats.ignored.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("saga_events_handled_total", "event_type" => envelope.event_type, "outcome" => "ignored")
+                .increment(1);
+            return ack(&message).await;
+        }
+        let typed = match H::Event::decode(&envelope) {
+            Ok(typed) => typed,
+            Err(reject) => {
+                metrics::counter!("saga_events_handled_total", "event_type" => envelope.event_type.clone(), "outcome" => "parked")
+                    .increment(1);
+                return self.park(&message, &stream, stream_seq, &reject).await;
+            }
+        };
+        let event = envelope;
         let span = tracing::info_span!(
             "event",
             otel.name = %format!("handle {}", event.event_type),
@@ -337,7 +218,8 @@ impl Consumer {
             }
             let mut backoff = Duration::from_millis(50);
             for attempt in 1..=IN_LANE_ATTEMPTS {
-                match apply(&self.pool, self.handler.as_ref(), &event).await {
+                match apply_decoded(&self.pool, self.handler.as_ref(), &event, typed.clone()).await
+                {
                     Ok(Outcome::Applied) => {
                         self.stats.applied.fetch_add(1, Ordering::Relaxed);
                         handled("applied");
@@ -430,7 +312,7 @@ impl Consumer {
         reject: &Reject,
     ) {
         let reason = reject.to_string();
-        match park(
+        match crate::dead_letters::park(
             &self.pool,
             stream,
             stream_seq,

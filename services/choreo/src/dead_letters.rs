@@ -1,22 +1,47 @@
-//! The dead-letter API every service serves beside its own (`choreo.v1.DeadLetters`):
-//! list what the consumer parked, and replay a parked message through the
-//! same inbox step the consumer uses, once the service can read it.
+//! Dead letters: where the consumer parks what it cannot read ([`park`]), and
+//! the API every service serves beside its own (`choreo.v1.DeadLetters`) to
+//! list them and replay one through the same inbox step the consumer uses,
+//! once the service can read it.
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 
-use crate::consumer::{self, HandleError, Handler, Outcome};
 use crate::envelope::Envelope;
 use crate::grpc::{internal, timestamp};
+use crate::handler::{HandleError, Handler};
+use crate::inbox::{self, Outcome};
 use crate::proto::{self as api, dead_letters_server::DeadLetters};
 
 pub use crate::proto::dead_letters_server::{DeadLettersServer, SERVICE_NAME};
 
-pub struct DeadLetterApi {
+pub struct DeadLetterApi<H> {
     pub pool: PgPool,
-    pub handler: Arc<dyn Handler>,
+    pub handler: Arc<H>,
+}
+
+/// Records a message this service cannot read. Idempotent per stream sequence.
+pub async fn park(
+    pool: &PgPool,
+    stream: &str,
+    stream_seq: u64,
+    subject: &str,
+    reason: &str,
+    raw: &[u8],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO choreo_dead_letter (stream, stream_seq, subject, reason, raw) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (stream, stream_seq) DO NOTHING",
+    )
+    .bind(stream)
+    .bind(stream_seq as i64)
+    .bind(subject)
+    .bind(reason)
+    .bind(raw)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 #[derive(sqlx::FromRow)]
@@ -45,7 +70,11 @@ pub enum ReplayError {
 /// Runs dead letter `id` through the inbox step again. Applied or found to be
 /// a duplicate: the dead letter is removed. Still unreadable: kept, with the
 /// new reason and one more replay counted.
-pub async fn replay(pool: &PgPool, handler: &dyn Handler, id: i64) -> Result<Outcome, ReplayError> {
+pub async fn replay<H: Handler>(
+    pool: &PgPool,
+    handler: &H,
+    id: i64,
+) -> Result<Outcome, ReplayError> {
     let raw: Option<Vec<u8>> =
         sqlx::query_scalar("SELECT raw FROM choreo_dead_letter WHERE id = $1")
             .bind(id)
@@ -54,7 +83,7 @@ pub async fn replay(pool: &PgPool, handler: &dyn Handler, id: i64) -> Result<Out
             .map_err(HandleError::from)?;
     let raw = raw.ok_or(ReplayError::NotFound(id))?;
     let outcome = match Envelope::from_bytes(&raw) {
-        Ok(event) => consumer::apply(pool, handler, &event).await?,
+        Ok(event) => inbox::apply(pool, handler, &event).await?,
         Err(reject) => Outcome::Parked(reject),
     };
     match &outcome {
@@ -83,7 +112,7 @@ pub async fn replay(pool: &PgPool, handler: &dyn Handler, id: i64) -> Result<Out
 }
 
 #[tonic::async_trait]
-impl DeadLetters for DeadLetterApi {
+impl<H: Handler> DeadLetters for DeadLetterApi<H> {
     async fn list_dead_letters(
         &self,
         request: Request<api::ListDeadLettersRequest>,

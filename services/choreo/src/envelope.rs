@@ -25,6 +25,10 @@ pub enum Reject {
     Malformed(String),
     #[error("unknown event type {0:?}")]
     UnknownType(String),
+    /// The handler was given an event its service does not consume: the
+    /// choreography declaration and the handler disagree.
+    #[error("event type {0:?} reached a handler that does not handle it")]
+    NotConsumed(String),
     #[error(
         "unsupported schema version {version} of {event_type:?} (this consumer reads {supported})"
     )]

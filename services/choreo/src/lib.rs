@@ -1,14 +1,17 @@
 //! choreo: the platform library for choreographed sagas on NATS JetStream.
 //!
 //! A service built on it writes business rules only: a [`Handler`] that turns
-//! one consumed event into row changes and outgoing events inside one
-//! transaction, and a gRPC API. Everything else lives here: the versioned
-//! [`Envelope`], the transactional [`outbox`] and its [`relay`], the
-//! deduplicating [`consumer`] with its dead-letter table, the compensation
-//! [`barrier`], stream and consumer [`provision`]ing, retention [`cleanup`],
-//! and the [`runtime`] that wires config, telemetry, gRPC and shutdown.
+//! one consumed, already decoded event into row changes and outgoing events
+//! inside one transaction (with [`step`] for a compensable step), and a gRPC
+//! API. Everything else lives here: the declared [`choreography`] that
+//! subscriptions and checks derive from, the versioned [`Envelope`], the
+//! transactional [`outbox`] and its [`relay`], the [`inbox`] step, the
+//! [`consumer`] loop, [`dead_letters`], the compensation [`barrier`], stream
+//! and consumer [`provision`]ing, retention [`cleanup`], and the [`runtime`]
+//! that wires config, telemetry, gRPC and shutdown.
 
 pub mod barrier;
+pub mod choreography;
 pub mod cleanup;
 pub mod config;
 pub mod consumer;
@@ -16,10 +19,13 @@ pub mod db;
 pub mod dead_letters;
 pub mod envelope;
 pub mod grpc;
+pub mod handler;
+pub mod inbox;
 pub mod outbox;
 pub mod provision;
 pub mod relay;
 pub mod runtime;
+pub mod step;
 pub mod telemetry;
 
 /// Generated from proto/choreo/v1 (the envelope and the dead-letter API).
@@ -32,9 +38,10 @@ pub mod proto {
 pub const DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/choreo_descriptor.bin"));
 
+pub use choreography::Choreography;
 pub use config::Config;
-pub use consumer::{HandleError, Handler};
 pub use envelope::{Envelope, EventPayload, Reject};
+pub use handler::{Decode, HandleError, Handler};
 pub use outbox::Outbox;
 pub use runtime::{Ports, Service};
 

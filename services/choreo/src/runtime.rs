@@ -14,16 +14,18 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::service::Routes;
 
+use crate::choreography::Choreography;
 use crate::config::Config;
-use crate::consumer::{Consumer, Handler};
+use crate::consumer::Consumer;
+use crate::handler::Handler;
 use crate::outbox::Outbox;
 use crate::relay::Relay;
 use crate::{cleanup, db, grpc, provision};
 
 /// What a service hands the runtime once its database is ready.
-pub struct Parts {
+pub struct Parts<H> {
     /// Reacts to consumed events.
-    pub handler: Arc<dyn Handler>,
+    pub handler: Arc<H>,
     /// The service's gRPC API.
     pub routes: Routes,
     /// Fully qualified gRPC service names, reported SERVING by health.
@@ -45,6 +47,7 @@ pub struct Context {
 
 pub struct Service {
     name: &'static str,
+    choreography: &'static Choreography,
     ports: Ports,
     config: Config,
     migrator: Migrator,
@@ -58,11 +61,19 @@ pub struct Ports {
 }
 
 impl Service {
-    /// `name` is the producer name in envelopes and the durable consumer name;
-    /// `ports` are where it listens unless configured otherwise.
-    pub fn new(name: &'static str, ports: Ports, config: Config, migrator: Migrator) -> Self {
+    /// `name` is the service's name in `choreography` (what it consumes and
+    /// produces), the producer name in envelopes and the durable consumer
+    /// name; `ports` are where it listens unless configured otherwise.
+    pub fn new(
+        name: &'static str,
+        choreography: &'static Choreography,
+        ports: Ports,
+        config: Config,
+        migrator: Migrator,
+    ) -> Self {
         Service {
             name,
+            choreography,
             ports,
             config,
             migrator,
@@ -70,9 +81,10 @@ impl Service {
     }
 
     /// Runs until SIGINT or SIGTERM.
-    pub async fn run<F>(self, build: F) -> anyhow::Result<()>
+    pub async fn run<F, H>(self, build: F) -> anyhow::Result<()>
     where
-        F: FnOnce(&Context) -> Parts,
+        F: FnOnce(&Context) -> Parts<H>,
+        H: Handler,
     {
         let telemetry = crate::telemetry::init(
             &self.config.log_format,
@@ -93,9 +105,10 @@ impl Service {
 
     /// Runs until `shutdown` is cancelled, then stops taking work, finishes
     /// in-flight handlers and publishes, drains NATS and closes the pool.
-    pub async fn run_until<F>(self, build: F, shutdown: CancellationToken) -> anyhow::Result<()>
+    pub async fn run_until<F, H>(self, build: F, shutdown: CancellationToken) -> anyhow::Result<()>
     where
-        F: FnOnce(&Context) -> Parts,
+        F: FnOnce(&Context) -> Parts<H>,
+        H: Handler,
     {
         let config = self.config;
         let pool = db::open(
@@ -140,8 +153,14 @@ impl Service {
         let routes = parts.routes.add_service(dead_letters);
         let mut service_names = parts.service_names;
         service_names.push(crate::dead_letters::SERVICE_NAME);
-        let consumer_loop = Consumer::new(pool.clone(), parts.handler, config.consumer_lanes)
-            .report_stuck(context.outbox.clone(), config.stuck_after_deliveries);
+        let subscription = self.choreography.subscription(self.name);
+        let consumer_loop = Consumer::new(
+            pool.clone(),
+            parts.handler,
+            subscription,
+            config.consumer_lanes,
+        )
+        .report_stuck(context.outbox.clone(), config.stuck_after_deliveries);
         tasks.spawn(consumer_loop.run(source, shutdown.clone()));
         tasks.spawn(crate::relay::sample_backlog(
             pool.clone(),

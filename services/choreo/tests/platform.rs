@@ -6,9 +6,12 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, message::PublishMessage};
 use choreo::barrier::{self, Action, Compensation};
-use choreo::consumer::{self, Consumer, Outcome};
+use choreo::choreography::Subscription;
+use choreo::consumer::{self, Consumer};
+use choreo::dead_letters;
+use choreo::inbox::{self, Outcome};
 use choreo::relay::Relay;
-use choreo::{Config, Envelope, EventPayload, HandleError, Handler, Outbox, Tx};
+use choreo::{Config, Decode, Envelope, EventPayload, HandleError, Handler, Outbox, Reject, Tx};
 use harness::Infra;
 use prost::Message;
 use sqlx::PgPool;
@@ -22,6 +25,11 @@ struct Ping {
 impl EventPayload for Ping {
     const EVENT_TYPE: &'static str = "test.ping";
     const SCHEMA_VERSION: u32 = 1;
+}
+impl Decode for Ping {
+    fn decode(envelope: &Envelope) -> Result<Self, Reject> {
+        envelope.payload()
+    }
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -38,8 +46,9 @@ struct CountEffects {
 
 #[async_trait::async_trait]
 impl Handler for CountEffects {
-    async fn handle(&self, tx: &mut Tx, event: &Envelope) -> Result<(), HandleError> {
-        let _ping: Ping = event.payload()?;
+    type Event = Ping;
+
+    async fn handle(&self, tx: &mut Tx, event: &Envelope, _ping: Ping) -> Result<(), HandleError> {
         sqlx::query(
             "INSERT INTO effects (event_id, applied) VALUES ($1, 1)
              ON CONFLICT (event_id) DO UPDATE SET applied = effects.applied + 1",
@@ -183,8 +192,10 @@ impl Setup {
     }
 
     /// A consumer of `handler` with `lanes` lanes on durable `durable`, running until stopped.
-    fn consume(&self, handler: Arc<dyn Handler>, lanes: usize, durable: &str) -> RunningConsumer {
-        let consumer = Consumer::new(self.pool.clone(), handler, lanes);
+    /// Consumes the ping events only.
+    fn consume<H: Handler>(&self, handler: Arc<H>, lanes: usize, durable: &str) -> RunningConsumer {
+        let subscription = Subscription::of(&[Ping::EVENT_TYPE]);
+        let consumer = Consumer::new(self.pool.clone(), handler, subscription, lanes);
         let stats = consumer.stats();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(consumer.run(self.source(durable), shutdown.clone()));
@@ -366,7 +377,7 @@ async fn a_duplicate_delivery_is_applied_once() {
     // message is still in the stream, to be delivered again.
     let committed = Envelope::new("test", "saga-2", None, &Ping { n: 2 });
     assert_eq!(
-        consumer::apply(&s.pool, handler.as_ref(), &committed)
+        inbox::apply(&s.pool, handler.as_ref(), &committed)
             .await
             .unwrap(),
         Outcome::Applied
@@ -394,6 +405,7 @@ async fn unreadable_messages_are_parked_with_a_reason_and_the_next_one_is_handle
     let s = setup().await;
     s.publish_raw("test.ping", b"\xff\xfe not protobuf at all".to_vec())
         .await;
+    // A type this consumer does not subscribe to: acknowledged unread, never parked.
     s.publish_raw(
         "test.mystery",
         Envelope::new("test", "saga-1", None, &Mystery {}).encode_to_vec(),
@@ -418,7 +430,7 @@ async fn unreadable_messages_are_parked_with_a_reason_and_the_next_one_is_handle
         "the valid message handled",
         Duration::from_secs(30),
         || async {
-            stats.applied.load(Ordering::SeqCst) == 1 && stats.parked.load(Ordering::SeqCst) == 3
+            stats.applied.load(Ordering::SeqCst) == 1 && stats.parked.load(Ordering::SeqCst) == 2
         },
     )
     .await;
@@ -431,27 +443,32 @@ async fn unreadable_messages_are_parked_with_a_reason_and_the_next_one_is_handle
     .await
     .unwrap();
     let reasons: Vec<&str> = parked.iter().map(|(_, r, _)| r.as_str()).collect();
-    assert_eq!(parked.len(), 3, "{reasons:?}");
+    assert_eq!(parked.len(), 2, "{reasons:?}");
     assert!(
         reasons[0].contains("not an event envelope"),
         "{}",
         reasons[0]
     );
     assert!(
-        reasons[1].contains("unknown event type \"test.mystery\""),
+        reasons[1].contains("unsupported schema version 99"),
         "{}",
         reasons[1]
-    );
-    assert!(
-        reasons[2].contains("unsupported schema version 99"),
-        "{}",
-        reasons[2]
     );
     assert_eq!(
         parked[0].2, b"\xff\xfe not protobuf at all",
         "raw bytes kept"
     );
     assert_eq!(s.effect_counts().await, vec![1]);
+    assert_eq!(
+        stats.ignored.load(Ordering::SeqCst),
+        1,
+        "the unsubscribed type was acknowledged unread"
+    );
+    let inbox: i64 = sqlx::query_scalar("SELECT count(*) FROM choreo_inbox")
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+    assert_eq!(inbox, 1, "no transaction recorded the ignored event");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -723,9 +740,11 @@ struct CountsAfterCommit {
 
 #[async_trait::async_trait]
 impl Handler for CountsAfterCommit {
-    async fn handle(&self, _tx: &mut Tx, event: &Envelope) -> Result<(), HandleError> {
+    type Event = Ping;
+
+    async fn handle(&self, _tx: &mut Tx, event: &Envelope, _ping: Ping) -> Result<(), HandleError> {
         let counted = self.counted.clone();
-        consumer::after_commit(move || {
+        inbox::after_commit(move || {
             counted.fetch_add(1, Ordering::SeqCst);
         });
         if event.event_type == Mystery::EVENT_TYPE {
@@ -752,7 +771,7 @@ async fn after_commit_work_runs_once_per_committed_event_and_never_for_a_rolled_
     };
     let event = Envelope::new("test", "saga-1", None, &Ping { n: 1 });
     for _ in 0..2 {
-        assert!(consumer::apply(&s.pool, &handler, &event).await.is_err());
+        assert!(inbox::apply(&s.pool, &handler, &event).await.is_err());
     }
     assert_eq!(
         counted.load(Ordering::SeqCst),
@@ -760,25 +779,23 @@ async fn after_commit_work_runs_once_per_committed_event_and_never_for_a_rolled_
         "two rolled-back attempts"
     );
     assert_eq!(
-        consumer::apply(&s.pool, &handler, &event).await.unwrap(),
+        inbox::apply(&s.pool, &handler, &event).await.unwrap(),
         Outcome::Applied
     );
     assert_eq!(counted.load(Ordering::SeqCst), 1);
     assert_eq!(
-        consumer::apply(&s.pool, &handler, &event).await.unwrap(),
+        inbox::apply(&s.pool, &handler, &event).await.unwrap(),
         Outcome::Duplicate
     );
     let unreadable = Envelope::new("test", "saga-1", None, &Mystery {});
     assert!(matches!(
-        consumer::apply(&s.pool, &handler, &unreadable)
-            .await
-            .unwrap(),
+        inbox::apply(&s.pool, &handler, &unreadable).await.unwrap(),
         Outcome::Parked(_)
     ));
     assert_eq!(counted.load(Ordering::SeqCst), 1);
     // Outside a handler there is no transaction to wait for: it runs at once.
     let now = counted.clone();
-    consumer::after_commit(move || {
+    inbox::after_commit(move || {
         now.fetch_add(1, Ordering::SeqCst);
     });
     assert_eq!(counted.load(Ordering::SeqCst), 2);
@@ -800,7 +817,7 @@ async fn a_dead_letter_is_listed_and_replayed_once_the_service_can_read_it() {
     };
     // Parked as a consumer parks: garbage, and a ping an older build could not read.
     let ping = Envelope::new("test", "saga-1", None, &Ping { n: 7 });
-    consumer::park(
+    dead_letters::park(
         &s.pool,
         "S",
         1,
@@ -812,7 +829,7 @@ async fn a_dead_letter_is_listed_and_replayed_once_the_service_can_read_it() {
     .unwrap();
     let old_reason = "unknown event type \"test.ping\"";
     for seq in [2, 3] {
-        consumer::park(
+        dead_letters::park(
             &s.pool,
             "S",
             seq,

@@ -4,6 +4,8 @@
 //! crate adds the one table that binds each payload to its event type.
 #![allow(clippy::large_enum_variant)]
 
+use choreo::Decode;
+use choreo::choreography::{self, Choreography, Role, Step};
 use choreo::{Envelope, EventPayload, Reject};
 
 pub mod events {
@@ -35,69 +37,125 @@ pub mod notification {
 /// Encoded `FileDescriptorSet` of every API, for gRPC reflection.
 pub const DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
 
-/// Binds each payload of `events/v1` to its event type and schema version.
-macro_rules! event_payloads {
-    ($($payload:ident = $event_type:literal, version $version:literal);* $(;)?) => {
+/// Declares the saga's events once: each payload's event type, schema
+/// version, producer and consumers. From this one table come the payloads'
+/// [`EventPayload`] impls, the typed [`SagaEvent`] with its decode table, and
+/// the `events` of [`CHOREOGRAPHY`].
+macro_rules! saga_events {
+    ($($payload:ident = $event_type:literal, version $version:literal, by $producer:ident
+        => $($consumer:ident: $role:ident),+;)*) => {
         $(
             impl EventPayload for events::v1::$payload {
                 const EVENT_TYPE: &'static str = $event_type;
                 const SCHEMA_VERSION: u32 = $version;
             }
         )*
-    };
-}
 
-event_payloads! {
-    OrderCreated = "order.created", version 1;
-    OrderCancelled = "order.cancelled", version 1;
-    InventoryReserved = "inventory.reserved", version 1;
-    InventoryRejected = "inventory.rejected", version 1;
-    InventoryReleased = "inventory.released", version 1;
-    ShippingScheduled = "shipping.scheduled", version 1;
-    ShippingFailed = "shipping.failed", version 1;
-    ShippingCancelled = "shipping.cancelled", version 1;
-    NotificationSent = "notification.sent", version 1;
-    NotificationFailed = "notification.failed", version 1;
-    NotificationCancelled = "notification.cancelled", version 1;
-}
+        const EVENTS: &[choreography::Event] = &[
+            $(choreography::Event {
+                name: $event_type,
+                producer: stringify!($producer),
+                payload: concat!("events.v1.", stringify!($payload)),
+                versions: &[$version],
+                consumers: &[$((stringify!($consumer), Role::$role)),+],
+            }),*
+        ];
 
-macro_rules! saga_events {
-    ($($variant:ident($payload:path)),* $(,)?) => {
-        /// Any event of the order saga, decoded from its envelope.
+        /// Any event of the order saga, decoded once from its envelope.
         #[derive(Debug, Clone, PartialEq)]
         pub enum SagaEvent {
-            $($variant($payload)),*
+            $($payload(events::v1::$payload),)*
+            /// Written by the platform library when a service keeps failing on an event.
+            Stuck(choreo::proto::Stuck),
         }
 
-        impl SagaEvent {
-            /// Decodes the payload an envelope carries; an unknown type or an
-            /// unsupported version is a [`Reject`] (the message gets parked).
-            pub fn decode(envelope: &Envelope) -> Result<Self, Reject> {
-                $(
-                    if envelope.event_type == <$payload as EventPayload>::EVENT_TYPE {
-                        return envelope.payload().map(SagaEvent::$variant);
-                    }
-                )*
-                Err(Reject::UnknownType(envelope.event_type.clone()))
+        impl Decode for SagaEvent {
+            /// The decode table: an unknown type or an unsupported version is a
+            /// [`Reject`] (the message gets parked).
+            fn decode(envelope: &Envelope) -> Result<Self, Reject> {
+                match envelope.event_type.as_str() {
+                    $($event_type => envelope.payload().map(SagaEvent::$payload),)*
+                    choreography::STUCK => envelope.payload().map(SagaEvent::Stuck),
+                    other => Err(Reject::UnknownType(other.to_owned())),
+                }
             }
         }
     };
 }
 
+// The order saga, on one screen. `Forward`: triggers the consumer's step;
+// `Failure` / `Compensation`: makes the consumer undo its step; `Ends`: the
+// order records the outcome; `Observe`: the order's timeline only.
 saga_events! {
-    OrderCreated(events::v1::OrderCreated),
-    OrderCancelled(events::v1::OrderCancelled),
-    InventoryReserved(events::v1::InventoryReserved),
-    InventoryRejected(events::v1::InventoryRejected),
-    InventoryReleased(events::v1::InventoryReleased),
-    ShippingScheduled(events::v1::ShippingScheduled),
-    ShippingFailed(events::v1::ShippingFailed),
-    ShippingCancelled(events::v1::ShippingCancelled),
-    NotificationSent(events::v1::NotificationSent),
-    NotificationFailed(events::v1::NotificationFailed),
-    NotificationCancelled(events::v1::NotificationCancelled),
-    // Written by the platform library when a service keeps failing on an event.
-    Stuck(choreo::proto::Stuck),
+    OrderCreated          = "order.created",          version 1, by order        => inventory: Forward, order: Observe;
+    InventoryReserved     = "inventory.reserved",     version 1, by inventory    => shipping: Forward, order: Observe;
+    InventoryRejected     = "inventory.rejected",     version 1, by inventory    => order: Ends;
+    ShippingScheduled     = "shipping.scheduled",     version 1, by shipping     => notification: Forward, order: Observe;
+    ShippingFailed        = "shipping.failed",        version 1, by shipping     => inventory: Failure, order: Observe;
+    NotificationSent      = "notification.sent",      version 1, by notification => order: Ends;
+    NotificationFailed    = "notification.failed",    version 1, by notification => shipping: Failure, order: Observe;
+    OrderCancelled        = "order.cancelled",        version 1, by order        => notification: Compensation, order: Observe;
+    NotificationCancelled = "notification.cancelled", version 1, by notification => shipping: Compensation, order: Observe;
+    ShippingCancelled     = "shipping.cancelled",     version 1, by shipping     => inventory: Compensation, order: Observe;
+    InventoryReleased     = "inventory.released",     version 1, by inventory    => order: Ends;
+}
+
+/// The order saga: three compensable steps after the order is placed.
+pub const CHOREOGRAPHY: Choreography = Choreography {
+    start: "order.created",
+    cancel: "order.cancelled",
+    events: EVENTS,
+    steps: &[
+        Step {
+            name: "reserve",
+            owner: "inventory",
+            trigger: "order.created",
+            success: "inventory.reserved",
+            failure: "inventory.rejected",
+            compensated_by: &["shipping.failed", "shipping.cancelled"],
+            compensation: "inventory.released",
+        },
+        Step {
+            name: "ship",
+            owner: "shipping",
+            trigger: "inventory.reserved",
+            success: "shipping.scheduled",
+            failure: "shipping.failed",
+            compensated_by: &["notification.failed", "notification.cancelled"],
+            compensation: "shipping.cancelled",
+        },
+        Step {
+            name: "notify",
+            owner: "notification",
+            trigger: "shipping.scheduled",
+            success: "notification.sent",
+            failure: "notification.failed",
+            compensated_by: &["order.cancelled"],
+            compensation: "notification.cancelled",
+        },
+    ],
+    stuck_reports_to: &["order"],
+};
+
+impl SagaEvent {
+    /// Why the order is being compensated, as this event tells it: a failure
+    /// names its producer (read from the envelope) and its reason; a
+    /// compensation or a cancel carries the cause down the chain.
+    pub fn cause(&self, envelope: &Envelope) -> Option<String> {
+        use SagaEvent::*;
+        let failure = |reason: &str| format!("{}: {reason}", envelope.producer);
+        let cause = match self {
+            InventoryRejected(e) => failure(&e.reason),
+            ShippingFailed(e) => failure(&e.reason),
+            NotificationFailed(e) => failure(&e.reason),
+            OrderCancelled(e) => e.reason.clone(),
+            NotificationCancelled(e) => e.cause.clone(),
+            ShippingCancelled(e) => e.cause.clone(),
+            InventoryReleased(e) => e.cause.clone(),
+            _ => return None,
+        };
+        Some(cause).filter(|c| !c.is_empty())
+    }
 }
 
 /// The one check of an order id every API applies: required, and a UUID
@@ -125,11 +183,4 @@ pub fn check_sku(sku: &str) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// The cause of a compensation as the order shows it: the step that failed
-/// (or "customer", "deadline") and its reason. Built in one place so every
-/// service that starts or passes on a compensation words it the same way.
-pub fn cause(step: &str, reason: &str) -> String {
-    format!("{step}: {reason}")
 }

@@ -1,13 +1,10 @@
 //! Inventory's rules: hold every line of an order or none; give back exactly
 //! what was held when the order is compensated.
-use choreo::barrier::{self, Compensation};
+use choreo::step::{self, CompensableStep, Undo, Verdict};
 use choreo::{Config, Envelope, HandleError, Handler, Outbox, Reject, Tx};
 use contracts::SagaEvent;
 use contracts::events::v1 as ev;
 use sqlx::{Acquire, PgConnection};
-
-/// The barrier step inventory owns.
-const STEP: &str = "reserve";
 
 pub struct InventoryHandler {
     pub outbox: Outbox,
@@ -71,17 +68,25 @@ async fn record(
     Ok(())
 }
 
-impl InventoryHandler {
-    async fn reserve(
+#[async_trait::async_trait]
+impl CompensableStep for InventoryHandler {
+    const NAME: &'static str = "reserve";
+    type Input = ev::OrderCreated;
+    type Success = ev::InventoryReserved;
+    type Failure = ev::InventoryRejected;
+    type Compensated = ev::InventoryReleased;
+
+    fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    async fn work(
         &self,
         tx: &mut Tx,
         envelope: &Envelope,
         order: ev::OrderCreated,
-    ) -> Result<(), HandleError> {
+    ) -> Result<Verdict<ev::InventoryReserved, ev::InventoryRejected>, HandleError> {
         let order_id = envelope.saga_id.as_str();
-        if !barrier::action(tx, order_id, STEP).await?.proceeds(STEP) {
-            return Ok(());
-        }
         let refusal = match self.config.injected_failure() {
             Some(reason) => Some(reason),
             None => take(tx, &order.lines).await?,
@@ -89,15 +94,7 @@ impl InventoryHandler {
         if let Some(reason) = refusal {
             tracing::info!(%reason, "reservation rejected");
             record(tx, order_id, "REJECTED", &reason).await?;
-            self.outbox
-                .emit(
-                    tx,
-                    order_id,
-                    Some(envelope),
-                    &ev::InventoryRejected { reason },
-                )
-                .await?;
-            return Ok(());
+            return Ok(Verdict::Failed(ev::InventoryRejected { reason }));
         }
         record(tx, order_id, "HELD", "").await?;
         for line in &order.lines {
@@ -111,28 +108,24 @@ impl InventoryHandler {
             .await?;
         }
         tracing::info!(lines = order.lines.len(), "stock reserved");
-        let reserved = ev::InventoryReserved {
+        Ok(Verdict::Succeeded(ev::InventoryReserved {
             lines: order.lines,
             destination: order.destination,
             contact: order.contact,
             customer: order.customer,
-        };
-        self.outbox
-            .emit(tx, order_id, Some(envelope), &reserved)
-            .await?;
-        Ok(())
+        }))
     }
 
-    async fn release(
+    async fn undo(
         &self,
         tx: &mut Tx,
         envelope: &Envelope,
+        undo: Undo,
         cause: String,
-    ) -> Result<(), HandleError> {
+    ) -> Result<ev::InventoryReleased, HandleError> {
         let order_id = envelope.saga_id.as_str();
-        let released = match barrier::compensation(tx, order_id, STEP).await? {
-            Compensation::AlreadyCompensated => return Ok(()),
-            Compensation::NothingToUndo => {
+        let released = match undo {
+            Undo::NeverDone => {
                 record(
                     tx,
                     order_id,
@@ -142,7 +135,7 @@ impl InventoryHandler {
                 .await?;
                 vec![]
             }
-            Compensation::Undo => {
+            Undo::Work => {
                 let held: Vec<(String, i64)> = sqlx::query_as(
                     "SELECT l.sku, l.quantity FROM reservation_lines l JOIN reservations r USING (order_id)
                      WHERE order_id = $1 AND r.status = 'HELD' ORDER BY l.sku",
@@ -163,8 +156,7 @@ impl InventoryHandler {
                 held
             }
         };
-        tracing::info!(lines = released.len(), "reservation compensated");
-        let payload = ev::InventoryReleased {
+        Ok(ev::InventoryReleased {
             cause,
             nothing_held: released.is_empty(),
             released: released
@@ -174,35 +166,28 @@ impl InventoryHandler {
                     quantity: quantity as u32,
                 })
                 .collect(),
-        };
-        self.outbox
-            .emit(tx, order_id, Some(envelope), &payload)
-            .await?;
-        Ok(())
+        })
     }
 }
 
 #[async_trait::async_trait]
 impl Handler for InventoryHandler {
-    fn reacts_to(&self, envelope: &Envelope) -> Result<bool, Reject> {
-        Ok(matches!(
-            SagaEvent::decode(envelope)?,
-            SagaEvent::OrderCreated(_)
-                | SagaEvent::ShippingFailed(_)
-                | SagaEvent::ShippingCancelled(_)
-        ))
-    }
+    type Event = SagaEvent;
 
-    async fn handle(&self, tx: &mut Tx, envelope: &Envelope) -> Result<(), HandleError> {
-        match SagaEvent::decode(envelope)? {
-            SagaEvent::OrderCreated(order) => self.reserve(tx, envelope, order).await,
+    async fn handle(
+        &self,
+        tx: &mut Tx,
+        envelope: &Envelope,
+        event: SagaEvent,
+    ) -> Result<(), HandleError> {
+        let cause = event.cause(envelope).unwrap_or_default();
+        match event {
+            SagaEvent::OrderCreated(order) => step::act(self, tx, envelope, order).await,
             // Shipping failed, or shipping finished its own compensation: give the stock back.
-            SagaEvent::ShippingFailed(e) => {
-                let cause = contracts::cause("shipping", &e.reason);
-                self.release(tx, envelope, cause).await
+            SagaEvent::ShippingFailed(_) | SagaEvent::ShippingCancelled(_) => {
+                step::compensate(self, tx, envelope, cause).await
             }
-            SagaEvent::ShippingCancelled(e) => self.release(tx, envelope, e.cause).await,
-            _ => Ok(()),
+            _ => Err(Reject::NotConsumed(envelope.event_type.clone()).into()),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use choreo::runtime::{Context, Parts};
 use contracts::inventory::v1::inventory_service_server::{InventoryServiceServer, SERVICE_NAME};
 
-pub fn parts(context: &Context) -> Parts {
+pub fn parts(context: &Context) -> Parts<handler::InventoryHandler> {
     Parts {
         handler: Arc::new(handler::InventoryHandler {
             outbox: context.outbox.clone(),

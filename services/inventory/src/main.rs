@@ -13,6 +13,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     choreo::Service::new(
         "inventory",
+        &contracts::CHOREOGRAPHY,
         choreo::Ports {
             grpc: 50052,
             metrics: 9102,

@@ -2,7 +2,7 @@
 //! platform's inbox step exactly as the consumer applies them.
 use std::time::Duration;
 
-use choreo::consumer::{Outcome, apply};
+use choreo::inbox::{Outcome, apply};
 use choreo::{Config, Envelope, Outbox};
 use contracts::events::v1 as ev;
 use inventory::handler::InventoryHandler;

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::handler::fail_order;
+use crate::handler::record_failure;
 use crate::sender::{SendError, Sender};
 
 /// The channel the handler notifies (in its transaction, so at commit) when it queues a message.
@@ -222,7 +222,8 @@ async fn record(
             .execute(&mut *tx)
             .await?;
             if confirmation {
-                fail_order(tx, outbox, order_id, cause, reason.clone()).await?;
+                let failed = record_failure(tx, order_id, reason.clone()).await?;
+                outbox.emit(tx, order_id, cause, &failed).await?;
             } else {
                 tracing::info!(%reason, "cancellation notice undeliverable");
             }

@@ -4,16 +4,13 @@
 //!
 //! The handler queues messages; the [`crate::dispatch`]er sends them once the
 //! handler's transaction has committed, and writes the event that follows.
-use choreo::barrier::{self, Compensation};
+use choreo::step::{self, CompensableStep, Undo, Verdict};
 use choreo::{Config, Envelope, HandleError, Handler, Outbox, Reject, Tx};
 use contracts::SagaEvent;
 use contracts::events::v1 as ev;
 use prost::Message;
 use sqlx::PgConnection;
 use uuid::Uuid;
-
-/// The barrier step notification owns.
-const STEP: &str = "notify";
 
 pub struct NotificationHandler {
     pub outbox: Outbox,
@@ -31,16 +28,14 @@ struct Outgoing<'a> {
 }
 
 /// The customer cannot be told: records why (the order's note in
-/// ListNotifications) and writes `notification.failed`, which starts the
-/// compensation. Used by the handler (an injected failure) and by the
+/// ListNotifications) and returns the `notification.failed` to write, which
+/// starts the compensation. Used by the step (an injected failure) and by the
 /// dispatcher (the provider says the message can never be delivered).
-pub(crate) async fn fail_order(
+pub(crate) async fn record_failure(
     tx: &mut PgConnection,
-    outbox: &Outbox,
     order_id: &str,
-    cause: Option<&Envelope>,
     reason: String,
-) -> Result<(), sqlx::Error> {
+) -> Result<ev::NotificationFailed, sqlx::Error> {
     tracing::info!(%reason, "notification failed");
     sqlx::query(
         "INSERT INTO notification_failures (order_id, reason) VALUES ($1, $2)
@@ -50,10 +45,7 @@ pub(crate) async fn fail_order(
     .bind(&reason)
     .execute(&mut *tx)
     .await?;
-    outbox
-        .emit(tx, order_id, cause, &ev::NotificationFailed { reason })
-        .await?;
-    Ok(())
+    Ok(ev::NotificationFailed { reason })
 }
 
 impl NotificationHandler {
@@ -86,58 +78,6 @@ impl NotificationHandler {
             .await?;
         tracing::info!(notification_id = %id, kind = message.kind, "notification queued");
         Ok(id)
-    }
-
-    async fn notify(
-        &self,
-        tx: &mut Tx,
-        envelope: &Envelope,
-        shipment: ev::ShippingScheduled,
-    ) -> Result<(), HandleError> {
-        let order_id = envelope.saga_id.as_str();
-        if !barrier::action(tx, order_id, STEP).await?.proceeds(STEP) {
-            return Ok(());
-        }
-        if let Some(reason) = self.config.injected_failure() {
-            fail_order(tx, &self.outbox, order_id, Some(envelope), reason).await?;
-            return Ok(());
-        }
-        let text = format!(
-            "Your order {order_id} is on its way with {} (shipment {}).",
-            shipment.carrier, shipment.shipment_id
-        );
-        let message = Outgoing {
-            kind: "CONFIRMATION",
-            customer: &shipment.customer,
-            recipient: &shipment.contact,
-            text,
-        };
-        self.queue(tx, envelope, message).await?;
-        Ok(())
-    }
-
-    async fn take_back(
-        &self,
-        tx: &mut Tx,
-        envelope: &Envelope,
-        cause: String,
-    ) -> Result<(), HandleError> {
-        let order_id = envelope.saga_id.as_str();
-        let notice_sent = match barrier::compensation(tx, order_id, STEP).await? {
-            Compensation::AlreadyCompensated => return Ok(()),
-            Compensation::NothingToUndo => false,
-            Compensation::Undo => self.withdraw_or_apologise(tx, envelope).await?,
-        };
-        tracing::info!(notice_sent, "notification compensated");
-        self.outbox
-            .emit(
-                tx,
-                order_id,
-                Some(envelope),
-                &ev::NotificationCancelled { notice_sent, cause },
-            )
-            .await?;
-        Ok(())
     }
 
     /// A confirmation that has not gone out yet is withdrawn, and the customer
@@ -186,20 +126,74 @@ impl NotificationHandler {
 }
 
 #[async_trait::async_trait]
-impl Handler for NotificationHandler {
-    fn reacts_to(&self, envelope: &Envelope) -> Result<bool, Reject> {
-        Ok(matches!(
-            SagaEvent::decode(envelope)?,
-            SagaEvent::ShippingScheduled(_) | SagaEvent::OrderCancelled(_)
-        ))
+impl CompensableStep for NotificationHandler {
+    const NAME: &'static str = "notify";
+    type Input = ev::ShippingScheduled;
+    type Success = ev::NotificationSent;
+    type Failure = ev::NotificationFailed;
+    type Compensated = ev::NotificationCancelled;
+
+    fn outbox(&self) -> &Outbox {
+        &self.outbox
     }
 
-    async fn handle(&self, tx: &mut Tx, envelope: &Envelope) -> Result<(), HandleError> {
-        match SagaEvent::decode(envelope)? {
-            SagaEvent::ShippingScheduled(shipment) => self.notify(tx, envelope, shipment).await,
+    /// Queues the confirmation; the dispatcher sends it after commit and
+    /// writes `notification.sent` (or `.failed`) then.
+    async fn work(
+        &self,
+        tx: &mut Tx,
+        envelope: &Envelope,
+        shipment: ev::ShippingScheduled,
+    ) -> Result<Verdict<ev::NotificationSent, ev::NotificationFailed>, HandleError> {
+        let order_id = envelope.saga_id.as_str();
+        if let Some(reason) = self.config.injected_failure() {
+            return Ok(Verdict::Failed(record_failure(tx, order_id, reason).await?));
+        }
+        let text = format!(
+            "Your order {order_id} is on its way with {} (shipment {}).",
+            shipment.carrier, shipment.shipment_id
+        );
+        let message = Outgoing {
+            kind: "CONFIRMATION",
+            customer: &shipment.customer,
+            recipient: &shipment.contact,
+            text,
+        };
+        self.queue(tx, envelope, message).await?;
+        Ok(Verdict::Later)
+    }
+
+    async fn undo(
+        &self,
+        tx: &mut Tx,
+        envelope: &Envelope,
+        undo: Undo,
+        cause: String,
+    ) -> Result<ev::NotificationCancelled, HandleError> {
+        let notice_sent = match undo {
+            Undo::NeverDone => false,
+            Undo::Work => self.withdraw_or_apologise(tx, envelope).await?,
+        };
+        Ok(ev::NotificationCancelled { notice_sent, cause })
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for NotificationHandler {
+    type Event = SagaEvent;
+
+    async fn handle(
+        &self,
+        tx: &mut Tx,
+        envelope: &Envelope,
+        event: SagaEvent,
+    ) -> Result<(), HandleError> {
+        let cause = event.cause(envelope).unwrap_or_default();
+        match event {
+            SagaEvent::ShippingScheduled(shipment) => step::act(self, tx, envelope, shipment).await,
             // A customer cancel or a deadline: compensation starts here, at the last step.
-            SagaEvent::OrderCancelled(e) => self.take_back(tx, envelope, e.reason).await,
-            _ => Ok(()),
+            SagaEvent::OrderCancelled(_) => step::compensate(self, tx, envelope, cause).await,
+            _ => Err(Reject::NotConsumed(envelope.event_type.clone()).into()),
         }
     }
 }

@@ -21,7 +21,7 @@ const DISPATCH_LIMITS: dispatch::Limits = dispatch::Limits {
     batch: 32,
 };
 
-pub fn parts(context: &Context) -> Parts {
+pub fn parts(context: &Context) -> Parts<handler::NotificationHandler> {
     let sender: Arc<dyn sender::Sender> = Arc::new(sender::LogSender);
     context.tasks.spawn(dispatch::run(
         context.pool.clone(),

@@ -13,6 +13,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     choreo::Service::new(
         "notification",
+        &contracts::CHOREOGRAPHY,
         choreo::Ports {
             grpc: 50054,
             metrics: 9104,

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use choreo::consumer::{Outcome, apply};
+use choreo::inbox::{Outcome, apply};
 use choreo::{Config, Envelope, Outbox};
 use contracts::events::v1 as ev;
 use notification::dispatch::{Dispatched, dispatch};

@@ -44,6 +44,16 @@ impl Status {
         .find(|s| s.as_str() == text)
     }
 
+    /// Where the order stands once the choreography's `step` is done (the
+    /// last step's success completes it; see the handler).
+    pub fn after_step(step: &str) -> Option<Self> {
+        match step {
+            "reserve" => Some(Status::Reserved),
+            "ship" => Some(Status::Scheduled),
+            _ => None,
+        }
+    }
+
     pub fn is_terminal(self) -> bool {
         matches!(self, Status::Completed | Status::Cancelled)
     }

@@ -3,6 +3,7 @@
 //! starts compensation itself only for a customer cancel or a deadline.
 use std::time::Duration;
 
+use choreo::choreography;
 use choreo::{Envelope, HandleError, Handler, Outbox, Reject, Tx};
 use contracts::SagaEvent;
 use contracts::events::v1 as ev;
@@ -63,104 +64,79 @@ struct Meaning {
     stuck: Option<String>,
 }
 
-fn meaning(event: &SagaEvent) -> Meaning {
+/// The status an event asks for, from its place in the declared choreography:
+/// a step done moves the order on, the last one completes it; a failure
+/// starts compensation (or ends the order when nothing is held yet); the
+/// first step's compensation ends it.
+fn status_for(meaning: choreography::Meaning) -> Option<Status> {
+    use choreography::Meaning::*;
+    match meaning {
+        Succeeded { last: true, .. } => Some(Status::Completed),
+        Succeeded { step, .. } => Status::after_step(step),
+        Failed { first: true, .. } | Compensated { first: true, .. } => Some(Status::Cancelled),
+        Failed { first: false, .. } => Some(Status::Cancelling),
+        Compensated { .. } | Started | CancelRequested | Stuck | Unknown => None,
+    }
+}
+
+/// The timeline's line for an event.
+fn detail(event: &SagaEvent) -> String {
     use SagaEvent::*;
-    let m = |detail: String, status: Option<Status>, reason: Option<String>| Meaning {
-        detail,
-        status,
-        reason: reason.filter(|r| !r.is_empty()),
-        stuck: None,
-    };
     match event {
-        OrderCreated(e) => m(
-            format!("placed: {} to {}", lines(&e.lines), e.destination),
-            None,
-            None,
+        OrderCreated(e) => format!("placed: {} to {}", lines(&e.lines), e.destination),
+        OrderCancelled(e) => format!("compensation started: {}", e.reason),
+        InventoryReserved(e) => format!("stock held: {}", lines(&e.lines)),
+        InventoryRejected(e) => format!("stock refused: {}", e.reason),
+        InventoryReleased(e) if e.nothing_held => "compensated: no stock was held".to_owned(),
+        InventoryReleased(e) => format!("compensated: stock released: {}", lines(&e.released)),
+        ShippingScheduled(e) => format!(
+            "shipment {} scheduled with {} to {}",
+            e.shipment_id, e.carrier, e.destination
         ),
-        OrderCancelled(e) => m(
-            format!("compensation started: {}", e.reason),
-            None,
-            Some(e.reason.clone()),
-        ),
-        InventoryReserved(e) => m(
-            format!("stock held: {}", lines(&e.lines)),
-            Some(Status::Reserved),
-            None,
-        ),
-        InventoryRejected(e) => m(
-            format!("stock refused: {}", e.reason),
-            Some(Status::Cancelled),
-            Some(contracts::cause("inventory", &e.reason)),
-        ),
-        InventoryReleased(e) => m(
-            if e.nothing_held {
-                "compensated: no stock was held".to_owned()
-            } else {
-                format!("compensated: stock released: {}", lines(&e.released))
-            },
-            Some(Status::Cancelled),
-            Some(e.cause.clone()),
-        ),
-        ShippingScheduled(e) => m(
-            format!(
-                "shipment {} scheduled with {} to {}",
-                e.shipment_id, e.carrier, e.destination
-            ),
-            Some(Status::Scheduled),
-            None,
-        ),
-        ShippingFailed(e) => m(
-            format!("shipping failed: {}", e.reason),
-            Some(Status::Cancelling),
-            Some(contracts::cause("shipping", &e.reason)),
-        ),
-        ShippingCancelled(e) => m(
-            if e.nothing_scheduled {
-                "compensated: no shipment to cancel".to_owned()
-            } else {
-                format!("compensated: shipment {} cancelled", e.shipment_id)
-            },
-            None,
-            Some(e.cause.clone()),
-        ),
-        NotificationSent(e) => m(
-            format!("customer notified by {}", e.channel),
-            Some(Status::Completed),
-            None,
-        ),
-        NotificationFailed(e) => m(
-            format!("notification failed: {}", e.reason),
-            Some(Status::Cancelling),
-            Some(contracts::cause("notification", &e.reason)),
-        ),
-        NotificationCancelled(e) => m(
-            if e.notice_sent {
-                "compensated: cancellation notice sent".to_owned()
-            } else {
-                "compensated: no notification to take back".to_owned()
-            },
-            None,
-            Some(e.cause.clone()),
-        ),
-        Stuck(e) => {
-            let stuck = format!(
-                "{} keeps failing on {} ({} deliveries so far): {}",
-                e.service, e.event_type, e.deliveries, e.error
-            );
-            Meaning {
-                detail: format!("stuck: {stuck}"),
-                status: None,
-                reason: None,
-                stuck: Some(stuck),
-            }
+        ShippingFailed(e) => format!("shipping failed: {}", e.reason),
+        ShippingCancelled(e) if e.nothing_scheduled => {
+            "compensated: no shipment to cancel".to_owned()
         }
+        ShippingCancelled(e) => format!("compensated: shipment {} cancelled", e.shipment_id),
+        NotificationSent(e) => format!("customer notified by {}", e.channel),
+        NotificationFailed(e) => format!("notification failed: {}", e.reason),
+        NotificationCancelled(e) if e.notice_sent => {
+            "compensated: cancellation notice sent".to_owned()
+        }
+        NotificationCancelled(_) => "compensated: no notification to take back".to_owned(),
+        Stuck(e) => format!("stuck: {}", stuck(e)),
+    }
+}
+
+fn stuck(e: &choreo::proto::Stuck) -> String {
+    format!(
+        "{} keeps failing on {} ({} deliveries so far): {}",
+        e.service, e.event_type, e.deliveries, e.error
+    )
+}
+
+fn meaning(envelope: &Envelope, event: &SagaEvent) -> Meaning {
+    Meaning {
+        detail: detail(event),
+        status: status_for(contracts::CHOREOGRAPHY.meaning(&envelope.event_type)),
+        reason: event.cause(envelope),
+        stuck: match event {
+            SagaEvent::Stuck(e) => Some(stuck(e)),
+            _ => None,
+        },
     }
 }
 
 #[async_trait::async_trait]
 impl Handler for OrderHandler {
-    async fn handle(&self, tx: &mut Tx, envelope: &Envelope) -> Result<(), HandleError> {
-        let event = SagaEvent::decode(envelope)?;
+    type Event = SagaEvent;
+
+    async fn handle(
+        &self,
+        tx: &mut Tx,
+        envelope: &Envelope,
+        event: SagaEvent,
+    ) -> Result<(), HandleError> {
         let id = Uuid::parse_str(&envelope.saga_id).map_err(|_| {
             Reject::Malformed(format!("saga id {:?} is not an order id", envelope.saga_id))
         })?;
@@ -170,7 +146,7 @@ impl Handler for OrderHandler {
             ))
             .into());
         };
-        let meaning = meaning(&event);
+        let meaning = meaning(envelope, &event);
         store::record_event(tx, id, envelope, &meaning.detail).await?;
         match meaning.status {
             Some(next) if status.may_become(next) => {

@@ -24,7 +24,7 @@ pub struct Rules {
     pub deadline_check_ms: u64,
 }
 
-pub fn parts(context: &Context, rules: Rules) -> Parts {
+pub fn parts(context: &Context, rules: Rules) -> Parts<handler::OrderHandler> {
     let deadline = Duration::from_secs(rules.deadline_secs);
     context.tasks.spawn(deadline::run(
         context.pool.clone(),

@@ -17,6 +17,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     choreo::Service::new(
         "order",
+        &contracts::CHOREOGRAPHY,
         choreo::Ports {
             grpc: 50051,
             metrics: 9101,

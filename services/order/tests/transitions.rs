@@ -2,7 +2,7 @@
 //! through the platform's inbox step as the consumer applies them.
 use std::time::Duration;
 
-use choreo::consumer::{Outcome, apply};
+use choreo::inbox::{Outcome, apply};
 use choreo::{Envelope, EventPayload};
 use contracts::events::v1 as ev;
 use order::handler::OrderHandler;
@@ -36,8 +36,13 @@ async fn place(pool: &PgPool) -> uuid::Uuid {
     id
 }
 
+/// An event for order `id` as its declared producer writes it.
 fn event<P: EventPayload>(id: uuid::Uuid, payload: P) -> Envelope {
-    Envelope::new("test", &id.to_string(), None, &payload)
+    let producer = contracts::CHOREOGRAPHY
+        .event(P::EVENT_TYPE)
+        .expect("a declared event")
+        .producer;
+    Envelope::new(producer, &id.to_string(), None, &payload)
 }
 
 /// Applies one event for order `id` through the inbox step, as the consumer would.
@@ -142,7 +147,7 @@ async fn an_event_for_an_unknown_order_is_parked_not_dropped() {
     .await
     .unwrap();
     assert!(
-        matches!(outcome, choreo::consumer::Outcome::Parked(reason) if reason.to_string().contains("does not exist"))
+        matches!(outcome, choreo::inbox::Outcome::Parked(reason) if reason.to_string().contains("does not exist"))
     );
 }
 
@@ -157,7 +162,7 @@ async fn a_compensation_that_overtakes_its_failure_still_brings_the_reason() {
     let id = place(&pool).await;
     deliver(&pool, &h, id, ev::InventoryReserved::default()).await;
     let released = ev::InventoryReleased {
-        cause: contracts::cause("shipping", "no road"),
+        cause: "shipping: no road".into(),
         ..Default::default()
     };
     deliver(&pool, &h, id, released).await;

@@ -1,13 +1,10 @@
 //! Shipping's rules: schedule a shipment for a reserved order if the carrier
 //! serves its destination; cancel it when the order is compensated.
-use choreo::barrier::{self, Compensation};
+use choreo::step::{self, CompensableStep, Undo, Verdict};
 use choreo::{Config, Envelope, HandleError, Handler, Outbox, Reject, Tx};
 use contracts::SagaEvent;
 use contracts::events::v1 as ev;
 use uuid::Uuid;
-
-/// The barrier step shipping owns.
-const STEP: &str = "ship";
 
 pub struct ShippingHandler {
     pub outbox: Outbox,
@@ -16,17 +13,25 @@ pub struct ShippingHandler {
     pub served: Vec<String>,
 }
 
-impl ShippingHandler {
-    async fn schedule(
+#[async_trait::async_trait]
+impl CompensableStep for ShippingHandler {
+    const NAME: &'static str = "ship";
+    type Input = ev::InventoryReserved;
+    type Success = ev::ShippingScheduled;
+    type Failure = ev::ShippingFailed;
+    type Compensated = ev::ShippingCancelled;
+
+    fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    async fn work(
         &self,
         tx: &mut Tx,
         envelope: &Envelope,
         order: ev::InventoryReserved,
-    ) -> Result<(), HandleError> {
+    ) -> Result<Verdict<ev::ShippingScheduled, ev::ShippingFailed>, HandleError> {
         let order_id = envelope.saga_id.as_str();
-        if !barrier::action(tx, order_id, STEP).await?.proceeds(STEP) {
-            return Ok(());
-        }
         let failure = if !self.served.contains(&order.destination) {
             Some(format!(
                 "carrier {} does not serve destination {}",
@@ -43,10 +48,7 @@ impl ShippingHandler {
                 .bind(&reason)
                 .execute(&mut **tx)
                 .await?;
-            self.outbox
-                .emit(tx, order_id, Some(envelope), &ev::ShippingFailed { reason })
-                .await?;
-            return Ok(());
+            return Ok(Verdict::Failed(ev::ShippingFailed { reason }));
         }
         let shipment_id = Uuid::now_v7();
         sqlx::query(
@@ -59,29 +61,25 @@ impl ShippingHandler {
         .execute(&mut **tx)
         .await?;
         tracing::info!(%shipment_id, "shipment scheduled");
-        let scheduled = ev::ShippingScheduled {
+        Ok(Verdict::Succeeded(ev::ShippingScheduled {
             shipment_id: shipment_id.to_string(),
             carrier: self.carrier.clone(),
             destination: order.destination,
             contact: order.contact,
             customer: order.customer,
-        };
-        self.outbox
-            .emit(tx, order_id, Some(envelope), &scheduled)
-            .await?;
-        Ok(())
+        }))
     }
 
-    async fn cancel(
+    async fn undo(
         &self,
         tx: &mut Tx,
         envelope: &Envelope,
+        undo: Undo,
         cause: String,
-    ) -> Result<(), HandleError> {
+    ) -> Result<ev::ShippingCancelled, HandleError> {
         let order_id = envelope.saga_id.as_str();
-        let cancelled: Option<Uuid> = match barrier::compensation(tx, order_id, STEP).await? {
-            Compensation::AlreadyCompensated => return Ok(()),
-            Compensation::NothingToUndo => {
+        let cancelled: Option<Uuid> = match undo {
+            Undo::NeverDone => {
                 sqlx::query(
                     "INSERT INTO shipments (order_id, status, reason) VALUES ($1, 'NEVER_MADE', 'compensated before any shipment')",
                 )
@@ -90,7 +88,7 @@ impl ShippingHandler {
                 .await?;
                 None
             }
-            Compensation::Undo => sqlx::query_scalar(
+            Undo::Work => sqlx::query_scalar(
                 "UPDATE shipments SET status = 'CANCELLED', reason = 'order compensated', updated_at = now()
                  WHERE order_id = $1 AND status = 'SCHEDULED' RETURNING shipment_id",
             )
@@ -98,40 +96,32 @@ impl ShippingHandler {
             .fetch_optional(&mut **tx)
             .await?,
         };
-        tracing::info!(shipment = ?cancelled, "shipment compensated");
-        let payload = ev::ShippingCancelled {
+        Ok(ev::ShippingCancelled {
             cause,
             shipment_id: cancelled.map(|id| id.to_string()).unwrap_or_default(),
             nothing_scheduled: cancelled.is_none(),
-        };
-        self.outbox
-            .emit(tx, order_id, Some(envelope), &payload)
-            .await?;
-        Ok(())
+        })
     }
 }
 
 #[async_trait::async_trait]
 impl Handler for ShippingHandler {
-    fn reacts_to(&self, envelope: &Envelope) -> Result<bool, Reject> {
-        Ok(matches!(
-            SagaEvent::decode(envelope)?,
-            SagaEvent::InventoryReserved(_)
-                | SagaEvent::NotificationFailed(_)
-                | SagaEvent::NotificationCancelled(_)
-        ))
-    }
+    type Event = SagaEvent;
 
-    async fn handle(&self, tx: &mut Tx, envelope: &Envelope) -> Result<(), HandleError> {
-        match SagaEvent::decode(envelope)? {
-            SagaEvent::InventoryReserved(order) => self.schedule(tx, envelope, order).await,
+    async fn handle(
+        &self,
+        tx: &mut Tx,
+        envelope: &Envelope,
+        event: SagaEvent,
+    ) -> Result<(), HandleError> {
+        let cause = event.cause(envelope).unwrap_or_default();
+        match event {
+            SagaEvent::InventoryReserved(order) => step::act(self, tx, envelope, order).await,
             // The customer could not be told, or notification finished its own compensation.
-            SagaEvent::NotificationFailed(e) => {
-                let cause = contracts::cause("notification", &e.reason);
-                self.cancel(tx, envelope, cause).await
+            SagaEvent::NotificationFailed(_) | SagaEvent::NotificationCancelled(_) => {
+                step::compensate(self, tx, envelope, cause).await
             }
-            SagaEvent::NotificationCancelled(e) => self.cancel(tx, envelope, e.cause).await,
-            _ => Ok(()),
+            _ => Err(Reject::NotConsumed(envelope.event_type.clone()).into()),
         }
     }
 }

@@ -24,7 +24,7 @@ pub struct Rules {
     pub served_destinations: Vec<String>,
 }
 
-pub fn parts(context: &Context, rules: Rules) -> Parts {
+pub fn parts(context: &Context, rules: Rules) -> Parts<handler::ShippingHandler> {
     Parts {
         handler: Arc::new(handler::ShippingHandler {
             outbox: context.outbox.clone(),

@@ -15,6 +15,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     choreo::Service::new(
         "shipping",
+        &contracts::CHOREOGRAPHY,
         choreo::Ports {
             grpc: 50053,
             metrics: 9103,

@@ -1,0 +1,42 @@
+//! What a service writes: a [`Handler`] for its typed events. The platform
+//! decodes each consumed event once (through [`Decode`]) and hands the typed
+//! value over inside the inbox transaction.
+use crate::Tx;
+use crate::envelope::{Envelope, Reject};
+
+/// A service's reaction to the events it consumes. Business rules only: write
+/// rows and outgoing events into `tx`; the platform commits and acks.
+///
+/// Only events of the service's subscription (derived from the choreography)
+/// reach it; anything else is acknowledged unread before any decoding.
+#[async_trait::async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// The service's events, decoded once by the platform.
+    type Event: Decode;
+
+    async fn handle(
+        &self,
+        tx: &mut Tx,
+        envelope: &Envelope,
+        event: Self::Event,
+    ) -> Result<(), HandleError>;
+}
+
+/// The decode table of a set of events: event type and schema version to a
+/// typed payload. An unknown type or version is a [`Reject`].
+pub trait Decode: Sized + Clone + Send + Sync + 'static {
+    fn decode(envelope: &Envelope) -> Result<Self, Reject>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    /// The event cannot be read by this service: park it, never retry.
+    #[error(transparent)]
+    Reject(#[from] Reject),
+    /// A database error: retried.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Any other transient failure: retried.
+    #[error("{0}")]
+    Transient(String),
+}

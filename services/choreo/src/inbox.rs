@@ -1,0 +1,108 @@
+//! The inbox step (DESIGN rule 2): dedup, effects and commit for one event in
+//! one transaction. The consumer runs it for every delivery; dead-letter
+//! replay runs the same step, so a replayed event is applied at most once.
+use sqlx::PgPool;
+
+use crate::envelope::{Envelope, Reject};
+use crate::handler::{Decode, HandleError, Handler};
+
+/// What happened to one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Effects committed.
+    Applied,
+    /// Seen before: nothing done.
+    Duplicate,
+    /// Not readable: must be parked.
+    Parked(Reject),
+}
+
+type AfterCommit = Vec<Box<dyn FnOnce() + Send>>;
+
+tokio::task_local! {
+    static AFTER_COMMIT: std::cell::RefCell<AfterCommit>;
+}
+
+/// Runs `f` once the transaction of the event being handled has committed, and
+/// never if it rolls back: for counters and other things outside the database
+/// that must not count an attempt that is retried. Outside a handler, runs `f` now.
+pub fn after_commit(f: impl FnOnce() + Send + 'static) {
+    let mut f = Some(f);
+    let _ = AFTER_COMMIT.try_with(|queue| {
+        if let Some(f) = f.take() {
+            queue.borrow_mut().push(Box::new(f));
+        }
+    });
+    if let Some(f) = f {
+        f();
+    }
+}
+
+/// Decodes `envelope` for `handler` and runs the inbox step; an event the
+/// handler cannot read is [`Outcome::Parked`] without opening a transaction.
+pub async fn apply<H: Handler>(
+    pool: &PgPool,
+    handler: &H,
+    envelope: &Envelope,
+) -> Result<Outcome, HandleError> {
+    match H::Event::decode(envelope) {
+        Ok(event) => apply_decoded(pool, handler, envelope, event).await,
+        Err(reject) => Ok(Outcome::Parked(reject)),
+    }
+}
+
+/// The inbox step for an event already decoded.
+pub async fn apply_decoded<H: Handler>(
+    pool: &PgPool,
+    handler: &H,
+    envelope: &Envelope,
+    event: H::Event,
+) -> Result<Outcome, HandleError> {
+    let (outcome, after) = AFTER_COMMIT
+        .scope(Default::default(), async {
+            let outcome = apply_in_tx(pool, handler, envelope, event).await;
+            (outcome, AFTER_COMMIT.with(|queue| queue.take()))
+        })
+        .await;
+    if matches!(outcome, Ok(Outcome::Applied)) {
+        for f in after {
+            f();
+        }
+    }
+    outcome
+}
+
+async fn apply_in_tx<H: Handler>(
+    pool: &PgPool,
+    handler: &H,
+    envelope: &Envelope,
+    event: H::Event,
+) -> Result<Outcome, HandleError> {
+    let mut tx = pool.begin().await?;
+    let fresh = sqlx::query(
+        "INSERT INTO choreo_inbox (event_id, event_type, saga_id) VALUES ($1, $2, $3)
+         ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(envelope.id())
+    .bind(&envelope.event_type)
+    .bind(&envelope.saga_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if !fresh {
+        tx.rollback().await?;
+        return Ok(Outcome::Duplicate);
+    }
+    match handler.handle(&mut tx, envelope, event).await {
+        Ok(()) => {
+            tx.commit().await?;
+            Ok(Outcome::Applied)
+        }
+        Err(HandleError::Reject(reject)) => {
+            tx.rollback().await?;
+            Ok(Outcome::Parked(reject))
+        }
+        Err(e) => Err(e),
+    }
+}
