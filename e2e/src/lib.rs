@@ -72,8 +72,10 @@ pub struct System {
     pub logs: PathBuf,
     pub processes: Vec<ServiceProcess>,
     pub ports: Vec<u16>,
-    /// JetStream stream of this run (STREAM); its subjects start with `saga_<run>`.
+    /// JetStream stream of this run (STREAM).
     pub stream: String,
+    /// Subject prefix of this run (SUBJECT_PREFIX): an event goes to `<prefix>.<event type>`.
+    pub subject_prefix: String,
     /// Prometheus port of each service, in [`SERVICES`] order.
     pub metrics_ports: Vec<u16>,
     pub clients: Clients,
@@ -109,6 +111,40 @@ async fn channel(addr: &str, timeout: Duration) -> anyhow::Result<Channel> {
 }
 
 impl System {
+    /// Publishes raw bytes to `<prefix>.<subject_suffix>` as an outsider
+    /// would, with a fresh message id, and waits for the PubAck.
+    pub async fn publish_raw(&self, subject_suffix: &str, bytes: Vec<u8>) -> anyhow::Result<()> {
+        let client = async_nats::connect(self.infra.nats.url()).await?;
+        async_nats::jetstream::new(client)
+            .send_publish(
+                format!("{}.{subject_suffix}", self.subject_prefix),
+                async_nats::jetstream::message::PublishMessage::build()
+                    .payload(bytes.into())
+                    .message_id(uuid::Uuid::new_v4().to_string()),
+            )
+            .await?
+            .await?;
+        Ok(())
+    }
+
+    /// What service `name` has parked, over its `choreo.v1.DeadLetters` API.
+    pub async fn dead_letters(&self, name: &str) -> anyhow::Result<Vec<choreo::proto::DeadLetter>> {
+        let i = SERVICES
+            .iter()
+            .position(|s| *s == name)
+            .ok_or_else(|| anyhow::anyhow!("no service {name:?}"))?;
+        let channel = channel(
+            &format!("http://127.0.0.1:{}", self.ports[i]),
+            Duration::from_secs(10),
+        )
+        .await?;
+        let listed = choreo::proto::dead_letters_client::DeadLettersClient::new(channel)
+            .list_dead_letters(choreo::proto::ListDeadLettersRequest { limit: 1000 })
+            .await?
+            .into_inner();
+        Ok(listed.dead_letters)
+    }
+
     /// Message `seq` of the saga stream as it is stored (subject and raw bytes).
     pub async fn stream_message(
         &self,
@@ -222,6 +258,7 @@ impl System {
             ports,
             metrics_ports,
             stream: format!("SAGA_{run}"),
+            subject_prefix: format!("saga_{run}"),
             clients,
             databases,
             proxies,

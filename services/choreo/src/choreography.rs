@@ -483,3 +483,20 @@ impl Choreography {
         out
     }
 }
+
+/// Marks the generated diagram in a Markdown document (the README).
+pub const DIAGRAM_BEGIN: &str = "<!-- choreography diagram: generated, do not edit -->";
+pub const DIAGRAM_END: &str = "<!-- end of choreography diagram -->";
+
+/// `doc` with the Mermaid block between [`DIAGRAM_BEGIN`] and [`DIAGRAM_END`]
+/// replaced by `mermaid`; `None` when the markers are missing.
+pub fn with_diagram(doc: &str, mermaid: &str) -> Option<String> {
+    let begin = doc.find(DIAGRAM_BEGIN)? + DIAGRAM_BEGIN.len();
+    let end = begin + doc[begin..].find(DIAGRAM_END)?;
+    Some(format!(
+        "{}\n```mermaid\n{}```\n{}",
+        &doc[..begin],
+        mermaid,
+        &doc[end..]
+    ))
+}

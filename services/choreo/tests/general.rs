@@ -1,0 +1,388 @@
+//! The platform is not the order saga's: a two-step choreography of its own
+//! (a trip: hold a hotel, then a car), declared here, checked, and run by two
+//! small services on the real runtime against real NATS and PostgreSQL. It
+//! shows the forward path and one compensation chain in reverse.
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::message::PublishMessage;
+use choreo::choreography::{Choreography, Event, Role, Step};
+use choreo::runtime::{Context, Parts, Ports, Service};
+use choreo::step::{self, CompensableStep, Undo, Verdict};
+use choreo::{Config, Decode, Envelope, EventPayload, HandleError, Handler, Outbox, Reject, Tx};
+use futures::StreamExt;
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+
+/// A payload type per event, each a prost message with one field.
+macro_rules! payloads {
+    ($($name:ident = $event_type:literal { $field:ident: $ty:ty, $kind:ident });* $(;)?) => {
+        $(
+            #[derive(Clone, PartialEq, prost::Message)]
+            struct $name {
+                #[prost($kind, tag = "1")]
+                $field: $ty,
+            }
+            impl EventPayload for $name {
+                const EVENT_TYPE: &'static str = $event_type;
+                const SCHEMA_VERSION: u32 = 1;
+            }
+        )*
+
+        #[derive(Debug, Clone)]
+        #[allow(dead_code)] // each service reads only the variants it consumes
+        enum TripEvent { $($name($name)),* }
+
+        impl Decode for TripEvent {
+            fn decode(envelope: &Envelope) -> Result<Self, Reject> {
+                match envelope.event_type.as_str() {
+                    $($event_type => envelope.payload().map(TripEvent::$name),)*
+                    other => Err(Reject::UnknownType(other.to_owned())),
+                }
+            }
+        }
+    };
+}
+
+payloads! {
+    TripBooked = "trip.booked" { destination: String, string };
+    TripCancelled = "trip.cancelled" { reason: String, string };
+    HotelHeld = "hotel.held" { destination: String, string };
+    HotelRefused = "hotel.refused" { reason: String, string };
+    HotelReleased = "hotel.released" { cause: String, string };
+    CarHeld = "car.held" { destination: String, string };
+    CarRefused = "car.refused" { reason: String, string };
+    CarReleased = "car.released" { cause: String, string };
+}
+
+const fn event(
+    name: &'static str,
+    producer: &'static str,
+    consumers: &'static [(&'static str, Role)],
+) -> Event {
+    Event {
+        name,
+        producer,
+        payload: name,
+        versions: &[1],
+        consumers,
+    }
+}
+
+const TRIP: Choreography = Choreography {
+    start: "trip.booked",
+    cancel: "trip.cancelled",
+    events: &[
+        event("trip.booked", "desk", &[("hotels", Role::Forward)]),
+        event("trip.cancelled", "desk", &[("cars", Role::Compensation)]),
+        event("hotel.held", "hotels", &[("cars", Role::Forward)]),
+        event("hotel.refused", "hotels", &[("desk", Role::Ends)]),
+        event("hotel.released", "hotels", &[("desk", Role::Ends)]),
+        event("car.held", "cars", &[("desk", Role::Ends)]),
+        event("car.refused", "cars", &[("hotels", Role::Failure)]),
+        event("car.released", "cars", &[("hotels", Role::Compensation)]),
+    ],
+    steps: &[
+        Step {
+            name: "hotel",
+            owner: "hotels",
+            trigger: "trip.booked",
+            success: "hotel.held",
+            failure: "hotel.refused",
+            compensated_by: &["car.refused", "car.released"],
+            compensation: "hotel.released",
+        },
+        Step {
+            name: "car",
+            owner: "cars",
+            trigger: "hotel.held",
+            success: "car.held",
+            failure: "car.refused",
+            compensated_by: &["trip.cancelled"],
+            compensation: "car.released",
+        },
+    ],
+    stuck_reports_to: &[],
+};
+
+/// Holds a hotel anywhere.
+struct Hotels {
+    outbox: Outbox,
+}
+
+#[async_trait::async_trait]
+impl CompensableStep for Hotels {
+    const NAME: &'static str = "hotel";
+    type Input = TripBooked;
+    type Success = HotelHeld;
+    type Failure = HotelRefused;
+    type Compensated = HotelReleased;
+
+    fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    async fn work(
+        &self,
+        _tx: &mut Tx,
+        _envelope: &Envelope,
+        trip: TripBooked,
+    ) -> Result<Verdict<HotelHeld, HotelRefused>, HandleError> {
+        Ok(Verdict::Succeeded(HotelHeld {
+            destination: trip.destination,
+        }))
+    }
+
+    async fn undo(
+        &self,
+        _tx: &mut Tx,
+        _envelope: &Envelope,
+        _undo: Undo,
+        cause: String,
+    ) -> Result<HotelReleased, HandleError> {
+        Ok(HotelReleased { cause })
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for Hotels {
+    type Event = TripEvent;
+
+    async fn handle(
+        &self,
+        tx: &mut Tx,
+        envelope: &Envelope,
+        event: TripEvent,
+    ) -> Result<(), HandleError> {
+        match event {
+            TripEvent::TripBooked(trip) => step::act(self, tx, envelope, trip).await,
+            TripEvent::CarRefused(CarRefused { reason }) => {
+                let cause = format!("{}: {reason}", envelope.producer);
+                step::compensate(self, tx, envelope, cause).await
+            }
+            TripEvent::CarReleased(CarReleased { cause }) => {
+                step::compensate(self, tx, envelope, cause).await
+            }
+            _ => Err(Reject::NotConsumed(envelope.event_type.clone()).into()),
+        }
+    }
+}
+
+/// Holds a car, except on islands.
+struct Cars {
+    outbox: Outbox,
+}
+
+#[async_trait::async_trait]
+impl CompensableStep for Cars {
+    const NAME: &'static str = "car";
+    type Input = HotelHeld;
+    type Success = CarHeld;
+    type Failure = CarRefused;
+    type Compensated = CarReleased;
+
+    fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    async fn work(
+        &self,
+        _tx: &mut Tx,
+        _envelope: &Envelope,
+        hotel: HotelHeld,
+    ) -> Result<Verdict<CarHeld, CarRefused>, HandleError> {
+        Ok(if hotel.destination == "island" {
+            Verdict::Failed(CarRefused {
+                reason: "no cars on islands".into(),
+            })
+        } else {
+            Verdict::Succeeded(CarHeld {
+                destination: hotel.destination,
+            })
+        })
+    }
+
+    async fn undo(
+        &self,
+        _tx: &mut Tx,
+        _envelope: &Envelope,
+        _undo: Undo,
+        cause: String,
+    ) -> Result<CarReleased, HandleError> {
+        Ok(CarReleased { cause })
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for Cars {
+    type Event = TripEvent;
+
+    async fn handle(
+        &self,
+        tx: &mut Tx,
+        envelope: &Envelope,
+        event: TripEvent,
+    ) -> Result<(), HandleError> {
+        match event {
+            TripEvent::HotelHeld(hotel) => step::act(self, tx, envelope, hotel).await,
+            TripEvent::TripCancelled(TripCancelled { reason }) => {
+                step::compensate(self, tx, envelope, reason).await
+            }
+            _ => Err(Reject::NotConsumed(envelope.event_type.clone()).into()),
+        }
+    }
+}
+
+fn no_routes() -> tonic::service::Routes {
+    tonic::service::Routes::default()
+}
+
+/// Starts service `name` of [`TRIP`] on the real runtime until `shutdown`.
+async fn start<H: Handler>(
+    name: &'static str,
+    config: Config,
+    shutdown: CancellationToken,
+    build: fn(Outbox) -> H,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    let service = Service::new(
+        name,
+        &TRIP,
+        Ports {
+            grpc: 0,
+            metrics: 0,
+        },
+        config,
+        sqlx::migrate::Migrator::with_migrations(vec![]),
+    );
+    tokio::spawn(service.run_until(
+        move |context: &Context| Parts {
+            handler: Arc::new(build(context.outbox.clone())),
+            routes: no_routes(),
+            service_names: vec![],
+            descriptor: choreo::DESCRIPTOR_SET,
+        },
+        shutdown,
+    ))
+}
+
+#[test]
+fn the_trip_choreography_keeps_every_rule() {
+    TRIP.check().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_step_choreography_of_its_own_runs_forward_and_compensates_in_reverse() {
+    let infra = tokio::task::spawn_blocking(harness::Infra::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let config = |db: String| {
+        let mut config = Config::new(infra.nats.url(), &db);
+        config.stream = format!("TRIP_{run}");
+        config.subject_prefix = format!("trip_{run}");
+        config.relay_poll_ms = 100;
+        config
+    };
+    let shutdown = CancellationToken::new();
+    let hotels = start(
+        "hotels",
+        config(infra.postgres.fresh_database().await.unwrap()),
+        shutdown.clone(),
+        |outbox| Hotels { outbox },
+    )
+    .await;
+    let cars = start(
+        "cars",
+        config(infra.postgres.fresh_database().await.unwrap()),
+        shutdown.clone(),
+        |outbox| Cars { outbox },
+    )
+    .await;
+
+    // The desk books two trips, as the saga's owner would, and watches the stream.
+    let client = async_nats::connect(infra.nats.url()).await.unwrap();
+    let mut watch = client.subscribe(format!("trip_{run}.>")).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    // The stream exists once a service has provisioned it.
+    for _ in 0..100 {
+        if js.get_stream(format!("TRIP_{run}")).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let book = |saga: &str, destination: &str| {
+        Envelope::new(
+            "desk",
+            saga,
+            None,
+            &TripBooked {
+                destination: destination.into(),
+            },
+        )
+    };
+    for trip in [book("city-trip", "city"), book("island-trip", "island")] {
+        js.send_publish(
+            format!("trip_{run}.trip.booked"),
+            PublishMessage::build()
+                .payload(trip.encode_to_vec().into())
+                .message_id(trip.event_id.clone()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+
+    let mut seen: Vec<(String, String, String)> = Vec::new();
+    let ends = |seen: &Vec<(String, String, String)>| {
+        seen.iter()
+            .any(|(s, t, _)| s == "city-trip" && t == "car.held")
+            && seen
+                .iter()
+                .any(|(s, t, _)| s == "island-trip" && t == "hotel.released")
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !ends(&seen) {
+        let message = tokio::time::timeout_at(deadline, watch.next())
+            .await
+            .expect("both trips end within 30 s")
+            .unwrap();
+        let envelope = Envelope::from_bytes(&message.payload).unwrap();
+        seen.push((envelope.saga_id, envelope.event_type, envelope.producer));
+    }
+    let of = |saga: &str| -> Vec<String> {
+        seen.iter()
+            .filter(|(s, _, _)| s == saga)
+            .map(|(_, t, p)| format!("{p}:{t}"))
+            .collect()
+    };
+    assert_eq!(
+        of("city-trip"),
+        ["desk:trip.booked", "hotels:hotel.held", "cars:car.held"]
+    );
+    assert_eq!(
+        of("island-trip"),
+        [
+            "desk:trip.booked",
+            "hotels:hotel.held",
+            "cars:car.refused",
+            "hotels:hotel.released"
+        ]
+    );
+    // The compensation carried the cause, named after the producer from the envelope.
+    let released = {
+        let stream = js.get_stream(format!("TRIP_{run}")).await.unwrap();
+        let last = stream
+            .get_last_raw_message_by_subject(&format!("trip_{run}.hotel.released"))
+            .await
+            .unwrap();
+        Envelope::from_bytes(&last.payload).unwrap()
+    };
+    let released: HotelReleased = released.payload().unwrap();
+    assert_eq!(released.cause, "cars: no cars on islands");
+
+    shutdown.cancel();
+    hotels.await.unwrap().unwrap();
+    cars.await.unwrap().unwrap();
+}
