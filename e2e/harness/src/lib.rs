@@ -10,7 +10,10 @@ mod process;
 mod proxy;
 
 pub use nats::CONFIG as NATS_CONFIG;
-pub use nats::Nats;
+pub use nats::{
+    MIN_VERSION as NATS_MIN_VERSION, Nats, parse_version as parse_nats_version,
+    server_program as nats_server_program,
+};
 pub use postgres::INIT_SCRIPT as POSTGRES_INIT_SCRIPT;
 pub use postgres::Postgres;
 pub use process::{ServiceProcess, bin_dir};
@@ -120,6 +123,66 @@ mod tests {
         unique.sort_unstable();
         unique.dedup();
         assert_eq!(unique.len(), ports.len(), "a port was handed out twice");
+    }
+
+    #[test]
+    fn nats_server_versions_are_read_and_old_ones_refused() {
+        assert_eq!(parse_nats_version("nats-server: v2.15.1"), Some((2, 15, 1)));
+        assert_eq!(parse_nats_version("nats-server: v2.9.10"), Some((2, 9, 10)));
+        assert!(parse_nats_version("nats-server: v2.9.10").unwrap() < NATS_MIN_VERSION);
+        assert!(parse_nats_version("nats-server: v2.12.0").unwrap() < NATS_MIN_VERSION);
+        assert!(parse_nats_version("nats-server: v2.14.0").unwrap() >= NATS_MIN_VERSION);
+        assert_eq!(parse_nats_version("command not found"), None);
+        // The server the tests run is new enough.
+        let program = nats_server_program().expect("a current nats-server");
+        let out = std::process::Command::new(program)
+            .arg("--version")
+            .output()
+            .unwrap();
+        let version = parse_nats_version(&String::from_utf8_lossy(&out.stdout)).unwrap();
+        assert!(version >= NATS_MIN_VERSION, "{version:?}");
+    }
+
+    #[test]
+    fn a_nats_server_too_old_is_refused_with_how_to_get_a_good_one() {
+        // Debian's 2.9.10, where installed, stands in for any old server.
+        let old = std::path::Path::new("/usr/sbin/nats-server");
+        if !old.exists() {
+            return;
+        }
+        let out = std::process::Command::new(old)
+            .env("NATS_SERVER", old)
+            .arg("--version")
+            .output()
+            .unwrap();
+        let found = parse_nats_version(&String::from_utf8_lossy(&out.stdout)).unwrap();
+        if found >= NATS_MIN_VERSION {
+            return;
+        }
+        let refused = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "tests::check_the_server_named_by_nats_server",
+                "--include-ignored",
+            ])
+            .env("NATS_SERVER", old)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&refused.stdout).to_string()
+            + &String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{said}");
+        assert!(
+            said.contains("is nats-server 2.9.10; this project needs 2.14.0 or newer"),
+            "{said}"
+        );
+        assert!(said.contains("pip install --require-hashes"), "{said}");
+    }
+
+    /// Run by the test above in a process of its own, with NATS_SERVER set.
+    #[test]
+    #[ignore]
+    fn check_the_server_named_by_nats_server() {
+        nats_server_program().unwrap();
     }
 
     #[test]

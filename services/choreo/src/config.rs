@@ -23,6 +23,9 @@ pub struct Config {
     /// How long the stream keeps events, in seconds (also bounds inbox retention).
     #[arg(long, env = "STREAM_MAX_AGE_SECS", default_value_t = 7 * 24 * 3600)]
     pub stream_max_age_secs: u64,
+    /// Copies of the stream a NATS cluster keeps (1 on a single server, 3 on a 3-node cluster).
+    #[arg(long, env = "STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
     /// JetStream duplicate window for Nats-Msg-Id, in seconds.
     #[arg(long, env = "DUPLICATE_WINDOW_SECS", default_value_t = 120)]
     pub duplicate_window_secs: u64,

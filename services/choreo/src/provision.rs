@@ -1,10 +1,25 @@
-//! Streams and durable consumers, created idempotently at start.
+//! The stream and each service's durable consumer, created or brought up to
+//! date at start (and again whenever the broker has lost them).
 //!
-//! nats-server 2.9 ignores `filter_subjects` (plural) and consumer metadata, so
-//! each service has ONE durable pull consumer with a single filter over the
-//! whole saga stream and lets its handler pick the events it reacts to.
-use async_nats::jetstream::{self, consumer::pull, stream};
+//! A service's durable consumer filters exactly the subjects of its
+//! subscription (`filter_subjects`, nats-server 2.10+), so the broker delivers
+//! it only what it consumes. Provisioning is create-or-update: a new version of
+//! a service that consumes more or fewer events moves the existing consumer's
+//! filter, keeping its position, so nothing published meanwhile is lost.
+//!
+//! Only a process's first provisioning updates the consumer. When the loop
+//! comes back after a broker outage it reuses the consumer as it finds it
+//! (creating it only if the broker lost it), so an old instance still running
+//! during a rolling deploy cannot narrow the filter the new version set.
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
+use async_nats::jetstream::{self, stream};
+
+use crate::choreography::Subscription;
 use crate::config::Config;
 
 /// Where a service's consumer loop gets its durable consumer, at start and
@@ -15,28 +30,60 @@ pub struct ConsumerSource {
     js: jetstream::Context,
     config: Config,
     durable: String,
+    subscription: Subscription,
+    /// Whether this process has brought the consumer up to date already.
+    updated: Arc<AtomicBool>,
 }
 
 impl ConsumerSource {
-    pub fn new(js: jetstream::Context, config: Config, durable: &str) -> Self {
+    /// The durable consumer `durable` (the service's name) over `subscription`.
+    pub fn new(
+        js: jetstream::Context,
+        config: Config,
+        durable: &str,
+        subscription: Subscription,
+    ) -> Self {
         ConsumerSource {
             js,
             config,
             durable: durable.to_owned(),
+            subscription,
+            updated: Arc::default(),
         }
     }
 
-    /// Ensures the stream and the durable consumer exist, and returns the consumer.
+    /// Ensures the stream and the durable consumer exist with this
+    /// service's filter, and returns the consumer.
     pub async fn get(&self) -> anyhow::Result<jetstream::consumer::PullConsumer> {
-        let stream = ensure_stream(&self.js, &self.config).await?;
-        ensure_consumer(&stream, &self.durable, &self.config).await
+        let stream = ensure_stream(&self.js, &self.config, &self.durable).await?;
+        if self.updated.load(Ordering::SeqCst)
+            && let Ok(consumer) = stream.get_consumer(&self.durable).await
+        {
+            return Ok(consumer);
+        }
+        let consumer =
+            ensure_consumer(&stream, &self.durable, &self.subscription, &self.config).await?;
+        self.updated.store(true, Ordering::SeqCst);
+        Ok(consumer)
     }
 }
 
-/// The stream every saga event goes to.
+/// Who provisioned a stream or consumer: the service and the platform version.
+fn metadata(service: &str) -> HashMap<String, String> {
+    HashMap::from([
+        ("saga.service".to_owned(), service.to_owned()),
+        (
+            "saga.platform_version".to_owned(),
+            env!("CARGO_PKG_VERSION").to_owned(),
+        ),
+    ])
+}
+
+/// The stream every saga event goes to, created by `service` if missing.
 pub async fn ensure_stream(
     js: &jetstream::Context,
     config: &Config,
+    service: &str,
 ) -> anyhow::Result<stream::Stream> {
     let stream = js
         .get_or_create_stream(stream::Config {
@@ -46,7 +93,8 @@ pub async fn ensure_stream(
             retention: stream::RetentionPolicy::Limits,
             max_age: config.stream_max_age(),
             duplicate_window: config.duplicate_window(),
-            num_replicas: 1,
+            num_replicas: config.stream_replicas,
+            metadata: metadata(service),
             ..Default::default()
         })
         .await
@@ -54,27 +102,84 @@ pub async fn ensure_stream(
     Ok(stream)
 }
 
-/// The durable pull consumer named `durable` over every saga event.
+/// The durable pull consumer named `durable`, filtering exactly the subjects
+/// of `subscription`: created if missing, left as it is if its filter is
+/// ours, updated in place when we consume fewer subjects, and recreated from
+/// its ack floor when we consume more.
+///
+/// nats-server does not rewind a consumer whose filter grows: messages of
+/// the new subjects that it already stepped over (published while the old
+/// filter ran) would never come. So a widened consumer is updated and then
+/// reset to its ack floor (consumer reset, nats-server 2.14+): the messages
+/// after the floor that were already handled come again and the inbox
+/// absorbs them. Events of the new subjects from before that floor are not
+/// replayed: a backfill is an operator's decision.
 pub async fn ensure_consumer(
     stream: &stream::Stream,
     durable: &str,
+    subscription: &Subscription,
     config: &Config,
 ) -> anyhow::Result<jetstream::consumer::PullConsumer> {
-    let consumer = stream
-        .get_or_create_consumer(
-            durable,
-            pull::Config {
-                durable_name: Some(durable.to_owned()),
-                filter_subject: config.all_events_subject(),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                deliver_policy: jetstream::consumer::DeliverPolicy::All,
-                ack_wait: config.ack_wait(),
-                max_ack_pending: config.max_ack_pending,
-                max_deliver: -1,
-                ..Default::default()
-            },
-        )
+    let wanted = subscription.subjects(&config.subject_prefix);
+    anyhow::ensure!(
+        !wanted.is_empty(),
+        "{durable} consumes no event: nothing to subscribe to"
+    );
+    let ours = |deliver_policy| pull::Config {
+        durable_name: Some(durable.to_owned()),
+        filter_subjects: wanted.clone(),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        deliver_policy,
+        ack_wait: config.ack_wait(),
+        max_ack_pending: config.max_ack_pending,
+        max_deliver: -1,
+        metadata: metadata(durable),
+        ..Default::default()
+    };
+    let create = |deliver_policy| async move {
+        stream
+            .create_consumer(ours(deliver_policy))
+            .await
+            .map_err(|e| anyhow::anyhow!("creating or updating consumer {durable}: {e}"))
+    };
+    let info = match stream.consumer_info(durable).await {
+        Ok(info) => info,
+        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
+            return create(DeliverPolicy::All).await;
+        }
+        Err(e) => anyhow::bail!("looking up consumer {durable}: {e}"),
+    };
+    let current: BTreeSet<&str> = if info.config.filter_subjects.is_empty() {
+        [info.config.filter_subject.as_str()]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect()
+    } else {
+        info.config
+            .filter_subjects
+            .iter()
+            .map(String::as_str)
+            .collect()
+    };
+    let wanted_set: BTreeSet<&str> = wanted.iter().map(String::as_str).collect();
+    if wanted_set.is_subset(&current) {
+        // The same or fewer subjects: an update in place keeps the position.
+        if wanted_set != current {
+            tracing::info!(consumer = durable, from = ?current, to = ?wanted_set, "narrowing the consumer's filter");
+        }
+        return create(info.config.deliver_policy).await;
+    }
+    tracing::info!(
+        consumer = durable,
+        from = ?current,
+        to = ?wanted_set,
+        ack_floor = info.ack_floor.stream_sequence,
+        "widening the consumer's filter: updating it and resetting it to its ack floor"
+    );
+    let consumer = create(info.config.deliver_policy).await?;
+    stream
+        .reset_consumer(durable, None)
         .await
-        .map_err(|e| anyhow::anyhow!("creating consumer {durable}: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("resetting consumer {durable} to its ack floor: {e}"))?;
     Ok(consumer)
 }

@@ -119,7 +119,13 @@ impl Service {
         .await?;
 
         let (client, js) = connect_nats(&config.nats_url, self.name).await?;
-        let source = provision::ConsumerSource::new(js.clone(), config.clone(), self.name);
+        let subscription = self.choreography.subscription(self.name);
+        let source = provision::ConsumerSource::new(
+            js.clone(),
+            config.clone(),
+            self.name,
+            subscription.clone(),
+        );
         if retry_until(&shutdown, "provisioning JetStream", || source.get())
             .await
             .is_none()
@@ -153,7 +159,6 @@ impl Service {
         let routes = parts.routes.add_service(dead_letters);
         let mut service_names = parts.service_names;
         service_names.push(crate::dead_letters::SERVICE_NAME);
-        let subscription = self.choreography.subscription(self.name);
         let consumer_loop = Consumer::new(
             pool.clone(),
             parts.handler,
