@@ -4,11 +4,13 @@
 //! killed and restarted. Everything is stopped on `Drop`, also when a test
 //! panics. Given `NATS_URL` / `DATABASE_URL` it uses those servers instead
 //! (then they cannot be killed).
+mod cluster;
 mod nats;
 mod postgres;
 mod process;
 mod proxy;
 
+pub use cluster::{NatsCluster, node_name};
 pub use nats::CONFIG as NATS_CONFIG;
 pub use nats::{
     MIN_VERSION as NATS_MIN_VERSION, Nats, parse_version as parse_nats_version,

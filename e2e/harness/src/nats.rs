@@ -72,6 +72,8 @@ pub struct Nats {
     monitor_port: u16,
     store: Option<TempDir>,
     child: Option<Child>,
+    /// Extra flags (a cluster node's name, cluster port and routes).
+    extra_args: Vec<String>,
 }
 
 impl Nats {
@@ -84,6 +86,7 @@ impl Nats {
                 monitor_port: 0,
                 store: None,
                 child: None,
+                extra_args: Vec::new(),
             }),
             Err(_) => Self::start_own(),
         }
@@ -104,7 +107,26 @@ impl Nats {
             monitor_port,
             store: Some(tempfile::Builder::new().prefix("saga-nats-").tempdir()?),
             child: None,
+            extra_args: Vec::new(),
         })
+    }
+
+    /// A server not yet started that will run with `extra_args` too.
+    pub(crate) fn with_args(
+        port: u16,
+        monitor_port: u16,
+        extra_args: Vec<String>,
+    ) -> anyhow::Result<Self> {
+        let mut nats = Self::with_ports(port, monitor_port)?;
+        nats.extra_args = extra_args;
+        Ok(nats)
+    }
+
+    /// Whether the process is alive (false after [`Nats::kill`]).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// The port the server listens on (0 when external).
@@ -149,6 +171,7 @@ impl Nats {
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string()])
             .args(["-m", &self.monitor_port.to_string(), "-sd"])
             .arg(store.join("jetstream"))
+            .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -45,6 +45,8 @@ pub struct ConsumerStats {
 }
 
 const IN_LANE_ATTEMPTS: u32 = 5;
+/// Idle heartbeat of a pull request; a pull request lives five of them.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 
 pub struct Consumer<H: Handler> {
     pool: PgPool,
@@ -101,7 +103,16 @@ impl<H: Handler> Consumer<H> {
                     }
                 }
             };
-            let mut messages = match consumer.messages().await {
+            // Short heartbeats: after a consumer leader change on a cluster
+            // the open pull request is gone, and two missed heartbeats are
+            // how the client finds out and asks the new leader.
+            let pulled = consumer
+                .stream()
+                .heartbeat(PULL_HEARTBEAT)
+                .expires(PULL_HEARTBEAT * 5)
+                .messages()
+                .await;
+            let mut messages = match pulled {
                 Ok(messages) => messages,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot pull messages yet; retrying");

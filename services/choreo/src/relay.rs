@@ -19,7 +19,10 @@ use uuid::Uuid;
 
 /// Session advisory lock key ("choreo" in ASCII); advisory locks are per database.
 const LEADER_LOCK: i64 = 0x63686f72656f;
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The longest wait between publish rounds that fail. Short: the usual cause
+/// is a stream leader election (a few seconds on a cluster), and every second
+/// waited past its end is a second every saga stalls.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Counters a test or metrics endpoint can read.
 #[derive(Debug, Default)]

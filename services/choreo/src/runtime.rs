@@ -205,6 +205,7 @@ impl Service {
 
 /// A NATS client that keeps reconnecting for ever (the broker may be down at
 /// start or restart at any time) and a JetStream context with a bounded PubAck wait.
+/// `url` may list several servers of a cluster, comma-separated.
 pub async fn connect_nats(
     url: &str,
     name: &str,
@@ -213,7 +214,7 @@ pub async fn connect_nats(
         .name(name)
         .retry_on_initial_connect()
         .max_reconnects(None)
-        .connect(url)
+        .connect(url.split(',').map(str::trim).collect::<Vec<_>>())
         .await?;
     let js = jetstream::ContextBuilder::new()
         .ack_timeout(Duration::from_secs(5))
