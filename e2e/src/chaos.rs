@@ -29,6 +29,9 @@ pub struct Profile {
     /// How long the system may take to settle once the faults stop.
     pub quiet_timeout: Duration,
     pub order_deadline_secs: u64,
+    /// NATS as a 3-node cluster, and node faults (leader kills, node kills,
+    /// a node cut off) instead of the single-server faults.
+    pub cluster: bool,
 }
 
 impl Profile {
@@ -41,6 +44,31 @@ impl Profile {
             fault_window: Duration::from_secs(60),
             quiet_timeout: Duration::from_secs(180),
             order_deadline_secs: 20,
+            cluster: false,
+        }
+    }
+
+    /// The cluster profile CI runs: a 3-node NATS cluster, every node fault.
+    pub fn cluster(seed: u64) -> Self {
+        Profile {
+            name: "cluster",
+            seed,
+            orders: 120,
+            fault_window: Duration::from_secs(60),
+            quiet_timeout: Duration::from_secs(180),
+            order_deadline_secs: 30,
+            cluster: true,
+        }
+    }
+
+    /// The cluster profile at length.
+    pub fn cluster_long(seed: u64) -> Self {
+        Profile {
+            name: "cluster-long",
+            orders: 3000,
+            fault_window: Duration::from_secs(600),
+            quiet_timeout: Duration::from_secs(300),
+            ..Profile::cluster(seed)
         }
     }
 
@@ -53,10 +81,11 @@ impl Profile {
             fault_window: Duration::from_secs(600),
             quiet_timeout: Duration::from_secs(300),
             order_deadline_secs: 30,
+            cluster: false,
         }
     }
 
-    /// `CHAOS_PROFILE` (short or long), `CHAOS_SEED` (else a fresh one) and `CHAOS_ORDERS`.
+    /// `CHAOS_PROFILE` (short, long, cluster or cluster-long), `CHAOS_SEED` (else a fresh one) and `CHAOS_ORDERS`.
     pub fn from_env() -> Self {
         let seed = std::env::var("CHAOS_SEED")
             .ok()
@@ -64,6 +93,8 @@ impl Profile {
             .unwrap_or_else(rand::random);
         let mut profile = match std::env::var("CHAOS_PROFILE").as_deref() {
             Ok("long") => Profile::long(seed),
+            Ok("cluster") => Profile::cluster(seed),
+            Ok("cluster-long") => Profile::cluster_long(seed),
             _ => Profile::short(seed),
         };
         if let Some(orders) = std::env::var("CHAOS_ORDERS")
@@ -108,6 +139,20 @@ pub enum Fault {
         service: &'static str,
         span: Duration,
     },
+    /// SIGKILL the node that leads the saga stream, restart it after `pause`.
+    KillStreamLeader {
+        pause: Duration,
+    },
+    /// SIGKILL cluster node `node`, restart it after `pause`.
+    KillNode {
+        node: usize,
+        pause: Duration,
+    },
+    /// Cut node `node`'s routes to the other two for `span` (clients still reach it).
+    IsolateNode {
+        node: usize,
+        span: Duration,
+    },
 }
 
 impl Fault {
@@ -125,6 +170,9 @@ impl Fault {
             } => "network stall",
             Fault::Network { .. } => "network delay",
             Fault::SecondInstance { .. } => "second instance",
+            Fault::KillStreamLeader { .. } => "kill the stream leader",
+            Fault::KillNode { .. } => "kill a nats node",
+            Fault::IsolateNode { .. } => "cut a nats node off",
         }
     }
 
@@ -134,14 +182,18 @@ impl Fault {
             Fault::KillService { pause, .. }
             | Fault::KillTwo { pause, .. }
             | Fault::KillNats { pause }
-            | Fault::KillPostgres { pause } => *pause,
-            Fault::Network { span, .. } => *span,
+            | Fault::KillPostgres { pause }
+            | Fault::KillStreamLeader { pause }
+            | Fault::KillNode { pause, .. } => *pause,
+            Fault::Network { span, .. } | Fault::IsolateNode { span, .. } => *span,
             Fault::SecondInstance { .. } => Duration::ZERO,
         }
     }
 }
 
-const KINDS: u8 = 8;
+/// Fault kinds of the single-server profiles (0..8) and of the cluster ones (8..11).
+const KINDS: std::ops::Range<u8> = 0..8;
+const CLUSTER_KINDS: std::ops::Range<u8> = 8..11;
 
 fn make_fault(kind: u8, rng: &mut StdRng) -> Fault {
     let service = |rng: &mut StdRng| SERVICES[rng.random_range(0..SERVICES.len())];
@@ -187,18 +239,32 @@ fn make_fault(kind: u8, rng: &mut StdRng) -> Fault {
             mode: Mode::Delay(Duration::from_millis(rng.random_range(20..200))),
             span: span(rng),
         },
-        _ => Fault::SecondInstance {
+        7 => Fault::SecondInstance {
             service: service(rng),
             span: Duration::from_millis(rng.random_range(5000..15000)),
+        },
+        // A node down or cut off for a few seconds, longer than an election.
+        8 => Fault::KillStreamLeader {
+            pause: Duration::from_millis(rng.random_range(1000..8000)),
+        },
+        9 => Fault::KillNode {
+            node: rng.random_range(0..3),
+            pause: Duration::from_millis(rng.random_range(1000..8000)),
+        },
+        _ => Fault::IsolateNode {
+            node: rng.random_range(0..3),
+            span: Duration::from_millis(rng.random_range(3000..10000)),
         },
     }
 }
 
 /// The fault schedule of a seed: one of every kind first (in a seeded order),
-/// then seeded picks, each at its offset from the start, until `window` is full.
-pub fn schedule(seed: u64, window: Duration) -> Vec<(Duration, Fault)> {
+/// then seeded picks, each at its offset from the start, until `window` is
+/// full. The cluster profiles draw node faults, the others the rest.
+pub fn schedule(seed: u64, window: Duration, cluster: bool) -> Vec<(Duration, Fault)> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut kinds: Vec<u8> = (0..KINDS).collect();
+    let range = if cluster { CLUSTER_KINDS } else { KINDS };
+    let mut kinds: Vec<u8> = range.clone().collect();
     kinds.shuffle(&mut rng);
     let mut at = Duration::from_secs(2);
     let mut faults = Vec::new();
@@ -206,7 +272,7 @@ pub fn schedule(seed: u64, window: Duration) -> Vec<(Duration, Fault)> {
         let kind = kinds
             .get(faults.len())
             .copied()
-            .unwrap_or_else(|| rng.random_range(0..KINDS));
+            .unwrap_or_else(|| rng.random_range(range.clone()));
         let fault = make_fault(kind, &mut rng);
         let gap = Duration::from_millis(rng.random_range(1000..3000));
         faults.push((at, fault.clone()));
@@ -397,8 +463,153 @@ async fn inject(
                 Instant::now() + *span,
             ));
         }
+        Fault::KillStreamLeader { pause } => {
+            // Right after another fault the stream may still be electing one.
+            let mut leader = None;
+            for _ in 0..20 {
+                leader = stream_leader(sys).await;
+                if leader.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let cluster = sys.cluster.as_mut().expect("a cluster profile");
+            let node = leader
+                .as_deref()
+                .and_then(|name| cluster.index_of(name))
+                .unwrap_or(0);
+            eprintln!("chaos:        stream leader is {leader:?}: killing node {node}");
+            tokio::task::block_in_place(|| cluster.kill(node))?;
+            tokio::time::sleep(*pause).await;
+            tokio::task::block_in_place(|| cluster.restart(node))?;
+        }
+        Fault::KillNode { node, pause } => {
+            let cluster = sys.cluster.as_mut().expect("a cluster profile");
+            tokio::task::block_in_place(|| cluster.kill(*node))?;
+            tokio::time::sleep(*pause).await;
+            tokio::task::block_in_place(|| cluster.restart(*node))?;
+        }
+        Fault::IsolateNode { node, span } => {
+            let cluster = sys.cluster.as_ref().expect("a cluster profile");
+            cluster.isolate(*node, Mode::Cut);
+            tokio::time::sleep(*span).await;
+            cluster.isolate(*node, Mode::Pass);
+        }
     }
     Ok(())
+}
+
+/// The server name of the saga stream's leader, if the cluster has one now.
+async fn stream_leader(sys: &System) -> Option<String> {
+    let url = sys.infra.nats.url().split(',').collect::<Vec<_>>();
+    let client = tokio::time::timeout(Duration::from_secs(2), async_nats::connect(url))
+        .await
+        .ok()?
+        .ok()?;
+    let js = async_nats::jetstream::new(client);
+    let info = tokio::time::timeout(Duration::from_secs(2), async {
+        js.get_stream(&sys.stream)
+            .await
+            .ok()?
+            .info()
+            .await
+            .ok()
+            .cloned()
+    })
+    .await
+    .ok()??;
+    info.cluster?.leader
+}
+
+/// What the samplers saw while faults ran: events applied over time (the
+/// order service's timeline rows) and the stream's leader.
+#[derive(Default)]
+struct Samples {
+    applied: Vec<(Instant, i64)>,
+    leaders: Vec<Option<String>>,
+}
+
+/// Samples every 100 ms until `stop`: the order database's timeline count
+/// and, on a cluster, the stream's leader.
+async fn sample(
+    order_db: String,
+    nats_url: String,
+    stream: String,
+    cluster: bool,
+    stop: tokio_util::sync::CancellationToken,
+) -> Samples {
+    let mut samples = Samples::default();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect_lazy(&order_db);
+    let js = if cluster {
+        async_nats::connect(nats_url.split(',').collect::<Vec<_>>())
+            .await
+            .ok()
+            .map(async_nats::jetstream::new)
+    } else {
+        None
+    };
+    let mut tick = 0u64;
+    while !stop.is_cancelled() {
+        if let Ok(pool) = &pool
+            && let Ok(Ok(n)) = tokio::time::timeout(
+                Duration::from_millis(500),
+                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM order_timeline").fetch_one(pool),
+            )
+            .await
+        {
+            samples.applied.push((Instant::now(), n));
+        }
+        if let Some(js) = &js
+            && tick % 3 == 0
+        {
+            let leader = tokio::time::timeout(Duration::from_millis(500), async {
+                js.get_stream(&stream)
+                    .await
+                    .ok()?
+                    .info()
+                    .await
+                    .ok()?
+                    .cluster
+                    .clone()?
+                    .leader
+            })
+            .await
+            .ok()
+            .flatten();
+            if samples.leaders.last() != Some(&leader) {
+                samples.leaders.push(leader);
+            }
+        }
+        tick += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    samples
+}
+
+/// For each fault start, how long until the next event was applied; the longest.
+fn longest_stall(
+    samples: &Samples,
+    faults: &[(Instant, &'static str)],
+) -> Option<(Duration, &'static str)> {
+    faults
+        .iter()
+        .filter_map(|(at, kind)| {
+            let before = samples
+                .applied
+                .iter()
+                .take_while(|(t, _)| t <= at)
+                .last()?
+                .1;
+            let next = samples
+                .applied
+                .iter()
+                .find(|(t, n)| t > at && *n > before)?;
+            Some((next.0 - *at, *kind))
+        })
+        .max_by_key(|(stall, _)| *stall)
 }
 
 /// What a run saw and what it found broken.
@@ -417,6 +628,10 @@ pub struct Report {
     pub provider_repeats: usize,
     pub time_to_quiet: Duration,
     pub run_time: Duration,
+    /// Leader changes of the saga stream seen by the sampler (cluster profiles).
+    pub leader_changes: usize,
+    /// The longest time from a fault to the next event applied, and its fault.
+    pub longest_stall: Option<(Duration, &'static str)>,
     pub violations: Vec<String>,
 }
 
@@ -450,6 +665,16 @@ impl fmt::Display for Report {
             self.time_to_quiet.as_secs_f64()
         )?;
         writeln!(f, "  whole run: {:.1}s", self.run_time.as_secs_f64())?;
+        if self.profile.starts_with("cluster") {
+            writeln!(f, "  stream leader changes seen: {}", self.leader_changes)?;
+        }
+        if let Some((stall, kind)) = self.longest_stall {
+            writeln!(
+                f,
+                "  longest stall, from a fault to the next applied event: {:.1}s ({kind})",
+                stall.as_secs_f64()
+            )?;
+        }
         if self.violations.is_empty() {
             writeln!(f, "  invariants: all hold")
         } else {
@@ -468,7 +693,8 @@ pub async fn run(profile: Profile) -> anyhow::Result<Report> {
     let mut sys = System::start(Options {
         order_deadline_secs: profile.order_deadline_secs,
         log: "info".into(),
-        proxies: true,
+        proxies: !profile.cluster,
+        cluster: profile.cluster,
         ..Options::default()
     })
     .await?;
@@ -495,10 +721,20 @@ pub async fn run(profile: Profile) -> anyhow::Result<Report> {
         orders: profile.orders,
         ..Report::default()
     };
+    let stop_sampling = tokio_util::sync::CancellationToken::new();
+    let sampler = tokio::spawn(sample(
+        sys.databases[0].clone(),
+        sys.infra.nats.url().to_owned(),
+        sys.stream.clone(),
+        profile.cluster,
+        stop_sampling.clone(),
+    ));
+    let mut fault_times = Vec::new();
     let mut twins: Vec<(ServiceProcess, Instant)> = Vec::new();
-    for (at, fault) in schedule(profile.seed, profile.fault_window) {
+    for (at, fault) in schedule(profile.seed, profile.fault_window, profile.cluster) {
         tokio::time::sleep(at.saturating_sub(started.elapsed())).await;
         eprintln!("chaos: {:>6.1}s {fault:?}", started.elapsed().as_secs_f64());
+        fault_times.push((Instant::now(), fault.kind()));
         inject(&mut sys, &fault, &mut twins).await?;
         *report.faults.entry(fault.kind()).or_default() += 1;
         let mut died = Vec::new();
@@ -537,6 +773,17 @@ pub async fn run(profile: Profile) -> anyhow::Result<Report> {
     let databases = connect_all(&sys).await?;
     wait_for_quiet(&databases, &placed, profile.quiet_timeout).await;
     report.time_to_quiet = faults_over.elapsed();
+    stop_sampling.cancel();
+    let samples = sampler.await?;
+    report.leader_changes = samples
+        .leaders
+        .iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .filter(|w| w[0] != w[1])
+        .count();
+    report.longest_stall = longest_stall(&samples, &fault_times);
     check(&sys, &databases, &placed, &mut report).await?;
     report.run_time = started_run.elapsed();
     let logs = count_in_logs(&sys.logs);
@@ -892,14 +1139,28 @@ mod tests {
 
     #[test]
     fn a_seed_replays_the_same_schedule_with_every_kind_of_fault() {
-        let a = format!("{:?}", schedule(7, Duration::from_secs(60)));
-        let b = format!("{:?}", schedule(7, Duration::from_secs(60)));
+        let a = format!("{:?}", schedule(7, Duration::from_secs(60), false));
+        let b = format!("{:?}", schedule(7, Duration::from_secs(60), false));
         assert_eq!(a, b);
-        assert_ne!(a, format!("{:?}", schedule(8, Duration::from_secs(60))));
-        let kinds: std::collections::BTreeSet<&str> = schedule(7, Duration::from_secs(60))
-            .iter()
-            .map(|(_, f)| f.kind())
-            .collect();
-        assert_eq!(kinds.len(), 8, "{kinds:?}");
+        assert_ne!(
+            a,
+            format!("{:?}", schedule(8, Duration::from_secs(60), false))
+        );
+        let kinds = |cluster| -> std::collections::BTreeSet<&str> {
+            schedule(7, Duration::from_secs(60), cluster)
+                .iter()
+                .map(|(_, f)| f.kind())
+                .collect()
+        };
+        assert_eq!(kinds(false).len(), 8, "{:?}", kinds(false));
+        assert_eq!(
+            kinds(true),
+            [
+                "cut a nats node off",
+                "kill a nats node",
+                "kill the stream leader"
+            ]
+            .into()
+        );
     }
 }

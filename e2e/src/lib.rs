@@ -42,6 +42,9 @@ pub struct Options {
     pub otlp_endpoint: Option<String>,
     /// More environment for every service, e.g. ("STUCK_AFTER_DELIVERIES", "2").
     pub extra_env: Vec<(String, String)>,
+    /// Run NATS as a 3-node JetStream cluster (streams with three replicas,
+    /// the services given every node's URL) instead of one server.
+    pub cluster: bool,
 }
 
 impl Default for Options {
@@ -54,6 +57,7 @@ impl Default for Options {
             proxies: false,
             otlp_endpoint: None,
             extra_env: Vec::new(),
+            cluster: false,
         }
     }
 }
@@ -83,6 +87,14 @@ pub struct System {
     pub proxies: Vec<(Proxy, Proxy)>,
     /// Database URL of each service, in [`SERVICES`] order.
     pub databases: Vec<String>,
+    /// The 3-node NATS cluster, when [`Options::cluster`] asked for one
+    /// (then `infra.nats` names it by URL and cannot be killed as one).
+    pub cluster: Option<harness::NatsCluster>,
+}
+
+/// A client of the system's NATS (one server, or any node of the cluster).
+async fn nats_client(url: &str) -> anyhow::Result<async_nats::Client> {
+    Ok(async_nats::connect(url.split(',').collect::<Vec<_>>()).await?)
 }
 
 async fn channel(addr: &str, timeout: Duration) -> anyhow::Result<Channel> {
@@ -114,7 +126,7 @@ impl System {
     /// Publishes raw bytes to `<prefix>.<subject_suffix>` as an outsider
     /// would, with a fresh message id, and waits for the PubAck.
     pub async fn publish_raw(&self, subject_suffix: &str, bytes: Vec<u8>) -> anyhow::Result<()> {
-        let client = async_nats::connect(self.infra.nats.url()).await?;
+        let client = nats_client(self.infra.nats.url()).await?;
         async_nats::jetstream::new(client)
             .send_publish(
                 format!("{}.{subject_suffix}", self.subject_prefix),
@@ -150,7 +162,7 @@ impl System {
         &self,
         seq: u64,
     ) -> anyhow::Result<async_nats::jetstream::message::StreamMessage> {
-        let client = async_nats::connect(self.infra.nats.url()).await?;
+        let client = nats_client(self.infra.nats.url()).await?;
         let message = async_nats::jetstream::new(client)
             .get_stream(&self.stream)
             .await?
@@ -162,12 +174,20 @@ impl System {
     /// Starts NATS, PostgreSQL and the four services, and waits until each answers health checks.
     pub async fn start(options: Options) -> anyhow::Result<Self> {
         // Network faults and kills need servers of our own.
-        let start = if options.proxies {
-            Infra::start_own
+        let (infra, cluster) = if options.cluster {
+            let cluster = harness::NatsCluster::start().await?;
+            cluster.wait_for_jetstream(Duration::from_secs(60)).await?;
+            let postgres = tokio::task::spawn_blocking(harness::Postgres::start_own).await??;
+            let infra = Infra {
+                nats: harness::Nats::external(&cluster.url()),
+                postgres,
+            };
+            (infra, Some(cluster))
+        } else if options.proxies {
+            (tokio::task::spawn_blocking(Infra::start_own).await??, None)
         } else {
-            Infra::start
+            (tokio::task::spawn_blocking(Infra::start).await??, None)
         };
-        let infra = tokio::task::spawn_blocking(start).await??;
         let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
         let logs = std::env::temp_dir().join("saga-e2e").join(&run);
         std::fs::create_dir_all(&logs)?;
@@ -193,7 +213,7 @@ impl System {
             } else {
                 free_port()
             };
-            let (nats_url, database_url) = if options.proxies {
+            let (nats_url, database_url) = if options.proxies && !options.cluster {
                 let nats = Proxy::start(infra.nats.port()).await?;
                 let pg = Proxy::start(infra.postgres.port()).await?;
                 let urls = (
@@ -229,6 +249,9 @@ impl System {
             let mut env: Vec<(String, String)> =
                 env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
             env.push(("METRICS_ADDR".into(), format!("127.0.0.1:{metrics_port}")));
+            if options.cluster {
+                env.push(("STREAM_REPLICAS".into(), "3".into()));
+            }
             env.extend(options.extra_env.iter().cloned());
             if let Some(endpoint) = &options.otlp_endpoint {
                 env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint.clone()));
@@ -262,6 +285,7 @@ impl System {
             clients,
             databases,
             proxies,
+            cluster,
         })
     }
 

@@ -80,15 +80,20 @@ impl Nats {
     /// Starts a fresh server, or adopts the one `NATS_URL` names.
     pub fn start() -> anyhow::Result<Self> {
         match std::env::var("NATS_URL") {
-            Ok(url) => Ok(Nats {
-                url,
-                port: 0,
-                monitor_port: 0,
-                store: None,
-                child: None,
-                extra_args: Vec::new(),
-            }),
+            Ok(url) => Ok(Self::external(&url)),
             Err(_) => Self::start_own(),
+        }
+    }
+
+    /// A server (or a cluster's comma-separated URLs) run by someone else.
+    pub fn external(url: &str) -> Self {
+        Nats {
+            url: url.to_owned(),
+            port: 0,
+            monitor_port: 0,
+            store: None,
+            child: None,
+            extra_args: Vec::new(),
         }
     }
 
