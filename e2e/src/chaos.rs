@@ -563,7 +563,7 @@ async fn sample(
             samples.applied.push((Instant::now(), n));
         }
         if let Some(js) = &js
-            && tick % 3 == 0
+            && tick.is_multiple_of(3)
         {
             let leader = tokio::time::timeout(Duration::from_millis(500), async {
                 js.get_stream(&stream)
