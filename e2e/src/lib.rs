@@ -42,6 +42,9 @@ pub struct Options {
     pub otlp_endpoint: Option<String>,
     /// More environment for every service, e.g. ("STUCK_AFTER_DELIVERIES", "2").
     pub extra_env: Vec<(String, String)>,
+    /// Run our own NATS with fsync before ack turned off (benchmarks that
+    /// measure its cost only; the shipped configuration fsyncs).
+    pub relaxed_fsync: bool,
     /// Run NATS as a 3-node JetStream cluster (streams with three replicas,
     /// the services given every node's URL) instead of one server.
     pub cluster: bool,
@@ -57,6 +60,7 @@ impl Default for Options {
             proxies: false,
             otlp_endpoint: None,
             extra_env: Vec::new(),
+            relaxed_fsync: false,
             cluster: false,
         }
     }
@@ -123,6 +127,22 @@ async fn channel(addr: &str, timeout: Duration) -> anyhow::Result<Channel> {
 }
 
 impl System {
+    /// Deliveries and acks of each service's durable consumer so far, in
+    /// [`SERVICES`] order: (deliveries, acks), redeliveries included.
+    pub async fn consumer_counts(&self) -> anyhow::Result<Vec<(u64, u64)>> {
+        let js = async_nats::jetstream::new(nats_client(self.infra.nats.url()).await?);
+        let stream = js.get_stream(&self.stream).await?;
+        let mut counts = Vec::new();
+        for service in SERVICES {
+            let info = stream.consumer_info(service).await?;
+            counts.push((
+                info.delivered.consumer_sequence,
+                info.ack_floor.consumer_sequence,
+            ));
+        }
+        Ok(counts)
+    }
+
     /// Publishes raw bytes to `<prefix>.<subject_suffix>` as an outsider
     /// would, with a fresh message id, and waits for the PubAck.
     pub async fn publish_raw(&self, subject_suffix: &str, bytes: Vec<u8>) -> anyhow::Result<()> {
@@ -183,6 +203,13 @@ impl System {
                 postgres,
             };
             (infra, Some(cluster))
+        } else if options.relaxed_fsync {
+            let config = harness::relaxed_nats_fsync_config();
+            let nats =
+                tokio::task::spawn_blocking(move || harness::Nats::start_own_with_config(config))
+                    .await??;
+            let postgres = tokio::task::spawn_blocking(harness::Postgres::start).await??;
+            (Infra { nats, postgres }, None)
         } else if options.proxies {
             (tokio::task::spawn_blocking(Infra::start_own).await??, None)
         } else {

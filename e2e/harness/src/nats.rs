@@ -74,6 +74,17 @@ pub struct Nats {
     child: Option<Child>,
     /// Extra flags (a cluster node's name, cluster port and routes).
     extra_args: Vec<String>,
+    /// The configuration file's text: deploy/nats.conf unless relaxed.
+    config: String,
+}
+
+/// deploy/nats.conf with fsync before ack turned off (the file store's
+/// default interval), for a benchmark that measures what `always` costs.
+pub fn relaxed_fsync_config() -> String {
+    CONFIG.replace(
+        "sync_interval: always",
+        "# sync_interval relaxed for a benchmark",
+    )
 }
 
 impl Nats {
@@ -94,6 +105,7 @@ impl Nats {
             store: None,
             child: None,
             extra_args: Vec::new(),
+            config: CONFIG.to_owned(),
         }
     }
 
@@ -113,7 +125,16 @@ impl Nats {
             store: Some(tempfile::Builder::new().prefix("saga-nats-").tempdir()?),
             child: None,
             extra_args: Vec::new(),
+            config: CONFIG.to_owned(),
         })
+    }
+
+    /// A fresh server of our own running `config` instead of deploy/nats.conf.
+    pub fn start_own_with_config(config: String) -> anyhow::Result<Self> {
+        let mut nats = Self::with_ports(free_port(), free_port())?;
+        nats.config = config;
+        nats.restart()?;
+        Ok(nats)
     }
 
     /// A server not yet started that will run with `extra_args` too.
@@ -167,7 +188,7 @@ impl Nats {
             .create(true)
             .append(true)
             .open(store.join("nats.log"))?;
-        std::fs::write(store.join("nats.conf"), CONFIG)?;
+        std::fs::write(store.join("nats.conf"), &self.config)?;
         // The same configuration docker-compose mounts; the flags put it on
         // our own port, monitoring port and store.
         let child = Command::new(server_program()?)

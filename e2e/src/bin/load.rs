@@ -17,6 +17,9 @@ struct Args {
     orders: usize,
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Run NATS without fsync before ack, to measure what `sync_interval: always` costs.
+    #[arg(long)]
+    relaxed_fsync: bool,
 }
 
 fn seconds(t: &Option<prost_types::Timestamp>) -> f64 {
@@ -30,15 +33,21 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let sys = System::start(Options {
         log: "warn".into(),
+        relaxed_fsync: args.relaxed_fsync,
         ..Options::default()
     })
     .await?;
     sys.set_stock("BOOK", 10_000_000).await?;
     println!(
-        "load: {} orders from {} concurrent clients, binaries in {}",
+        "load: {} orders from {} concurrent clients, binaries in {}, NATS {}",
         args.orders,
         args.concurrency,
-        harness::bin_dir().display()
+        harness::bin_dir().display(),
+        if args.relaxed_fsync {
+            "WITHOUT fsync before ack (relaxed)"
+        } else {
+            "with fsync before ack (sync_interval: always)"
+        }
     );
 
     let next = Arc::new(AtomicUsize::new(0));
@@ -128,6 +137,22 @@ async fn main() -> anyhow::Result<()> {
         pct(0.95),
         pct(0.99),
         pct(1.0)
+    );
+    let counts = sys.consumer_counts().await?;
+    let per_saga = |n: u64| n as f64 / completed.max(1) as f64;
+    let (deliveries, acks) = counts
+        .iter()
+        .fold((0, 0), |(d, a), (dd, aa)| (d + dd, a + aa));
+    println!(
+        "  NATS per completed saga: {:.2} deliveries, {:.2} acks ({})",
+        per_saga(deliveries),
+        per_saga(acks),
+        e2e::SERVICES
+            .iter()
+            .zip(&counts)
+            .map(|(s, (d, _))| format!("{s} {:.2}", per_saga(*d)))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     Ok(())
 }
