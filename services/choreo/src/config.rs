@@ -60,9 +60,16 @@ pub struct Config {
     /// Chance (0 to 1) that a forward business step fails on purpose, for load and chaos runs.
     #[arg(long, env = "INJECTED_FAILURE_RATE", default_value_t = 0.0)]
     pub injected_failure_rate: f64,
-    /// Log format: "text" or "json".
-    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
-    pub log_format: String,
+    /// Log format: one line of text, or one JSON object, per event.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 impl Config {

@@ -9,7 +9,7 @@ use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 
 use crate::envelope::Envelope;
-use crate::grpc::{internal, timestamp};
+use crate::grpc::{ApiError, timestamp};
 use crate::handler::{HandleError, Handler};
 use crate::inbox::{self, Outcome};
 use crate::proto::{self as api, dead_letters_server::DeadLetters};
@@ -133,7 +133,7 @@ impl<H: Handler> DeadLetters for DeadLetterApi<H> {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
-        .map_err(internal)?;
+        .map_err(ApiError::from)?;
         let dead_letters = rows
             .into_iter()
             .map(|row| api::DeadLetter {

@@ -60,10 +60,42 @@ pub fn timestamp(at: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
     }
 }
 
-/// Logs an internal failure and answers the client without its details.
-pub fn internal(error: impl std::fmt::Display) -> tonic::Status {
-    tracing::error!(%error, "request failed");
-    tonic::Status::internal("internal error; the server log has the details")
+/// Why a request failed, in words a service's API code uses. The one place a
+/// service's errors become a gRPC [`tonic::Status`]: a request's own mistakes
+/// keep their message; internal failures are logged and the client is told
+/// only that the server log has them (no SQL, no stack).
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(error: ApiError) -> Self {
+        match error {
+            ApiError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
+            ApiError::NotFound(m) => tonic::Status::not_found(m),
+            ApiError::AlreadyExists(m) => tonic::Status::already_exists(m),
+            ApiError::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
+            ApiError::Unavailable(m) => tonic::Status::unavailable(m),
+            internal @ (ApiError::Database(_) | ApiError::Internal(_)) => {
+                tracing::error!(error = %internal, "request failed");
+                tonic::Status::internal("internal error; the server log has the details")
+            }
+        }
+    }
 }
 
 /// One span per request, a child of the caller's `traceparent` when it sends one.

@@ -87,7 +87,7 @@ impl Service {
         H: Handler,
     {
         let telemetry = crate::telemetry::init(
-            &self.config.log_format,
+            self.config.log_format,
             self.name,
             self.config.otlp_endpoint.as_deref(),
         );

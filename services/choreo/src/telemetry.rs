@@ -6,6 +6,7 @@
 //! outbox row and the NATS message header, and in the envelope, so a
 //! `PlaceOrder` and every handler and event it causes form one trace.
 //! Metrics: a Prometheus endpoint when a metrics address is configured.
+use crate::config::LogFormat;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
@@ -35,7 +36,7 @@ impl Telemetry {
 }
 
 /// Installs logging (and, with `otlp_endpoint`, trace export) once; later calls only log.
-pub fn init(format: &str, service: &str, otlp_endpoint: Option<&str>) -> Telemetry {
+pub fn init(format: LogFormat, service: &str, otlp_endpoint: Option<&str>) -> Telemetry {
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let provider = otlp_endpoint.and_then(|endpoint| match tracer_provider(service, endpoint) {
         Ok(provider) => Some(provider),
@@ -48,7 +49,7 @@ pub fn init(format: &str, service: &str, otlp_endpoint: Option<&str>) -> Telemet
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service.to_owned())));
     let registry = tracing_subscriber::registry().with(filter()).with(otel);
-    let _ = if format == "json" {
+    let _ = if format == LogFormat::Json {
         registry
             .with(
                 tracing_subscriber::fmt::layer()

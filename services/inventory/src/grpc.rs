@@ -1,9 +1,11 @@
 //! Inventory's gRPC API: stock levels (read and, for admins, set) and the
 //! reservation of an order.
-use choreo::grpc::internal;
+use choreo::grpc::ApiError;
 use contracts::inventory::v1::{self as api, inventory_service_server::InventoryService};
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
+
+use crate::handler::ReservationStatus;
 
 pub struct InventoryApi {
     pub pool: PgPool,
@@ -20,27 +22,26 @@ fn stock((sku, available, reserved): (String, i64, i64)) -> api::Stock {
     }
 }
 
-fn reservation_status(text: &str) -> api::ReservationStatus {
-    match text {
-        "HELD" => api::ReservationStatus::Held,
-        "REJECTED" => api::ReservationStatus::Rejected,
-        "RELEASED" => api::ReservationStatus::Released,
-        "NEVER_MADE" => api::ReservationStatus::NeverMade,
-        _ => api::ReservationStatus::Unspecified,
+fn reservation_status(status: ReservationStatus) -> api::ReservationStatus {
+    match status {
+        ReservationStatus::Held => api::ReservationStatus::Held,
+        ReservationStatus::Rejected => api::ReservationStatus::Rejected,
+        ReservationStatus::Released => api::ReservationStatus::Released,
+        ReservationStatus::NeverMade => api::ReservationStatus::NeverMade,
     }
 }
 
-#[tonic::async_trait]
-impl InventoryService for InventoryApi {
-    async fn set_stock(
+/// The API's work; the trait impl below only turns an [`ApiError`] into a status.
+impl InventoryApi {
+    async fn set(
         &self,
         request: Request<api::SetStockRequest>,
-    ) -> Result<Response<api::Stock>, Status> {
+    ) -> Result<Response<api::Stock>, ApiError> {
         let request = request.into_inner();
         let sku = request.sku.trim();
-        contracts::check_sku(sku).map_err(Status::invalid_argument)?;
+        contracts::check_sku(sku).map_err(ApiError::InvalidArgument)?;
         if request.available > MAX_STOCK {
-            return Err(Status::invalid_argument(format!(
+            return Err(ApiError::InvalidArgument(format!(
                 "available {} is out of range: at most {MAX_STOCK}",
                 request.available
             )));
@@ -52,58 +53,55 @@ impl InventoryService for InventoryApi {
         .bind(sku)
         .bind(request.available as i64)
         .fetch_one(&self.pool)
-        .await
-        .map_err(internal)?;
+        .await?;
         tracing::info!(sku, available = request.available, "stock set");
         Ok(Response::new(stock(row)))
     }
 
-    async fn get_stock(
+    async fn stock_of(
         &self,
         request: Request<api::GetStockRequest>,
-    ) -> Result<Response<api::Stock>, Status> {
+    ) -> Result<Response<api::Stock>, ApiError> {
         let sku = request.get_ref().sku.trim();
-        contracts::check_sku(sku).map_err(Status::invalid_argument)?;
+        contracts::check_sku(sku).map_err(ApiError::InvalidArgument)?;
         let row: Option<(String, i64, i64)> =
             sqlx::query_as("SELECT sku, available, reserved FROM stock WHERE sku = $1")
                 .bind(sku)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(internal)?;
-        row.map(|r| Response::new(stock(r)))
-            .ok_or_else(|| Status::not_found(format!("no SKU {sku} in stock; SetStock creates it")))
+                .await?;
+        row.map(|r| Response::new(stock(r))).ok_or_else(|| {
+            ApiError::NotFound(format!("no SKU {sku} in stock; SetStock creates it"))
+        })
     }
 
-    async fn list_stock(
+    async fn all_stock(
         &self,
-        _: Request<api::ListStockRequest>,
-    ) -> Result<Response<api::ListStockResponse>, Status> {
+        _request: Request<api::ListStockRequest>,
+    ) -> Result<Response<api::ListStockResponse>, ApiError> {
         let rows: Vec<(String, i64, i64)> =
             sqlx::query_as("SELECT sku, available, reserved FROM stock ORDER BY sku")
                 .fetch_all(&self.pool)
-                .await
-                .map_err(internal)?;
+                .await?;
         Ok(Response::new(api::ListStockResponse {
             items: rows.into_iter().map(stock).collect(),
         }))
     }
 
-    async fn get_reservation(
+    async fn reservation(
         &self,
         request: Request<api::GetReservationRequest>,
-    ) -> Result<Response<api::Reservation>, Status> {
+    ) -> Result<Response<api::Reservation>, ApiError> {
         let order_id = contracts::parse_order_id(&request.get_ref().order_id)
-            .map_err(Status::invalid_argument)?
+            .map_err(ApiError::InvalidArgument)?
             .to_string();
         let order_id = order_id.as_str();
-        let head: Option<(String, String)> =
+        let head: Option<(ReservationStatus, String)> =
             sqlx::query_as("SELECT status, reason FROM reservations WHERE order_id = $1")
                 .bind(order_id)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(internal)?;
+                .await?;
         let Some((status, reason)) = head else {
-            return Err(Status::not_found(format!(
+            return Err(ApiError::NotFound(format!(
                 "inventory has no reservation for order {order_id}"
             )));
         };
@@ -112,11 +110,10 @@ impl InventoryService for InventoryApi {
         )
         .bind(order_id)
         .fetch_all(&self.pool)
-        .await
-        .map_err(internal)?;
+        .await?;
         Ok(Response::new(api::Reservation {
             order_id: order_id.to_owned(),
-            status: reservation_status(&status) as i32,
+            status: reservation_status(status) as i32,
             lines: lines
                 .into_iter()
                 .map(|(sku, quantity)| api::ReservationLine {
@@ -126,5 +123,36 @@ impl InventoryService for InventoryApi {
                 .collect(),
             reason,
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl InventoryService for InventoryApi {
+    async fn set_stock(
+        &self,
+        request: Request<api::SetStockRequest>,
+    ) -> Result<Response<api::Stock>, Status> {
+        Ok(self.set(request).await?)
+    }
+
+    async fn get_stock(
+        &self,
+        request: Request<api::GetStockRequest>,
+    ) -> Result<Response<api::Stock>, Status> {
+        Ok(self.stock_of(request).await?)
+    }
+
+    async fn list_stock(
+        &self,
+        request: Request<api::ListStockRequest>,
+    ) -> Result<Response<api::ListStockResponse>, Status> {
+        Ok(self.all_stock(request).await?)
+    }
+
+    async fn get_reservation(
+        &self,
+        request: Request<api::GetReservationRequest>,
+    ) -> Result<Response<api::Reservation>, Status> {
+        Ok(self.reservation(request).await?)
     }
 }

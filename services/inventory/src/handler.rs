@@ -6,6 +6,20 @@ use contracts::SagaEvent;
 use contracts::events::v1 as ev;
 use sqlx::{Acquire, PgConnection};
 
+/// Where an order's reservation stands (the `reservations.status` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ReservationStatus {
+    /// Every line is held.
+    Held,
+    /// Not every line could be held; nothing is.
+    Rejected,
+    /// Held, then given back by the compensation.
+    Released,
+    /// Compensated before any reservation; a late order.created is refused.
+    NeverMade,
+}
+
 pub struct InventoryHandler {
     pub outbox: Outbox,
     pub config: Config,
@@ -53,7 +67,7 @@ async fn take(
 async fn record(
     tx: &mut PgConnection,
     order_id: &str,
-    status: &str,
+    status: ReservationStatus,
     reason: &str,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
@@ -93,10 +107,10 @@ impl CompensableStep for InventoryHandler {
         };
         if let Some(reason) = refusal {
             tracing::info!(%reason, "reservation rejected");
-            record(tx, order_id, "REJECTED", &reason).await?;
+            record(tx, order_id, ReservationStatus::Rejected, &reason).await?;
             return Ok(Verdict::Failed(ev::InventoryRejected { reason }));
         }
-        record(tx, order_id, "HELD", "").await?;
+        record(tx, order_id, ReservationStatus::Held, "").await?;
         for line in &order.lines {
             sqlx::query(
                 "INSERT INTO reservation_lines (order_id, sku, quantity) VALUES ($1, $2, $3)",
@@ -129,7 +143,7 @@ impl CompensableStep for InventoryHandler {
                 record(
                     tx,
                     order_id,
-                    "NEVER_MADE",
+                    ReservationStatus::NeverMade,
                     "compensated before any reservation",
                 )
                 .await?;
@@ -138,9 +152,10 @@ impl CompensableStep for InventoryHandler {
             Undo::Work => {
                 let held: Vec<(String, i64)> = sqlx::query_as(
                     "SELECT l.sku, l.quantity FROM reservation_lines l JOIN reservations r USING (order_id)
-                     WHERE order_id = $1 AND r.status = 'HELD' ORDER BY l.sku",
+                     WHERE order_id = $1 AND r.status = $2 ORDER BY l.sku",
                 )
                 .bind(order_id)
+                .bind(ReservationStatus::Held)
                 .fetch_all(&mut **tx)
                 .await?;
                 for (sku, quantity) in &held {
@@ -151,7 +166,13 @@ impl CompensableStep for InventoryHandler {
                         .await?;
                 }
                 if !held.is_empty() {
-                    record(tx, order_id, "RELEASED", "order compensated").await?;
+                    record(
+                        tx,
+                        order_id,
+                        ReservationStatus::Released,
+                        "order compensated",
+                    )
+                    .await?;
                 }
                 held
             }

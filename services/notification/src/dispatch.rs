@@ -22,6 +22,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::handler::record_failure;
+use crate::message::{Kind, Status};
 use crate::sender::{SendError, Sender};
 
 /// The channel the handler notifies (in its transaction, so at commit) when it queues a message.
@@ -103,7 +104,7 @@ impl Dispatched {
 struct Due {
     notification_id: Uuid,
     order_id: String,
-    kind: String,
+    kind: Kind,
     customer: String,
     recipient: String,
     body: String,
@@ -125,12 +126,13 @@ pub async fn dispatch(
     let due: Vec<Due> = sqlx::query_as(
         "SELECT notification_id, order_id, kind, customer, recipient, body, cause, attempts
          FROM notifications
-         WHERE status = 'PENDING' AND next_attempt_at <= now()
+         WHERE status = $2 AND next_attempt_at <= now()
          ORDER BY next_attempt_at
          LIMIT $1
          FOR UPDATE SKIP LOCKED",
     )
     .bind(limit)
+    .bind(Status::Pending)
     .fetch_all(&mut *tx)
     .await?;
     if due.is_empty() {
@@ -173,7 +175,7 @@ pub async fn dispatch(
     }
     tx.commit().await?;
     for (message, outcome) in due.iter().zip(&outcomes) {
-        metrics::counter!("notifications_total", "kind" => message.kind.clone(), "outcome" => outcome.label())
+        metrics::counter!("notifications_total", "kind" => message.kind.as_str(), "outcome" => outcome.label())
             .increment(1);
     }
     Ok(outcomes)
@@ -191,14 +193,15 @@ async fn record(
 ) -> Result<Dispatched, sqlx::Error> {
     let id = message.notification_id;
     let order_id = message.order_id.as_str();
-    let confirmation = message.kind == "CONFIRMATION";
+    let confirmation = message.kind == Kind::Confirmation;
     Ok(match answer {
         Ok(()) => {
             sqlx::query(
-                "UPDATE notifications SET status = 'SENT', sent_at = now(), attempts = attempts + 1, last_error = NULL
+                "UPDATE notifications SET status = $2, sent_at = now(), attempts = attempts + 1, last_error = NULL
                  WHERE notification_id = $1",
             )
             .bind(id)
+            .bind(Status::Sent)
             .execute(&mut *tx)
             .await?;
             if confirmation {
@@ -214,11 +217,12 @@ async fn record(
         Err(SendError::Undeliverable(why)) => {
             let reason = format!("customer {} cannot be reached: {why}", message.customer);
             sqlx::query(
-                "UPDATE notifications SET status = 'FAILED', attempts = attempts + 1, last_error = $2
+                "UPDATE notifications SET status = $3, attempts = attempts + 1, last_error = $2
                  WHERE notification_id = $1",
             )
             .bind(id)
             .bind(&why)
+            .bind(Status::Failed)
             .execute(&mut *tx)
             .await?;
             if confirmation {

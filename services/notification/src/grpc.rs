@@ -1,10 +1,12 @@
 //! Notification's gRPC API: the messages queued and sent about an order.
-use choreo::grpc::{internal, timestamp};
+use choreo::grpc::{ApiError, timestamp};
 use chrono::{DateTime, Utc};
 use contracts::notification::v1::{self as api, notification_service_server::NotificationService};
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
+
+use crate::message::{Kind, Status as MessageStatus};
 
 pub struct NotificationApi {
     pub pool: PgPool,
@@ -13,24 +15,24 @@ pub struct NotificationApi {
 #[derive(sqlx::FromRow)]
 struct Row {
     notification_id: Uuid,
-    kind: String,
+    kind: Kind,
     recipient: String,
     channel: String,
-    status: String,
+    status: MessageStatus,
     queued_at: DateTime<Utc>,
     sent_at: Option<DateTime<Utc>>,
     attempts: i32,
     last_error: Option<String>,
 }
 
-#[tonic::async_trait]
-impl NotificationService for NotificationApi {
-    async fn list_notifications(
+/// The API's work; the trait impl below only turns an [`ApiError`] into a status.
+impl NotificationApi {
+    async fn notifications(
         &self,
         request: Request<api::ListNotificationsRequest>,
-    ) -> Result<Response<api::ListNotificationsResponse>, Status> {
+    ) -> Result<Response<api::ListNotificationsResponse>, ApiError> {
         let order_id = contracts::parse_order_id(&request.get_ref().order_id)
-            .map_err(Status::invalid_argument)?
+            .map_err(ApiError::InvalidArgument)?
             .to_string();
         let order_id = order_id.as_str();
         let rows: Vec<Row> = sqlx::query_as(
@@ -39,33 +41,29 @@ impl NotificationService for NotificationApi {
         )
         .bind(order_id)
         .fetch_all(&self.pool)
-        .await
-        .map_err(internal)?;
+        .await?;
         let note: Option<String> =
             sqlx::query_scalar("SELECT reason FROM notification_failures WHERE order_id = $1")
                 .bind(order_id)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(internal)?;
+                .await?;
         let notifications = rows
             .into_iter()
             .map(|row| api::Notification {
                 notification_id: row.notification_id.to_string(),
                 order_id: order_id.to_owned(),
-                kind: match row.kind.as_str() {
-                    "CONFIRMATION" => api::NotificationKind::Confirmation,
-                    "CANCELLATION" => api::NotificationKind::Cancellation,
-                    _ => api::NotificationKind::Unspecified,
+                kind: match row.kind {
+                    Kind::Confirmation => api::NotificationKind::Confirmation,
+                    Kind::Cancellation => api::NotificationKind::Cancellation,
                 } as i32,
                 recipient: row.recipient,
                 channel: row.channel,
                 sent_at: row.sent_at.map(timestamp),
-                status: match row.status.as_str() {
-                    "PENDING" => api::NotificationStatus::Pending,
-                    "SENT" => api::NotificationStatus::Sent,
-                    "WITHDRAWN" => api::NotificationStatus::Withdrawn,
-                    "FAILED" => api::NotificationStatus::Failed,
-                    _ => api::NotificationStatus::Unspecified,
+                status: match row.status {
+                    MessageStatus::Pending => api::NotificationStatus::Pending,
+                    MessageStatus::Sent => api::NotificationStatus::Sent,
+                    MessageStatus::Withdrawn => api::NotificationStatus::Withdrawn,
+                    MessageStatus::Failed => api::NotificationStatus::Failed,
                 } as i32,
                 queued_at: Some(timestamp(row.queued_at)),
                 attempts: row.attempts.max(0) as u32,
@@ -76,5 +74,15 @@ impl NotificationService for NotificationApi {
             notifications,
             note: note.unwrap_or_default(),
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl NotificationService for NotificationApi {
+    async fn list_notifications(
+        &self,
+        request: Request<api::ListNotificationsRequest>,
+    ) -> Result<Response<api::ListNotificationsResponse>, Status> {
+        Ok(self.notifications(request).await?)
     }
 }

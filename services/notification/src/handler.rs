@@ -12,6 +12,8 @@ use prost::Message;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::message::{Kind, Status};
+
 pub struct NotificationHandler {
     pub outbox: Outbox,
     pub config: Config,
@@ -21,7 +23,7 @@ pub struct NotificationHandler {
 
 /// A message to queue.
 struct Outgoing<'a> {
-    kind: &'a str,
+    kind: Kind,
     customer: &'a str,
     recipient: &'a str,
     text: String,
@@ -76,7 +78,7 @@ impl NotificationHandler {
             .bind(crate::dispatch::CHANNEL)
             .execute(&mut **tx)
             .await?;
-        tracing::info!(notification_id = %id, kind = message.kind, "notification queued");
+        tracing::info!(notification_id = %id, kind = %message.kind, "notification queued");
         Ok(id)
     }
 
@@ -93,10 +95,13 @@ impl NotificationHandler {
     ) -> Result<bool, HandleError> {
         let order_id = envelope.saga_id.as_str();
         let withdrawn = sqlx::query(
-            "UPDATE notifications SET status = 'WITHDRAWN'
-             WHERE order_id = $1 AND kind = 'CONFIRMATION' AND status = 'PENDING'",
+            "UPDATE notifications SET status = $2
+             WHERE order_id = $1 AND kind = $3 AND status = $4",
         )
         .bind(order_id)
+        .bind(Status::Withdrawn)
+        .bind(Kind::Confirmation)
+        .bind(Status::Pending)
         .execute(&mut **tx)
         .await?
         .rows_affected();
@@ -106,16 +111,18 @@ impl NotificationHandler {
         }
         let told: Option<(String, String)> = sqlx::query_as(
             "SELECT customer, recipient FROM notifications
-             WHERE order_id = $1 AND kind = 'CONFIRMATION' AND status = 'SENT'",
+             WHERE order_id = $1 AND kind = $2 AND status = $3",
         )
         .bind(order_id)
+        .bind(Kind::Confirmation)
+        .bind(Status::Sent)
         .fetch_optional(&mut **tx)
         .await?;
         let Some((customer, recipient)) = told else {
             return Ok(false);
         };
         let message = Outgoing {
-            kind: "CANCELLATION",
+            kind: Kind::Cancellation,
             customer: &customer,
             recipient: &recipient,
             text: format!("Sorry: your order {order_id} was cancelled and will not be delivered."),
@@ -154,7 +161,7 @@ impl CompensableStep for NotificationHandler {
             shipment.carrier, shipment.shipment_id
         );
         let message = Outgoing {
-            kind: "CONFIRMATION",
+            kind: Kind::Confirmation,
             customer: &shipment.customer,
             recipient: &shipment.contact,
             text,

@@ -3,6 +3,7 @@
 pub mod dispatch;
 pub mod grpc;
 pub mod handler;
+pub mod message;
 pub mod sender;
 
 use std::sync::Arc;

@@ -3,7 +3,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use choreo::Outbox;
-use choreo::grpc::internal;
+use choreo::grpc::ApiError;
 use contracts::events::v1 as ev;
 use contracts::order::v1::{self as api, order_service_server::OrderService};
 use sqlx::PgPool;
@@ -23,33 +23,27 @@ pub struct OrderApi {
 
 const MAX_PAGE: u32 = 500;
 
-fn order_id(text: &str) -> Result<Uuid, GrpcStatus> {
-    contracts::parse_order_id(text).map_err(GrpcStatus::invalid_argument)
+fn order_id(text: &str) -> Result<Uuid, ApiError> {
+    contracts::parse_order_id(text).map_err(ApiError::InvalidArgument)
 }
 
+/// The API's work, in domain terms; the trait impl below only unwraps
+/// requests and turns [`ApiError`] into a status.
 impl OrderApi {
-    async fn load(&self, id: Uuid) -> Result<api::Order, GrpcStatus> {
+    async fn load(&self, id: Uuid) -> Result<api::Order, ApiError> {
         store::load(&self.pool, id)
-            .await
-            .map_err(internal)?
-            .ok_or_else(|| GrpcStatus::not_found(format!("no order {id}")))
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no order {id}")))
     }
-}
 
-#[tonic::async_trait]
-impl OrderService for OrderApi {
-    #[tracing::instrument(skip_all, fields(order_id))]
-    async fn place_order(
+    async fn place(
         &self,
-        request: Request<api::PlaceOrderRequest>,
-    ) -> Result<Response<api::PlaceOrderResponse>, GrpcStatus> {
-        let order =
-            NewOrder::validate(request.into_inner()).map_err(GrpcStatus::invalid_argument)?;
-        let mut tx = self.pool.begin().await.map_err(internal)?;
+        request: api::PlaceOrderRequest,
+    ) -> Result<api::PlaceOrderResponse, ApiError> {
+        let order = NewOrder::validate(request).map_err(ApiError::InvalidArgument)?;
+        let mut tx = self.pool.begin().await?;
         let id = Uuid::now_v7();
-        let created = store::insert(&mut tx, id, &order, self.deadline)
-            .await
-            .map_err(internal)?;
+        let created = store::insert(&mut tx, id, &order, self.deadline).await?;
         let id = if created {
             let payload = ev::OrderCreated {
                 customer: order.customer.clone(),
@@ -66,19 +60,17 @@ impl OrderService for OrderApi {
             };
             self.outbox
                 .emit(&mut tx, &id.to_string(), None, &payload)
-                .await
-                .map_err(internal)?;
-            tx.commit().await.map_err(internal)?;
+                .await?;
+            tx.commit().await?;
             id
         } else {
             // The key was used before (or by a concurrent request that won): same order, nothing new.
             let (existing, fingerprint) = store::find_by_key(&mut tx, &order.idempotency_key)
-                .await
-                .map_err(internal)?
-                .ok_or_else(|| internal("idempotency key vanished"))?;
-            tx.rollback().await.map_err(internal)?;
+                .await?
+                .ok_or_else(|| ApiError::Internal("idempotency key vanished".into()))?;
+            tx.rollback().await?;
             if fingerprint != order.fingerprint() {
-                return Err(GrpcStatus::already_exists(format!(
+                return Err(ApiError::AlreadyExists(format!(
                     "idempotency_key {:?} was already used for order {existing} with different contents; use a new key for a new order",
                     order.idempotency_key
                 )));
@@ -89,10 +81,106 @@ impl OrderService for OrderApi {
         if created {
             tracing::info!("order placed");
         }
-        Ok(Response::new(api::PlaceOrderResponse {
+        Ok(api::PlaceOrderResponse {
             order: Some(self.load(id).await?),
             created,
-        }))
+        })
+    }
+
+    async fn list(
+        &self,
+        request: api::ListOrdersRequest,
+    ) -> Result<api::ListOrdersResponse, ApiError> {
+        let status = match api::OrderStatus::try_from(request.status) {
+            Ok(s) => Status::from_proto(s),
+            Err(_) => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "status {} is not an OrderStatus",
+                    request.status
+                )));
+            }
+        };
+        let page_size = match request.page_size {
+            0 => 50,
+            n if n > MAX_PAGE => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "page_size {n} is too large: ask for at most {MAX_PAGE}"
+                )));
+            }
+            n => n,
+        };
+        let after = if request.page_token.is_empty() {
+            None
+        } else {
+            Some(Uuid::parse_str(&request.page_token).map_err(|_| {
+                ApiError::InvalidArgument(
+                    "page_token is not one this server gave out; start again with an empty token"
+                        .into(),
+                )
+            })?)
+        };
+        let mut orders = store::list(
+            &self.pool,
+            status,
+            request.stuck_only,
+            after,
+            page_size as i64 + 1,
+        )
+        .await?;
+        let next_page_token = if orders.len() > page_size as usize {
+            orders.truncate(page_size as usize);
+            orders
+                .last()
+                .map(|o| o.order_id.clone())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(api::ListOrdersResponse {
+            orders,
+            next_page_token,
+        })
+    }
+
+    async fn cancel(&self, request: api::CancelOrderRequest) -> Result<api::Order, ApiError> {
+        let id = order_id(&request.order_id)?;
+        if request.reason.len() > 500 {
+            return Err(ApiError::InvalidArgument(
+                "reason is longer than 500 characters".into(),
+            ));
+        }
+        let mut tx = self.pool.begin().await?;
+        let status = store::lock(&mut tx, id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no order {id}")))?;
+        if status == Status::Completed {
+            return Err(ApiError::FailedPrecondition(format!(
+                "order {id} is already COMPLETED; a completed order cannot be cancelled"
+            )));
+        }
+        if status.is_open() {
+            let why = request.reason.trim();
+            let reason = if why.is_empty() {
+                "customer: cancelled by the customer".to_owned()
+            } else {
+                format!("customer: {why}")
+            };
+            handler::start_cancel(&mut tx, &self.outbox, id, &reason, self.deadline).await?;
+            tracing::info!(%reason, "customer cancelled the order");
+        }
+        tx.commit().await?;
+        self.load(id).await
+    }
+}
+
+#[tonic::async_trait]
+impl OrderService for OrderApi {
+    #[tracing::instrument(skip_all, fields(order_id))]
+    async fn place_order(
+        &self,
+        request: Request<api::PlaceOrderRequest>,
+    ) -> Result<Response<api::PlaceOrderResponse>, GrpcStatus> {
+        Ok(Response::new(self.place(request.into_inner()).await?))
     }
 
     async fn get_order(
@@ -107,56 +195,7 @@ impl OrderService for OrderApi {
         &self,
         request: Request<api::ListOrdersRequest>,
     ) -> Result<Response<api::ListOrdersResponse>, GrpcStatus> {
-        let request = request.into_inner();
-        let status = match api::OrderStatus::try_from(request.status) {
-            Ok(s) => Status::from_proto(s),
-            Err(_) => {
-                return Err(GrpcStatus::invalid_argument(format!(
-                    "status {} is not an OrderStatus",
-                    request.status
-                )));
-            }
-        };
-        let page_size = match request.page_size {
-            0 => 50,
-            n if n > MAX_PAGE => {
-                return Err(GrpcStatus::invalid_argument(format!(
-                    "page_size {n} is too large: ask for at most {MAX_PAGE}"
-                )));
-            }
-            n => n,
-        };
-        let after = if request.page_token.is_empty() {
-            None
-        } else {
-            Some(Uuid::parse_str(&request.page_token).map_err(|_| {
-                GrpcStatus::invalid_argument(
-                    "page_token is not one this server gave out; start again with an empty token",
-                )
-            })?)
-        };
-        let mut orders = store::list(
-            &self.pool,
-            status,
-            request.stuck_only,
-            after,
-            page_size as i64 + 1,
-        )
-        .await
-        .map_err(internal)?;
-        let next_page_token = if orders.len() > page_size as usize {
-            orders.truncate(page_size as usize);
-            orders
-                .last()
-                .map(|o| o.order_id.clone())
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
-        Ok(Response::new(api::ListOrdersResponse {
-            orders,
-            next_page_token,
-        }))
+        Ok(Response::new(self.list(request.into_inner()).await?))
     }
 
     #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id))]
@@ -164,37 +203,7 @@ impl OrderService for OrderApi {
         &self,
         request: Request<api::CancelOrderRequest>,
     ) -> Result<Response<api::Order>, GrpcStatus> {
-        let request = request.into_inner();
-        let id = order_id(&request.order_id)?;
-        if request.reason.len() > 500 {
-            return Err(GrpcStatus::invalid_argument(
-                "reason is longer than 500 characters",
-            ));
-        }
-        let mut tx = self.pool.begin().await.map_err(internal)?;
-        let status = store::lock(&mut tx, id)
-            .await
-            .map_err(internal)?
-            .ok_or_else(|| GrpcStatus::not_found(format!("no order {id}")))?;
-        if status == Status::Completed {
-            return Err(GrpcStatus::failed_precondition(format!(
-                "order {id} is already COMPLETED; a completed order cannot be cancelled"
-            )));
-        }
-        if status.is_open() {
-            let why = request.reason.trim();
-            let reason = if why.is_empty() {
-                "customer: cancelled by the customer".to_owned()
-            } else {
-                format!("customer: {why}")
-            };
-            handler::start_cancel(&mut tx, &self.outbox, id, &reason, self.deadline)
-                .await
-                .map_err(internal)?;
-            tracing::info!(%reason, "customer cancelled the order");
-        }
-        tx.commit().await.map_err(internal)?;
-        Ok(Response::new(self.load(id).await?))
+        Ok(Response::new(self.cancel(request.into_inner()).await?))
     }
 
     type WatchOrderStream =
@@ -215,7 +224,7 @@ impl OrderService for OrderApi {
                 let changes = match store::changes_after(&pool, id, seen).await {
                     Ok(changes) => changes,
                     Err(e) => {
-                        let _ = sender.send(Err(internal(e))).await;
+                        let _ = sender.send(Err(ApiError::from(e).into())).await;
                         return;
                     }
                 };

@@ -1,42 +1,42 @@
 //! Shipping's gRPC API: the shipment of an order.
-use choreo::grpc::internal;
+use choreo::grpc::ApiError;
 use contracts::shipping::v1::{self as api, shipping_service_server::ShippingService};
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use crate::handler::ShipmentStatus;
+
 pub struct ShippingApi {
     pub pool: PgPool,
 }
 
-#[tonic::async_trait]
-impl ShippingService for ShippingApi {
-    async fn get_shipment(
+/// The API's work; the trait impl below only turns an [`ApiError`] into a status.
+impl ShippingApi {
+    async fn shipment(
         &self,
         request: Request<api::GetShipmentRequest>,
-    ) -> Result<Response<api::Shipment>, Status> {
+    ) -> Result<Response<api::Shipment>, ApiError> {
         let order_id = contracts::parse_order_id(&request.get_ref().order_id)
-            .map_err(Status::invalid_argument)?
+            .map_err(ApiError::InvalidArgument)?
             .to_string();
         let order_id = order_id.as_str();
-        let row: Option<(Option<Uuid>, String, String, String, String)> = sqlx::query_as(
+        let row: Option<(Option<Uuid>, ShipmentStatus, String, String, String)> = sqlx::query_as(
             "SELECT shipment_id, status, carrier, destination, reason FROM shipments WHERE order_id = $1",
         )
         .bind(order_id)
         .fetch_optional(&self.pool)
-        .await
-        .map_err(internal)?;
+        .await?;
         let Some((shipment_id, status, carrier, destination, reason)) = row else {
-            return Err(Status::not_found(format!(
+            return Err(ApiError::NotFound(format!(
                 "shipping has no shipment for order {order_id}"
             )));
         };
-        let status = match status.as_str() {
-            "SCHEDULED" => api::ShipmentStatus::Scheduled,
-            "FAILED" => api::ShipmentStatus::Failed,
-            "CANCELLED" => api::ShipmentStatus::Cancelled,
-            "NEVER_MADE" => api::ShipmentStatus::NeverMade,
-            _ => api::ShipmentStatus::Unspecified,
+        let status = match status {
+            ShipmentStatus::Scheduled => api::ShipmentStatus::Scheduled,
+            ShipmentStatus::Failed => api::ShipmentStatus::Failed,
+            ShipmentStatus::Cancelled => api::ShipmentStatus::Cancelled,
+            ShipmentStatus::NeverMade => api::ShipmentStatus::NeverMade,
         };
         Ok(Response::new(api::Shipment {
             order_id: order_id.to_owned(),
@@ -46,5 +46,15 @@ impl ShippingService for ShippingApi {
             destination,
             reason,
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl ShippingService for ShippingApi {
+    async fn get_shipment(
+        &self,
+        request: Request<api::GetShipmentRequest>,
+    ) -> Result<Response<api::Shipment>, Status> {
+        Ok(self.shipment(request).await?)
     }
 }

@@ -6,6 +6,19 @@ use contracts::SagaEvent;
 use contracts::events::v1 as ev;
 use uuid::Uuid;
 
+/// Where an order's shipment stands (the `shipments.status` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ShipmentStatus {
+    Scheduled,
+    /// No shipment could be made.
+    Failed,
+    /// Scheduled, then cancelled by the compensation.
+    Cancelled,
+    /// Compensated before any shipment; a late inventory.reserved is refused.
+    NeverMade,
+}
+
 pub struct ShippingHandler {
     pub outbox: Outbox,
     pub config: Config,
@@ -42,22 +55,24 @@ impl CompensableStep for ShippingHandler {
         };
         if let Some(reason) = failure {
             tracing::info!(%reason, "shipment failed");
-            sqlx::query("INSERT INTO shipments (order_id, status, destination, reason) VALUES ($1, 'FAILED', $2, $3)")
+            sqlx::query("INSERT INTO shipments (order_id, status, destination, reason) VALUES ($1, $4, $2, $3)")
                 .bind(order_id)
                 .bind(&order.destination)
                 .bind(&reason)
+                .bind(ShipmentStatus::Failed)
                 .execute(&mut **tx)
                 .await?;
             return Ok(Verdict::Failed(ev::ShippingFailed { reason }));
         }
         let shipment_id = Uuid::now_v7();
         sqlx::query(
-            "INSERT INTO shipments (order_id, shipment_id, status, carrier, destination) VALUES ($1, $2, 'SCHEDULED', $3, $4)",
+            "INSERT INTO shipments (order_id, shipment_id, status, carrier, destination) VALUES ($1, $2, $5, $3, $4)",
         )
         .bind(order_id)
         .bind(shipment_id)
         .bind(&self.carrier)
         .bind(&order.destination)
+        .bind(ShipmentStatus::Scheduled)
         .execute(&mut **tx)
         .await?;
         tracing::info!(%shipment_id, "shipment scheduled");
@@ -81,18 +96,21 @@ impl CompensableStep for ShippingHandler {
         let cancelled: Option<Uuid> = match undo {
             Undo::NeverDone => {
                 sqlx::query(
-                    "INSERT INTO shipments (order_id, status, reason) VALUES ($1, 'NEVER_MADE', 'compensated before any shipment')",
+                    "INSERT INTO shipments (order_id, status, reason) VALUES ($1, $2, 'compensated before any shipment')",
                 )
                 .bind(order_id)
+                .bind(ShipmentStatus::NeverMade)
                 .execute(&mut **tx)
                 .await?;
                 None
             }
             Undo::Work => sqlx::query_scalar(
-                "UPDATE shipments SET status = 'CANCELLED', reason = 'order compensated', updated_at = now()
-                 WHERE order_id = $1 AND status = 'SCHEDULED' RETURNING shipment_id",
+                "UPDATE shipments SET status = $2, reason = 'order compensated', updated_at = now()
+                 WHERE order_id = $1 AND status = $3 RETURNING shipment_id",
             )
             .bind(order_id)
+            .bind(ShipmentStatus::Cancelled)
+            .bind(ShipmentStatus::Scheduled)
             .fetch_optional(&mut **tx)
             .await?,
         };
