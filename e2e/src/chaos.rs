@@ -899,57 +899,308 @@ fn delivered_id(line: &str) -> Option<&str> {
 }
 
 /// Checks every invariant; each broken one names the order (or SKU) and what is wrong.
+/// What each service's database says about every order, read once after quiet.
+struct Facts {
+    lines: Vec<(uuid::Uuid, String, i32)>,
+    timeline: Vec<(uuid::Uuid, String)>,
+    reservations: HashMap<String, String>,
+    reserved_lines: HashMap<String, i64>,
+    shipments: HashMap<String, String>,
+    /// (order, kind, how many SENT).
+    sent: Vec<(String, String, i64)>,
+}
+
+impl Facts {
+    async fn read(databases: &[PgPool]) -> anyhow::Result<Self> {
+        let [orders_db, inventory_db, shipping_db, notification_db] = databases else {
+            anyhow::bail!("expected four databases");
+        };
+        Ok(Facts {
+            lines: sqlx::query_as("SELECT order_id, sku, quantity FROM order_lines")
+                .fetch_all(orders_db)
+                .await?,
+            timeline: sqlx::query_as("SELECT order_id, event_type FROM order_timeline")
+                .fetch_all(orders_db)
+                .await?,
+            reservations: sqlx::query_as("SELECT order_id, status FROM reservations")
+                .fetch_all(inventory_db)
+                .await?
+                .into_iter()
+                .collect(),
+            reserved_lines: sqlx::query_as(
+                "SELECT order_id, count(*) FROM reservation_lines GROUP BY order_id",
+            )
+            .fetch_all(inventory_db)
+            .await?
+            .into_iter()
+            .collect(),
+            shipments: sqlx::query_as("SELECT order_id, status FROM shipments")
+                .fetch_all(shipping_db)
+                .await?
+                .into_iter()
+                .collect(),
+            sent: sqlx::query_as(
+                "SELECT order_id, kind, count(*) FROM notifications WHERE status = 'SENT' GROUP BY order_id, kind",
+            )
+            .fetch_all(notification_db)
+            .await?,
+        })
+    }
+}
+
+/// One order as the invariants see it: its final state over gRPC and its
+/// effects in every service's database.
+struct OrderView<'a> {
+    id: String,
+    scenario: Scenario,
+    order: api::Order,
+    events: Vec<&'a str>,
+    lines: Vec<&'a (uuid::Uuid, String, i32)>,
+    reservation: Option<&'a str>,
+    reserved_lines: i64,
+    shipment: Option<&'a str>,
+    confirmations: i64,
+    cancellations: i64,
+}
+
+impl<'a> OrderView<'a> {
+    fn new(
+        facts: &'a Facts,
+        id: String,
+        scenario: Scenario,
+        order: api::Order,
+    ) -> anyhow::Result<Self> {
+        let uuid = uuid::Uuid::parse_str(&id)?;
+        let sent = |kind: &str| {
+            facts
+                .sent
+                .iter()
+                .find(|(o, k, _)| *o == id && k == kind)
+                .map(|(_, _, n)| *n)
+                .unwrap_or(0)
+        };
+        Ok(OrderView {
+            events: facts
+                .timeline
+                .iter()
+                .filter(|(o, _)| *o == uuid)
+                .map(|(_, t)| t.as_str())
+                .collect(),
+            lines: facts.lines.iter().filter(|(o, _, _)| *o == uuid).collect(),
+            reservation: facts.reservations.get(&id).map(String::as_str),
+            reserved_lines: facts.reserved_lines.get(&id).copied().unwrap_or(0),
+            shipment: facts.shipments.get(&id).map(String::as_str),
+            confirmations: sent("CONFIRMATION"),
+            cancellations: sent("CANCELLATION"),
+            id,
+            scenario,
+            order,
+        })
+    }
+
+    fn has(&self, event_type: &str) -> bool {
+        self.events.contains(&event_type)
+    }
+}
+
+/// Invariant 1: every order ends COMPLETED or CANCELLED.
+fn every_order_ends(o: &OrderView, v: &mut Vec<String>) {
+    let status = o.order.status();
+    if !matches!(
+        status,
+        api::OrderStatus::Completed | api::OrderStatus::Cancelled
+    ) {
+        v.push(format!(
+            "order {}: stuck in {status:?} ({})",
+            o.id, o.order.reason
+        ));
+    }
+}
+
+/// Invariant 4: no effect twice: every event type at most once per order.
+fn no_effect_twice(o: &OrderView, v: &mut Vec<String>) {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for t in &o.events {
+        *counts.entry(t).or_default() += 1;
+    }
+    for (t, n) in counts.iter().filter(|(_, n)| **n > 1) {
+        v.push(format!(
+            "order {}: {t} happened {n} times (an effect applied twice)",
+            o.id
+        ));
+    }
+}
+
+/// Invariant 3: a completed order has one reservation of all its lines, one
+/// live shipment and exactly one confirmation.
+fn completed_has_exactly_its_effects(o: &OrderView, v: &mut Vec<String>) {
+    if o.order.status() != api::OrderStatus::Completed {
+        return;
+    }
+    let id = &o.id;
+    if o.reservation != Some("HELD") {
+        v.push(format!(
+            "order {id}: COMPLETED but reservation is {:?}",
+            o.reservation
+        ));
+    }
+    if o.reserved_lines != o.lines.len() as i64 {
+        v.push(format!(
+            "order {id}: COMPLETED but holds {} lines of {}",
+            o.reserved_lines,
+            o.lines.len()
+        ));
+    }
+    if o.shipment != Some("SCHEDULED") {
+        v.push(format!(
+            "order {id}: COMPLETED but shipment is {:?}",
+            o.shipment
+        ));
+    }
+    if (o.confirmations, o.cancellations) != (1, 0) {
+        v.push(format!(
+            "order {id}: COMPLETED with {} confirmations and {} cancellation notices",
+            o.confirmations, o.cancellations
+        ));
+    }
+}
+
+/// Invariant 3, the other side: a cancelled order holds no stock, has no live
+/// shipment, no confirmation without a cancellation notice, and a reason.
+fn cancelled_holds_nothing(o: &OrderView, v: &mut Vec<String>) {
+    if o.order.status() != api::OrderStatus::Cancelled {
+        return;
+    }
+    let id = &o.id;
+    if o.reservation == Some("HELD") {
+        v.push(format!("order {id}: CANCELLED but still holds stock"));
+    }
+    if o.shipment == Some("SCHEDULED") {
+        v.push(format!("order {id}: CANCELLED but its shipment is live"));
+    }
+    if o.confirmations != o.cancellations {
+        v.push(format!(
+            "order {id}: CANCELLED, customer told it ships and never told otherwise"
+        ));
+    }
+    if o.order.reason.is_empty() {
+        v.push(format!("order {id}: CANCELLED without a reason"));
+    }
+}
+
+/// Invariant 6: the timeline fits the final state.
+fn timeline_fits(o: &OrderView, v: &mut Vec<String>) {
+    let (id, events) = (&o.id, &o.events);
+    match o.order.status() {
+        api::OrderStatus::Completed => {
+            if !o.has("notification.sent")
+                || o.has("inventory.released")
+                || o.has("inventory.rejected")
+                || o.has("order.cancelled")
+            {
+                v.push(format!("order {id}: COMPLETED but timeline is {events:?}"));
+            }
+        }
+        api::OrderStatus::Cancelled => {
+            if !(o.has("inventory.released") || o.has("inventory.rejected")) {
+                v.push(format!(
+                    "order {id}: CANCELLED but the timeline shows no end of compensation: {events:?}"
+                ));
+            }
+            if o.has("notification.sent") && !o.has("notification.cancelled") {
+                v.push(format!(
+                    "order {id}: CANCELLED after notification.sent without notification.cancelled"
+                ));
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A failure on purpose ends the order CANCELLED by the step that failed (or
+/// by its deadline, when faults held it up that long).
+fn failure_is_named(o: &OrderView, v: &mut Vec<String>) {
+    let expected = match o.scenario {
+        Scenario::UnservedDestination => "shipping: carrier",
+        Scenario::UnreachableCustomer => "notification: customer",
+        _ => return,
+    };
+    let reason = &o.order.reason;
+    if o.order.status() != api::OrderStatus::Cancelled
+        || !(reason.starts_with(expected) || reason.starts_with("deadline:"))
+    {
+        v.push(format!(
+            "order {}: {:?} ended {:?} with reason {reason:?}",
+            o.id,
+            o.scenario,
+            o.order.status()
+        ));
+    }
+}
+
+/// Invariant 2: stock is conserved per SKU: initial = available + reserved,
+/// and what is reserved is what completed orders hold.
+async fn stock_is_conserved(
+    inventory_db: &PgPool,
+    held_by_completed: &HashMap<String, i64>,
+    v: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let stock: Vec<(String, i64, i64)> =
+        sqlx::query_as("SELECT sku, available, reserved FROM stock")
+            .fetch_all(inventory_db)
+            .await?;
+    for (sku, initial) in INITIAL_STOCK {
+        let Some((_, available, reserved)) = stock.iter().find(|(s, _, _)| s == sku) else {
+            v.push(format!("sku {sku}: missing from stock"));
+            continue;
+        };
+        let held = held_by_completed.get(sku).copied().unwrap_or(0);
+        if available + reserved != initial as i64 || *reserved != held {
+            v.push(format!(
+                "sku {sku}: initial {initial}, available {available}, reserved {reserved}, held by completed orders {held}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Invariant 5: nothing left behind: no outbox row unsent, nothing parked, no
+/// message still queued.
+async fn nothing_left_behind(databases: &[PgPool], v: &mut Vec<String>) -> anyhow::Result<()> {
+    for (name, pool) in SERVICES.iter().zip(databases) {
+        let unsent: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM choreo_outbox WHERE sent_at IS NULL")
+                .fetch_one(pool)
+                .await?;
+        if unsent > 0 {
+            v.push(format!("{name}: {unsent} outbox rows never sent"));
+        }
+        let parked: Vec<(String, String)> =
+            sqlx::query_as("SELECT subject, reason FROM choreo_dead_letter")
+                .fetch_all(pool)
+                .await?;
+        for (subject, reason) in parked {
+            v.push(format!("{name}: dead letter on {subject}: {reason}"));
+        }
+    }
+    let queued = queued_notifications(&databases[3]).await;
+    if queued > 0 {
+        v.push(format!(
+            "notification: {queued} messages still queued, never sent"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks every invariant over every placed order and the services' databases.
 async fn check(
     sys: &System,
     databases: &[PgPool],
     placed: &[Placed],
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let [orders_db, inventory_db, shipping_db, notification_db] = databases else {
-        anyhow::bail!("expected four databases");
-    };
+    let facts = Facts::read(databases).await?;
     let v = &mut report.violations;
-
-    // Per-order facts from each service's own database.
-    let lines: Vec<(uuid::Uuid, String, i32)> =
-        sqlx::query_as("SELECT order_id, sku, quantity FROM order_lines")
-            .fetch_all(orders_db)
-            .await?;
-    let timeline: Vec<(uuid::Uuid, String)> =
-        sqlx::query_as("SELECT order_id, event_type FROM order_timeline")
-            .fetch_all(orders_db)
-            .await?;
-    let reservations: HashMap<String, String> =
-        sqlx::query_as("SELECT order_id, status FROM reservations")
-            .fetch_all(inventory_db)
-            .await?
-            .into_iter()
-            .collect();
-    let reserved_lines: HashMap<String, i64> =
-        sqlx::query_as("SELECT order_id, count(*) FROM reservation_lines GROUP BY order_id")
-            .fetch_all(inventory_db)
-            .await?
-            .into_iter()
-            .collect();
-    let shipments: HashMap<String, String> =
-        sqlx::query_as("SELECT order_id, status FROM shipments")
-            .fetch_all(shipping_db)
-            .await?
-            .into_iter()
-            .collect();
-    let notes: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT order_id, kind, count(*) FROM notifications WHERE status = 'SENT' GROUP BY order_id, kind",
-    )
-    .fetch_all(notification_db)
-    .await?;
-    let note_count = |id: &str, kind: &str| {
-        notes
-            .iter()
-            .find(|(o, k, _)| o == id && k == kind)
-            .map(|(_, _, n)| *n)
-            .unwrap_or(0)
-    };
-
     let mut held_by_completed: HashMap<String, i64> = HashMap::new();
     for p in placed {
         let id = match &p.order_id {
@@ -969,158 +1220,32 @@ async fn check(
                 continue;
             }
         };
-        let status = order.status();
-        let status_name = status
-            .as_str_name()
-            .trim_start_matches("ORDER_STATUS_")
-            .to_owned();
+        let view = OrderView::new(&facts, id, p.scenario, order)?;
+        let status = view.order.status();
         *report
             .outcomes
-            .entry((format!("{:?}", p.scenario), status_name.clone()))
+            .entry((
+                format!("{:?}", p.scenario),
+                status
+                    .as_str_name()
+                    .trim_start_matches("ORDER_STATUS_")
+                    .to_owned(),
+            ))
             .or_default() += 1;
-        let uuid = uuid::Uuid::parse_str(&id)?;
-        let events: Vec<&str> = timeline
-            .iter()
-            .filter(|(o, _)| *o == uuid)
-            .map(|(_, t)| t.as_str())
-            .collect();
-        let has = |t: &str| events.contains(&t);
-        let order_lines: Vec<&(uuid::Uuid, String, i32)> =
-            lines.iter().filter(|(o, _, _)| *o == uuid).collect();
-        let reservation = reservations.get(&id).map(String::as_str);
-        let shipment = shipments.get(&id).map(String::as_str);
-
-        // 4. No effect twice: every event type at most once per order.
-        let mut counts: HashMap<&str, usize> = HashMap::new();
-        for t in &events {
-            *counts.entry(t).or_default() += 1;
-        }
-        for (t, n) in counts.iter().filter(|(_, n)| **n > 1) {
-            v.push(format!(
-                "order {id}: {t} happened {n} times (an effect applied twice)"
-            ));
-        }
-        match status {
-            api::OrderStatus::Completed => {
-                // 3. One reservation, one live shipment, exactly one notification.
-                if reservation != Some("HELD") {
-                    v.push(format!(
-                        "order {id}: COMPLETED but reservation is {reservation:?}"
-                    ));
-                }
-                if reserved_lines.get(&id).copied().unwrap_or(0) != order_lines.len() as i64 {
-                    v.push(format!(
-                        "order {id}: COMPLETED but holds {:?} lines of {}",
-                        reserved_lines.get(&id),
-                        order_lines.len()
-                    ));
-                }
-                if shipment != Some("SCHEDULED") {
-                    v.push(format!(
-                        "order {id}: COMPLETED but shipment is {shipment:?}"
-                    ));
-                }
-                let (confirmations, cancellations) = (
-                    note_count(&id, "CONFIRMATION"),
-                    note_count(&id, "CANCELLATION"),
-                );
-                if (confirmations, cancellations) != (1, 0) {
-                    v.push(format!("order {id}: COMPLETED with {confirmations} confirmations and {cancellations} cancellation notices"));
-                }
-                // 6. The timeline fits.
-                if !has("notification.sent")
-                    || has("inventory.released")
-                    || has("inventory.rejected")
-                    || has("order.cancelled")
-                {
-                    v.push(format!("order {id}: COMPLETED but timeline is {events:?}"));
-                }
-                for (_, sku, quantity) in order_lines {
-                    *held_by_completed.entry(sku.clone()).or_default() += *quantity as i64;
-                }
+        every_order_ends(&view, v);
+        no_effect_twice(&view, v);
+        completed_has_exactly_its_effects(&view, v);
+        cancelled_holds_nothing(&view, v);
+        timeline_fits(&view, v);
+        failure_is_named(&view, v);
+        if status == api::OrderStatus::Completed {
+            for (_, sku, quantity) in &view.lines {
+                *held_by_completed.entry(sku.clone()).or_default() += *quantity as i64;
             }
-            api::OrderStatus::Cancelled => {
-                if reservation == Some("HELD") {
-                    v.push(format!("order {id}: CANCELLED but still holds stock"));
-                }
-                if shipment == Some("SCHEDULED") {
-                    v.push(format!("order {id}: CANCELLED but its shipment is live"));
-                }
-                if note_count(&id, "CONFIRMATION") != note_count(&id, "CANCELLATION") {
-                    v.push(format!(
-                        "order {id}: CANCELLED, customer told it ships and never told otherwise"
-                    ));
-                }
-                if order.reason.is_empty() {
-                    v.push(format!("order {id}: CANCELLED without a reason"));
-                }
-                if !(has("inventory.released") || has("inventory.rejected")) {
-                    v.push(format!("order {id}: CANCELLED but the timeline shows no end of compensation: {events:?}"));
-                }
-                if has("notification.sent") && !has("notification.cancelled") {
-                    v.push(format!("order {id}: CANCELLED after notification.sent without notification.cancelled"));
-                }
-            }
-            other => v.push(format!("order {id}: stuck in {other:?} ({})", order.reason)),
-        }
-        let expected_failure = match p.scenario {
-            Scenario::UnservedDestination => Some("shipping: carrier"),
-            Scenario::UnreachableCustomer => Some("notification: customer"),
-            _ => None,
-        };
-        if let Some(prefix) = expected_failure
-            && (status != api::OrderStatus::Cancelled
-                || !(order.reason.starts_with(prefix) || order.reason.starts_with("deadline:")))
-        {
-            v.push(format!(
-                "order {id}: {:?} ended {status:?} with reason {:?}",
-                p.scenario, order.reason
-            ));
         }
     }
-
-    // 2. Stock is conserved per SKU.
-    let stock: Vec<(String, i64, i64)> =
-        sqlx::query_as("SELECT sku, available, reserved FROM stock")
-            .fetch_all(inventory_db)
-            .await?;
-    for (sku, initial) in INITIAL_STOCK {
-        let Some((_, available, reserved)) = stock.iter().find(|(s, _, _)| s == sku) else {
-            v.push(format!("sku {sku}: missing from stock"));
-            continue;
-        };
-        let held = held_by_completed.get(sku).copied().unwrap_or(0);
-        if available + reserved != initial as i64 || *reserved != held {
-            v.push(format!(
-                "sku {sku}: initial {initial}, available {available}, reserved {reserved}, held by completed orders {held}"
-            ));
-        }
-    }
-
-    // 4 and 5. Nothing left unsent, nothing parked.
-    for (name, pool) in SERVICES.iter().zip(databases) {
-        let unsent: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM choreo_outbox WHERE sent_at IS NULL")
-                .fetch_one(pool)
-                .await?;
-        if unsent > 0 {
-            v.push(format!("{name}: {unsent} outbox rows never sent"));
-        }
-        let parked: Vec<(String, String)> =
-            sqlx::query_as("SELECT subject, reason FROM choreo_dead_letter")
-                .fetch_all(pool)
-                .await?;
-        for (subject, reason) in parked {
-            v.push(format!("{name}: dead letter on {subject}: {reason}"));
-        }
-    }
-    let queued = queued_notifications(notification_db).await;
-    if queued > 0 {
-        v.push(format!(
-            "notification: {queued} messages still queued, never sent"
-        ));
-    }
-    Ok(())
+    stock_is_conserved(&databases[1], &held_by_completed, v).await?;
+    nothing_left_behind(databases, v).await
 }
 
 #[cfg(test)]

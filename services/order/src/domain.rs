@@ -2,8 +2,9 @@
 //! what a valid order request is.
 use contracts::order::v1 as api;
 
-/// Where an order is in the saga.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where an order is in the saga (the `orders.status` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Status {
     /// Placed; waiting for inventory.
     Pending,
@@ -20,6 +21,16 @@ pub enum Status {
 }
 
 impl Status {
+    pub const ALL: [Status; 6] = [
+        Status::Pending,
+        Status::Reserved,
+        Status::Scheduled,
+        Status::Completed,
+        Status::Cancelling,
+        Status::Cancelled,
+    ];
+
+    /// The name the database, logs and metric labels use.
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Pending => "PENDING",
@@ -29,19 +40,6 @@ impl Status {
             Status::Cancelling => "CANCELLING",
             Status::Cancelled => "CANCELLED",
         }
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        [
-            Status::Pending,
-            Status::Reserved,
-            Status::Scheduled,
-            Status::Completed,
-            Status::Cancelling,
-            Status::Cancelled,
-        ]
-        .into_iter()
-        .find(|s| s.as_str() == text)
     }
 
     /// Where the order stands once the choreography's `step` is done (the

@@ -19,7 +19,7 @@ pub async fn insert(
 ) -> Result<bool, sqlx::Error> {
     let inserted = sqlx::query(
         "INSERT INTO orders (order_id, customer, destination, contact, status, idempotency_key, fingerprint, deadline_at)
-         VALUES ($1, $2, $3, $4, 'PENDING', $5, $6, now() + make_interval(secs => $7))
+         VALUES ($1, $2, $3, $4, $8, $5, $6, now() + make_interval(secs => $7))
          ON CONFLICT (idempotency_key) DO NOTHING",
     )
     .bind(id)
@@ -29,6 +29,7 @@ pub async fn insert(
     .bind(&order.idempotency_key)
     .bind(order.fingerprint())
     .bind(deadline.as_secs_f64())
+    .bind(Status::Pending)
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -63,12 +64,10 @@ pub async fn find_by_key(
 
 /// Locks the order's row for the rest of the transaction and returns its status.
 pub async fn lock(tx: &mut PgConnection, id: Uuid) -> Result<Option<Status>, sqlx::Error> {
-    let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM orders WHERE order_id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_optional(tx)
-            .await?;
-    Ok(status.and_then(|s| Status::parse(&s)))
+    sqlx::query_scalar("SELECT status FROM orders WHERE order_id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(tx)
+        .await
 }
 
 /// Moves the order to `status`; `reason` is kept only if the order has none yet.
@@ -86,7 +85,7 @@ pub async fn set_status(
          WHERE order_id = $1 RETURNING reason",
     )
     .bind(id)
-    .bind(status.as_str())
+    .bind(status)
     .bind(reason)
     .bind(deadline.as_secs_f64())
     .fetch_one(&mut *tx)
@@ -131,7 +130,7 @@ async fn record_change(
          INSERT INTO order_status_changes (order_id, seq, status, reason) SELECT $1, changes, $2, $3 FROM bumped",
     )
     .bind(id)
-    .bind(status.as_str())
+    .bind(status)
     .bind(reason)
     .execute(tx)
     .await?;
@@ -209,9 +208,7 @@ pub async fn load(pool: &PgPool, id: Uuid) -> Result<Option<api::Order>, sqlx::E
 }
 
 fn order_from_row(row: &sqlx::postgres::PgRow) -> api::Order {
-    let status = Status::parse(row.get("status"))
-        .map(Status::to_proto)
-        .unwrap_or_default();
+    let status = row.get::<Status, _>("status").to_proto();
     api::Order {
         order_id: row.get::<Uuid, _>("order_id").to_string(),
         customer: row.get("customer"),
@@ -237,11 +234,11 @@ pub async fn list(
 ) -> Result<Vec<api::Order>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT order_id, customer, destination, contact, status, reason, stuck, created_at, updated_at FROM orders
-         WHERE ($1::text IS NULL OR status = $1) AND ($2::uuid IS NULL OR order_id < $2)
+         WHERE ($1::text IS NULL OR status = $1::text) AND ($2::uuid IS NULL OR order_id < $2)
            AND (NOT $4 OR stuck <> '')
          ORDER BY order_id DESC LIMIT $3",
     )
-    .bind(status.map(Status::as_str))
+    .bind(status)
     .bind(after)
     .bind(limit)
     .bind(stuck_only)
@@ -278,7 +275,7 @@ pub async fn changes_after(
     id: Uuid,
     after: i32,
 ) -> Result<Vec<api::StatusChange>, sqlx::Error> {
-    let rows: Vec<(i32, String, String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+    let rows: Vec<(i32, Status, String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
         "SELECT seq, status, reason, at FROM order_status_changes WHERE order_id = $1 AND seq > $2 ORDER BY seq",
     )
     .bind(id)
@@ -289,9 +286,7 @@ pub async fn changes_after(
         .into_iter()
         .map(|(seq, status, reason, at)| api::StatusChange {
             order_id: id.to_string(),
-            status: Status::parse(&status)
-                .map(Status::to_proto)
-                .unwrap_or_default() as i32,
+            status: status.to_proto() as i32,
             reason,
             at: Some(timestamp(at)),
             sequence: seq as u32,
@@ -304,16 +299,18 @@ pub async fn lock_overdue(
     tx: &mut PgConnection,
     limit: i64,
 ) -> Result<Vec<(Uuid, Status)>, sqlx::Error> {
-    let rows: Vec<(Uuid, String)> = sqlx::query_as(
+    let open: Vec<&str> = Status::ALL
+        .into_iter()
+        .filter(|s| s.is_open())
+        .map(Status::as_str)
+        .collect();
+    sqlx::query_as(
         "SELECT order_id, status FROM orders
-         WHERE status IN ('PENDING', 'RESERVED', 'SCHEDULED') AND deadline_at < now()
+         WHERE status = ANY($2) AND deadline_at < now()
          ORDER BY deadline_at LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(limit)
+    .bind(open)
     .fetch_all(tx)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|(id, s)| Status::parse(&s).map(|s| (id, s)))
-        .collect())
+    .await
 }

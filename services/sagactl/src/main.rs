@@ -19,6 +19,15 @@ use tonic::transport::Channel;
 #[derive(Parser)]
 #[command(about = "Place, read, list, cancel and watch orders; read and set stock")]
 struct Cli {
+    #[command(flatten)]
+    addrs: Addrs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where each service's gRPC API listens.
+#[derive(clap::Args)]
+struct Addrs {
     #[arg(
         long,
         env = "ORDER_ADDR",
@@ -47,8 +56,6 @@ struct Cli {
         global = true
     )]
     notification_addr: String,
-    #[command(subcommand)]
-    command: Command,
 }
 
 #[derive(Subcommand)]
@@ -112,7 +119,7 @@ enum Command {
     },
 }
 
-impl Cli {
+impl Addrs {
     /// The gRPC address of a service by its name.
     fn service_addr(&self, service: &str) -> anyhow::Result<&str> {
         Ok(match service {
@@ -185,266 +192,320 @@ fn print_order(o: &order::Order) {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::DeadLetters { ref service } => {
-            let addr = cli.service_addr(service)?;
-            let parked = DeadLettersClient::new(connect(addr).await?)
-                .list_dead_letters(choreo::proto::ListDeadLettersRequest { limit: 0 })
-                .await?
-                .into_inner()
-                .dead_letters;
-            if parked.is_empty() {
-                println!("{service}: no dead letters");
-            }
-            for d in &parked {
-                println!(
-                    "{:>6}  {}  {} #{}  {} bytes  {}{}",
-                    d.id,
-                    time(&d.parked_at),
-                    d.subject,
-                    d.stream_seq,
-                    d.size,
-                    d.reason,
-                    if d.replays > 0 {
-                        format!(" (replayed {} times)", d.replays)
-                    } else {
-                        String::new()
-                    }
-                );
-            }
-        }
-        Command::Replay { ref service, id } => {
-            let addr = cli.service_addr(service)?;
-            let replayed = DeadLettersClient::new(connect(addr).await?)
-                .replay_dead_letter(choreo::proto::ReplayDeadLetterRequest { id })
-                .await?
-                .into_inner();
-            println!("dead letter {id}: {}", replayed.outcome);
-        }
-        Command::Health { addr } => {
-            let status = tonic_health::pb::health_client::HealthClient::new(connect(&addr).await?)
-                .check(tonic_health::pb::HealthCheckRequest::default())
-                .await?
-                .into_inner()
-                .status();
-            anyhow::ensure!(
-                status == tonic_health::pb::health_check_response::ServingStatus::Serving,
-                "{addr} reports {status:?}"
-            );
-            println!("{addr}: SERVING");
-        }
+        Command::DeadLetters { service } => dead_letters(&cli.addrs, &service).await,
+        Command::Replay { service, id } => replay(&cli.addrs, &service, id).await,
+        Command::Health { addr } => health(addr).await,
         Command::Place {
             customer,
             destination,
             contact,
             items,
             key,
-        } => {
-            let items = items
-                .iter()
-                .map(|item| {
-                    let (sku, quantity) = item
-                        .split_once('=')
-                        .with_context(|| format!("item {item:?} should be SKU=QUANTITY"))?;
-                    Ok(order::OrderItem {
-                        sku: sku.to_owned(),
-                        quantity: quantity
-                            .parse()
-                            .with_context(|| format!("quantity in {item:?}"))?,
-                    })
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let key = key.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-            let placed = OrderServiceClient::new(connect(&cli.order_addr).await?)
-                .place_order(order::PlaceOrderRequest {
-                    customer,
-                    destination,
-                    items,
-                    idempotency_key: key.clone(),
-                    contact,
-                })
-                .await?
-                .into_inner();
-            println!(
-                "{} (idempotency key {key})",
-                if placed.created {
-                    "placed"
-                } else {
-                    "already placed"
-                }
-            );
-            if let Some(o) = placed.order {
-                print_order(&o);
-            }
-        }
-        Command::Get { order_id } => {
-            let o = OrderServiceClient::new(connect(&cli.order_addr).await?)
-                .get_order(order::GetOrderRequest { order_id })
-                .await?
-                .into_inner();
-            print_order(&o);
-        }
+        } => place(&cli.addrs, customer, destination, contact, items, key).await,
+        Command::Get { order_id } => get(&cli.addrs, order_id).await,
         Command::List {
             status,
             page_size,
             page_token,
             stuck,
-        } => {
-            let status = match status {
-                None => order::OrderStatus::Unspecified,
-                Some(s) => {
-                    order::OrderStatus::from_str_name(&format!("ORDER_STATUS_{}", s.to_uppercase()))
-                        .with_context(|| format!("unknown status {s:?}"))?
-                }
-            };
-            let page = OrderServiceClient::new(connect(&cli.order_addr).await?)
-                .list_orders(order::ListOrdersRequest {
-                    status: status as i32,
-                    page_size,
-                    page_token,
-                    stuck_only: stuck,
-                })
-                .await?
-                .into_inner();
-            for o in &page.orders {
-                println!(
-                    "{}  {:<10}  {:<10}  {}",
-                    o.order_id,
-                    status_name(o.status),
-                    o.customer,
-                    o.reason
-                );
+        } => list(&cli.addrs, status, page_size, page_token, stuck).await,
+        Command::Cancel { order_id, reason } => cancel(&cli.addrs, order_id, reason).await,
+        Command::Watch { order_id } => watch(&cli.addrs, order_id).await,
+        Command::Stock { sku } => stock(&cli.addrs, sku).await,
+        Command::SetStock { sku, available } => set_stock(&cli.addrs, sku, available).await,
+        Command::Effects { order_id } => effects(&cli.addrs, order_id).await,
+    }
+}
+
+async fn dead_letters(addrs: &Addrs, service: &str) -> anyhow::Result<()> {
+    let addr = addrs.service_addr(service)?;
+    let parked = DeadLettersClient::new(connect(addr).await?)
+        .list_dead_letters(choreo::proto::ListDeadLettersRequest { limit: 0 })
+        .await?
+        .into_inner()
+        .dead_letters;
+    if parked.is_empty() {
+        println!("{service}: no dead letters");
+    }
+    for d in &parked {
+        println!(
+            "{:>6}  {}  {} #{}  {} bytes  {}{}",
+            d.id,
+            time(&d.parked_at),
+            d.subject,
+            d.stream_seq,
+            d.size,
+            d.reason,
+            if d.replays > 0 {
+                format!(" (replayed {} times)", d.replays)
+            } else {
+                String::new()
             }
-            if !page.next_page_token.is_empty() {
-                println!("next page: --page-token {}", page.next_page_token);
-            }
+        );
+    }
+
+    Ok(())
+}
+
+async fn replay(addrs: &Addrs, service: &str, id: i64) -> anyhow::Result<()> {
+    let addr = addrs.service_addr(service)?;
+    let replayed = DeadLettersClient::new(connect(addr).await?)
+        .replay_dead_letter(choreo::proto::ReplayDeadLetterRequest { id })
+        .await?
+        .into_inner();
+    println!("dead letter {id}: {}", replayed.outcome);
+
+    Ok(())
+}
+
+async fn health(addr: String) -> anyhow::Result<()> {
+    let status = tonic_health::pb::health_client::HealthClient::new(connect(&addr).await?)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await?
+        .into_inner()
+        .status();
+    anyhow::ensure!(
+        status == tonic_health::pb::health_check_response::ServingStatus::Serving,
+        "{addr} reports {status:?}"
+    );
+    println!("{addr}: SERVING");
+
+    Ok(())
+}
+
+async fn place(
+    addrs: &Addrs,
+    customer: String,
+    destination: String,
+    contact: String,
+    items: Vec<String>,
+    key: Option<String>,
+) -> anyhow::Result<()> {
+    let items = items
+        .iter()
+        .map(|item| {
+            let (sku, quantity) = item
+                .split_once('=')
+                .with_context(|| format!("item {item:?} should be SKU=QUANTITY"))?;
+            Ok(order::OrderItem {
+                sku: sku.to_owned(),
+                quantity: quantity
+                    .parse()
+                    .with_context(|| format!("quantity in {item:?}"))?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let key = key.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let placed = OrderServiceClient::new(connect(&addrs.order_addr).await?)
+        .place_order(order::PlaceOrderRequest {
+            customer,
+            destination,
+            items,
+            idempotency_key: key.clone(),
+            contact,
+        })
+        .await?
+        .into_inner();
+    println!(
+        "{} (idempotency key {key})",
+        if placed.created {
+            "placed"
+        } else {
+            "already placed"
         }
-        Command::Cancel { order_id, reason } => {
-            let o = OrderServiceClient::new(connect(&cli.order_addr).await?)
-                .cancel_order(order::CancelOrderRequest { order_id, reason })
+    );
+    if let Some(o) = placed.order {
+        print_order(&o);
+    }
+
+    Ok(())
+}
+
+async fn get(addrs: &Addrs, order_id: String) -> anyhow::Result<()> {
+    let o = OrderServiceClient::new(connect(&addrs.order_addr).await?)
+        .get_order(order::GetOrderRequest { order_id })
+        .await?
+        .into_inner();
+    print_order(&o);
+
+    Ok(())
+}
+
+async fn list(
+    addrs: &Addrs,
+    status: Option<String>,
+    page_size: u32,
+    page_token: String,
+    stuck: bool,
+) -> anyhow::Result<()> {
+    let status = match status {
+        None => order::OrderStatus::Unspecified,
+        Some(s) => order::OrderStatus::from_str_name(&format!("ORDER_STATUS_{}", s.to_uppercase()))
+            .with_context(|| format!("unknown status {s:?}"))?,
+    };
+    let page = OrderServiceClient::new(connect(&addrs.order_addr).await?)
+        .list_orders(order::ListOrdersRequest {
+            status: status as i32,
+            page_size,
+            page_token,
+            stuck_only: stuck,
+        })
+        .await?
+        .into_inner();
+    for o in &page.orders {
+        println!(
+            "{}  {:<10}  {:<10}  {}",
+            o.order_id,
+            status_name(o.status),
+            o.customer,
+            o.reason
+        );
+    }
+    if !page.next_page_token.is_empty() {
+        println!("next page: --page-token {}", page.next_page_token);
+    }
+
+    Ok(())
+}
+
+async fn cancel(addrs: &Addrs, order_id: String, reason: String) -> anyhow::Result<()> {
+    let o = OrderServiceClient::new(connect(&addrs.order_addr).await?)
+        .cancel_order(order::CancelOrderRequest { order_id, reason })
+        .await?
+        .into_inner();
+    print_order(&o);
+
+    Ok(())
+}
+
+async fn watch(addrs: &Addrs, order_id: String) -> anyhow::Result<()> {
+    let mut changes = OrderServiceClient::new(connect(&addrs.order_addr).await?)
+        .watch_order(order::WatchOrderRequest { order_id })
+        .await?
+        .into_inner();
+    while let Some(change) = changes.next().await {
+        let change = change?;
+        println!(
+            "{}  #{}  {:<10}  {}",
+            time(&change.at),
+            change.sequence,
+            status_name(change.status),
+            change.reason
+        );
+    }
+
+    Ok(())
+}
+
+async fn stock(addrs: &Addrs, sku: Option<String>) -> anyhow::Result<()> {
+    let mut client = InventoryServiceClient::new(connect(&addrs.inventory_addr).await?);
+    let items = match sku {
+        Some(sku) => vec![
+            client
+                .get_stock(inventory::GetStockRequest { sku })
                 .await?
-                .into_inner();
-            print_order(&o);
-        }
-        Command::Watch { order_id } => {
-            let mut changes = OrderServiceClient::new(connect(&cli.order_addr).await?)
-                .watch_order(order::WatchOrderRequest { order_id })
+                .into_inner(),
+        ],
+        None => {
+            client
+                .list_stock(inventory::ListStockRequest {})
                 .await?
-                .into_inner();
-            while let Some(change) = changes.next().await {
-                let change = change?;
-                println!(
-                    "{}  #{}  {:<10}  {}",
-                    time(&change.at),
-                    change.sequence,
-                    status_name(change.status),
-                    change.reason
-                );
-            }
+                .into_inner()
+                .items
         }
-        Command::Stock { sku } => {
-            let mut client = InventoryServiceClient::new(connect(&cli.inventory_addr).await?);
-            let items = match sku {
-                Some(sku) => vec![
-                    client
-                        .get_stock(inventory::GetStockRequest { sku })
-                        .await?
-                        .into_inner(),
-                ],
-                None => {
-                    client
-                        .list_stock(inventory::ListStockRequest {})
-                        .await?
-                        .into_inner()
-                        .items
-                }
-            };
-            println!("{:<16} {:>10} {:>10}", "SKU", "available", "reserved");
-            for s in items {
-                println!("{:<16} {:>10} {:>10}", s.sku, s.available, s.reserved);
-            }
-        }
-        Command::SetStock { sku, available } => {
-            let s = InventoryServiceClient::new(connect(&cli.inventory_addr).await?)
-                .set_stock(inventory::SetStockRequest { sku, available })
-                .await?
-                .into_inner();
+    };
+    println!("{:<16} {:>10} {:>10}", "SKU", "available", "reserved");
+    for s in items {
+        println!("{:<16} {:>10} {:>10}", s.sku, s.available, s.reserved);
+    }
+
+    Ok(())
+}
+
+async fn set_stock(addrs: &Addrs, sku: String, available: u64) -> anyhow::Result<()> {
+    let s = InventoryServiceClient::new(connect(&addrs.inventory_addr).await?)
+        .set_stock(inventory::SetStockRequest { sku, available })
+        .await?
+        .into_inner();
+    println!(
+        "{}: {} available, {} reserved",
+        s.sku, s.available, s.reserved
+    );
+
+    Ok(())
+}
+
+async fn effects(addrs: &Addrs, order_id: String) -> anyhow::Result<()> {
+    match InventoryServiceClient::new(connect(&addrs.inventory_addr).await?)
+        .get_reservation(inventory::GetReservationRequest {
+            order_id: order_id.clone(),
+        })
+        .await
+    {
+        Ok(r) => {
+            let r = r.into_inner();
+            let lines: Vec<String> = r
+                .lines
+                .iter()
+                .map(|l| format!("{} x{}", l.sku, l.quantity))
+                .collect();
             println!(
-                "{}: {} available, {} reserved",
-                s.sku, s.available, s.reserved
+                "inventory     {:?} {} {}",
+                r.status(),
+                lines.join(", "),
+                r.reason
             );
         }
-        Command::Effects { order_id } => {
-            match InventoryServiceClient::new(connect(&cli.inventory_addr).await?)
-                .get_reservation(inventory::GetReservationRequest {
-                    order_id: order_id.clone(),
-                })
-                .await
-            {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    let lines: Vec<String> = r
-                        .lines
-                        .iter()
-                        .map(|l| format!("{} x{}", l.sku, l.quantity))
-                        .collect();
-                    println!(
-                        "inventory     {:?} {} {}",
-                        r.status(),
-                        lines.join(", "),
-                        r.reason
-                    );
-                }
-                Err(e) => println!("inventory     {}", e.message()),
-            }
-            match ShippingServiceClient::new(connect(&cli.shipping_addr).await?)
-                .get_shipment(shipping::GetShipmentRequest {
-                    order_id: order_id.clone(),
-                })
-                .await
-            {
-                Ok(s) => {
-                    let s = s.into_inner();
-                    println!(
-                        "shipping      {:?} {} {} {}",
-                        s.status(),
-                        s.shipment_id,
-                        s.destination,
-                        s.reason
-                    );
-                }
-                Err(e) => println!("shipping      {}", e.message()),
-            }
-            let n = NotificationServiceClient::new(connect(&cli.notification_addr).await?)
-                .list_notifications(notification::ListNotificationsRequest { order_id })
-                .await?
-                .into_inner();
-            for m in &n.notifications {
-                let when = match m.status() {
-                    notification::NotificationStatus::Sent => format!("at {}", time(&m.sent_at)),
-                    notification::NotificationStatus::Pending => {
-                        format!("queued at {}, {} attempts", time(&m.queued_at), m.attempts)
-                    }
-                    _ => format!("queued at {}", time(&m.queued_at)),
-                };
-                let error = if m.last_error.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", m.last_error)
-                };
-                println!(
-                    "notification  {:?} {:?} to {} by {} {when}{error}",
-                    m.kind(),
-                    m.status(),
-                    m.recipient,
-                    m.channel,
-                );
-            }
-            if n.notifications.is_empty() {
-                println!("notification  none {}", n.note);
-            } else if !n.note.is_empty() {
-                println!("notification  {}", n.note);
-            }
-        }
+        Err(e) => println!("inventory     {}", e.message()),
     }
+    match ShippingServiceClient::new(connect(&addrs.shipping_addr).await?)
+        .get_shipment(shipping::GetShipmentRequest {
+            order_id: order_id.clone(),
+        })
+        .await
+    {
+        Ok(s) => {
+            let s = s.into_inner();
+            println!(
+                "shipping      {:?} {} {} {}",
+                s.status(),
+                s.shipment_id,
+                s.destination,
+                s.reason
+            );
+        }
+        Err(e) => println!("shipping      {}", e.message()),
+    }
+    let n = NotificationServiceClient::new(connect(&addrs.notification_addr).await?)
+        .list_notifications(notification::ListNotificationsRequest { order_id })
+        .await?
+        .into_inner();
+    for m in &n.notifications {
+        let when = match m.status() {
+            notification::NotificationStatus::Sent => format!("at {}", time(&m.sent_at)),
+            notification::NotificationStatus::Pending => {
+                format!("queued at {}, {} attempts", time(&m.queued_at), m.attempts)
+            }
+            _ => format!("queued at {}", time(&m.queued_at)),
+        };
+        let error = if m.last_error.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", m.last_error)
+        };
+        println!(
+            "notification  {:?} {:?} to {} by {} {when}{error}",
+            m.kind(),
+            m.status(),
+            m.recipient,
+            m.channel,
+        );
+    }
+    if n.notifications.is_empty() {
+        println!("notification  none {}", n.note);
+    } else if !n.note.is_empty() {
+        println!("notification  {}", n.note);
+    }
+
     Ok(())
 }
