@@ -1092,14 +1092,13 @@ fn cancelled_holds_nothing(o: &OrderView, v: &mut Vec<String>) {
 fn timeline_fits(o: &OrderView, v: &mut Vec<String>) {
     let (id, events) = (&o.id, &o.events);
     match o.order.status() {
-        api::OrderStatus::Completed => {
+        api::OrderStatus::Completed
             if !o.has("notification.sent")
                 || o.has("inventory.released")
                 || o.has("inventory.rejected")
-                || o.has("order.cancelled")
-            {
-                v.push(format!("order {id}: COMPLETED but timeline is {events:?}"));
-            }
+                || o.has("order.cancelled") =>
+        {
+            v.push(format!("order {id}: COMPLETED but timeline is {events:?}"));
         }
         api::OrderStatus::Cancelled => {
             if !(o.has("inventory.released") || o.has("inventory.rejected")) {

@@ -23,6 +23,19 @@ pub use order::OrderStatus;
 /// The four services, in saga order.
 pub const SERVICES: [&str; 4] = ["order", "inventory", "shipping", "notification"];
 
+/// How long a test waits for an order to settle before it calls it stuck.
+pub const SETTLE: Duration = Duration::from_secs(60);
+
+/// Starts the whole system for a test (panics if it cannot).
+pub async fn system(options: Options) -> System {
+    System::start(options).await.expect("system starts")
+}
+
+/// A fresh idempotency key.
+pub fn new_key() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
 /// Knobs a test or the demo may turn.
 #[derive(Debug, Clone)]
 pub struct Options {

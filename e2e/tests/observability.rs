@@ -2,7 +2,7 @@
 //! and one trace per order across the four services.
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::message::PublishMessage;
 use e2e::{Options, OrderStatus, System, order_request};
@@ -30,19 +30,12 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-async fn until<F, Fut>(what: &str, mut check: F)
+async fn until<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + SETTLE;
-    while Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    panic!("timed out waiting for {what}");
+    harness::eventually(what, SETTLE, check).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -77,6 +77,23 @@ pub fn wait_for_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
     anyhow::bail!("nothing listened on 127.0.0.1:{port} within {timeout:?}")
 }
 
+/// Polls `check` every 100 ms until it holds; panics naming `what` after
+/// `timeout`. For tests that wait on a real system to get somewhere.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out after {timeout:?} waiting for: {what}");
+}
+
 /// A PostgreSQL server (or the one `DATABASE_URL` names) and a fresh database on it.
 pub async fn fresh_database() -> anyhow::Result<(Postgres, String)> {
     let postgres = tokio::task::spawn_blocking(Postgres::start).await??;

@@ -1,0 +1,347 @@
+//! The consumer and its inbox step against a real nats-server and PostgreSQL:
+//! each event applied once, unreadable ones parked and replayable, nothing lost
+//! on shutdown or when the broker loses the consumer.
+mod common;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_delivery_is_applied_once() {
+    let s = setup().await;
+    let handler = Arc::new(CountEffects {
+        delay: Duration::ZERO,
+    });
+    let twice = Envelope::new("test", "saga-1", None, &Ping { n: 1 });
+    // Different message ids, so JetStream's duplicate window cannot help.
+    s.publish_raw("test.ping", twice.encode_to_vec()).await;
+    s.publish_raw("test.ping", twice.encode_to_vec()).await;
+    // Consumer killed after commit, before ack: the effect is committed and the
+    // message is still in the stream, to be delivered again.
+    let committed = Envelope::new("test", "saga-2", None, &Ping { n: 2 });
+    assert_eq!(
+        inbox::apply(&s.pool, handler.as_ref(), &committed)
+            .await
+            .unwrap(),
+        Outcome::Applied
+    );
+    s.publish_raw("test.ping", committed.encode_to_vec()).await;
+
+    let consumer = s.consume(handler, 4, "dup");
+    let stats = consumer.stats.clone();
+    eventually(
+        "three deliveries handled",
+        Duration::from_secs(30),
+        || async {
+            stats.applied.load(Ordering::SeqCst) + stats.duplicates.load(Ordering::SeqCst) == 3
+        },
+    )
+    .await;
+    consumer.stop().await;
+    assert_eq!(stats.applied.load(Ordering::SeqCst), 1);
+    assert_eq!(stats.duplicates.load(Ordering::SeqCst), 2);
+    assert_eq!(s.effect_counts().await, vec![1, 1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_messages_are_parked_with_a_reason_and_the_next_one_is_handled() {
+    let s = setup().await;
+    s.publish_raw("test.ping", b"\xff\xfe not protobuf at all".to_vec())
+        .await;
+    // A type this consumer does not subscribe to: its filter keeps it out.
+    s.publish_raw(
+        "test.mystery",
+        Envelope::new("test", "saga-1", None, &Mystery {}).encode_to_vec(),
+    )
+    .await;
+    let mut future_version = Envelope::new("test", "saga-1", None, &Ping { n: 1 });
+    future_version.schema_version = 99;
+    s.publish_raw("test.ping", future_version.encode_to_vec())
+        .await;
+    let valid = Envelope::new("test", "saga-1", None, &Ping { n: 2 });
+    s.publish_raw("test.ping", valid.encode_to_vec()).await;
+
+    let consumer = s.consume(
+        Arc::new(CountEffects {
+            delay: Duration::ZERO,
+        }),
+        4,
+        "dlq",
+    );
+    let stats = consumer.stats.clone();
+    eventually(
+        "the valid message handled",
+        Duration::from_secs(30),
+        || async {
+            stats.applied.load(Ordering::SeqCst) == 1 && stats.parked.load(Ordering::SeqCst) == 2
+        },
+    )
+    .await;
+    consumer.stop().await;
+
+    let parked: Vec<(i64, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT stream_seq, reason, raw FROM choreo_dead_letter ORDER BY stream_seq",
+    )
+    .fetch_all(&s.pool)
+    .await
+    .unwrap();
+    let reasons: Vec<&str> = parked.iter().map(|(_, r, _)| r.as_str()).collect();
+    assert_eq!(parked.len(), 2, "{reasons:?}");
+    assert!(
+        reasons[0].contains("not an event envelope"),
+        "{}",
+        reasons[0]
+    );
+    assert!(
+        reasons[1].contains("unsupported schema version 99"),
+        "{}",
+        reasons[1]
+    );
+    assert_eq!(
+        parked[0].2, b"\xff\xfe not protobuf at all",
+        "raw bytes kept"
+    );
+    assert_eq!(s.effect_counts().await, vec![1]);
+    assert_eq!(
+        stats.ignored.load(Ordering::SeqCst),
+        0,
+        "the unsubscribed type never reached the consumer"
+    );
+    let inbox: i64 = sqlx::query_scalar("SELECT count(*) FROM choreo_inbox")
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+    assert_eq!(inbox, 1, "only the valid ping went through the inbox");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_shutdown_mid_batch_loses_nothing_and_doubles_nothing() {
+    let s = setup().await;
+    for i in 0..300u32 {
+        let env = Envelope::new("test", &format!("saga-{}", i % 40), None, &Ping { n: i });
+        s.publish_raw("test.ping", env.encode_to_vec()).await;
+    }
+    let handler = Arc::new(CountEffects {
+        delay: Duration::from_millis(5),
+    });
+    let first = s.consume(handler.clone(), 8, "stop");
+    let stats = first.stats.clone();
+    eventually("a third handled", Duration::from_secs(30), || async {
+        stats.applied.load(Ordering::SeqCst) >= 100
+    })
+    .await;
+    first.stop().await;
+    let handled_before = stats.applied.load(Ordering::SeqCst);
+    assert!(handled_before < 300, "shutdown came mid-way");
+
+    let second = s.consume(handler, 8, "stop");
+    eventually("all 300 applied", Duration::from_secs(60), || async {
+        s.effect_counts().await.len() == 300
+    })
+    .await;
+    second.stop().await;
+    assert!(
+        s.effect_counts().await.iter().all(|&n| n == 1),
+        "an effect was applied twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_the_broker_lost_is_recreated_and_nothing_is_applied_twice() {
+    let s = setup().await;
+    let handler = Arc::new(CountEffects {
+        delay: Duration::ZERO,
+    });
+    for i in 0..20u32 {
+        let env = Envelope::new("test", &format!("saga-{i}"), None, &Ping { n: i });
+        s.publish_raw("test.ping", env.encode_to_vec()).await;
+    }
+    let consumer = s.consume(handler, 4, "lost");
+    let stats = consumer.stats.clone();
+    eventually("the first 20 applied", Duration::from_secs(30), || async {
+        stats.applied.load(Ordering::SeqCst) == 20
+    })
+    .await;
+    // The broker forgets the durable consumer (as a crashed nats-server can).
+    s.stream.delete_consumer("lost").await.unwrap();
+    for i in 20..30u32 {
+        let env = Envelope::new("test", &format!("saga-{i}"), None, &Ping { n: i });
+        s.publish_raw("test.ping", env.encode_to_vec()).await;
+    }
+    eventually(
+        "the consumer re-created and the last 10 applied",
+        Duration::from_secs(60),
+        || async { stats.applied.load(Ordering::SeqCst) == 30 },
+    )
+    .await;
+    // The re-created consumer starts from the beginning: the inbox absorbs the first 20.
+    eventually("the replay absorbed", Duration::from_secs(30), || async {
+        stats.duplicates.load(Ordering::SeqCst) == 20
+    })
+    .await;
+    consumer.stop().await;
+    assert!(s.effect_counts().await.iter().all(|&n| n == 1));
+    assert_eq!(s.effect_counts().await.len(), 30);
+}
+
+/// Registers an after-commit count, then fails its first `failures` attempts.
+struct CountsAfterCommit {
+    failures: std::sync::atomic::AtomicUsize,
+    counted: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl Handler for CountsAfterCommit {
+    type Event = Ping;
+
+    async fn handle(&self, _tx: &mut Tx, event: &Envelope, _ping: Ping) -> Result<(), HandleError> {
+        let counted = self.counted.clone();
+        inbox::after_commit(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+        });
+        if event.event_type == Mystery::EVENT_TYPE {
+            return Err(HandleError::Reject(choreo::Reject::UnknownType(
+                event.event_type.clone(),
+            )));
+        }
+        let left = self.failures.load(Ordering::SeqCst);
+        if left > 0 {
+            self.failures.store(left - 1, Ordering::SeqCst);
+            return Err(HandleError::Transient("database hiccup".into()));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_commit_work_runs_once_per_committed_event_and_never_for_a_rolled_back_attempt() {
+    let s = setup().await;
+    let counted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handler = CountsAfterCommit {
+        failures: 2.into(),
+        counted: counted.clone(),
+    };
+    let event = Envelope::new("test", "saga-1", None, &Ping { n: 1 });
+    for _ in 0..2 {
+        assert!(inbox::apply(&s.pool, &handler, &event).await.is_err());
+    }
+    assert_eq!(
+        counted.load(Ordering::SeqCst),
+        0,
+        "two rolled-back attempts"
+    );
+    assert_eq!(
+        inbox::apply(&s.pool, &handler, &event).await.unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!(counted.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        inbox::apply(&s.pool, &handler, &event).await.unwrap(),
+        Outcome::Duplicate
+    );
+    let unreadable = Envelope::new("test", "saga-1", None, &Mystery {});
+    assert!(matches!(
+        inbox::apply(&s.pool, &handler, &unreadable).await.unwrap(),
+        Outcome::Parked(_)
+    ));
+    assert_eq!(counted.load(Ordering::SeqCst), 1);
+    // Outside a handler there is no transaction to wait for: it runs at once.
+    let now = counted.clone();
+    inbox::after_commit(move || {
+        now.fetch_add(1, Ordering::SeqCst);
+    });
+    assert_eq!(counted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_is_listed_and_replayed_once_the_service_can_read_it() {
+    use choreo::dead_letters::DeadLetterApi;
+    use choreo::proto::dead_letters_server::DeadLetters;
+    use choreo::proto::{ListDeadLettersRequest, ReplayDeadLetterRequest};
+    use tonic::{Code, Request};
+
+    let s = setup().await;
+    let api = DeadLetterApi {
+        pool: s.pool.clone(),
+        handler: Arc::new(CountEffects {
+            delay: Duration::ZERO,
+        }),
+    };
+    // Parked as a consumer parks: garbage, and a ping an older build could not read.
+    let ping = Envelope::new("test", "saga-1", None, &Ping { n: 7 });
+    dead_letters::park(
+        &s.pool,
+        "S",
+        1,
+        "t.garbage",
+        "not an event envelope",
+        b"\xff\x00junk",
+    )
+    .await
+    .unwrap();
+    let old_reason = "unknown event type \"test.ping\"";
+    for seq in [2, 3] {
+        dead_letters::park(
+            &s.pool,
+            "S",
+            seq,
+            "t.test.ping",
+            old_reason,
+            &ping.encode_to_vec(),
+        )
+        .await
+        .unwrap();
+    }
+    let listed = api
+        .list_dead_letters(Request::new(ListDeadLettersRequest { limit: 0 }))
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters;
+    assert_eq!(listed.len(), 3);
+    assert_eq!(listed[0].reason, "not an event envelope");
+    assert_eq!(listed[1].reason, old_reason);
+    let replay = |id: i64| api.replay_dead_letter(Request::new(ReplayDeadLetterRequest { id }));
+
+    // Still garbage: kept, with the reason of this try.
+    let refused = replay(listed[0].id).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("still cannot be read"),
+        "{refused:?}"
+    );
+    // Readable now: applied once and gone; its copy is a duplicate and gone too.
+    let first = replay(listed[1].id).await.unwrap().into_inner();
+    assert_eq!(first.outcome, "applied");
+    let second = replay(listed[2].id).await.unwrap().into_inner();
+    assert_eq!(second.outcome, "duplicate");
+    let applied: i32 = sqlx::query_scalar("SELECT applied FROM effects WHERE event_id = $1")
+        .bind(ping.id())
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+    assert_eq!(applied, 1);
+    assert_eq!(
+        replay(listed[1].id).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    assert_eq!(replay(0).await.unwrap_err().code(), Code::InvalidArgument);
+
+    let left = api
+        .list_dead_letters(Request::new(ListDeadLettersRequest { limit: 10 }))
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].replays, 1);
+    assert!(
+        left[0].reason.starts_with("malformed message"),
+        "{:?}",
+        left[0]
+    );
+    let too_many = api
+        .list_dead_letters(Request::new(ListDeadLettersRequest { limit: 5000 }))
+        .await
+        .unwrap_err();
+    assert_eq!(too_many.code(), Code::InvalidArgument);
+}

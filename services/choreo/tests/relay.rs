@@ -1,0 +1,184 @@
+//! The relay against a real nats-server and PostgreSQL: outbox rows reach the
+//! stream once, whatever stops or crashes, and a republish past the duplicate
+//! window is absorbed downstream.
+mod common;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_committed_while_nats_is_down_arrive_once_after_it_returns() {
+    let mut s = setup_own().await;
+    let shutdown = CancellationToken::new();
+    let relay = tokio::spawn(s.relay(64).run(shutdown.clone()));
+
+    s.infra.nats.kill().unwrap();
+    s.emit(150).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        s.unsent().await,
+        150,
+        "nothing can be sent while NATS is down"
+    );
+    s.infra.nats.restart().unwrap();
+
+    eventually(
+        "every outbox row marked sent",
+        Duration::from_secs(60),
+        || async { s.unsent().await == 0 },
+    )
+    .await;
+    assert_eq!(s.stream_messages().await, 150);
+    shutdown.cancel();
+    relay.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_crash_between_puback_and_mark_republishes_and_the_stream_keeps_one_copy() {
+    let s = setup().await;
+    s.emit(40).await;
+    let crashed = s.relay(256);
+    let mut conn = s.pool.acquire().await.unwrap();
+    let round = crashed.publish(&mut conn).await.unwrap();
+    assert_eq!(round.acked.len(), 40, "first relay saw every PubAck");
+    drop(conn); // the relay dies here: nothing is marked sent
+    assert_eq!(s.unsent().await, 40);
+
+    let shutdown = CancellationToken::new();
+    let relay = s.relay(256);
+    let stats = relay.stats();
+    let task = tokio::spawn(relay.run(shutdown.clone()));
+    eventually("rows marked sent", Duration::from_secs(30), || async {
+        s.unsent().await == 0
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+    assert_eq!(
+        stats.published.load(Ordering::SeqCst),
+        40,
+        "the second relay published every row again"
+    );
+    assert_eq!(
+        s.stream_messages().await,
+        40,
+        "JetStream dropped the copies by Nats-Msg-Id"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_publish_each_row_once_and_only_one_leads() {
+    let s = setup().await;
+    let shutdown = CancellationToken::new();
+    let (a, b) = (s.relay(32), s.relay(32));
+    let (stats_a, stats_b) = (a.stats(), b.stats());
+    let tasks = [
+        tokio::spawn(a.run(shutdown.clone())),
+        tokio::spawn(b.run(shutdown.clone())),
+    ];
+    for _ in 0..10 {
+        s.emit(30).await;
+        assert!(
+            !(stats_a.leader.load(Ordering::SeqCst) && stats_b.leader.load(Ordering::SeqCst)),
+            "two leaders at once"
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    eventually("rows marked sent", Duration::from_secs(30), || async {
+        s.unsent().await == 0
+    })
+    .await;
+    shutdown.cancel();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let published =
+        stats_a.published.load(Ordering::SeqCst) + stats_b.published.load(Ordering::SeqCst);
+    assert_eq!(
+        published, 300,
+        "each row published exactly once across both relays"
+    );
+    assert!(
+        stats_a.published.load(Ordering::SeqCst) == 0
+            || stats_b.published.load(Ordering::SeqCst) == 0,
+        "only one relay published"
+    );
+    assert_eq!(s.stream_messages().await, 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_shutdown_mid_batch_loses_nothing_and_doubles_nothing() {
+    let s = setup().await;
+    s.emit(5000).await;
+    let shutdown = CancellationToken::new();
+    let relay = s.relay(20);
+    let stats = relay.stats();
+    let task = tokio::spawn(relay.run(shutdown.clone()));
+    while stats.published.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    shutdown.cancel();
+    task.await.unwrap();
+    let after_first = s.unsent().await;
+    assert!(
+        after_first > 0,
+        "shutdown came mid-way (unsent {after_first})"
+    );
+
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(s.relay(256).run(shutdown.clone()));
+    eventually("rows marked sent", Duration::from_secs(60), || async {
+        s.unsent().await == 0
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+    assert_eq!(s.stream_messages().await, 5000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_republish_past_the_duplicate_window_is_absorbed_by_the_inbox() {
+    let mut s = setup().await;
+    s.config.stream = format!("{}W", s.config.stream);
+    s.config.subject_prefix = format!("{}w", s.config.subject_prefix);
+    s.config.duplicate_window_secs = 1;
+    s.stream = choreo::provision::ensure_stream(&s.js, &s.config, "test")
+        .await
+        .unwrap();
+    s.emit(25).await;
+    let relay = s.relay(256);
+    let mut conn = s.pool.acquire().await.unwrap();
+    assert_eq!(relay.publish(&mut conn).await.unwrap().acked.len(), 25);
+    drop(conn); // PubAcks seen, rows never marked: the relay was cut off
+    tokio::time::sleep(Duration::from_millis(2500)).await; // the duplicate window passes
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(s.relay(256).run(shutdown.clone()));
+    eventually("rows marked sent", Duration::from_secs(30), || async {
+        s.unsent().await == 0
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+    assert_eq!(
+        s.stream_messages().await,
+        50,
+        "past the window JetStream keeps both copies"
+    );
+
+    let consumer = s.consume(
+        Arc::new(CountEffects {
+            delay: Duration::ZERO,
+        }),
+        4,
+        "late",
+    );
+    let stats = consumer.stats.clone();
+    eventually("both copies handled", Duration::from_secs(30), || async {
+        stats.applied.load(Ordering::SeqCst) + stats.duplicates.load(Ordering::SeqCst) == 50
+    })
+    .await;
+    consumer.stop().await;
+    assert_eq!(stats.duplicates.load(Ordering::SeqCst), 25);
+    let counts = s.effect_counts().await;
+    assert_eq!(counts.len(), 25);
+    assert!(counts.iter().all(|&n| n == 1));
+}
