@@ -922,25 +922,25 @@ impl Facts {
             timeline: sqlx::query_as("SELECT order_id, event_type FROM order_timeline")
                 .fetch_all(orders_db)
                 .await?,
-            reservations: sqlx::query_as("SELECT order_id, status FROM reservations")
+            reservations: sqlx::query_as("SELECT order_id::text, status FROM reservations")
                 .fetch_all(inventory_db)
                 .await?
                 .into_iter()
                 .collect(),
             reserved_lines: sqlx::query_as(
-                "SELECT order_id, count(*) FROM reservation_lines GROUP BY order_id",
+                "SELECT order_id::text, count(*) FROM reservation_lines GROUP BY order_id",
             )
             .fetch_all(inventory_db)
             .await?
             .into_iter()
             .collect(),
-            shipments: sqlx::query_as("SELECT order_id, status FROM shipments")
+            shipments: sqlx::query_as("SELECT order_id::text, status FROM shipments")
                 .fetch_all(shipping_db)
                 .await?
                 .into_iter()
                 .collect(),
             sent: sqlx::query_as(
-                "SELECT order_id, kind, count(*) FROM notifications WHERE status = 'SENT' GROUP BY order_id, kind",
+                "SELECT order_id::text, kind, count(*) FROM notifications WHERE status = 'SENT' GROUP BY order_id, kind",
             )
             .fetch_all(notification_db)
             .await?,

@@ -158,6 +158,14 @@ impl SagaEvent {
     }
 }
 
+/// The order an event belongs to: its saga id, which must be an order id (a
+/// UUID); anything else is a malformed event, parked.
+pub fn order_id_of(envelope: &Envelope) -> Result<uuid::Uuid, Reject> {
+    uuid::Uuid::parse_str(&envelope.saga_id).map_err(|_| {
+        Reject::Malformed(format!("saga id {:?} is not an order id", envelope.saga_id))
+    })
+}
+
 /// The one check of an order id every API applies: required, and a UUID
 /// (returned in the canonical form the services store).
 pub fn parse_order_id(text: &str) -> Result<uuid::Uuid, String> {

@@ -92,9 +92,7 @@ impl InventoryApi {
         request: Request<api::GetReservationRequest>,
     ) -> Result<Response<api::Reservation>, ApiError> {
         let order_id = contracts::parse_order_id(&request.get_ref().order_id)
-            .map_err(ApiError::InvalidArgument)?
-            .to_string();
-        let order_id = order_id.as_str();
+            .map_err(ApiError::InvalidArgument)?;
         let head: Option<(ReservationStatus, String)> =
             sqlx::query_as("SELECT status, reason FROM reservations WHERE order_id = $1")
                 .bind(order_id)
@@ -112,7 +110,7 @@ impl InventoryApi {
         .fetch_all(&self.pool)
         .await?;
         Ok(Response::new(api::Reservation {
-            order_id: order_id.to_owned(),
+            order_id: order_id.to_string(),
             status: reservation_status(status) as i32,
             lines: lines
                 .into_iter()

@@ -5,6 +5,7 @@ use choreo::{Config, Envelope, HandleError, Handler, Outbox, Reject, Tx};
 use contracts::SagaEvent;
 use contracts::events::v1 as ev;
 use sqlx::{Acquire, PgConnection};
+use uuid::Uuid;
 
 /// Where an order's reservation stands (the `reservations.status` column).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
@@ -66,7 +67,7 @@ async fn take(
 
 async fn record(
     tx: &mut PgConnection,
-    order_id: &str,
+    order_id: Uuid,
     status: ReservationStatus,
     reason: &str,
 ) -> Result<(), sqlx::Error> {
@@ -100,7 +101,7 @@ impl CompensableStep for InventoryHandler {
         envelope: &Envelope,
         order: ev::OrderCreated,
     ) -> Result<Verdict<ev::InventoryReserved, ev::InventoryRejected>, HandleError> {
-        let order_id = envelope.saga_id.as_str();
+        let order_id = contracts::order_id_of(envelope)?;
         let refusal = match self.config.injected_failure() {
             Some(reason) => Some(reason),
             None => take(tx, &order.lines).await?,
@@ -137,7 +138,7 @@ impl CompensableStep for InventoryHandler {
         undo: Undo,
         cause: String,
     ) -> Result<ev::InventoryReleased, HandleError> {
-        let order_id = envelope.saga_id.as_str();
+        let order_id = contracts::order_id_of(envelope)?;
         let released = match undo {
             Undo::NeverDone => {
                 record(

@@ -104,11 +104,12 @@ async fn a_compensation_before_the_reservation_bars_it_for_good() {
         Outcome::Applied
     );
     assert_eq!(stock(&pool, "BOOK").await, (10, 0));
-    let status: String = sqlx::query_scalar("SELECT status FROM reservations WHERE order_id = $1")
-        .bind(&order)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM reservations WHERE order_id = $1::uuid")
+            .bind(&order)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(status, "NEVER_MADE");
     assert_eq!(emitted(&pool, &order).await, ["inventory.released"]);
 }

@@ -103,7 +103,7 @@ impl Dispatched {
 #[derive(sqlx::FromRow)]
 struct Due {
     notification_id: Uuid,
-    order_id: String,
+    order_id: Uuid,
     kind: Kind,
     customer: String,
     recipient: String,
@@ -192,7 +192,8 @@ async fn record(
     answer: Result<(), SendError>,
 ) -> Result<Dispatched, sqlx::Error> {
     let id = message.notification_id;
-    let order_id = message.order_id.as_str();
+    let order_id = message.order_id;
+    let saga_id = order_id.to_string();
     let confirmation = message.kind == Kind::Confirmation;
     Ok(match answer {
         Ok(()) => {
@@ -209,7 +210,7 @@ async fn record(
                     notification_id: id.to_string(),
                     channel: sender.channel().to_owned(),
                 };
-                outbox.emit(tx, order_id, cause, &sent).await?;
+                outbox.emit(tx, &saga_id, cause, &sent).await?;
             }
             tracing::info!("notification sent");
             Dispatched::Sent
@@ -227,7 +228,7 @@ async fn record(
             .await?;
             if confirmation {
                 let failed = record_failure(tx, order_id, reason.clone()).await?;
-                outbox.emit(tx, order_id, cause, &failed).await?;
+                outbox.emit(tx, &saga_id, cause, &failed).await?;
             } else {
                 tracing::info!(%reason, "cancellation notice undeliverable");
             }

@@ -32,9 +32,7 @@ impl NotificationApi {
         request: Request<api::ListNotificationsRequest>,
     ) -> Result<Response<api::ListNotificationsResponse>, ApiError> {
         let order_id = contracts::parse_order_id(&request.get_ref().order_id)
-            .map_err(ApiError::InvalidArgument)?
-            .to_string();
-        let order_id = order_id.as_str();
+            .map_err(ApiError::InvalidArgument)?;
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT notification_id, kind, recipient, channel, status, queued_at, sent_at, attempts, last_error
              FROM notifications WHERE order_id = $1 ORDER BY queued_at, notification_id",
@@ -51,7 +49,7 @@ impl NotificationApi {
             .into_iter()
             .map(|row| api::Notification {
                 notification_id: row.notification_id.to_string(),
-                order_id: order_id.to_owned(),
+                order_id: order_id.to_string(),
                 kind: match row.kind {
                     Kind::Confirmation => api::NotificationKind::Confirmation,
                     Kind::Cancellation => api::NotificationKind::Cancellation,

@@ -35,7 +35,7 @@ struct Outgoing<'a> {
 /// dispatcher (the provider says the message can never be delivered).
 pub(crate) async fn record_failure(
     tx: &mut PgConnection,
-    order_id: &str,
+    order_id: Uuid,
     reason: String,
 ) -> Result<ev::NotificationFailed, sqlx::Error> {
     tracing::info!(%reason, "notification failed");
@@ -65,7 +65,7 @@ impl NotificationHandler {
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(id)
-        .bind(&envelope.saga_id)
+        .bind(contracts::order_id_of(envelope)?)
         .bind(message.kind)
         .bind(message.customer)
         .bind(message.recipient)
@@ -93,7 +93,7 @@ impl NotificationHandler {
         tx: &mut Tx,
         envelope: &Envelope,
     ) -> Result<bool, HandleError> {
-        let order_id = envelope.saga_id.as_str();
+        let order_id = contracts::order_id_of(envelope)?;
         let withdrawn = sqlx::query(
             "UPDATE notifications SET status = $2
              WHERE order_id = $1 AND kind = $3 AND status = $4",
@@ -152,7 +152,7 @@ impl CompensableStep for NotificationHandler {
         envelope: &Envelope,
         shipment: ev::ShippingScheduled,
     ) -> Result<Verdict<ev::NotificationSent, ev::NotificationFailed>, HandleError> {
-        let order_id = envelope.saga_id.as_str();
+        let order_id = contracts::order_id_of(envelope)?;
         if let Some(reason) = self.config.injected_failure() {
             return Ok(Verdict::Failed(record_failure(tx, order_id, reason).await?));
         }

@@ -88,7 +88,7 @@ fn types(events: &[Envelope]) -> Vec<&str> {
 
 async fn statuses(pool: &PgPool, order: &str) -> Vec<(String, String)> {
     sqlx::query_as(
-        "SELECT kind, status FROM notifications WHERE order_id = $1 ORDER BY queued_at, notification_id",
+        "SELECT kind, status FROM notifications WHERE order_id = $1::uuid ORDER BY queued_at, notification_id",
     )
     .bind(order)
     .fetch_all(pool)
@@ -169,7 +169,7 @@ async fn a_confirmation_goes_out_after_commit_and_survives_a_provider_outage() {
     assert_eq!(calls.len(), 1, "{calls:?}");
     assert_eq!(calls.values().copied().collect::<Vec<_>>(), [3]);
     let (attempts, error): (i32, Option<String>) =
-        sqlx::query_as("SELECT attempts, last_error FROM notifications WHERE order_id = $1")
+        sqlx::query_as("SELECT attempts, last_error FROM notifications WHERE order_id = $1::uuid")
             .bind(&order)
             .fetch_one(&pool)
             .await
@@ -359,7 +359,7 @@ async fn an_injected_failure_fails_the_order_without_queueing_anything() {
     let failed = ev::NotificationFailed::decode(events[0].payload.as_slice()).unwrap();
     assert_eq!(failed.reason, "injected failure (configured failure rate)");
     let note: String =
-        sqlx::query_scalar("SELECT reason FROM notification_failures WHERE order_id = $1")
+        sqlx::query_scalar("SELECT reason FROM notification_failures WHERE order_id = $1::uuid")
             .bind(&order)
             .fetch_one(&pool)
             .await

@@ -18,9 +18,7 @@ impl ShippingApi {
         request: Request<api::GetShipmentRequest>,
     ) -> Result<Response<api::Shipment>, ApiError> {
         let order_id = contracts::parse_order_id(&request.get_ref().order_id)
-            .map_err(ApiError::InvalidArgument)?
-            .to_string();
-        let order_id = order_id.as_str();
+            .map_err(ApiError::InvalidArgument)?;
         let row: Option<(Option<Uuid>, ShipmentStatus, String, String, String)> = sqlx::query_as(
             "SELECT shipment_id, status, carrier, destination, reason FROM shipments WHERE order_id = $1",
         )
@@ -39,7 +37,7 @@ impl ShippingApi {
             ShipmentStatus::NeverMade => api::ShipmentStatus::NeverMade,
         };
         Ok(Response::new(api::Shipment {
-            order_id: order_id.to_owned(),
+            order_id: order_id.to_string(),
             shipment_id: shipment_id.map(|id| id.to_string()).unwrap_or_default(),
             status: status as i32,
             carrier,

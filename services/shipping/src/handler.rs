@@ -44,7 +44,7 @@ impl CompensableStep for ShippingHandler {
         envelope: &Envelope,
         order: ev::InventoryReserved,
     ) -> Result<Verdict<ev::ShippingScheduled, ev::ShippingFailed>, HandleError> {
-        let order_id = envelope.saga_id.as_str();
+        let order_id = contracts::order_id_of(envelope)?;
         let failure = if !self.served.contains(&order.destination) {
             Some(format!(
                 "carrier {} does not serve destination {}",
@@ -92,7 +92,7 @@ impl CompensableStep for ShippingHandler {
         undo: Undo,
         cause: String,
     ) -> Result<ev::ShippingCancelled, HandleError> {
-        let order_id = envelope.saga_id.as_str();
+        let order_id = contracts::order_id_of(envelope)?;
         let cancelled: Option<Uuid> = match undo {
             Undo::NeverDone => {
                 sqlx::query(
