@@ -6,7 +6,7 @@
 //!
 //! The library holds the types and the rules; the saga's own declaration
 //! lives with its contracts (see `contracts::CHOREOGRAPHY`).
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 
 /// The platform's own report that a service keeps failing on an event (see
@@ -103,13 +103,43 @@ pub enum Meaning {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subscription {
     pub event_types: Vec<String>,
+    /// Who may produce each type; a type not listed may come from anyone.
+    pub producers: BTreeMap<String, Vec<String>>,
 }
 
 impl Subscription {
+    /// These types, from any producer (a test's, or a saga without a declaration).
     pub fn of(event_types: &[&str]) -> Self {
         Subscription {
             event_types: event_types.iter().map(|t| (*t).to_owned()).collect(),
+            producers: BTreeMap::new(),
         }
+    }
+
+    /// Whether `envelope`, delivered on `subject`, is what it claims: its
+    /// subject ends with its event type, and its producer is the one the
+    /// declaration names. Says "forged or misrouted" and both sides otherwise.
+    pub fn check_origin(
+        &self,
+        subject: &str,
+        envelope: &crate::Envelope,
+    ) -> Result<(), crate::Reject> {
+        let event_type = &envelope.event_type;
+        if !subject.ends_with(&format!(".{event_type}")) {
+            return Err(crate::Reject::Forged(format!(
+                "subject {subject:?} carries an event of type {event_type:?}"
+            )));
+        }
+        if let Some(allowed) = self.producers.get(event_type.as_str())
+            && !allowed.contains(&envelope.producer)
+        {
+            return Err(crate::Reject::Forged(format!(
+                "{event_type} claims producer {:?}, but the choreography names {}",
+                envelope.producer,
+                allowed.join(" or ")
+            )));
+        }
+        Ok(())
     }
 
     pub fn consumes(&self, event_type: &str) -> bool {
@@ -165,7 +195,18 @@ impl Choreography {
         if self.stuck_reports_to.contains(&service) {
             types.push(STUCK);
         }
-        Subscription::of(&types)
+        let mut subscription = Subscription::of(&types);
+        for event_type in &types {
+            let producers = match self.event(event_type) {
+                Some(event) => vec![event.producer.to_owned()],
+                // The platform's own reports come from any service of the saga.
+                None => self.services().into_iter().map(str::to_owned).collect(),
+            };
+            subscription
+                .producers
+                .insert((*event_type).to_owned(), producers);
+        }
+        subscription
     }
 
     /// The steps `service` owns.

@@ -5,8 +5,10 @@
 //! events are handled one at a time in delivery order while different sagas
 //! run side by side. For each message:
 //! 1. decode the envelope; a message that is not one is parked (dead letter);
-//! 2. an event type outside the service's [`Subscription`] is acknowledged
-//!    unread: no transaction, never parked;
+//! 2. an event whose subject, type and producer disagree with the declared
+//!    choreography is parked as forged or misrouted; one of a type outside the
+//!    service's [`Subscription`] is acknowledged unread: no transaction, never
+//!    parked;
 //! 3. decode the payload once into the handler's typed event; an unknown
 //!    version or unreadable payload is parked with the reason;
 //! 4. run the [`crate::inbox`] step (dedup, effects, commit) and ack only after
@@ -190,7 +192,11 @@ impl<H: Handler> Consumer<H> {
         if delivered > 1 {
             self.stats.redeliveries.fetch_add(1, Ordering::Relaxed);
         }
-        let envelope = match decoded {
+        let envelope = match decoded.and_then(|e| {
+            self.subscription
+                .check_origin(&message.subject, &e)
+                .map(|()| e)
+        }) {
             Ok(envelope) => envelope,
             Err(reject) => return self.park(&message, &stream, stream_seq, &reject).await,
         };

@@ -25,6 +25,14 @@ pub enum Reject {
     Malformed(String),
     #[error("unknown event type {0:?}")]
     UnknownType(String),
+    /// The subject, type and producer disagree with the declared choreography.
+    #[error("forged or misrouted: {0}")]
+    Forged(String),
+    /// The payload breaks its contract (a value out of range, a duplicate line),
+    /// or the database refuses its effects for good (a constraint): retrying
+    /// can never succeed.
+    #[error("contract violated: {0}")]
+    Invalid(String),
     /// The handler was given an event its service does not consume: the
     /// choreography declaration and the handler disagree.
     #[error("event type {0:?} reached a handler that does not handle it")]
@@ -76,6 +84,18 @@ impl Envelope {
         }
         if env.saga_id.is_empty() {
             return Err(Reject::Malformed("saga_id is empty".into()));
+        }
+        // Clocks drift a little; an event from the future beyond that is forged.
+        let skew = chrono::Duration::minutes(5);
+        match env.occurred_at {
+            None => return Err(Reject::Malformed("occurred_at is missing".into())),
+            Some(_) if env.occurred_at() > chrono::Utc::now() + skew => {
+                return Err(Reject::Invalid(format!(
+                    "occurred_at {} is in the future",
+                    env.occurred_at()
+                )));
+            }
+            Some(_) => {}
         }
         Ok(env)
     }

@@ -38,6 +38,15 @@ pub fn after_commit(f: impl FnOnce() + Send + 'static) {
     }
 }
 
+/// Whether a database error can never go away on retry: an integrity
+/// constraint (SQLSTATE class 23: unique, foreign key, check, not null).
+fn refused_for_good(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code.starts_with("23"))
+}
+
 /// Decodes `envelope` for `handler` and runs the inbox step; an event the
 /// handler cannot read is [`Outcome::Parked`] without opening a transaction.
 pub async fn apply<H: Handler>(
@@ -102,6 +111,12 @@ async fn apply_in_tx<H: Handler>(
         Err(HandleError::Reject(reject)) => {
             tx.rollback().await?;
             Ok(Outcome::Parked(reject))
+        }
+        Err(HandleError::Database(e)) if refused_for_good(&e) => {
+            tx.rollback().await?;
+            Ok(Outcome::Parked(Reject::Invalid(format!(
+                "the database refuses its effects: {e}"
+            ))))
         }
         Err(e) => Err(e),
     }

@@ -345,3 +345,109 @@ async fn a_dead_letter_is_listed_and_replayed_once_the_service_can_read_it() {
         .unwrap_err();
     assert_eq!(too_many.code(), Code::InvalidArgument);
 }
+
+/// Breaks a unique constraint every time: its effect can never be written.
+struct ViolatesAConstraint;
+
+#[async_trait::async_trait]
+impl Handler for ViolatesAConstraint {
+    type Event = Ping;
+
+    async fn handle(&self, tx: &mut Tx, _: &Envelope, _: Ping) -> Result<(), HandleError> {
+        for _ in 0..2 {
+            sqlx::query("INSERT INTO effects (event_id, applied) VALUES ('00000000-0000-0000-0000-000000000001', 1)")
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_effect_the_database_refuses_for_good_is_parked_at_its_first_delivery() {
+    let s = setup().await;
+    let ping = Envelope::new("test", "saga-1", None, &Ping { n: 1 });
+    s.publish_raw("test.ping", ping.encode_to_vec()).await;
+    let consumer = s.consume(Arc::new(ViolatesAConstraint), 2, "constraint");
+    let stats = consumer.stats.clone();
+    eventually("the event parked", Duration::from_secs(20), || async {
+        stats.parked.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    consumer.stop().await;
+    assert_eq!(stats.retries.load(Ordering::SeqCst), 0, "never retried");
+    assert_eq!(stats.redeliveries.load(Ordering::SeqCst), 0);
+    let reason: String = sqlx::query_scalar("SELECT reason FROM choreo_dead_letter")
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+    assert!(
+        reason.starts_with("contract violated: the database refuses its effects")
+            && reason.contains("duplicate key"),
+        "{reason}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_on_the_wrong_subject_or_from_the_wrong_producer_is_parked_as_forged() {
+    let s = setup().await;
+    // Declared: pings come from "pinger" only.
+    let mut subscription = Subscription::of(&[Ping::EVENT_TYPE]);
+    subscription
+        .producers
+        .insert(Ping::EVENT_TYPE.into(), vec!["pinger".into()]);
+    let misrouted = Envelope::new("pinger", "saga-1", None, &Mystery {});
+    s.publish_raw("test.ping", misrouted.encode_to_vec()).await;
+    let impostor = Envelope::new("mallory", "saga-1", None, &Ping { n: 1 });
+    s.publish_raw("test.ping", impostor.encode_to_vec()).await;
+    let genuine = Envelope::new("pinger", "saga-1", None, &Ping { n: 2 });
+    s.publish_raw("test.ping", genuine.encode_to_vec()).await;
+
+    let source = choreo::provision::ConsumerSource::new(
+        s.js.clone(),
+        s.config.clone(),
+        "origin",
+        subscription.clone(),
+    );
+    let consumer = Consumer::new(
+        s.pool.clone(),
+        Arc::new(CountEffects {
+            delay: Duration::ZERO,
+        }),
+        subscription,
+        2,
+    );
+    let stats = consumer.stats();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(source, shutdown.clone()));
+    eventually(
+        "two parked, one applied",
+        Duration::from_secs(20),
+        || async {
+            stats.parked.load(Ordering::SeqCst) == 2 && stats.applied.load(Ordering::SeqCst) == 1
+        },
+    )
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+    let reasons: Vec<String> =
+        sqlx::query_scalar("SELECT reason FROM choreo_dead_letter ORDER BY stream_seq")
+            .fetch_all(&s.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        reasons,
+        [
+            format!(
+                "forged or misrouted: subject \"{}.test.ping\" carries an event of type \"test.mystery\"",
+                s.config.subject_prefix
+            ),
+            "forged or misrouted: test.ping claims producer \"mallory\", but the choreography names pinger".to_owned(),
+        ]
+    );
+    assert_eq!(
+        s.effect_counts().await,
+        vec![1],
+        "only the genuine ping had an effect"
+    );
+}

@@ -71,13 +71,19 @@ macro_rules! saga_events {
 
         impl Decode for SagaEvent {
             /// The decode table: an unknown type or an unsupported version is a
-            /// [`Reject`] (the message gets parked).
+            /// [`Reject`] (the message gets parked), and so is a payload that
+            /// breaks its contract, before any effect.
             fn decode(envelope: &Envelope) -> Result<Self, Reject> {
-                match envelope.event_type.as_str() {
+                order_id_of(envelope)?;
+                let event = match envelope.event_type.as_str() {
                     $($event_type => envelope.payload().map(SagaEvent::$payload),)*
                     choreography::STUCK => envelope.payload().map(SagaEvent::Stuck),
                     other => Err(Reject::UnknownType(other.to_owned())),
-                }
+                }?;
+                event.validate().map_err(|e| {
+                    Reject::Invalid(format!("{} {e}", envelope.event_type))
+                })?;
+                Ok(event)
             }
         }
     };
@@ -137,7 +143,45 @@ pub const CHOREOGRAPHY: Choreography = Choreography {
     stuck_reports_to: &["order"],
 };
 
+/// At most this many lines in one order.
+pub const MAX_LINES: usize = 50;
+/// At most this many units of one SKU in one order.
+pub const MAX_QUANTITY: u32 = 10_000;
+
+/// The one check of an order's lines every consumer applies: 1 to
+/// [`MAX_LINES`] lines, each a valid SKU once, 1 to [`MAX_QUANTITY`] units.
+pub fn check_lines(lines: &[events::v1::OrderLine]) -> Result<(), String> {
+    if lines.is_empty() || lines.len() > MAX_LINES {
+        return Err(format!("has {} lines: 1 to {MAX_LINES}", lines.len()));
+    }
+    for (n, line) in lines.iter().enumerate() {
+        check_sku(&line.sku).map_err(|e| format!("line {}: {e}", n + 1))?;
+        if line.quantity == 0 || line.quantity > MAX_QUANTITY {
+            return Err(format!(
+                "line {}: quantity {} is out of range 1 to {MAX_QUANTITY}",
+                n + 1,
+                line.quantity
+            ));
+        }
+        if lines[..n].iter().any(|l| l.sku == line.sku) {
+            return Err(format!("line {}: SKU {} appears twice", n + 1, line.sku));
+        }
+    }
+    Ok(())
+}
+
 impl SagaEvent {
+    /// The payload's own invariants, checked on consume before any effect.
+    pub fn validate(&self) -> Result<(), String> {
+        use SagaEvent::*;
+        match self {
+            OrderCreated(e) => check_lines(&e.lines),
+            InventoryReserved(e) => check_lines(&e.lines),
+            InventoryReleased(e) if !e.released.is_empty() => check_lines(&e.released),
+            _ => Ok(()),
+        }
+    }
+
     /// Why the order is being compensated, as this event tells it: a failure
     /// names its producer (read from the envelope) and its reason; a
     /// compensation or a cancel carries the cause down the chain.

@@ -110,8 +110,7 @@ impl Status {
     }
 }
 
-pub const MAX_LINES: usize = 50;
-pub const MAX_QUANTITY: u32 = 10_000;
+pub use contracts::{MAX_LINES, MAX_QUANTITY};
 const MAX_TEXT: usize = 128;
 const MAX_CONTACT: usize = 254;
 

@@ -45,6 +45,17 @@ fn event<P: EventPayload>(id: uuid::Uuid, payload: P) -> Envelope {
     Envelope::new(producer, &id.to_string(), None, &payload)
 }
 
+/// Inventory's answer for the order `place` makes: its one line held.
+fn reserved() -> ev::InventoryReserved {
+    ev::InventoryReserved {
+        lines: vec![ev::OrderLine {
+            sku: "BOOK".into(),
+            quantity: 1,
+        }],
+        ..Default::default()
+    }
+}
+
 /// Applies one event for order `id` through the inbox step, as the consumer would.
 async fn deliver<P: EventPayload>(
     pool: &PgPool,
@@ -73,7 +84,7 @@ async fn reordered_forward_events_still_complete_the_order() {
     // A redelivery put the last step first.
     deliver(&pool, &h, id, ev::NotificationSent::default()).await;
     deliver(&pool, &h, id, ev::ShippingScheduled::default()).await;
-    deliver(&pool, &h, id, ev::InventoryReserved::default()).await;
+    deliver(&pool, &h, id, reserved()).await;
     assert_eq!(status(&pool, id).await.0, "COMPLETED");
     let changes: Vec<String> = sqlx::query_scalar(
         "SELECT status FROM order_status_changes WHERE order_id = $1 ORDER BY seq",
@@ -92,7 +103,7 @@ async fn late_events_never_revive_a_cancelled_order_and_the_first_reason_stays()
         deadline: Duration::from_secs(30),
     };
     let id = place(&pool).await;
-    deliver(&pool, &h, id, ev::InventoryReserved::default()).await;
+    deliver(&pool, &h, id, reserved()).await;
     deliver(
         &pool,
         &h,
@@ -160,7 +171,7 @@ async fn a_compensation_that_overtakes_its_failure_still_brings_the_reason() {
         deadline: Duration::from_secs(30),
     };
     let id = place(&pool).await;
-    deliver(&pool, &h, id, ev::InventoryReserved::default()).await;
+    deliver(&pool, &h, id, reserved()).await;
     let released = ev::InventoryReleased {
         cause: "shipping: no road".into(),
         ..Default::default()
