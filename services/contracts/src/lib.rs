@@ -217,7 +217,30 @@ pub fn parse_order_id(text: &str) -> Result<uuid::Uuid, String> {
     if text.is_empty() {
         return Err("order_id is required".into());
     }
-    uuid::Uuid::parse_str(text).map_err(|_| format!("order_id {text:?} is not a UUID"))
+    uuid::Uuid::parse_str(text).map_err(|_| format!("order_id {} is not a UUID", quote(text)))
+}
+
+/// A client's bad value as an error message shows it: at most a short prefix,
+/// so a huge value never comes back huge.
+pub fn quote(value: &str) -> String {
+    const SHOWN: usize = 40;
+    match value.char_indices().nth(SHOWN) {
+        None => format!("{value:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &value[..cut], value.len()),
+    }
+}
+
+/// The one check of free text a person typed (a name, a contact, a reason):
+/// no NUL or other control characters, which the database refuses or a log
+/// would show as something else.
+pub fn check_text(field: &str, value: &str) -> Result<(), String> {
+    match value.chars().position(char::is_control) {
+        None => Ok(()),
+        Some(at) => Err(format!(
+            "{field} has a control character at position {}: only printable text is accepted",
+            at + 1
+        )),
+    }
 }
 
 /// The one SKU format every service accepts: 1 to 64 letters, digits, '-' or '_'.
@@ -231,7 +254,8 @@ pub fn check_sku(sku: &str) -> Result<(), String> {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     {
         return Err(format!(
-            "sku {sku:?} must be 1 to 64 letters, digits, '-' or '_'"
+            "sku {} must be 1 to 64 letters, digits, '-' or '_'",
+            quote(sku)
         ));
     }
     Ok(())

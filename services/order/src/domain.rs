@@ -127,6 +127,9 @@ pub struct NewOrder {
 impl NewOrder {
     /// Checks a request; the error says what to change.
     pub fn validate(request: api::PlaceOrderRequest) -> Result<Self, String> {
+        contracts::check_text("customer", &request.customer)?;
+        contracts::check_text("contact", &request.contact)?;
+        contracts::check_text("idempotency_key", &request.idempotency_key)?;
         let customer = request.customer.trim().to_owned();
         if customer.is_empty() {
             return Err("customer is required".into());
@@ -146,8 +149,8 @@ impl NewOrder {
         let destination = request.destination.trim().to_ascii_uppercase();
         if destination.len() != 2 || !destination.chars().all(|c| c.is_ascii_alphabetic()) {
             return Err(format!(
-                "destination {:?} is not a two-letter ISO 3166 country code such as \"DE\"",
-                request.destination
+                "destination {} is not a two-letter ISO 3166 country code such as \"DE\"",
+                contracts::quote(&request.destination)
             ));
         }
         let contact = request.contact.trim().to_owned();

@@ -144,6 +144,7 @@ impl OrderApi {
 
     async fn cancel(&self, request: api::CancelOrderRequest) -> Result<api::Order, ApiError> {
         let id = order_id(&request.order_id)?;
+        contracts::check_text("reason", &request.reason).map_err(ApiError::InvalidArgument)?;
         if request.reason.len() > 500 {
             return Err(ApiError::InvalidArgument(
                 "reason is longer than 500 characters".into(),
