@@ -138,3 +138,41 @@ fn capitalised(name: &str) -> String {
         .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
         .unwrap_or_default()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_calls_to_random_paths_leave_a_bounded_number_of_series() {
+    let sys = system(Options::default()).await;
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", sys.ports[0]))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let calls = futures::stream::iter(0..10_000u32)
+        .map(|i| {
+            let mut grpc = tonic::client::Grpc::new(channel.clone());
+            async move {
+                grpc.ready().await.unwrap();
+                let path = format!("/order.v1.OrderService/Nope{i}").parse().unwrap();
+                let codec = tonic_prost::ProstCodec::<(), ()>::default();
+                grpc.unary(tonic::Request::new(()), path, codec)
+                    .await
+                    .unwrap_err()
+                    .code()
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<Code>>()
+        .await;
+    assert!(calls.iter().all(|c| *c == Code::Unimplemented));
+    let metrics = sys.metrics("order").await.unwrap();
+    let series = metrics
+        .lines()
+        .filter(|l| l.starts_with("saga_grpc_requests_total{"))
+        .count();
+    assert!(series <= 10, "{series} series:\n{metrics}");
+    assert!(
+        metrics.contains("saga_grpc_requests_total{method=\"other\",code=\"Unimplemented\"} 10000"),
+        "{metrics}"
+    );
+}

@@ -9,6 +9,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 
+/// HTTP/2 streams one client connection may open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// The longest a request may take to be answered.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Serves `routes` plus health and reflection on `addr` until `shutdown`.
 /// `descriptors` are encoded `FileDescriptorSet`s of the API, for reflection.
 pub async fn serve(
@@ -50,6 +55,12 @@ pub async fn serve(
         .with_nodelay(Some(true));
     tracing::info!(%addr, "gRPC API listening");
     tonic::transport::Server::builder()
+        // Bounded: streams per connection, requests in flight per connection,
+        // and how long a request may take to answer (a watch's stream itself
+        // runs on after its answer has begun).
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
+        .timeout(REQUEST_TIMEOUT)
         .trace_fn(request_span)
         .layer(tower::layer::layer_fn(|inner| CountRequests { inner }))
         .add_routes(routes)
@@ -155,6 +166,13 @@ where
                     .map(|c| format!("{:?}", tonic::Code::from_i32(c)))
                     .unwrap_or_else(|| "Ok".to_owned()),
                 Err(_) => "TransportError".to_owned(),
+            };
+            // A path nobody serves is counted as "other": callers choose
+            // paths, and each new label value would be a new series.
+            let method = if code == "Unimplemented" {
+                "other".to_owned()
+            } else {
+                method
             };
             metrics::counter!("saga_grpc_requests_total", "method" => method, "code" => code)
                 .increment(1);
