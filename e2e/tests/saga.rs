@@ -206,6 +206,23 @@ async fn each_failure_path_ends_cancelled_with_its_reason_and_compensations_in_r
         notes.notifications[0]
     );
     assert!(notes.note.contains("cannot be reached"), "{}", notes.note);
+    // The customer's address is in no reason, timeline line or log line (the
+    // query APIs still answer it as the order's contact).
+    let mut story: Vec<&str> = o.timeline.iter().map(|e| e.detail.as_str()).collect();
+    story.extend([
+        o.reason.as_str(),
+        notes.note.as_str(),
+        notes.notifications[0].last_error.as_str(),
+    ]);
+    let story = story.join("\n");
+    assert!(!story.contains("di@nowhere.invalid"), "{story}");
+    for service in e2e::SERVICES {
+        let log = std::fs::read_to_string(sys.log_path(service)).unwrap();
+        assert!(
+            !log.contains("di@nowhere.invalid"),
+            "{service} logged the address"
+        );
+    }
 
     // Every unit is back on the shelf.
     let book = sys.stock("BOOK").await.unwrap();

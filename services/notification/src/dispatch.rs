@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use crate::handler::record_failure;
 use crate::message::{Kind, Status};
-use crate::sender::{SendError, Sender};
+use crate::sender::{SendError, Sender, scrubbed};
 
 /// The channel the handler notifies (in its transaction, so at commit) when it queues a message.
 pub const CHANNEL: &str = "notifications_due";
@@ -216,6 +216,7 @@ async fn record(
             Dispatched::Sent
         }
         Err(SendError::Undeliverable(why)) => {
+            let why = scrubbed(&why, &message.recipient);
             let reason = format!("customer {} cannot be reached: {why}", message.customer);
             sqlx::query(
                 "UPDATE notifications SET status = $3, attempts = attempts + 1, last_error = $2
@@ -235,6 +236,7 @@ async fn record(
             Dispatched::Failed(reason)
         }
         Err(SendError::Unavailable(why)) => {
+            let why = scrubbed(&why, &message.recipient);
             let wait = backoff(message.attempts);
             sqlx::query(
                 "UPDATE notifications

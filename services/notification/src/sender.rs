@@ -53,7 +53,8 @@ impl Sender for LogSender {
         text: &str,
     ) -> Result<(), SendError> {
         reachable(recipient).map_err(SendError::Undeliverable)?;
-        tracing::info!(notification_id, recipient, text, "{LOG_SENDER_DELIVERED}");
+        let recipient = masked(recipient);
+        tracing::info!(notification_id, %recipient, text, "{LOG_SENDER_DELIVERED}");
         Ok(())
     }
 }
@@ -69,20 +70,52 @@ pub fn reachable(contact: &str) -> Result<(), String> {
             if !local.is_empty() && domain.contains('.') && !domain.contains('@') =>
         {
             if domain.to_ascii_lowercase().ends_with(".invalid") {
-                Err(format!(
-                    "mail to {contact} bounced: domain {domain} does not exist"
-                ))
+                Err(format!("mail bounced: domain {domain} does not exist"))
             } else {
                 Ok(())
             }
         }
-        _ => Err(format!("contact {contact:?} is not an e-mail address")),
+        _ => Err("the contact is not an e-mail address".into()),
     }
+}
+
+/// A contact address as logs and reasons may show it: enough for an operator
+/// to tell addresses apart (first letter, domain), not the address itself.
+pub fn masked(contact: &str) -> String {
+    let first = contact.chars().next().map(String::from).unwrap_or_default();
+    match contact.split_once('@') {
+        Some((_, domain)) => format!("{first}***@{domain}"),
+        None => format!("{first}***"),
+    }
+}
+
+/// `text` with every occurrence of `contact` masked: a provider's error may
+/// quote the address, and it must not travel on into reasons and logs.
+pub fn scrubbed(text: &str, contact: &str) -> String {
+    if contact.is_empty() {
+        return text.to_owned();
+    }
+    text.replace(contact, &masked(contact))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::reachable;
+    use super::{masked, reachable, scrubbed};
+
+    #[test]
+    fn addresses_are_masked_wherever_they_would_be_shown() {
+        assert_eq!(masked("ada@example.com"), "a***@example.com");
+        assert_eq!(masked("0171 555"), "0***");
+        assert_eq!(
+            scrubbed("ada@example.com bounced", "ada@example.com"),
+            "a***@example.com bounced"
+        );
+        assert!(
+            !reachable("ada@nowhere.invalid")
+                .unwrap_err()
+                .contains("ada")
+        );
+    }
 
     #[test]
     fn reachability_follows_the_address() {

@@ -196,7 +196,9 @@ async fn a_bounce_fails_the_order_with_the_providers_reason() {
         panic!("{outcome:?}");
     };
     assert!(
-        reason.starts_with("customer ada cannot be reached: mail to ada@nowhere.invalid bounced"),
+        reason.starts_with(
+            "customer ada cannot be reached: mail bounced: domain nowhere.invalid does not exist"
+        ),
         "{reason}"
     );
     let events = emitted(&pool, &order).await;
@@ -365,4 +367,31 @@ async fn an_injected_failure_fails_the_order_without_queueing_anything() {
             .await
             .unwrap();
     assert_eq!(note, failed.reason);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_providers_error_that_quotes_the_address_is_masked_everywhere() {
+    let (_pg, pool) = database().await;
+    let order = uuid::Uuid::now_v7().to_string();
+    apply(&pool, &handler(), &scheduled(&order, "ada@nowhere.invalid"))
+        .await
+        .unwrap();
+    let provider = Provider::default();
+    let outcome = dispatch_one(&pool, &provider).await;
+    let Some(Dispatched::Failed(reason)) = outcome else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(
+        reason,
+        "customer ada cannot be reached: a***@nowhere.invalid bounced"
+    );
+    let stored: Vec<String> = sqlx::query_scalar(
+        "SELECT last_error FROM notifications WHERE order_id = $1::uuid
+         UNION ALL SELECT reason FROM notification_failures WHERE order_id = $1::uuid",
+    )
+    .bind(&order)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(stored.iter().all(|s| !s.contains("ada@")), "{stored:?}");
 }
