@@ -1,6 +1,8 @@
 //! End-to-end: what a gRPC client can ask and how bad requests are answered:
 //! idempotency keys, validation, watching an order, listing pages under load.
 
+use std::time::Duration;
+
 use contracts::order::v1 as api;
 use e2e::{Options, OrderStatus, SETTLE, new_key as key, order_request, system};
 use futures::StreamExt;
@@ -235,4 +237,77 @@ async fn concurrent_orders_never_oversell_and_list_pages_cover_every_order() {
         .unwrap()
         .into_inner();
     assert_eq!(completed_only.orders.len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_are_capped_and_end_when_the_service_stops() {
+    let mut sys = system(Options {
+        extra_env: vec![("WATCH_LIMIT".into(), "300".into())],
+        ..Options::default()
+    })
+    .await;
+    sys.set_stock("BOOK", 10).await.unwrap();
+    // Shipping is down: the order stays open and every watch stays open.
+    tokio::task::block_in_place(|| sys.service("shipping").kill()).unwrap();
+    let placed = sys
+        .place(order_request(
+            &key(),
+            "ada",
+            "DE",
+            "ada@example.com",
+            &[("BOOK", 1)],
+        ))
+        .await
+        .unwrap();
+    let addr = format!("http://127.0.0.1:{}", sys.ports[0]);
+    let mut watches = Vec::new();
+    // Two connections: one HTTP/2 connection carries at most 256 streams.
+    for connection in 0..2 {
+        let channel = tonic::transport::Endpoint::from_shared(addr.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = api::order_service_client::OrderServiceClient::new(channel);
+        for _ in 0..150 {
+            let stream = client
+                .watch_order(api::WatchOrderRequest {
+                    order_id: placed.order_id.clone(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("connection {connection}: {e}"))
+                .into_inner();
+            watches.push(stream);
+        }
+    }
+    let refused = sys
+        .clients
+        .order
+        .clone()
+        .watch_order(api::WatchOrderRequest {
+            order_id: placed.order_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+
+    let started = std::time::Instant::now();
+    tokio::task::block_in_place(|| sys.service("order").stop(Duration::from_secs(10))).unwrap();
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "SIGTERM with 300 watches open took {took:?}"
+    );
+    // Each watch ends (told the server is going away, or cut), none hangs.
+    for mut watch in watches {
+        let end = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(item) = watch.next().await {
+                if item.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(end.is_ok(), "a watch outlived the server");
+    }
 }

@@ -18,7 +18,7 @@ pub struct OrderApi {
     pub pool: PgPool,
     pub outbox: Outbox,
     pub deadline: Duration,
-    pub watch_poll: Duration,
+    pub watches: crate::watch::Watches,
 }
 
 const MAX_PAGE: u32 = 500;
@@ -215,11 +215,20 @@ impl OrderService for OrderApi {
         request: Request<api::WatchOrderRequest>,
     ) -> Result<Response<Self::WatchOrderStream>, GrpcStatus> {
         let id = order_id(&request.get_ref().order_id)?;
+        let permit = self.watches.admit().ok_or_else(|| {
+            GrpcStatus::resource_exhausted(format!(
+                "{} order watches are open, the most this server keeps; try again later",
+                self.watches.limit()
+            ))
+        })?;
+        // Subscribed before the first read, so no change falls in between.
+        let mut changed = self.watches.subscribe();
         self.load(id).await?;
         let (sender, receiver) = tokio::sync::mpsc::channel(16);
         let pool = self.pool.clone();
-        let poll = self.watch_poll;
+        let shutdown = self.watches.shutdown.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut seen = 0;
             loop {
                 let changes = match store::changes_after(&pool, id, seen).await {
@@ -239,9 +248,26 @@ impl OrderService for OrderApi {
                         return; // client gone, or the story is over
                     }
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(poll) => {}
-                    _ = sender.closed() => return,
+                // Until this order changes (or a lost notification's poll).
+                let fallback = tokio::time::sleep(crate::watch::FALLBACK_POLL);
+                tokio::pin!(fallback);
+                loop {
+                    tokio::select! {
+                        next = changed.recv() => match next {
+                            Ok(changed_id) if changed_id != id => continue,
+                            _ => break, // ours, or we lagged: read again
+                        },
+                        _ = &mut fallback => break,
+                        _ = sender.closed() => return,
+                        _ = shutdown.cancelled() => {
+                            let _ = sender
+                                .send(Err(GrpcStatus::unavailable(
+                                    "the server is shutting down; watch again to go on",
+                                )))
+                                .await;
+                            return;
+                        }
+                    }
                 }
             }
         });

@@ -6,6 +6,7 @@ pub mod gauges;
 pub mod grpc;
 pub mod handler;
 pub mod store;
+pub mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,9 @@ pub struct Rules {
     /// How often overdue orders are looked for, in milliseconds.
     #[arg(long, env = "DEADLINE_CHECK_MS", default_value_t = 1000)]
     pub deadline_check_ms: u64,
+    /// WatchOrder streams open at once, at most (past it: RESOURCE_EXHAUSTED).
+    #[arg(long, env = "WATCH_LIMIT", default_value_t = 1000)]
+    pub watch_limit: usize,
 }
 
 pub fn parts(context: &Context, rules: Rules) -> Parts<handler::OrderHandler> {
@@ -38,11 +42,15 @@ pub fn parts(context: &Context, rules: Rules) -> Parts<handler::OrderHandler> {
         Duration::from_secs(2),
         context.shutdown.clone(),
     ));
+    let watches = watch::Watches::new(rules.watch_limit, context.shutdown.clone());
+    context
+        .tasks
+        .spawn(watches.clone().listen(context.pool.clone()));
     let api = grpc::OrderApi {
         pool: context.pool.clone(),
         outbox: context.outbox.clone(),
         deadline,
-        watch_poll: Duration::from_millis(100),
+        watches,
     };
     Parts {
         handler: Arc::new(handler::OrderHandler { deadline }),

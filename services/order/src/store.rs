@@ -132,8 +132,14 @@ async fn record_change(
     .bind(id)
     .bind(status)
     .bind(reason)
-    .execute(tx)
+    .execute(&mut *tx)
     .await?;
+    // Delivered at commit: wakes the watches of this order.
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(crate::watch::CHANNEL)
+        .bind(id.to_string())
+        .execute(tx)
+        .await?;
     Ok(())
 }
 

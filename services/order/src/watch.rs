@@ -1,0 +1,90 @@
+//! Live order watches, bounded and woken by the database.
+//!
+//! Every status change notifies `order_status_changed` with the order id in
+//! its transaction (so at commit). One listener per service instance fans the
+//! ids out to the open watches, and each watch reads its order's new changes
+//! when its id goes by; a slow poll covers a lost notification. Watches are
+//! capped in total (per connection, HTTP/2's stream limit caps them), and each
+//! ends when the service shuts down.
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// The channel a status change notifies, with the order id as payload.
+pub const CHANNEL: &str = "order_status_changed";
+/// How often a watch reads again with no notification (a lost one, a
+/// listener reconnecting).
+pub const FALLBACK_POLL: Duration = Duration::from_secs(2);
+
+/// What the open watches share.
+#[derive(Clone)]
+pub struct Watches {
+    changed: broadcast::Sender<Uuid>,
+    slots: Arc<Semaphore>,
+    limit: usize,
+    pub shutdown: CancellationToken,
+}
+
+impl Watches {
+    pub fn new(limit: usize, shutdown: CancellationToken) -> Self {
+        Watches {
+            changed: broadcast::channel(1024).0,
+            slots: Arc::new(Semaphore::new(limit)),
+            limit,
+            shutdown,
+        }
+    }
+
+    /// A place for one more watch, or `None` when all `limit` are taken.
+    pub fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Ids of orders whose status changed, from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Uuid> {
+        self.changed.subscribe()
+    }
+
+    /// Listens on [`CHANNEL`] and fans its ids out until shutdown.
+    pub async fn listen(self, pool: PgPool) {
+        while !self.shutdown.is_cancelled() {
+            let listener = async {
+                let mut listener = PgListener::connect_with(&pool).await?;
+                listener.listen(CHANNEL).await?;
+                Ok::<_, sqlx::Error>(listener)
+            };
+            let mut listener = match listener.await {
+                Ok(listener) => listener,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot listen for order changes yet");
+                    tokio::select! {
+                        _ = tokio::time::sleep(FALLBACK_POLL) => continue,
+                        _ = self.shutdown.cancelled() => return,
+                    }
+                }
+            };
+            loop {
+                tokio::select! {
+                    notification = listener.recv() => match notification {
+                        Ok(n) => {
+                            if let Ok(id) = Uuid::parse_str(n.payload()) {
+                                let _ = self.changed.send(id);
+                            }
+                        }
+                        Err(_) => break,
+                    },
+                    _ = self.shutdown.cancelled() => return,
+                }
+            }
+        }
+    }
+}
