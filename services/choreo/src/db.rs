@@ -6,14 +6,31 @@ use sqlx::PgPool;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
+/// Longest a statement may run; longest a transaction may sit idle. A stuck
+/// query or a forgotten transaction is cut off instead of holding locks and
+/// connections for ever.
+pub const STATEMENT_TIMEOUT: &str = "30s";
+pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "60s";
+
 /// A pool for `url`, retrying until the database answers or `give_up` passes.
 pub async fn connect(url: &str, give_up: Duration) -> anyhow::Result<PgPool> {
-    let options: PgConnectOptions = url.parse()?;
+    connect_sized(url, give_up, 20).await
+}
+
+/// A pool of at most `size` connections for `url` (see [`connect`]).
+pub async fn connect_sized(url: &str, give_up: Duration, size: u32) -> anyhow::Result<PgPool> {
+    let options: PgConnectOptions = url.parse::<PgConnectOptions>()?.options([
+        ("statement_timeout", STATEMENT_TIMEOUT),
+        (
+            "idle_in_transaction_session_timeout",
+            IDLE_IN_TRANSACTION_TIMEOUT,
+        ),
+    ]);
     let deadline = tokio::time::Instant::now() + give_up;
     let mut delay = Duration::from_millis(100);
     loop {
         let attempt = PgPoolOptions::new()
-            .max_connections(20)
+            .max_connections(size)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options.clone())
             .await;

@@ -22,6 +22,9 @@ use crate::outbox::Outbox;
 use crate::relay::Relay;
 use crate::{cleanup, db, grpc, provision};
 
+/// Connections the gRPC API may hold at once (its own pool).
+const API_POOL_SIZE: u32 = 10;
+
 /// What a service hands the runtime once its database is ready.
 pub struct Parts<H> {
     /// Reacts to consumed events.
@@ -38,7 +41,11 @@ pub struct Parts<H> {
 /// and a place to run background tasks that stop with the service.
 #[derive(Clone)]
 pub struct Context {
+    /// For the consumer, the relay and background tasks.
     pub pool: PgPool,
+    /// For the gRPC API: a pool of its own, so requests can never take the
+    /// connections the saga's own work needs.
+    pub api_pool: PgPool,
     pub outbox: Outbox,
     pub config: Config,
     pub shutdown: CancellationToken,
@@ -117,6 +124,8 @@ impl Service {
             &self.migrator,
         )
         .await?;
+        let api_pool =
+            db::connect_sized(&config.database_url, Duration::from_secs(60), API_POOL_SIZE).await?;
 
         let (client, js) = connect_nats(&config.nats_url, self.name).await?;
         let subscription = self.choreography.subscription(self.name);
@@ -136,6 +145,7 @@ impl Service {
         let tasks = TaskTracker::new();
         let context = Context {
             pool: pool.clone(),
+            api_pool: api_pool.clone(),
             outbox: Outbox::new(self.name, &config.subject_prefix),
             config: config.clone(),
             shutdown: shutdown.clone(),
@@ -153,7 +163,7 @@ impl Service {
         // Every service also serves its dead letters, replayed through its own handler.
         let dead_letters =
             crate::dead_letters::DeadLettersServer::new(crate::dead_letters::DeadLetterApi {
-                pool: pool.clone(),
+                pool: api_pool.clone(),
                 handler: parts.handler.clone(),
             });
         let routes = parts.routes.add_service(dead_letters);
@@ -198,6 +208,7 @@ impl Service {
             tracing::warn!(error = %e, "draining NATS failed");
         }
         pool.close().await;
+        api_pool.close().await;
         tracing::info!(service = self.name, "stopped");
         served
     }

@@ -15,7 +15,7 @@ pub fn parts(context: &Context) -> Parts<handler::InventoryHandler> {
             config: context.config.clone(),
         }),
         routes: tonic::service::Routes::new(InventoryServiceServer::new(grpc::InventoryApi {
-            pool: context.pool.clone(),
+            pool: context.api_pool.clone(),
         })),
         service_names: vec![SERVICE_NAME],
         descriptor: contracts::DESCRIPTOR_SET,

@@ -40,7 +40,7 @@ pub fn parts(context: &Context) -> Parts<handler::NotificationHandler> {
         }),
         routes: tonic::service::Routes::new(NotificationServiceServer::new(
             grpc::NotificationApi {
-                pool: context.pool.clone(),
+                pool: context.api_pool.clone(),
             },
         )),
         service_names: vec![SERVICE_NAME],

@@ -47,7 +47,7 @@ pub fn parts(context: &Context, rules: Rules) -> Parts<handler::OrderHandler> {
         .tasks
         .spawn(watches.clone().listen(context.pool.clone()));
     let api = grpc::OrderApi {
-        pool: context.pool.clone(),
+        pool: context.api_pool.clone(),
         outbox: context.outbox.clone(),
         deadline,
         watches,

@@ -37,7 +37,7 @@ pub fn parts(context: &Context, rules: Rules) -> Parts<handler::ShippingHandler>
                 .collect(),
         }),
         routes: tonic::service::Routes::new(ShippingServiceServer::new(grpc::ShippingApi {
-            pool: context.pool.clone(),
+            pool: context.api_pool.clone(),
         })),
         service_names: vec![SERVICE_NAME],
         descriptor: contracts::DESCRIPTOR_SET,
