@@ -499,6 +499,45 @@ async fn inject(
     Ok(())
 }
 
+/// Waits (up to 60 s) until the saga stream has a leader and both other
+/// replicas are current: a cluster profile takes down one node at a time,
+/// and a node restarted a moment ago that has not caught up yet would make
+/// the next fault a loss of two. Returns how long it waited.
+async fn wait_for_a_whole_cluster(sys: &System) -> Duration {
+    let started = Instant::now();
+    let url = sys.infra.nats.url().split(',').collect::<Vec<_>>();
+    let Ok(Ok(client)) =
+        tokio::time::timeout(Duration::from_secs(2), async_nats::connect(url)).await
+    else {
+        return started.elapsed();
+    };
+    let js = async_nats::jetstream::new(client);
+    while started.elapsed() < Duration::from_secs(60) {
+        let whole = tokio::time::timeout(Duration::from_secs(2), async {
+            let info = js
+                .get_stream(&sys.stream)
+                .await
+                .ok()?
+                .info()
+                .await
+                .ok()?
+                .clone();
+            let cluster = info.cluster?;
+            Some(
+                cluster.leader.is_some()
+                    && cluster.replicas.len() == 2
+                    && cluster.replicas.iter().all(|r| r.current && !r.offline),
+            )
+        })
+        .await;
+        if let Ok(Some(true)) = whole {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    started.elapsed()
+}
+
 /// The server name of the saga stream's leader, if the cluster has one now.
 async fn stream_leader(sys: &System) -> Option<String> {
     let url = sys.infra.nats.url().split(',').collect::<Vec<_>>();
@@ -733,6 +772,15 @@ pub async fn run(profile: Profile) -> anyhow::Result<Report> {
     let mut twins: Vec<(ServiceProcess, Instant)> = Vec::new();
     for (at, fault) in schedule(profile.seed, profile.fault_window, profile.cluster) {
         tokio::time::sleep(at.saturating_sub(started.elapsed())).await;
+        if profile.cluster {
+            let waited = wait_for_a_whole_cluster(&sys).await;
+            if waited > Duration::from_secs(1) {
+                eprintln!(
+                    "chaos:        waited {:.1}s for all three replicas to be current",
+                    waited.as_secs_f64()
+                );
+            }
+        }
         eprintln!("chaos: {:>6.1}s {fault:?}", started.elapsed().as_secs_f64());
         fault_times.push((Instant::now(), fault.kind()));
         inject(&mut sys, &fault, &mut twins).await?;

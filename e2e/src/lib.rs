@@ -7,6 +7,7 @@ pub mod demo;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use choreo::auth::Bearer;
 use contracts::inventory::v1::{
     self as inventory, inventory_service_client::InventoryServiceClient,
 };
@@ -16,7 +17,11 @@ use contracts::notification::v1::{
 use contracts::order::v1::{self as order, order_service_client::OrderServiceClient};
 use contracts::shipping::v1::{self as shipping, shipping_service_client::ShippingServiceClient};
 use harness::{Infra, Proxy, ServiceProcess, free_port};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// A connection to one service that sends the configured token, if any.
+pub type Conn = InterceptedService<Channel, Bearer>;
 
 pub use order::OrderStatus;
 
@@ -81,10 +86,10 @@ impl Default for Options {
 
 #[derive(Clone)]
 pub struct Clients {
-    pub order: OrderServiceClient<Channel>,
-    pub inventory: InventoryServiceClient<Channel>,
-    pub shipping: ShippingServiceClient<Channel>,
-    pub notification: NotificationServiceClient<Channel>,
+    pub order: OrderServiceClient<Conn>,
+    pub inventory: InventoryServiceClient<Conn>,
+    pub shipping: ShippingServiceClient<Conn>,
+    pub notification: NotificationServiceClient<Conn>,
 }
 
 pub struct System {
@@ -306,11 +311,18 @@ impl System {
             databases.push(database);
         }
         let url = |port: u16| format!("http://127.0.0.1:{port}");
+        // With tokens configured, the harness acts as the operator.
+        let admin_token = options
+            .extra_env
+            .iter()
+            .find(|(k, _)| k == "ADMIN_TOKEN")
+            .map(|(_, v)| v.clone());
         let clients = Clients::connect(
             &url(ports[0]),
             &url(ports[1]),
             &url(ports[2]),
             &url(ports[3]),
+            admin_token.as_deref(),
             Duration::from_secs(60),
         )
         .await?;
@@ -389,13 +401,16 @@ impl Clients {
         inventory: &str,
         shipping: &str,
         notification: &str,
+        token: Option<&str>,
         wait: Duration,
     ) -> anyhow::Result<Self> {
+        let bearer = Bearer::new(token)?;
+        let conn = |channel| InterceptedService::new(channel, bearer.clone());
         Ok(Clients {
-            order: OrderServiceClient::new(channel(order, wait).await?),
-            inventory: InventoryServiceClient::new(channel(inventory, wait).await?),
-            shipping: ShippingServiceClient::new(channel(shipping, wait).await?),
-            notification: NotificationServiceClient::new(channel(notification, wait).await?),
+            order: OrderServiceClient::new(conn(channel(order, wait).await?)),
+            inventory: InventoryServiceClient::new(conn(channel(inventory, wait).await?)),
+            shipping: ShippingServiceClient::new(conn(channel(shipping, wait).await?)),
+            notification: NotificationServiceClient::new(conn(channel(notification, wait).await?)),
         })
     }
 

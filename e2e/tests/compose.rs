@@ -132,7 +132,7 @@ fn strings(value: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Environment variables a binary reads, from its `--help` (`[env: NAME=`).
+/// Environment variables a binary reads, from its `--help` (`[env: NAME=` or, for a secret, `[env: NAME]`).
 fn env_vars_read_by(binary: &str) -> BTreeSet<String> {
     let output = Command::new(harness::bin_dir().join(binary))
         .arg("--help")
@@ -141,7 +141,7 @@ fn env_vars_read_by(binary: &str) -> BTreeSet<String> {
     let help = String::from_utf8_lossy(&output.stdout);
     help.split("[env: ")
         .skip(1)
-        .filter_map(|rest| rest.split('=').next().map(str::to_owned))
+        .filter_map(|rest| rest.split(['=', ']']).next().map(str::to_owned))
         .collect()
 }
 

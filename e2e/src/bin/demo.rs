@@ -34,6 +34,9 @@ struct Args {
         default_value = "http://127.0.0.1:50054"
     )]
     notification_addr: String,
+    /// The admin token of the running services, when they ask for one.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 #[tokio::main]
@@ -47,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
             &args.inventory_addr,
             &args.shipping_addr,
             &args.notification_addr,
+            args.admin_token.as_deref(),
             Duration::from_secs(120),
         )
         .await?;

@@ -50,6 +50,16 @@ pub struct Config {
     /// Serve Prometheus metrics here [default: 127.0.0.1 and the service's own metrics port].
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Bearer token of the client role (place, read, list, watch, cancel).
+    #[arg(long, env = "CLIENT_TOKEN", hide_env_values = true)]
+    pub client_token: Option<String>,
+    /// Bearer token of the admin role (also stock changes and dead letters).
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Serve the gRPC API without tokens on a non-loopback address. Without
+    /// this flag a service refuses to, so an open API is never an accident.
+    #[arg(long, env = "INSECURE_NO_AUTH", default_value_t = false)]
+    pub insecure_no_auth: bool,
     /// OTLP/gRPC endpoint to export traces to, e.g. http://127.0.0.1:4317; none means no export.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,

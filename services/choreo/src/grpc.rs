@@ -21,8 +21,10 @@ pub async fn serve(
     routes: Routes,
     service_names: &[&str],
     descriptors: &[&[u8]],
+    policy: crate::auth::Policy,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let policy = std::sync::Arc::new(policy);
     let (health, health_service) = tonic_health::server::health_reporter();
     for name in service_names {
         health
@@ -63,6 +65,12 @@ pub async fn serve(
         .timeout(REQUEST_TIMEOUT)
         .trace_fn(request_span)
         .layer(tower::layer::layer_fn(|inner| CountRequests { inner }))
+        .layer(tower::layer::layer_fn(move |inner| {
+            crate::auth::Authorize {
+                inner,
+                policy: policy.clone(),
+            }
+        }))
         .add_routes(routes)
         .add_service(health_service)
         .add_service(v1.build_v1()?)

@@ -10,6 +10,7 @@
 //! and consumer [`provision`]ing, retention [`cleanup`], and the [`runtime`]
 //! that wires config, telemetry, gRPC and shutdown.
 
+pub mod auth;
 pub mod barrier;
 pub mod choreography;
 pub mod cleanup;

@@ -35,6 +35,8 @@ pub struct Parts<H> {
     pub service_names: Vec<&'static str>,
     /// Encoded descriptor set of the API, served by reflection.
     pub descriptor: &'static [u8],
+    /// Full paths (`/package.Service/Method`) only the admin token may call.
+    pub admin_methods: Vec<&'static str>,
 }
 
 /// What a service's builder may use: its database, its outbox, its settings,
@@ -118,6 +120,15 @@ impl Service {
         H: Handler,
     {
         let config = self.config;
+        let grpc_addr = config
+            .grpc_addr
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], self.ports.grpc)));
+        let tokens = config.client_token.is_some() || config.admin_token.is_some();
+        anyhow::ensure!(
+            tokens || grpc_addr.ip().is_loopback() || config.insecure_no_auth,
+            "refusing to serve the gRPC API on {grpc_addr} without tokens: set CLIENT_TOKEN and ADMIN_TOKEN, \
+             listen on loopback, or pass --insecure-no-auth (INSECURE_NO_AUTH=true) to run it open on purpose"
+        );
         let pool = db::open(
             &config.database_url,
             Duration::from_secs(60),
@@ -190,13 +201,26 @@ impl Service {
         ));
         tracing::info!(service = self.name, "started");
 
+        let mut admin_paths: std::collections::HashSet<String> = parts
+            .admin_methods
+            .iter()
+            .map(|p| (*p).to_owned())
+            .collect();
+        admin_paths.extend(
+            ["ListDeadLetters", "ReplayDeadLetter"]
+                .map(|m| format!("/{}/{m}", crate::dead_letters::SERVICE_NAME)),
+        );
+        let policy = crate::auth::Policy {
+            client_token: config.client_token.clone(),
+            admin_token: config.admin_token.clone(),
+            admin_paths,
+        };
         let served = grpc::serve(
-            config
-                .grpc_addr
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], self.ports.grpc))),
+            grpc_addr,
             routes,
             &service_names,
             &[parts.descriptor, crate::DESCRIPTOR_SET],
+            policy,
             shutdown.clone(),
         )
         .await;

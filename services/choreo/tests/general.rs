@@ -260,6 +260,7 @@ async fn start<H: Handler>(
             routes: no_routes(),
             service_names: vec![],
             descriptor: choreo::DESCRIPTOR_SET,
+            admin_methods: vec![],
         },
         shutdown,
     ))

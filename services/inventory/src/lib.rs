@@ -19,5 +19,6 @@ pub fn parts(context: &Context) -> Parts<handler::InventoryHandler> {
         })),
         service_names: vec![SERVICE_NAME],
         descriptor: contracts::DESCRIPTOR_SET,
+        admin_methods: vec!["/inventory.v1.InventoryService/SetStock"],
     }
 }

@@ -45,5 +45,6 @@ pub fn parts(context: &Context) -> Parts<handler::NotificationHandler> {
         )),
         service_names: vec![SERVICE_NAME],
         descriptor: contracts::DESCRIPTOR_SET,
+        admin_methods: vec![],
     }
 }

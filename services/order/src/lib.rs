@@ -57,5 +57,6 @@ pub fn parts(context: &Context, rules: Rules) -> Parts<handler::OrderHandler> {
         routes: tonic::service::Routes::new(OrderServiceServer::new(api)),
         service_names: vec![SERVICE_NAME],
         descriptor: contracts::DESCRIPTOR_SET,
+        admin_methods: vec![],
     }
 }

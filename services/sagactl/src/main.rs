@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
+use choreo::auth::Bearer;
 use choreo::proto::dead_letters_client::DeadLettersClient;
 use clap::{Parser, Subcommand};
 use contracts::inventory::v1::{
@@ -14,6 +15,7 @@ use contracts::notification::v1::{
 use contracts::order::v1::{self as order, order_service_client::OrderServiceClient};
 use contracts::shipping::v1::{self as shipping, shipping_service_client::ShippingServiceClient};
 use tokio_stream::StreamExt;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 #[derive(Parser)]
@@ -56,6 +58,10 @@ struct Addrs {
         global = true
     )]
     notification_addr: String,
+    /// Bearer token for services that ask for one: the client token, or the
+    /// admin token for set-stock, dead-letters and replay.
+    #[arg(long, env = "SAGA_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -120,6 +126,12 @@ enum Command {
 }
 
 impl Addrs {
+    /// A connection to `addr` that sends the token, if one was given.
+    async fn connect(&self, addr: &str) -> anyhow::Result<InterceptedService<Channel, Bearer>> {
+        let bearer = Bearer::new(self.token.as_deref())?;
+        Ok(InterceptedService::new(connect(addr).await?, bearer))
+    }
+
     /// The gRPC address of a service by its name.
     fn service_addr(&self, service: &str) -> anyhow::Result<&str> {
         Ok(match service {
@@ -219,7 +231,7 @@ async fn main() -> anyhow::Result<()> {
 
 async fn dead_letters(addrs: &Addrs, service: &str) -> anyhow::Result<()> {
     let addr = addrs.service_addr(service)?;
-    let parked = DeadLettersClient::new(connect(addr).await?)
+    let parked = DeadLettersClient::new(addrs.connect(addr).await?)
         .list_dead_letters(choreo::proto::ListDeadLettersRequest { limit: 0 })
         .await?
         .into_inner()
@@ -249,7 +261,7 @@ async fn dead_letters(addrs: &Addrs, service: &str) -> anyhow::Result<()> {
 
 async fn replay(addrs: &Addrs, service: &str, id: i64) -> anyhow::Result<()> {
     let addr = addrs.service_addr(service)?;
-    let replayed = DeadLettersClient::new(connect(addr).await?)
+    let replayed = DeadLettersClient::new(addrs.connect(addr).await?)
         .replay_dead_letter(choreo::proto::ReplayDeadLetterRequest { id })
         .await?
         .into_inner();
@@ -296,7 +308,7 @@ async fn place(
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let key = key.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let placed = OrderServiceClient::new(connect(&addrs.order_addr).await?)
+    let placed = OrderServiceClient::new(addrs.connect(&addrs.order_addr).await?)
         .place_order(order::PlaceOrderRequest {
             customer,
             destination,
@@ -322,7 +334,7 @@ async fn place(
 }
 
 async fn get(addrs: &Addrs, order_id: String) -> anyhow::Result<()> {
-    let o = OrderServiceClient::new(connect(&addrs.order_addr).await?)
+    let o = OrderServiceClient::new(addrs.connect(&addrs.order_addr).await?)
         .get_order(order::GetOrderRequest { order_id })
         .await?
         .into_inner();
@@ -343,7 +355,7 @@ async fn list(
         Some(s) => order::OrderStatus::from_str_name(&format!("ORDER_STATUS_{}", s.to_uppercase()))
             .with_context(|| format!("unknown status {s:?}"))?,
     };
-    let page = OrderServiceClient::new(connect(&addrs.order_addr).await?)
+    let page = OrderServiceClient::new(addrs.connect(&addrs.order_addr).await?)
         .list_orders(order::ListOrdersRequest {
             status: status as i32,
             page_size,
@@ -369,7 +381,7 @@ async fn list(
 }
 
 async fn cancel(addrs: &Addrs, order_id: String, reason: String) -> anyhow::Result<()> {
-    let o = OrderServiceClient::new(connect(&addrs.order_addr).await?)
+    let o = OrderServiceClient::new(addrs.connect(&addrs.order_addr).await?)
         .cancel_order(order::CancelOrderRequest { order_id, reason })
         .await?
         .into_inner();
@@ -379,7 +391,7 @@ async fn cancel(addrs: &Addrs, order_id: String, reason: String) -> anyhow::Resu
 }
 
 async fn watch(addrs: &Addrs, order_id: String) -> anyhow::Result<()> {
-    let mut changes = OrderServiceClient::new(connect(&addrs.order_addr).await?)
+    let mut changes = OrderServiceClient::new(addrs.connect(&addrs.order_addr).await?)
         .watch_order(order::WatchOrderRequest { order_id })
         .await?
         .into_inner();
@@ -398,7 +410,7 @@ async fn watch(addrs: &Addrs, order_id: String) -> anyhow::Result<()> {
 }
 
 async fn stock(addrs: &Addrs, sku: Option<String>) -> anyhow::Result<()> {
-    let mut client = InventoryServiceClient::new(connect(&addrs.inventory_addr).await?);
+    let mut client = InventoryServiceClient::new(addrs.connect(&addrs.inventory_addr).await?);
     let items = match sku {
         Some(sku) => vec![
             client
@@ -423,7 +435,7 @@ async fn stock(addrs: &Addrs, sku: Option<String>) -> anyhow::Result<()> {
 }
 
 async fn set_stock(addrs: &Addrs, sku: String, available: u64) -> anyhow::Result<()> {
-    let s = InventoryServiceClient::new(connect(&addrs.inventory_addr).await?)
+    let s = InventoryServiceClient::new(addrs.connect(&addrs.inventory_addr).await?)
         .set_stock(inventory::SetStockRequest { sku, available })
         .await?
         .into_inner();
@@ -436,7 +448,7 @@ async fn set_stock(addrs: &Addrs, sku: String, available: u64) -> anyhow::Result
 }
 
 async fn effects(addrs: &Addrs, order_id: String) -> anyhow::Result<()> {
-    match InventoryServiceClient::new(connect(&addrs.inventory_addr).await?)
+    match InventoryServiceClient::new(addrs.connect(&addrs.inventory_addr).await?)
         .get_reservation(inventory::GetReservationRequest {
             order_id: order_id.clone(),
         })
@@ -458,7 +470,7 @@ async fn effects(addrs: &Addrs, order_id: String) -> anyhow::Result<()> {
         }
         Err(e) => println!("inventory     {}", e.message()),
     }
-    match ShippingServiceClient::new(connect(&addrs.shipping_addr).await?)
+    match ShippingServiceClient::new(addrs.connect(&addrs.shipping_addr).await?)
         .get_shipment(shipping::GetShipmentRequest {
             order_id: order_id.clone(),
         })
@@ -476,7 +488,7 @@ async fn effects(addrs: &Addrs, order_id: String) -> anyhow::Result<()> {
         }
         Err(e) => println!("shipping      {}", e.message()),
     }
-    let n = NotificationServiceClient::new(connect(&addrs.notification_addr).await?)
+    let n = NotificationServiceClient::new(addrs.connect(&addrs.notification_addr).await?)
         .list_notifications(notification::ListNotificationsRequest { order_id })
         .await?
         .into_inner();

@@ -41,5 +41,6 @@ pub fn parts(context: &Context, rules: Rules) -> Parts<handler::ShippingHandler>
         })),
         service_names: vec![SERVICE_NAME],
         descriptor: contracts::DESCRIPTOR_SET,
+        admin_methods: vec![],
     }
 }
