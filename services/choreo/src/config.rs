@@ -84,6 +84,10 @@ pub enum LogFormat {
 
 impl Config {
     /// Defaults for everything but the two URLs and the listen address (tests, the demo).
+    ///
+    /// Parsed through clap on purpose: the `#[arg(default_value..)]`s above
+    /// are the one place each default is written, and a `Default` impl would
+    /// write every one of them a second time.
     pub fn new(nats_url: &str, database_url: &str) -> Self {
         use clap::{FromArgMatches, Parser};
         #[derive(Parser)]
