@@ -45,6 +45,20 @@ impl Handler for CountEffects {
     }
 }
 
+/// The stream's info; JetStream API requests may time out while the cluster
+/// settles after a kill, so ask again for a while.
+async fn info_of(
+    stream: &mut async_nats::jetstream::stream::Stream,
+) -> async_nats::jetstream::stream::Info {
+    for _ in 0..40 {
+        if let Ok(info) = stream.info().await {
+            return info.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("no stream info within 20 s");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_stream_leader_loses_nothing_and_doubles_nothing() {
     const EVENTS: u32 = 300;
@@ -75,7 +89,7 @@ async fn killing_the_stream_leader_loses_nothing_and_doubles_nothing() {
     let mut stream = choreo::provision::ensure_stream(&js, &config, "test")
         .await
         .unwrap();
-    assert_eq!(stream.info().await.unwrap().config.num_replicas, 3);
+    assert_eq!(info_of(&mut stream).await.config.num_replicas, 3);
 
     let shutdown = CancellationToken::new();
     let relay = Relay::new(pool.clone(), js.clone(), 64, Duration::from_millis(50));
@@ -107,10 +121,8 @@ async fn killing_the_stream_leader_loses_nothing_and_doubles_nothing() {
     };
 
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let leader = stream
-        .info()
+    let leader = info_of(&mut stream)
         .await
-        .unwrap()
         .cluster
         .as_ref()
         .and_then(|c| c.leader.clone())
@@ -146,10 +158,8 @@ async fn killing_the_stream_leader_loses_nothing_and_doubles_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    let new_leader = stream
-        .info()
+    let new_leader = info_of(&mut stream)
         .await
-        .unwrap()
         .cluster
         .as_ref()
         .and_then(|c| c.leader.clone())
@@ -192,7 +202,7 @@ async fn killing_the_stream_leader_loses_nothing_and_doubles_nothing() {
             .unwrap();
     assert_eq!(unsent, 0);
     assert_eq!(
-        stream.info().await.unwrap().state.messages,
+        info_of(&mut stream).await.state.messages,
         EVENTS as u64,
         "the stream holds each event once: retried publishes kept their Nats-Msg-Id"
     );
