@@ -465,9 +465,14 @@ async fn inject(
         }
         Fault::KillStreamLeader { pause } => {
             // Right after another fault the stream may still be electing one.
+            let js = jetstream_at(sys.infra.nats.url()).await;
             let mut leader = None;
             for _ in 0..20 {
-                leader = stream_leader(sys).await;
+                if let Some(js) = &js {
+                    leader = stream_cluster(js, &sys.stream, Duration::from_secs(2))
+                        .await
+                        .and_then(|c| c.leader);
+                }
                 if leader.is_some() {
                     break;
                 }
@@ -505,32 +510,18 @@ async fn inject(
 /// the next fault a loss of two. Returns how long it waited.
 async fn wait_for_a_whole_cluster(sys: &System) -> Duration {
     let started = Instant::now();
-    let url = sys.infra.nats.url().split(',').collect::<Vec<_>>();
-    let Ok(Ok(client)) =
-        tokio::time::timeout(Duration::from_secs(2), async_nats::connect(url)).await
-    else {
+    let Some(js) = jetstream_at(sys.infra.nats.url()).await else {
         return started.elapsed();
     };
-    let js = async_nats::jetstream::new(client);
     while started.elapsed() < Duration::from_secs(60) {
-        let whole = tokio::time::timeout(Duration::from_secs(2), async {
-            let info = js
-                .get_stream(&sys.stream)
-                .await
-                .ok()?
-                .info()
-                .await
-                .ok()?
-                .clone();
-            let cluster = info.cluster?;
-            Some(
+        let whole = stream_cluster(&js, &sys.stream, Duration::from_secs(2))
+            .await
+            .is_some_and(|cluster| {
                 cluster.leader.is_some()
                     && cluster.replicas.len() == 2
-                    && cluster.replicas.iter().all(|r| r.current && !r.offline),
-            )
-        })
-        .await;
-        if let Ok(Some(true)) = whole {
+                    && cluster.replicas.iter().all(|r| r.current && !r.offline)
+            });
+        if whole {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -538,26 +529,36 @@ async fn wait_for_a_whole_cluster(sys: &System) -> Duration {
     started.elapsed()
 }
 
-/// The server name of the saga stream's leader, if the cluster has one now.
-async fn stream_leader(sys: &System) -> Option<String> {
-    let url = sys.infra.nats.url().split(',').collect::<Vec<_>>();
-    let client = tokio::time::timeout(Duration::from_secs(2), async_nats::connect(url))
+/// A JetStream context on the system's NATS (any node of a cluster), if it
+/// answers within 2 s.
+async fn jetstream_at(url: &str) -> Option<async_nats::jetstream::Context> {
+    let nodes = url.split(',').collect::<Vec<_>>();
+    let client = tokio::time::timeout(Duration::from_secs(2), async_nats::connect(nodes))
         .await
         .ok()?
         .ok()?;
-    let js = async_nats::jetstream::new(client);
-    let info = tokio::time::timeout(Duration::from_secs(2), async {
-        js.get_stream(&sys.stream)
+    Some(async_nats::jetstream::new(client))
+}
+
+/// The saga stream's cluster state (leader, replicas), if it answers within `wait`.
+async fn stream_cluster(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    wait: Duration,
+) -> Option<async_nats::jetstream::stream::ClusterInfo> {
+    tokio::time::timeout(wait, async {
+        js.get_stream(stream)
             .await
             .ok()?
             .info()
             .await
-            .ok()
-            .cloned()
+            .ok()?
+            .cluster
+            .clone()
     })
     .await
-    .ok()??;
-    info.cluster?.leader
+    .ok()
+    .flatten()
 }
 
 /// What the samplers saw while faults ran: events applied over time (the
@@ -583,10 +584,7 @@ async fn sample(
         .acquire_timeout(Duration::from_secs(1))
         .connect_lazy(&order_db);
     let js = if cluster {
-        async_nats::connect(nats_url.split(',').collect::<Vec<_>>())
-            .await
-            .ok()
-            .map(async_nats::jetstream::new)
+        jetstream_at(&nats_url).await
     } else {
         None
     };
@@ -604,20 +602,9 @@ async fn sample(
         if let Some(js) = &js
             && tick.is_multiple_of(3)
         {
-            let leader = tokio::time::timeout(Duration::from_millis(500), async {
-                js.get_stream(&stream)
-                    .await
-                    .ok()?
-                    .info()
-                    .await
-                    .ok()?
-                    .cluster
-                    .clone()?
-                    .leader
-            })
-            .await
-            .ok()
-            .flatten();
+            let leader = stream_cluster(js, &stream, Duration::from_millis(500))
+                .await
+                .and_then(|c| c.leader);
             if samples.leaders.last() != Some(&leader) {
                 samples.leaders.push(leader);
             }

@@ -168,17 +168,18 @@ impl<H: Handler> DeadLetters for DeadLetterApi<H> {
                 }
                 .into(),
             })),
-            Err(e @ ReplayError::NotFound(_)) => Err(Status::not_found(e.to_string())),
+            Err(e @ ReplayError::NotFound(_)) => Err(ApiError::NotFound(e.to_string()).into()),
             Err(e @ ReplayError::StillUnreadable { .. }) => {
-                Err(Status::failed_precondition(e.to_string()))
+                Err(ApiError::FailedPrecondition(e.to_string()).into())
             }
-            Err(ReplayError::Handle(e)) => Err(Status::unavailable(format!(
+            Err(ReplayError::Handle(e)) => Err(ApiError::Unavailable(format!(
                 "the message could not be applied now; try again: {}",
                 match e {
                     HandleError::Database(_) => "database unavailable".to_owned(),
                     other => other.to_string(),
                 }
-            ))),
+            ))
+            .into()),
         }
     }
 }
