@@ -532,11 +532,13 @@ async fn wait_for_a_whole_cluster(sys: &System) -> Duration {
 /// A JetStream context on the system's NATS (any node of a cluster), if it
 /// answers within 2 s.
 async fn jetstream_at(url: &str) -> Option<async_nats::jetstream::Context> {
-    let nodes = url.split(',').collect::<Vec<_>>();
-    let client = tokio::time::timeout(Duration::from_secs(2), async_nats::connect(nodes))
-        .await
-        .ok()?
-        .ok()?;
+    let client = tokio::time::timeout(
+        Duration::from_secs(2),
+        choreo::runtime::connect_once(url, "chaos", None),
+    )
+    .await
+    .ok()?
+    .ok()?;
     Some(async_nats::jetstream::new(client))
 }
 

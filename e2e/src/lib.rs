@@ -28,6 +28,9 @@ pub use order::OrderStatus;
 /// The four services, in saga order.
 pub const SERVICES: [&str; 4] = ["order", "inventory", "shipping", "notification"];
 
+/// Seconds JetStream waits for a service's ack before redelivering, in tests.
+const ACK_WAIT_SECS: u64 = 10;
+
 /// How long a test waits for an order to settle before it calls it stuck.
 pub const SETTLE: Duration = Duration::from_secs(60);
 
@@ -116,7 +119,7 @@ pub struct System {
 
 /// A client of the system's NATS (one server, or any node of the cluster).
 async fn nats_client(url: &str) -> anyhow::Result<async_nats::Client> {
-    Ok(async_nats::connect(url.split(',').collect::<Vec<_>>()).await?)
+    choreo::runtime::connect_once(url, "e2e", None).await
 }
 
 async fn channel(addr: &str, timeout: Duration) -> anyhow::Result<Channel> {
@@ -244,6 +247,32 @@ impl System {
         if infra.postgres.is_own() {
             infra.postgres.run_init_script().await?;
         }
+        // Our own NATS enforces deploy/nats.conf's users: the services log in
+        // as themselves, with the names that file grants (the defaults), and
+        // the setup step provisions as the admin, as in docker-compose. A
+        // shared server (NATS_URL) gets names of this run, and each service
+        // provisions its own consumer.
+        let own_nats = options.cluster || infra.nats.is_own();
+        let defaults = choreo::Config::defaults();
+        let (stream, subject_prefix) = if own_nats {
+            (defaults.stream.clone(), defaults.subject_prefix.clone())
+        } else {
+            (format!("SAGA_{run}"), format!("saga_{run}"))
+        };
+        let service_nats_url = match &cluster {
+            Some(cluster) => cluster.client_url(),
+            None => infra.nats.client_url(),
+        };
+        if own_nats {
+            let mut setup = choreo::Config::new(infra.nats.url(), "");
+            setup.stream = stream.clone();
+            setup.subject_prefix = subject_prefix.clone();
+            setup.ack_wait_secs = ACK_WAIT_SECS;
+            if options.cluster {
+                setup.stream_replicas = 3;
+            }
+            choreo::provision::setup(&setup, &contracts::CHOREOGRAPHY).await?;
+        }
         for (i, name) in SERVICES.into_iter().enumerate() {
             // On our own cluster the databases are the ones deploy/postgres-init.sql
             // makes (as in docker-compose); on a shared server, names of this run.
@@ -263,21 +292,31 @@ impl System {
                 let pg = Proxy::start(infra.postgres.port()).await?;
                 let urls = (
                     format!("nats://127.0.0.1:{}", nats.port()),
-                    format!("postgres://postgres@127.0.0.1:{}/{db_name}", pg.port()),
+                    format!(
+                        "postgres://{name}:{}@127.0.0.1:{}/{db_name}",
+                        harness::password(name),
+                        pg.port()
+                    ),
                 );
                 proxies.push((nats, pg));
                 urls
+            } else if infra.postgres.is_own() {
+                // As its own role, which may connect to its own database only.
+                (
+                    service_nats_url.clone(),
+                    infra.postgres.database_url_as(name, &db_name),
+                )
             } else {
-                (infra.nats.url().to_owned(), database.clone())
+                (service_nats_url.clone(), database.clone())
             };
             let env = vec![
                 ("NATS_URL", nats_url),
                 ("DATABASE_URL", database_url),
                 ("GRPC_ADDR", format!("127.0.0.1:{port}")),
-                ("STREAM", format!("SAGA_{run}")),
-                ("SUBJECT_PREFIX", format!("saga_{run}")),
+                ("STREAM", stream.clone()),
+                ("SUBJECT_PREFIX", subject_prefix.clone()),
                 ("RELAY_POLL_MS", "200".into()),
-                ("ACK_WAIT_SECS", "10".into()),
+                ("ACK_WAIT_SECS", ACK_WAIT_SECS.to_string()),
                 (
                     "ORDER_DEADLINE_SECS",
                     options.order_deadline_secs.to_string(),
@@ -296,6 +335,12 @@ impl System {
             env.push(("METRICS_ADDR".into(), format!("127.0.0.1:{metrics_port}")));
             if options.cluster {
                 env.push(("STREAM_REPLICAS".into(), "3".into()));
+            }
+            if own_nats {
+                env.push(("NATS_USER".into(), name.to_owned()));
+                env.push(("NATS_PASSWORD".into(), harness::password(name)));
+            } else {
+                env.push(("PROVISION_JETSTREAM".into(), "true".into()));
             }
             env.extend(options.extra_env.iter().cloned());
             if let Some(endpoint) = &options.otlp_endpoint {
@@ -332,8 +377,8 @@ impl System {
             processes,
             ports,
             metrics_ports,
-            stream: format!("SAGA_{run}"),
-            subject_prefix: format!("saga_{run}"),
+            stream,
+            subject_prefix,
             clients,
             databases,
             proxies,

@@ -1,8 +1,10 @@
 //! Docker cannot run containers on our machines, so this checks the compose
 //! file against what it names instead: every file it mounts exists, every
 //! environment variable it sets is one the binary reads, ports agree between
-//! the services, their healthchecks, Prometheus and the demo, and the
-//! Dockerfile builds the binaries with the same cargo command as CI.
+//! the services, their healthchecks, Prometheus and the demo; and that it is
+//! hardened: only the gRPC ports published, on loopback; every login asked
+//! for, none with trust; images pinned, release builds from the lock file,
+//! run as a user that is not root.
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
@@ -101,6 +103,22 @@ fn compose_runs_the_nats_release_ci_runs_and_the_cluster_file_makes_three_replic
         }
     }
     assert_eq!(names.len(), 3, "distinct server names: {names:?}");
+    for node in ["nats-2", "nats-3"] {
+        for (variable, _) in nats_password_variables() {
+            let value = cluster["services"][node]["environment"][variable.as_str()]
+                .as_str()
+                .unwrap_or_default();
+            assert!(
+                value.starts_with(&format!("${{{variable}:?")),
+                "{node} is given {variable} from the environment, required: {value:?}"
+            );
+        }
+    }
+    assert_eq!(
+        cluster["services"]["provision"]["environment"]["STREAM_REPLICAS"].as_str(),
+        Some("3"),
+        "the setup step makes the stream with three replicas"
+    );
     for service in ["order", "inventory", "shipping", "notification"] {
         let env = &cluster["services"][service]["environment"];
         assert_eq!(
@@ -119,6 +137,34 @@ fn compose_runs_the_nats_release_ci_runs_and_the_cluster_file_makes_three_replic
             );
         }
     }
+}
+
+/// The `NATS_<USER>_PASSWORD` variables deploy/nats.conf reads, with their users.
+fn nats_password_variables() -> Vec<(String, String)> {
+    let conf = read("deploy/nats.conf");
+    let mut found: Vec<(String, String)> = conf
+        .split("password: $")
+        .skip(1)
+        .map(|rest| {
+            let variable: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let user = variable
+                .trim_start_matches("NATS_")
+                .trim_end_matches("_PASSWORD")
+                .to_ascii_lowercase();
+            (variable, user)
+        })
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// `${NAME:?...}`: the value of variable NAME, which compose refuses to run without.
+fn required(value: &str, name: &str) -> bool {
+    value.contains(&format!("${{{name}:?"))
 }
 
 fn strings(value: &Value) -> Vec<String> {
@@ -162,6 +208,7 @@ fn compose_names_only_what_exists_and_agrees_with_itself() {
     for expected in [
         "nats",
         "postgres",
+        "provision",
         "order",
         "inventory",
         "shipping",
@@ -204,12 +251,76 @@ fn compose_names_only_what_exists_and_agrees_with_itself() {
         harness::POSTGRES_INIT_SCRIPT,
         read("deploy/postgres-init.sql")
     );
-    assert!(
-        strings(&compose["services"]["postgres"]["volumes"])
-            .iter()
-            .any(|v| v.starts_with("./deploy/postgres-init.sql:/docker-entrypoint-initdb.d/"))
-    );
     let init = read("deploy/postgres-init.sql");
+    let init_sh = read("deploy/postgres-init.sh");
+    let postgres = &compose["services"]["postgres"];
+    let volumes = strings(&postgres["volumes"]);
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v.starts_with("./deploy/postgres-init.sh:/docker-entrypoint-initdb.d/"))
+    );
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v == "./deploy/postgres-init.sql:/etc/saga/postgres-init.sql:ro")
+            && init_sh.contains("-f /etc/saga/postgres-init.sql"),
+        "postgres-init.sh runs the mounted SQL"
+    );
+    // No trust: the superuser has a password the operator must give.
+    let pg_env = postgres["environment"].as_mapping().unwrap();
+    assert!(
+        !read("docker-compose.yml").contains("trust"),
+        "no trust authentication anywhere"
+    );
+    assert!(required(
+        pg_env["POSTGRES_PASSWORD"].as_str().unwrap(),
+        "POSTGRES_PASSWORD"
+    ));
+
+    // NATS reads each user's password from its environment, all required.
+    let nats_env = &compose["services"]["nats"]["environment"];
+    let users = nats_password_variables();
+    assert!(users.len() >= 5, "admin and four services: {users:?}");
+    for (variable, _) in &users {
+        let value = nats_env[variable.as_str()].as_str().unwrap_or_default();
+        assert!(
+            required(value, variable),
+            "nats is given {variable}: {value:?}"
+        );
+    }
+    // The setup step provisions as the admin.
+    let provision = &compose["services"]["provision"];
+    assert_eq!(strings(&provision["command"]), ["sagactl", "provision"]);
+    assert!(required(
+        provision["environment"]["NATS_PASSWORD"].as_str().unwrap(),
+        "NATS_ADMIN_PASSWORD"
+    ));
+    assert!(
+        !provision["environment"]
+            .as_mapping()
+            .unwrap()
+            .contains_key("NATS_USER"),
+        "it logs in as the default user, the admin"
+    );
+
+    // Only the four gRPC ports are published, each on loopback.
+    let mut published = Vec::new();
+    for (name, service) in services {
+        for port in strings(&service["ports"]) {
+            published.push((name.as_str().unwrap().to_owned(), port));
+        }
+    }
+    let expected: Vec<(String, String)> = [
+        ("order", 50051),
+        ("inventory", 50052),
+        ("shipping", 50053),
+        ("notification", 50054),
+    ]
+    .iter()
+    .map(|(s, p)| ((*s).to_owned(), format!("127.0.0.1:{p}:{p}")))
+    .collect();
+    assert_eq!(published, expected, "published ports");
     let prometheus = read("deploy/prometheus.yml");
 
     for (service, binary) in [
@@ -240,27 +351,51 @@ fn compose_names_only_what_exists_and_agrees_with_itself() {
                 .to_owned()
         };
         assert_eq!(get("NATS_URL"), "nats://nats:4222");
-        let database = get("DATABASE_URL");
+        // Its own NATS user (the default, its name) with its own password.
+        assert!(!env.contains_key("NATS_USER"));
+        let nats_password = format!("NATS_{}_PASSWORD", service.to_uppercase());
         assert!(
-            database.starts_with("postgres://postgres@postgres:5432/"),
+            required(&get("NATS_PASSWORD"), &nats_password),
+            "{service} logs in to NATS with {nats_password}"
+        );
+        // Its own role, with its password, on its own database.
+        let database = get("DATABASE_URL");
+        let db_password = format!("{}_DB_PASSWORD", service.to_uppercase());
+        assert!(
+            database.starts_with(&format!("postgres://{service}:${{{db_password}:?"))
+                && database.ends_with(&format!("@postgres:5432/{service}")),
             "{database}"
         );
-        let db = database.rsplit('/').next().unwrap();
+        assert!(required(
+            pg_env[db_password.as_str()].as_str().unwrap(),
+            &db_password
+        ));
         assert!(
-            init.contains(&format!("CREATE DATABASE \"{db}\""))
-                || init.contains(&format!("CREATE DATABASE {db};")),
-            "{db} is not created by postgres-init.sql"
+            init_sh.contains(&format!("-v {service}_password=\"${{{db_password}:?}}\"")),
+            "postgres-init.sh passes {db_password}"
         );
-        let published: Vec<u16> = strings(&s["ports"])
-            .iter()
-            .map(|p| p.split(':').next().unwrap().parse().unwrap())
-            .collect();
+        let role = if service == "order" {
+            "\"order\"".to_owned()
+        } else {
+            service.to_owned()
+        };
+        for statement in [
+            format!("CREATE ROLE {role} LOGIN PASSWORD :'{service}_password';"),
+            format!("CREATE DATABASE {role} OWNER {role};"),
+            format!("REVOKE ALL ON DATABASE {role} FROM PUBLIC;"),
+        ] {
+            assert!(
+                init.contains(&statement),
+                "postgres-init.sql lacks {statement}"
+            );
+        }
+        assert_eq!(
+            s["depends_on"]["provision"]["condition"].as_str(),
+            Some("service_completed_successfully"),
+            "{service} starts after the setup step"
+        );
         let grpc = port_of(&get("GRPC_ADDR"));
         let metrics = port_of(&get("METRICS_ADDR"));
-        assert!(
-            published.contains(&grpc) && published.contains(&metrics),
-            "{service} publishes {published:?}"
-        );
         assert!(
             prometheus.contains(&format!("{service}:{metrics}")),
             "prometheus does not scrape {service}:{metrics}"
@@ -278,13 +413,11 @@ fn compose_names_only_what_exists_and_agrees_with_itself() {
             .unwrap()
             .to_owned();
         assert_eq!(demo_addr, format!("http://{service}:{grpc}"));
-        for dependency in ["nats", "postgres"] {
-            assert_eq!(
-                s["depends_on"][dependency]["condition"].as_str(),
-                Some("service_healthy"),
-                "{service} waits for {dependency}"
-            );
-        }
+        assert_eq!(
+            s["depends_on"]["postgres"]["condition"].as_str(),
+            Some("service_healthy"),
+            "{service} waits for postgres"
+        );
     }
     let demo = &compose["services"]["demo"];
     assert_eq!(strings(&demo["command"]), ["demo", "--external"]);
@@ -309,29 +442,79 @@ fn compose_names_only_what_exists_and_agrees_with_itself() {
 }
 
 #[test]
-fn the_dockerfile_builds_what_ci_builds() {
+fn images_are_pinned_release_builds_from_the_lock_file_run_as_no_root() {
     let dockerfile = read("Dockerfile");
     let ci = read(".ci/run");
     let readme = read("README.md");
-    let build = "cargo build --workspace --bins";
     assert!(
-        dockerfile.contains(&format!("RUN {build}\n")),
-        "Dockerfile must run `{build}`"
+        dockerfile.contains("RUN cargo build --release --locked --workspace --bins\n"),
+        "the image is a release build from Cargo.lock"
     );
+    let test_command =
+        "cargo build --locked --workspace --bins && cargo nextest run --locked --workspace";
     assert!(
-        ci.lines().any(|l| l.starts_with(build)),
-        ".ci/run must run `{build}`"
+        ci.lines().any(|l| l == test_command),
+        ".ci/run runs `{test_command}`"
     );
-    assert!(
-        readme.contains(&format!("{build} && cargo nextest run --workspace")),
-        "README's test command"
-    );
+    assert!(readme.contains(test_command), "README's test command");
+    // Pinned base images: a version with a dot in every tag, never latest.
     let compose = compose();
+    let mut images: Vec<String> = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("FROM "))
+        .map(|l| l.split_whitespace().next().unwrap().to_owned())
+        .collect();
+    for (_, service) in compose["services"].as_mapping().unwrap() {
+        if let Some(image) = service["image"].as_str()
+            && image != "saga:dev"
+        {
+            images.push(image.to_owned());
+        }
+    }
+    for image in &images {
+        let tag = image.split_once(':').map(|(_, t)| t).unwrap_or("");
+        assert!(
+            tag.contains('.')
+                && tag
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_digit() || c == 'v'),
+            "{image} is not pinned to a version"
+        );
+    }
+    // Not root at run time.
+    let user = dockerfile
+        .lines()
+        .rfind(|l| l.starts_with("USER "))
+        .expect("the image names its user");
+    assert!(
+        !user.contains("root") && !user.trim_start_matches("USER ").starts_with("0"),
+        "{user}"
+    );
+    // Nothing but the sources goes into the build.
+    let ignored = read(".dockerignore");
+    for entry in ["target/", ".git/", ".env"] {
+        assert!(
+            ignored.lines().any(|l| l == entry),
+            ".dockerignore lacks {entry}"
+        );
+    }
+    assert!(read(".gitignore").lines().any(|l| l == ".env"));
+    // Every secret compose asks for is in the example, empty.
+    let example = read("deploy/example.env");
+    let text = read("docker-compose.yml");
+    for piece in text.split("${").skip(1) {
+        let name = piece.split(":?").next().unwrap();
+        assert!(
+            example.lines().any(|l| l == format!("{name}=")),
+            "deploy/example.env lacks {name}= (empty)"
+        );
+    }
     let copied: BTreeSet<&str> = dockerfile
         .lines()
         .filter(|l| l.starts_with("COPY --from=build"))
         .flat_map(|l| l.split_whitespace())
-        .filter_map(|w| w.strip_prefix("/src/target/debug/"))
+        .filter_map(|w| w.strip_prefix("/src/target/release/"))
         .collect();
     for (_, service) in compose["services"].as_mapping().unwrap() {
         if service["image"].as_str() == Some("saga:dev")
@@ -342,6 +525,6 @@ fn the_dockerfile_builds_what_ci_builds() {
     }
     assert!(
         copied.contains("sagactl"),
-        "healthchecks need sagactl in the image"
+        "healthchecks and the setup step need sagactl in the image"
     );
 }

@@ -82,7 +82,9 @@ async fn metrics_agree_with_what_happened() {
     assert!(bad.is_err());
 
     // Inject a duplicate: the first event of the stream again, under a new message id.
-    let client = async_nats::connect(sys.infra.nats.url()).await.unwrap();
+    let client = choreo::runtime::connect_once(sys.infra.nats.url(), "test", None)
+        .await
+        .unwrap();
     let js = async_nats::jetstream::new(client);
     let first = sys.stream_message(1).await.unwrap();
     assert!(first.subject.ends_with("order.created"));

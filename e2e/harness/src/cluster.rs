@@ -69,11 +69,21 @@ impl NatsCluster {
         Ok(NatsCluster { nodes, routes })
     }
 
-    /// Every node's client URL, comma-separated, as a service's `NATS_URL`.
+    /// Every node's URL with the admin's login, comma-separated.
     pub fn url(&self) -> String {
         self.nodes
             .iter()
             .map(|n| n.url().to_owned())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Every node's URL without a login, comma-separated, for a service
+    /// that brings its own (NATS_USER, NATS_PASSWORD).
+    pub fn client_url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.client_url())
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -127,7 +137,12 @@ impl NatsCluster {
     /// Waits until a client of the cluster sees a JetStream meta leader.
     pub async fn wait_for_jetstream(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let client = async_nats::connect(self.node_url(0)).await?;
+        let client = async_nats::ConnectOptions::with_user_and_password(
+            "admin".into(),
+            crate::password("admin"),
+        )
+        .connect(self.nodes[0].client_url())
+        .await?;
         let js = async_nats::jetstream::new(client);
         loop {
             match js.query_account().await {

@@ -24,6 +24,15 @@ pub use proxy::{Mode, Proxy};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+/// The password of login `user` (a NATS user, a PostgreSQL role) on every
+/// server this process starts: random per process, so no test depends on a
+/// known secret.
+pub fn password(user: &str) -> String {
+    static SECRET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let secret = SECRET.get_or_init(|| uuid::Uuid::new_v4().simple().to_string());
+    format!("{user}-{secret}")
+}
+
 /// A loopback port nobody listens on right now, for a server to bind.
 ///
 /// Taken below the kernel's ephemeral range (`ip_local_port_range`), never

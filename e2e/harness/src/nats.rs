@@ -66,7 +66,31 @@ pub fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
     ))
 }
 
+/// The `NATS_<USER>_PASSWORD` variables `config` reads, with their users.
+fn password_variables(config: &str) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for piece in config.split("$NATS_").skip(1) {
+        if let Some(user) = piece.split_once("_PASSWORD").map(|(u, _)| u)
+            && !user.is_empty()
+            && user
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        {
+            found.push((format!("NATS_{user}_PASSWORD"), user.to_ascii_lowercase()));
+        }
+    }
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// `nats://127.0.0.1:port` with the admin's login in it.
+fn admin_url(port: u16) -> String {
+    format!("nats://admin:{}@127.0.0.1:{port}", crate::password("admin"))
+}
+
 pub struct Nats {
+    /// For the harness's own server, the admin's URL (login included).
     url: String,
     port: u16,
     monitor_port: u16,
@@ -119,7 +143,7 @@ impl Nats {
     /// A server not yet started, for these ports and a fresh store.
     pub(crate) fn with_ports(port: u16, monitor_port: u16) -> anyhow::Result<Self> {
         Ok(Nats {
-            url: format!("nats://127.0.0.1:{port}"),
+            url: admin_url(port),
             port,
             monitor_port,
             store: Some(tempfile::Builder::new().prefix("saga-nats-").tempdir()?),
@@ -160,8 +184,25 @@ impl Nats {
         self.port
     }
 
+    /// The URL to connect with full rights: on the harness's own server it
+    /// carries the admin's login; an external server's URL as it was given.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The URL without a login, for a client that brings its own (a service
+    /// with NATS_USER and NATS_PASSWORD), or for showing people.
+    pub fn client_url(&self) -> String {
+        if self.is_own() {
+            format!("nats://127.0.0.1:{}", self.port)
+        } else {
+            self.url.clone()
+        }
+    }
+
+    /// Whether this server is the harness's own (it enforces deploy/nats.conf's users).
+    pub fn is_own(&self) -> bool {
+        self.store.is_some()
     }
 
     fn store(&self) -> anyhow::Result<&TempDir> {
@@ -198,6 +239,11 @@ impl Nats {
             .args(["-m", &self.monitor_port.to_string(), "-sd"])
             .arg(store.join("jetstream"))
             .args(&self.extra_args)
+            .envs(
+                password_variables(&self.config)
+                    .into_iter()
+                    .map(|(variable, user)| (variable, crate::password(&user))),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

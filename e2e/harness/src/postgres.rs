@@ -9,7 +9,8 @@ use tempfile::TempDir;
 
 use crate::free_port;
 
-/// deploy/postgres-init.sql, shared with docker-compose, built in.
+/// deploy/postgres-init.sql, shared with docker-compose, built in. psql runs
+/// it with one variable per role (`<role>_password`).
 pub const INIT_SCRIPT: &str = include_str!("../../../deploy/postgres-init.sql");
 
 pub struct Postgres {
@@ -92,6 +93,11 @@ impl Postgres {
     /// Creates and starts a fresh cluster whatever the environment says (for tests that kill it).
     pub fn start_own() -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("saga-pg-").tempdir()?;
+        let data = dir.path().join("data");
+        // Passwords over TCP, as in docker-compose (scram); trust only on the
+        // folder's own socket, which the harness does not use.
+        let password_file = dir.path().join("superuser-password");
+        std::fs::write(&password_file, crate::password("postgres"))?;
         if is_root() {
             let status = Command::new("chown")
                 .args(["-R", "postgres:"])
@@ -99,12 +105,13 @@ impl Postgres {
                 .status()?;
             anyhow::ensure!(status.success(), "chown of {} failed", dir.path().display());
         }
-        let data = dir.path().join("data");
         run_pg(
             "initdb",
             &[
-                "-A",
-                "trust",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--pwfile",
+                path_str(&password_file)?,
                 "-U",
                 "postgres",
                 "-E",
@@ -116,7 +123,10 @@ impl Postgres {
         )?;
         let port = free_port();
         let mut pg = Postgres {
-            admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            admin_url: format!(
+                "postgres://postgres:{}@127.0.0.1:{port}/postgres",
+                crate::password("postgres")
+            ),
             port,
             dir: Some(dir),
             running: false,
@@ -177,27 +187,49 @@ impl Postgres {
         self.dir.is_some()
     }
 
-    /// Runs deploy/postgres-init.sql (shared with docker-compose), one statement at a time.
+    /// Runs deploy/postgres-init.sql (shared with docker-compose) with psql,
+    /// giving each `<role>_password` variable it reads the harness's password
+    /// for that role ([`crate::password`]).
     pub async fn run_init_script(&self) -> anyhow::Result<()> {
-        let script = INIT_SCRIPT;
-        let mut conn = sqlx::PgConnection::connect(&self.admin_url).await?;
-        let without_comments: Vec<&str> = script
-            .lines()
-            .filter(|l| !l.trim_start().starts_with("--"))
-            .collect();
-        for statement in without_comments
-            .join("\n")
-            .split(';')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-        {
-            sqlx::query(sqlx::AssertSqlSafe(statement.to_owned()))
-                .execute(&mut conn)
-                .await
-                .map_err(|e| anyhow::anyhow!("deploy/postgres-init.sql: {statement}: {e}"))?;
+        let mut command = tokio::process::Command::new(bin("psql"));
+        command
+            .args(["--no-psqlrc", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
+            .arg(&self.admin_url)
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        for role in password_variables(INIT_SCRIPT) {
+            command
+                .arg("-v")
+                .arg(format!("{role}_password={}", crate::password(&role)));
         }
-        conn.close().await?;
+        let mut child = command.spawn().map_err(|e| {
+            anyhow::anyhow!("cannot run psql (is the PostgreSQL client installed?): {e}")
+        })?;
+        {
+            use tokio::io::AsyncWriteExt;
+            let mut stdin = child.stdin.take().expect("piped stdin");
+            stdin.write_all(INIT_SCRIPT.as_bytes()).await?;
+        }
+        let output = child.wait_with_output().await?;
+        anyhow::ensure!(
+            output.status.success(),
+            "deploy/postgres-init.sql failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
         Ok(())
+    }
+
+    /// The URL of database `name` on this server, logged in as `role` with
+    /// the harness's password for it (a role deploy/postgres-init.sql made).
+    pub fn database_url_as(&self, role: &str, name: &str) -> String {
+        format!(
+            "postgres://{role}:{}@127.0.0.1:{}/{name}",
+            crate::password(role),
+            self.port
+        )
     }
 
     /// Creates a database with a name no other test uses, and returns its URL.
@@ -252,4 +284,20 @@ impl Drop for Postgres {
             let _ = self.kill();
         }
     }
+}
+
+/// The roles whose `:'<role>_password'` variable `script` reads.
+fn password_variables(script: &str) -> Vec<String> {
+    let mut roles: Vec<String> = script
+        .split(":'")
+        .skip(1)
+        .filter_map(|piece| piece.split_once("_password'").map(|(role, _)| role))
+        .filter(|role| {
+            !role.is_empty() && role.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+        .map(str::to_owned)
+        .collect();
+    roles.sort();
+    roles.dedup();
+    roles
 }

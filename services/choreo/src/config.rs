@@ -8,6 +8,20 @@ pub struct Config {
     /// NATS server with JetStream.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
+    /// NATS user this service connects as [default: the service's name when a password is given].
+    #[arg(long, env = "NATS_USER")]
+    pub nats_user: Option<String>,
+    /// Password of the NATS user (or NATS_PASSWORD_FILE, e.g. a mounted secret).
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// File holding the NATS user's password (its first line).
+    #[arg(long, env = "NATS_PASSWORD_FILE")]
+    pub nats_password_file: Option<std::path::PathBuf>,
+    /// Create or update the stream and this service's consumer at start.
+    /// Needs a NATS user allowed to (the admin); a service user is not, and
+    /// finds both made by the setup step (`sagactl provision`).
+    #[arg(long, env = "PROVISION_JETSTREAM", default_value_t = false)]
+    pub provision_jetstream: bool,
     /// This service's own PostgreSQL database.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: String,
@@ -84,11 +98,21 @@ pub enum LogFormat {
 
 impl Config {
     /// Defaults for everything but the two URLs and the listen address (tests, the demo).
+    pub fn new(nats_url: &str, database_url: &str) -> Self {
+        let mut config = Self::defaults();
+        config.nats_url = nats_url.to_owned();
+        config.database_url = database_url.to_owned();
+        config.grpc_addr = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        config
+    }
+
+    /// Every setting at its default (the environment's variables still
+    /// apply), with no database: for tools that only talk to NATS.
     ///
     /// Parsed through clap on purpose: the `#[arg(default_value..)]`s above
     /// are the one place each default is written, and a `Default` impl would
     /// write every one of them a second time.
-    pub fn new(nats_url: &str, database_url: &str) -> Self {
+    pub fn defaults() -> Self {
         use clap::{FromArgMatches, Parser};
         #[derive(Parser)]
         struct Wrapper {
@@ -97,14 +121,7 @@ impl Config {
         }
         let matches = <Wrapper as clap::CommandFactory>::command()
             .no_binary_name(true)
-            .try_get_matches_from([
-                "--nats-url",
-                nats_url,
-                "--database-url",
-                database_url,
-                "--grpc-addr",
-                "127.0.0.1:0",
-            ])
+            .try_get_matches_from(["--database-url", ""])
             .expect("built-in defaults parse");
         Wrapper::from_arg_matches(&matches)
             .expect("built-in defaults parse")
@@ -116,6 +133,25 @@ impl Config {
     pub fn injected_failure(&self) -> Option<String> {
         (self.injected_failure_rate > 0.0 && rand::random::<f64>() < self.injected_failure_rate)
             .then(|| "injected failure (configured failure rate)".to_owned())
+    }
+
+    /// The NATS login of service `service`: user and password, if a password
+    /// is configured (directly or in a file).
+    pub fn nats_login(&self, service: &str) -> anyhow::Result<Option<crate::runtime::NatsLogin>> {
+        let password = match (&self.nats_password, &self.nats_password_file) {
+            (Some(password), _) => password.clone(),
+            (None, Some(file)) => std::fs::read_to_string(file)
+                .map_err(|e| anyhow::anyhow!("reading NATS_PASSWORD_FILE {}: {e}", file.display()))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(crate::runtime::NatsLogin {
+            user: self.nats_user.clone().unwrap_or_else(|| service.to_owned()),
+            password,
+        }))
     }
 
     pub fn ack_wait(&self) -> Duration {

@@ -52,9 +52,14 @@ impl ConsumerSource {
         }
     }
 
-    /// Ensures the stream and the durable consumer exist with this
-    /// service's filter, and returns the consumer.
+    /// The durable consumer. With `provision_jetstream` it first makes sure
+    /// the stream and the consumer exist with this service's filter; without
+    /// (a service user may not create either) it finds them as the setup
+    /// step made them, and says so if they are missing or filter otherwise.
     pub async fn get(&self) -> anyhow::Result<jetstream::consumer::PullConsumer> {
+        if !self.config.provision_jetstream {
+            return self.find().await;
+        }
         let stream = ensure_stream(&self.js, &self.config, &self.durable).await?;
         if self.updated.load(Ordering::SeqCst)
             && let Ok(consumer) = stream.get_consumer(&self.durable).await
@@ -66,6 +71,88 @@ impl ConsumerSource {
         self.updated.store(true, Ordering::SeqCst);
         Ok(consumer)
     }
+}
+
+impl ConsumerSource {
+    async fn find(&self) -> anyhow::Result<jetstream::consumer::PullConsumer> {
+        let setup = "run the setup step with NATS admin rights (`sagactl provision`), \
+                     or start the service with PROVISION_JETSTREAM=true and an admin login";
+        let stream = self.js.get_stream(&self.config.stream).await.map_err(|e| {
+            anyhow::anyhow!("looking up stream {}: {e}; {setup}", self.config.stream)
+        })?;
+        let mut consumer: jetstream::consumer::PullConsumer = stream
+            .get_consumer(&self.durable)
+            .await
+            .map_err(|e| anyhow::anyhow!("looking up consumer {}: {e}; {setup}", self.durable))?;
+        if !self.updated.swap(true, Ordering::SeqCst) {
+            let wanted: BTreeSet<String> = self
+                .subscription
+                .subjects(&self.config.subject_prefix)
+                .into_iter()
+                .collect();
+            let info = consumer.info().await?;
+            let current: BTreeSet<String> = filter_of(&info.config)
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            if wanted != current {
+                tracing::warn!(
+                    consumer = self.durable,
+                    has = ?current,
+                    wants = ?wanted,
+                    "the consumer filters other subjects than this version consumes; {setup}"
+                );
+            }
+        }
+        Ok(consumer)
+    }
+}
+
+/// The subjects a consumer filters, whichever of the two fields holds them.
+fn filter_of(config: &jetstream::consumer::Config) -> BTreeSet<&str> {
+    if config.filter_subjects.is_empty() {
+        [config.filter_subject.as_str()]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect()
+    } else {
+        config.filter_subjects.iter().map(String::as_str).collect()
+    }
+}
+
+/// The setup step as a command runs it: connects as `config`'s login (the
+/// admin by default), fails at once if it cannot, and provisions everything.
+pub async fn setup(
+    config: &Config,
+    choreography: &crate::choreography::Choreography,
+) -> anyhow::Result<Vec<String>> {
+    let login = config.nats_login(crate::broker_access::ADMIN_USER)?;
+    let client = crate::runtime::connect_once(&config.nats_url, "setup", login.as_ref()).await?;
+    let js = jetstream::new(client.clone());
+    let done = provision_all(&js, config, choreography).await?;
+    client.flush().await?;
+    Ok(done)
+}
+
+/// The setup step: the stream, and the durable consumer of every service
+/// of `choreography` with its filter, created or brought up to date. Needs
+/// a NATS login allowed to manage JetStream (deploy/nats.conf's admin).
+pub async fn provision_all(
+    js: &jetstream::Context,
+    config: &Config,
+    choreography: &crate::choreography::Choreography,
+) -> anyhow::Result<Vec<String>> {
+    let stream = ensure_stream(js, config, "setup").await?;
+    let mut done = Vec::new();
+    for service in choreography.services() {
+        let subscription = choreography.subscription(service);
+        if subscription.subjects(&config.subject_prefix).is_empty() {
+            continue;
+        }
+        ensure_consumer(&stream, service, &subscription, config).await?;
+        done.push(service.to_owned());
+    }
+    Ok(done)
 }
 
 /// Who provisioned a stream or consumer: the service and the platform version.
@@ -149,18 +236,7 @@ pub async fn ensure_consumer(
         }
         Err(e) => anyhow::bail!("looking up consumer {durable}: {e}"),
     };
-    let current: BTreeSet<&str> = if info.config.filter_subjects.is_empty() {
-        [info.config.filter_subject.as_str()]
-            .into_iter()
-            .filter(|s| !s.is_empty())
-            .collect()
-    } else {
-        info.config
-            .filter_subjects
-            .iter()
-            .map(String::as_str)
-            .collect()
-    };
+    let current = filter_of(&info.config);
     let wanted_set: BTreeSet<&str> = wanted.iter().map(String::as_str).collect();
     if wanted_set.is_subset(&current) {
         // The same or fewer subjects: an update in place keeps the position.

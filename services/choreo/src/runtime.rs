@@ -138,7 +138,8 @@ impl Service {
         let api_pool =
             db::connect_sized(&config.database_url, Duration::from_secs(60), API_POOL_SIZE).await?;
 
-        let (client, js) = connect_nats(&config.nats_url, self.name).await?;
+        let login = config.nats_login(self.name)?;
+        let (client, js) = connect_nats(&config.nats_url, self.name, login.as_ref()).await?;
         let subscription = self.choreography.subscription(self.name);
         let source = provision::ConsumerSource::new(
             js.clone(),
@@ -238,23 +239,121 @@ impl Service {
     }
 }
 
+/// A NATS user and its password.
+#[derive(Clone)]
+pub struct NatsLogin {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for NatsLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "NatsLogin {{ user: {:?}, password: <hidden> }}",
+            self.user
+        )
+    }
+}
+
+/// The prefix of user `user`'s reply subjects. Each user has its own, and
+/// may subscribe only below it (deploy/nats.conf), so no user can read the
+/// replies another gets: PubAcks, JetStream API answers, pulled messages.
+pub fn inbox_prefix(user: &str) -> String {
+    format!("_INBOX_{user}")
+}
+
+/// `url`'s servers (comma-separated) without logins, and the login the
+/// first of them carries (`nats://user:password@host:port`), if any: the
+/// NATS client library does not read logins from URLs itself.
+pub fn split_login(url: &str) -> (Vec<String>, Option<NatsLogin>) {
+    let mut login = None;
+    let servers = url
+        .split(',')
+        .map(str::trim)
+        .map(|server| {
+            let (scheme, rest) = server.split_once("://").unwrap_or(("nats", server));
+            match rest.rsplit_once('@') {
+                Some((userinfo, host)) => {
+                    if login.is_none() {
+                        let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+                        login = Some(NatsLogin {
+                            user: user.to_owned(),
+                            password: password.to_owned(),
+                        });
+                    }
+                    format!("{scheme}://{host}")
+                }
+                None => server.to_owned(),
+            }
+        })
+        .collect();
+    (servers, login)
+}
+
+/// Connect options for `login` (or the one in `url`), with the login's own
+/// reply prefix; and the servers to dial.
+fn options_for(
+    url: &str,
+    name: &str,
+    login: Option<&NatsLogin>,
+) -> (async_nats::ConnectOptions, Vec<String>) {
+    let (servers, in_url) = split_login(url);
+    let mut options = async_nats::ConnectOptions::new().name(name);
+    if let Some(login) = login.or(in_url.as_ref()) {
+        options = options
+            .user_and_password(login.user.clone(), login.password.clone())
+            .custom_inbox_prefix(inbox_prefix(&login.user));
+    }
+    (options, servers)
+}
+
 /// A NATS client that keeps reconnecting for ever (the broker may be down at
 /// start or restart at any time) and a JetStream context with a bounded PubAck wait.
-/// `url` may list several servers of a cluster, comma-separated.
+/// `url` may list several servers of a cluster, comma-separated; it may
+/// also carry a user and password (`nats://user:password@host`), or `login` does.
 pub async fn connect_nats(
     url: &str,
     name: &str,
+    login: Option<&NatsLogin>,
 ) -> anyhow::Result<(async_nats::Client, jetstream::Context)> {
-    let client = async_nats::ConnectOptions::new()
-        .name(name)
+    let (options, servers) = options_for(url, name, login);
+    let client = options
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                other => tracing::warn!(event = %other, "NATS connection"),
+            }
+        })
         .retry_on_initial_connect()
         .max_reconnects(None)
-        .connect(url.split(',').map(str::trim).collect::<Vec<_>>())
+        .connect(servers)
         .await?;
     let js = jetstream::ContextBuilder::new()
         .ack_timeout(Duration::from_secs(5))
         .build(client.clone());
     Ok((client, js))
+}
+
+/// A NATS client for a tool or a test: one attempt, failing with the reason
+/// (a wrong login, nobody listening) instead of retrying. `url` as for
+/// [`connect_nats`].
+pub async fn connect_once(
+    url: &str,
+    name: &str,
+    login: Option<&NatsLogin>,
+) -> anyhow::Result<async_nats::Client> {
+    let (options, servers) = options_for(url, name, login);
+    options
+        .connection_timeout(Duration::from_secs(10))
+        .connect(servers)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "connecting to NATS at {}: {e}",
+                split_login(url).0.join(",")
+            )
+        })
 }
 
 /// Calls `attempt` until it succeeds, backing off; `None` if shut down first.

@@ -71,6 +71,7 @@ async fn killing_the_stream_leader_loses_nothing_and_doubles_nothing() {
     let (_pg, db) = harness::fresh_database().await.unwrap();
     let url = cluster.lock().await.url();
     let mut config = Config::new(&url, &db);
+    config.provision_jetstream = true;
     config.stream_replicas = 3;
     config.relay_poll_ms = 50;
     config.ack_wait_secs = 5;
@@ -84,7 +85,9 @@ async fn killing_the_stream_leader_loses_nothing_and_doubles_nothing() {
     .execute(&pool)
     .await
     .unwrap();
-    let (_client, js) = choreo::runtime::connect_nats(&url, "test").await.unwrap();
+    let (_client, js) = choreo::runtime::connect_nats(&url, "test", None)
+        .await
+        .unwrap();
     let subscription = Subscription::of(&[Tick::EVENT_TYPE]);
     let mut stream = choreo::provision::ensure_stream(&js, &config, "test")
         .await

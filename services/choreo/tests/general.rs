@@ -280,6 +280,7 @@ async fn a_two_step_choreography_of_its_own_runs_forward_and_compensates_in_reve
     let run = uuid::Uuid::new_v4().simple().to_string();
     let config = |db: String| {
         let mut config = Config::new(infra.nats.url(), &db);
+        config.provision_jetstream = true;
         config.stream = format!("TRIP_{run}");
         config.subject_prefix = format!("trip_{run}");
         config.relay_poll_ms = 100;
@@ -302,7 +303,9 @@ async fn a_two_step_choreography_of_its_own_runs_forward_and_compensates_in_reve
     .await;
 
     // The desk books two trips, as the saga's owner would, and watches the stream.
-    let client = async_nats::connect(infra.nats.url()).await.unwrap();
+    let client = choreo::runtime::connect_once(infra.nats.url(), "test", None)
+        .await
+        .unwrap();
     let mut watch = client.subscribe(format!("trip_{run}.>")).await.unwrap();
     let js = async_nats::jetstream::new(client.clone());
     // The stream exists once a service has provisioned it.

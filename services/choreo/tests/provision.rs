@@ -75,7 +75,7 @@ async fn a_new_version_with_another_subscription_moves_the_filter_and_loses_noth
     let run = |types: &'static [&'static str]| {
         let s = &s;
         async move {
-            let (client, js) = choreo::runtime::connect_nats(s.infra.nats.url(), "evolving")
+            let (client, js) = choreo::runtime::connect_nats(s.infra.nats.url(), "evolving", None)
                 .await
                 .unwrap();
             let source = choreo::provision::ConsumerSource::new(

@@ -19,7 +19,50 @@ fn the_readme_shows_the_current_diagram() {
         with_diagram(&readme, &CHOREOGRAPHY.mermaid()).expect("the README has the diagram markers");
     assert!(
         fresh == readme,
-        "the README's choreography diagram is stale: run `cargo run -p contracts --bin saga-diagram`"
+        "the README's choreography diagram is stale: run `cargo run -p contracts --bin saga-generate`"
+    );
+}
+
+#[test]
+fn the_nats_config_grants_each_service_what_the_declaration_says() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/nats.conf");
+    let conf = std::fs::read_to_string(path).unwrap();
+    let defaults = choreo::Config::defaults();
+    let users = choreo::broker_access::nats_users(
+        &CHOREOGRAPHY,
+        &defaults.stream,
+        &defaults.subject_prefix,
+    );
+    let fresh = choreo::broker_access::with_users(&conf, &users)
+        .expect("deploy/nats.conf has the users markers");
+    assert!(
+        fresh == conf,
+        "deploy/nats.conf's users are stale: run `cargo run -p contracts --bin saga-generate`"
+    );
+    // Inventory may publish its own events and stuck reports, nobody else's.
+    let allowed =
+        choreo::broker_access::publish_allowed(&CHOREOGRAPHY, "inventory", "SAGA", "saga");
+    for own in [
+        "saga.inventory.reserved",
+        "saga.inventory.rejected",
+        "saga.inventory.released",
+        "saga.choreo.stuck",
+    ] {
+        assert!(
+            allowed.iter().any(|s| s == own),
+            "{own} missing from {allowed:?}"
+        );
+    }
+    assert!(
+        !allowed
+            .iter()
+            .any(|s| s.contains("notification.sent") || s.contains("order.created"))
+    );
+    assert!(
+        !allowed
+            .iter()
+            .any(|s| s.contains("CREATE") || s.contains("DELETE")),
+        "{allowed:?}"
     );
 }
 

@@ -118,11 +118,58 @@ enum Command {
     /// Run a parked message through the service's inbox step again (after a
     /// deploy taught it to read it); still unreadable keeps it parked.
     Replay { service: String, id: i64 },
+    /// Create or update the JetStream stream and every service's consumer
+    /// from the choreography (the setup step; needs the NATS admin login).
+    Provision(ProvisionArgs),
     /// Exit 0 when the gRPC server at --addr reports SERVING (for container healthchecks).
     Health {
         #[arg(long)]
         addr: String,
     },
+}
+
+/// Where and as whom to provision; what is not given keeps the services' defaults.
+#[derive(clap::Args, Debug)]
+struct ProvisionArgs {
+    #[arg(long, env = "NATS_URL")]
+    nats_url: Option<String>,
+    #[arg(long, env = "NATS_USER", default_value = choreo::broker_access::ADMIN_USER)]
+    nats_user: String,
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    nats_password: Option<String>,
+    #[arg(long, env = "NATS_PASSWORD_FILE")]
+    nats_password_file: Option<std::path::PathBuf>,
+    #[arg(long, env = "STREAM")]
+    stream: Option<String>,
+    #[arg(long, env = "SUBJECT_PREFIX")]
+    subject_prefix: Option<String>,
+    #[arg(long, env = "STREAM_REPLICAS")]
+    stream_replicas: Option<usize>,
+    #[arg(long, env = "ACK_WAIT_SECS")]
+    ack_wait_secs: Option<u64>,
+    #[arg(long, env = "MAX_ACK_PENDING")]
+    max_ack_pending: Option<i64>,
+}
+
+async fn provision(args: ProvisionArgs) -> anyhow::Result<()> {
+    let mut config = choreo::Config::defaults();
+    config.nats_url = args.nats_url.unwrap_or(config.nats_url);
+    config.nats_user = Some(args.nats_user);
+    config.nats_password = args.nats_password;
+    config.nats_password_file = args.nats_password_file;
+    config.stream = args.stream.unwrap_or(config.stream);
+    config.subject_prefix = args.subject_prefix.unwrap_or(config.subject_prefix);
+    config.stream_replicas = args.stream_replicas.unwrap_or(config.stream_replicas);
+    config.ack_wait_secs = args.ack_wait_secs.unwrap_or(config.ack_wait_secs);
+    config.max_ack_pending = args.max_ack_pending.unwrap_or(config.max_ack_pending);
+    let consumers = choreo::provision::setup(&config, &contracts::CHOREOGRAPHY).await?;
+    println!(
+        "stream {} ({}.>) and the consumers of {} are provisioned",
+        config.stream,
+        config.subject_prefix,
+        consumers.join(", ")
+    );
+    Ok(())
 }
 
 impl Addrs {
@@ -207,6 +254,7 @@ async fn main() -> anyhow::Result<()> {
         Command::DeadLetters { service } => dead_letters(&cli.addrs, &service).await,
         Command::Replay { service, id } => replay(&cli.addrs, &service, id).await,
         Command::Health { addr } => health(addr).await,
+        Command::Provision(args) => provision(args).await,
         Command::Place {
             customer,
             destination,

@@ -93,6 +93,7 @@ pub async fn setup_with(start: fn() -> anyhow::Result<Infra>) -> Setup {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let db = infra.postgres.fresh_database().await.unwrap();
     let mut config = Config::new(infra.nats.url(), &db);
+    config.provision_jetstream = true;
     config.stream = format!("T{id}");
     config.subject_prefix = format!("t{id}");
     config.relay_poll_ms = 100;
@@ -105,7 +106,7 @@ pub async fn setup_with(start: fn() -> anyhow::Result<Infra>) -> Setup {
         .execute(&pool)
         .await
         .unwrap();
-    let (_client, js) = choreo::runtime::connect_nats(infra.nats.url(), "test")
+    let (_client, js) = choreo::runtime::connect_nats(infra.nats.url(), "test", None)
         .await
         .unwrap();
     let stream = choreo::provision::ensure_stream(&js, &config, "test")
