@@ -479,6 +479,19 @@ impl Clients {
             .into_inner())
     }
 
+    /// One unit of `sku` for ada, to DE, with a fresh idempotency key: the
+    /// plain order a test needs when the order itself is not the point.
+    pub async fn place_one(&self, sku: &str) -> anyhow::Result<order::Order> {
+        self.place(order_request(
+            &new_key(),
+            "ada",
+            "DE",
+            "ada@example.com",
+            &[(sku, 1)],
+        ))
+        .await
+    }
+
     pub async fn place(&self, request: order::PlaceOrderRequest) -> anyhow::Result<order::Order> {
         let response = self.order.clone().place_order(request).await?.into_inner();
         response

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use choreo::Envelope;
 use contracts::events::v1 as ev;
-use e2e::{Options, OrderStatus, SETTLE, new_key, order_request, system};
+use e2e::{Options, OrderStatus, SETTLE, system};
 use prost::Message;
 
 async fn parked_in(sys: &e2e::System, service: &str, n: usize) -> Vec<choreo::proto::DeadLetter> {
@@ -26,16 +26,7 @@ async fn forged_and_misrouted_events_are_parked_and_change_nothing() {
     sys.set_stock("BOOK", 10).await.unwrap();
     // Shipping is down: the order waits, RESERVED.
     tokio::task::block_in_place(|| sys.service("shipping").kill()).unwrap();
-    let placed = sys
-        .place(order_request(
-            &new_key(),
-            "ada",
-            "DE",
-            "ada@example.com",
-            &[("BOOK", 1)],
-        ))
-        .await
-        .unwrap();
+    let placed = sys.place_one("BOOK").await.unwrap();
     sys.wait_for(&placed.order_id, &[OrderStatus::Reserved], SETTLE)
         .await
         .unwrap();

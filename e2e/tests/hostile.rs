@@ -69,16 +69,7 @@ async fn control_characters_and_huge_values_get_invalid_argument_with_a_short_me
     assert!(refused.message().len() < 200);
 
     // A cancel with a NUL in its reason is refused, and the order is untouched.
-    let placed = sys
-        .place(order_request(
-            &new_key(),
-            "ada",
-            "DE",
-            "ada@example.com",
-            &[("BOOK", 1)],
-        ))
-        .await
-        .unwrap();
+    let placed = sys.place_one("BOOK").await.unwrap();
     let refused = order
         .cancel_order(contracts::order::v1::CancelOrderRequest {
             order_id: placed.order_id.clone(),

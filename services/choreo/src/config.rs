@@ -61,6 +61,10 @@ pub struct Config {
     /// How often sent outbox rows and old inbox rows are deleted, in seconds.
     #[arg(long, env = "CLEANUP_INTERVAL_SECS", default_value_t = 300)]
     pub cleanup_interval_secs: u64,
+    /// Days personal data (contact addresses, message bodies) is kept after
+    /// its saga ended; then the cleanup task erases it.
+    #[arg(long, env = "PERSONAL_DATA_RETENTION_DAYS", default_value_t = 30)]
+    pub personal_data_retention_days: u64,
     /// Serve Prometheus metrics here [default: 127.0.0.1 and the service's own metrics port].
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,

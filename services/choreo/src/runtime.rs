@@ -37,6 +37,8 @@ pub struct Parts<H> {
     pub descriptor: &'static [u8],
     /// Full paths (`/package.Service/Method`) only the admin token may call.
     pub admin_methods: Vec<&'static str>,
+    /// How the service erases personal data past its retention (none if it keeps none).
+    pub erasures: Vec<crate::cleanup::Erasure>,
 }
 
 /// What a service's builder may use: its database, its outbox, its settings,
@@ -197,6 +199,7 @@ impl Service {
         tasks.spawn(cleanup::run(
             pool.clone(),
             cleanup::Retention::derive(&config),
+            parts.erasures.clone(),
             Duration::from_secs(config.cleanup_interval_secs),
             shutdown.clone(),
         ));

@@ -1,5 +1,6 @@
 //! Retention against a real PostgreSQL: only rows past their derived
-//! retention are deleted.
+//! retention are deleted, and a service's erasure rule blanks only the
+//! personal data of sagas that ended longer ago than its retention.
 mod common;
 
 use common::*;
@@ -34,11 +35,86 @@ async fn cleanup_deletes_only_rows_past_their_retention() {
         retention.inbox,
         s.config.stream_max_age() + s.config.duplicate_window()
     );
-    let (outbox, inbox) = choreo::cleanup::sweep(&s.pool, retention).await.unwrap();
+    for age in ["30 days", "1 day"] {
+        let when = format!("now() - interval '{age}'");
+        for statement in [
+            format!(
+                "INSERT INTO choreo_barrier (saga_id, step, state, updated_at) VALUES ('{age}', 'x', 'done', {when})"
+            ),
+            format!(
+                "INSERT INTO choreo_stuck (event_id, reported_at) VALUES ('{}', {when})",
+                uuid::Uuid::now_v7()
+            ),
+            format!(
+                "INSERT INTO choreo_dead_letter (stream, stream_seq, subject, reason, raw, parked_at) VALUES ('S', {}, 's', 'r', '\\x00', {when})",
+                age.len()
+            ),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .execute(&s.pool)
+                .await
+                .unwrap();
+        }
+    }
+    let swept = choreo::cleanup::sweep(&s.pool, retention, &[])
+        .await
+        .unwrap();
     assert_eq!(
-        (outbox, inbox),
-        (4, 1),
-        "old sent rows and the 30-day inbox row go; the rest stays"
+        swept,
+        choreo::cleanup::Swept {
+            outbox: 4,
+            inbox: 1,
+            barrier: 1,
+            stuck: 1,
+            dead_letters: 1,
+            erased: 0
+        },
+        "old sent rows and every 30-day row go; the rest stays"
     );
     assert_eq!(s.unsent().await, 4, "unsent rows are never deleted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_rule_blanks_personal_data_of_ended_sagas_past_retention_only() {
+    let s = setup().await;
+    sqlx::query(
+        "CREATE TABLE people (id INT PRIMARY KEY, contact TEXT NOT NULL, ended BOOL NOT NULL,
+                              ended_at TIMESTAMPTZ NOT NULL, erased_at TIMESTAMPTZ)",
+    )
+    .execute(&s.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO people VALUES
+           (1, 'old@example.com', true, now() - interval '31 days', NULL),
+           (2, 'recent@example.com', true, now() - interval '29 days', NULL),
+           (3, 'open@example.com', false, now() - interval '90 days', NULL)",
+    )
+    .execute(&s.pool)
+    .await
+    .unwrap();
+    let rule = choreo::cleanup::Erasure {
+        what: "contacts of ended sagas",
+        statement: "UPDATE people SET contact = '', erased_at = now()
+                    WHERE erased_at IS NULL AND ended AND ended_at < now() - make_interval(secs => $1)",
+    };
+    let retention = choreo::cleanup::Retention::derive(&s.config);
+    assert_eq!(
+        retention.personal_data,
+        Duration::from_secs(30 * 24 * 3600),
+        "30 days by default"
+    );
+    let first = choreo::cleanup::sweep(&s.pool, retention, &[rule])
+        .await
+        .unwrap();
+    assert_eq!(first.erased, 1);
+    let again = choreo::cleanup::sweep(&s.pool, retention, &[rule])
+        .await
+        .unwrap();
+    assert_eq!(again.erased, 0, "an erased row is passed by");
+    let contacts: Vec<String> = sqlx::query_scalar("SELECT contact FROM people ORDER BY id")
+        .fetch_all(&s.pool)
+        .await
+        .unwrap();
+    assert_eq!(contacts, ["", "recent@example.com", "open@example.com"]);
 }

@@ -261,6 +261,7 @@ async fn start<H: Handler>(
             service_names: vec![],
             descriptor: choreo::DESCRIPTOR_SET,
             admin_methods: vec![],
+            erasures: vec![],
         },
         shutdown,
     ))

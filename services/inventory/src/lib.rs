@@ -20,5 +20,7 @@ pub fn parts(context: &Context) -> Parts<handler::InventoryHandler> {
         service_names: vec![SERVICE_NAME],
         descriptor: contracts::DESCRIPTOR_SET,
         admin_methods: vec!["/inventory.v1.InventoryService/SetStock"],
+        // It keeps no personal data.
+        erasures: vec![],
     }
 }

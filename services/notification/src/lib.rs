@@ -9,6 +9,7 @@ pub mod sender;
 use std::sync::Arc;
 use std::time::Duration;
 
+use choreo::cleanup::Erasure;
 use choreo::runtime::{Context, Parts};
 use contracts::notification::v1::notification_service_server::{
     NotificationServiceServer, SERVICE_NAME,
@@ -20,6 +21,17 @@ const DISPATCH_POLL: Duration = Duration::from_secs(1);
 const DISPATCH_LIMITS: dispatch::Limits = dispatch::Limits {
     workers: 2,
     batch: 32,
+};
+
+/// Recipients, bodies and the queued event (which carries the address) of
+/// messages that are settled (sent, withdrawn or failed) are erased once
+/// their retention has passed; what was sent, when and of which kind stays.
+pub const ERASE_MESSAGES: Erasure = Erasure {
+    what: "recipients and bodies of settled notifications",
+    statement: "UPDATE notifications
+                SET recipient = '', customer = '', body = '', cause = NULL, erased_at = now()
+                WHERE erased_at IS NULL AND status <> 'PENDING'
+                  AND COALESCE(sent_at, queued_at) < now() - make_interval(secs => $1)",
 };
 
 pub fn parts(context: &Context) -> Parts<handler::NotificationHandler> {
@@ -46,5 +58,6 @@ pub fn parts(context: &Context) -> Parts<handler::NotificationHandler> {
         service_names: vec![SERVICE_NAME],
         descriptor: contracts::DESCRIPTOR_SET,
         admin_methods: vec![],
+        erasures: vec![ERASE_MESSAGES],
     }
 }

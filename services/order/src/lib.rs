@@ -11,6 +11,7 @@ pub mod watch;
 use std::sync::Arc;
 use std::time::Duration;
 
+use choreo::cleanup::Erasure;
 use choreo::runtime::{Context, Parts};
 use contracts::order::v1::order_service_server::{OrderServiceServer, SERVICE_NAME};
 
@@ -27,6 +28,17 @@ pub struct Rules {
     #[arg(long, env = "WATCH_LIMIT", default_value_t = 1000)]
     pub watch_limit: usize,
 }
+
+/// A customer's contact address is needed until the saga ends (notification
+/// reads it from `order.created`); it is erased from ended orders once their
+/// retention has passed. The order's history (lines, timeline, status
+/// changes) stays; none of it carries the address.
+pub const ERASE_CONTACTS: Erasure = Erasure {
+    what: "contact addresses of ended orders",
+    statement: "UPDATE orders SET contact = '', erased_at = now()
+                WHERE erased_at IS NULL AND status IN ('COMPLETED', 'CANCELLED')
+                  AND updated_at < now() - make_interval(secs => $1)",
+};
 
 pub fn parts(context: &Context, rules: Rules) -> Parts<handler::OrderHandler> {
     let deadline = Duration::from_secs(rules.deadline_secs);
@@ -58,5 +70,6 @@ pub fn parts(context: &Context, rules: Rules) -> Parts<handler::OrderHandler> {
         service_names: vec![SERVICE_NAME],
         descriptor: contracts::DESCRIPTOR_SET,
         admin_methods: vec![],
+        erasures: vec![ERASE_CONTACTS],
     }
 }

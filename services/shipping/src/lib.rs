@@ -42,5 +42,7 @@ pub fn parts(context: &Context, rules: Rules) -> Parts<handler::ShippingHandler>
         service_names: vec![SERVICE_NAME],
         descriptor: contracts::DESCRIPTOR_SET,
         admin_methods: vec![],
+        // It keeps no personal data.
+        erasures: vec![],
     }
 }
