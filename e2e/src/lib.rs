@@ -66,6 +66,9 @@ pub struct Options {
     /// Run our own NATS with fsync before ack turned off (benchmarks that
     /// measure its cost only; the shipped configuration fsyncs).
     pub relaxed_fsync: bool,
+    /// Serve the gRPC APIs over TLS, with a certificate the harness makes
+    /// for 127.0.0.1 and localhost (its own authority); the clients trust it.
+    pub tls: bool,
     /// Run NATS as a 3-node JetStream cluster (streams with three replicas,
     /// the services given every node's URL) instead of one server.
     pub cluster: bool,
@@ -82,6 +85,7 @@ impl Default for Options {
             otlp_endpoint: None,
             extra_env: Vec::new(),
             relaxed_fsync: false,
+            tls: false,
             cluster: false,
         }
     }
@@ -112,6 +116,8 @@ pub struct System {
     pub proxies: Vec<(Proxy, Proxy)>,
     /// Database URL of each service, in [`SERVICES`] order.
     pub databases: Vec<String>,
+    /// The certificate the services serve TLS with (PEM), when [`Options::tls`] asked for it.
+    pub tls_ca: Option<Vec<u8>>,
     /// The 3-node NATS cluster, when [`Options::cluster`] asked for one
     /// (then `infra.nats` names it by URL and cannot be killed as one).
     pub cluster: Option<harness::NatsCluster>,
@@ -122,8 +128,8 @@ async fn nats_client(url: &str) -> anyhow::Result<async_nats::Client> {
     choreo::runtime::connect_once(url, "e2e", None).await
 }
 
-async fn channel(addr: &str, timeout: Duration) -> anyhow::Result<Channel> {
-    let endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())?
+async fn channel(addr: &str, ca: Option<&[u8]>, timeout: Duration) -> anyhow::Result<Channel> {
+    let endpoint = choreo::grpc::endpoint(addr, ca)?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(20));
     let deadline = Instant::now() + timeout;
@@ -187,7 +193,8 @@ impl System {
             .position(|s| *s == name)
             .ok_or_else(|| anyhow::anyhow!("no service {name:?}"))?;
         let channel = channel(
-            &format!("http://127.0.0.1:{}", self.ports[i]),
+            &self.grpc_url(i),
+            self.tls_ca.as_deref(),
             Duration::from_secs(10),
         )
         .await?;
@@ -239,6 +246,17 @@ impl System {
         let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
         let logs = std::env::temp_dir().join("saga-e2e").join(&run);
         std::fs::create_dir_all(&logs)?;
+        let tls_ca = if options.tls {
+            let made = rcgen::generate_simple_self_signed(vec![
+                "localhost".to_owned(),
+                "127.0.0.1".to_owned(),
+            ])?;
+            std::fs::write(logs.join("tls-cert.pem"), made.cert.pem())?;
+            std::fs::write(logs.join("tls-key.pem"), made.signing_key.serialize_pem())?;
+            Some(made.cert.pem().into_bytes())
+        } else {
+            None
+        };
         let mut processes = Vec::new();
         let mut ports = Vec::new();
         let mut databases = Vec::new();
@@ -342,6 +360,16 @@ impl System {
             } else {
                 env.push(("PROVISION_JETSTREAM".into(), "true".into()));
             }
+            if tls_ca.is_some() {
+                env.push((
+                    "TLS_CERT".into(),
+                    logs.join("tls-cert.pem").display().to_string(),
+                ));
+                env.push((
+                    "TLS_KEY".into(),
+                    logs.join("tls-key.pem").display().to_string(),
+                ));
+            }
             env.extend(options.extra_env.iter().cloned());
             if let Some(endpoint) = &options.otlp_endpoint {
                 env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint.clone()));
@@ -355,7 +383,8 @@ impl System {
             ports.push(port);
             databases.push(database);
         }
-        let url = |port: u16| format!("http://127.0.0.1:{port}");
+        let scheme = if tls_ca.is_some() { "https" } else { "http" };
+        let url = |port: u16| format!("{scheme}://127.0.0.1:{port}");
         // With tokens configured, the harness acts as the operator.
         let admin_token = options
             .extra_env
@@ -368,6 +397,7 @@ impl System {
             &url(ports[2]),
             &url(ports[3]),
             admin_token.as_deref(),
+            tls_ca.as_deref(),
             Duration::from_secs(60),
         )
         .await?;
@@ -382,8 +412,19 @@ impl System {
             clients,
             databases,
             proxies,
+            tls_ca,
             cluster,
         })
+    }
+
+    /// The gRPC URL of service `i` (in [`SERVICES`] order).
+    pub fn grpc_url(&self, i: usize) -> String {
+        let scheme = if self.tls_ca.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.ports[i])
     }
 
     /// The process of service `name`, to kill or restart.
@@ -447,15 +488,18 @@ impl Clients {
         shipping: &str,
         notification: &str,
         token: Option<&str>,
+        ca: Option<&[u8]>,
         wait: Duration,
     ) -> anyhow::Result<Self> {
         let bearer = Bearer::new(token)?;
         let conn = |channel| InterceptedService::new(channel, bearer.clone());
         Ok(Clients {
-            order: OrderServiceClient::new(conn(channel(order, wait).await?)),
-            inventory: InventoryServiceClient::new(conn(channel(inventory, wait).await?)),
-            shipping: ShippingServiceClient::new(conn(channel(shipping, wait).await?)),
-            notification: NotificationServiceClient::new(conn(channel(notification, wait).await?)),
+            order: OrderServiceClient::new(conn(channel(order, ca, wait).await?)),
+            inventory: InventoryServiceClient::new(conn(channel(inventory, ca, wait).await?)),
+            shipping: ShippingServiceClient::new(conn(channel(shipping, ca, wait).await?)),
+            notification: NotificationServiceClient::new(conn(
+                channel(notification, ca, wait).await?,
+            )),
         })
     }
 

@@ -119,3 +119,61 @@ fn an_open_api_off_loopback_is_refused_at_start() {
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_certificate_the_api_speaks_tls_and_nothing_else() {
+    // The harness's clients reach every service over TLS, trusting its certificate.
+    let sys = system(Options {
+        tls: true,
+        ..Options::default()
+    })
+    .await;
+    sys.set_stock("BOOK", 3).await.unwrap();
+    assert_eq!(sys.stock("BOOK").await.unwrap().available, 3);
+    let health = |channel| async move {
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+    };
+
+    // In clear, the same port answers nothing.
+    let plain =
+        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", sys.ports[0]))
+            .unwrap()
+            .connect()
+            .await;
+    if let Ok(channel) = plain {
+        assert!(health(channel).await.is_err(), "plaintext is not served");
+    }
+
+    // A client that does not trust the certificate refuses the server.
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let untrusted = choreo::grpc::endpoint(&sys.grpc_url(0), Some(other.cert.pem().as_bytes()))
+        .unwrap()
+        .connect()
+        .await;
+    assert!(
+        untrusted.is_err(),
+        "a certificate from elsewhere is refused"
+    );
+
+    // sagactl speaks TLS with --ca-cert.
+    let cert = sys.logs.join("tls-cert.pem");
+    let out = std::process::Command::new(harness::bin_dir().join("sagactl"))
+        .arg("--ca-cert")
+        .arg(&cert)
+        .args(["--inventory-addr", &sys.grpc_url(1), "stock", "BOOK"])
+        .output()
+        .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("BOOK"), "{said}");
+    let without = std::process::Command::new(harness::bin_dir().join("sagactl"))
+        .args(["--inventory-addr", &sys.grpc_url(1), "stock", "BOOK"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&without.stderr);
+    assert!(!without.status.success());
+    assert!(said.contains("--ca-cert"), "{said}");
+}

@@ -51,6 +51,7 @@ async fn main() -> anyhow::Result<()> {
             &args.shipping_addr,
             &args.notification_addr,
             args.admin_token.as_deref(),
+            None,
             Duration::from_secs(120),
         )
         .await?;

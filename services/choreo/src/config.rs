@@ -74,6 +74,12 @@ pub struct Config {
     /// Bearer token of the admin role (also stock changes and dead letters).
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// PEM certificate (chain) the gRPC API serves TLS with; needs TLS_KEY.
+    #[arg(long, env = "TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of TLS_CERT.
+    #[arg(long, env = "TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
     /// Serve the gRPC API without tokens on a non-loopback address. Without
     /// this flag a service refuses to, so an open API is never an accident.
     #[arg(long, env = "INSECURE_NO_AUTH", default_value_t = false)]
@@ -156,6 +162,24 @@ impl Config {
             user: self.nats_user.clone().unwrap_or_else(|| service.to_owned()),
             password,
         }))
+    }
+
+    /// The gRPC server's TLS settings, when a certificate and key are configured.
+    pub fn server_tls(&self) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            anyhow::ensure!(
+                self.tls_cert.is_none() && self.tls_key.is_none(),
+                "TLS needs both TLS_CERT and TLS_KEY"
+            );
+            return Ok(None);
+        };
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))
+        };
+        let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+        Ok(Some(
+            tonic::transport::ServerTlsConfig::new().identity(identity),
+        ))
     }
 
     pub fn ack_wait(&self) -> Duration {

@@ -14,6 +14,24 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// The longest a request may take to be answered.
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// A connection to a service's gRPC API at `addr`: `https://` speaks TLS and
+/// trusts the certificate authority `ca_cert` (PEM), `http://` does not.
+pub fn endpoint(addr: &str, ca_cert: Option<&[u8]>) -> anyhow::Result<tonic::transport::Endpoint> {
+    let endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
+        .map_err(|e| anyhow::anyhow!("{addr} is not a URL: {e}"))?;
+    if !addr.starts_with("https://") {
+        return Ok(endpoint);
+    }
+    let ca_cert = ca_cert.ok_or_else(|| {
+        anyhow::anyhow!("{addr} speaks TLS: give the certificate authority to trust (--ca-cert)")
+    })?;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca_cert));
+    endpoint
+        .tls_config(tls)
+        .map_err(|e| anyhow::anyhow!("TLS for {addr}: {e}"))
+}
+
 /// Serves `routes` plus health and reflection on `addr` until `shutdown`.
 /// `descriptors` are encoded `FileDescriptorSet`s of the API, for reflection.
 pub async fn serve(
@@ -22,6 +40,7 @@ pub async fn serve(
     service_names: &[&str],
     descriptors: &[&[u8]],
     policy: crate::auth::Policy,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let policy = std::sync::Arc::new(policy);
@@ -55,8 +74,14 @@ pub async fn serve(
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?
         // Small gRPC responses go out at once instead of waiting on the peer's delayed ACK.
         .with_nodelay(Some(true));
-    tracing::info!(%addr, "gRPC API listening");
-    tonic::transport::Server::builder()
+    tracing::info!(%addr, tls = tls.is_some(), "gRPC API listening");
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server
+            .tls_config(tls)
+            .map_err(|e| anyhow::anyhow!("TLS_CERT / TLS_KEY: {e}"))?;
+    }
+    server
         // Bounded: streams per connection, requests in flight per connection,
         // and how long a request may take to answer (a watch's stream itself
         // runs on after its answer has begun).

@@ -131,6 +131,14 @@ impl Service {
             "refusing to serve the gRPC API on {grpc_addr} without tokens: set CLIENT_TOKEN and ADMIN_TOKEN, \
              listen on loopback, or pass --insecure-no-auth (INSECURE_NO_AUTH=true) to run it open on purpose"
         );
+        let tls = config.server_tls()?;
+        if tls.is_none() && !grpc_addr.ip().is_loopback() {
+            tracing::warn!(
+                %grpc_addr,
+                "serving the gRPC API without TLS off loopback: tokens and customer data cross the network in clear; \
+                 set TLS_CERT and TLS_KEY unless a trusted network or a TLS proxy carries it"
+            );
+        }
         let pool = db::open(
             &config.database_url,
             Duration::from_secs(60),
@@ -225,6 +233,7 @@ impl Service {
             &service_names,
             &[parts.descriptor, crate::DESCRIPTOR_SET],
             policy,
+            tls,
             shutdown.clone(),
         )
         .await;

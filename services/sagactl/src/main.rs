@@ -62,6 +62,9 @@ struct Addrs {
     /// admin token for set-stock, dead-letters and replay.
     #[arg(long, env = "SAGA_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
+    /// PEM certificate authority to trust for `https://` addresses.
+    #[arg(long, env = "SAGA_CA_CERT", global = true)]
+    ca_cert: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -176,7 +179,22 @@ impl Addrs {
     /// A connection to `addr` that sends the token, if one was given.
     async fn connect(&self, addr: &str) -> anyhow::Result<InterceptedService<Channel, Bearer>> {
         let bearer = Bearer::new(self.token.as_deref())?;
-        Ok(InterceptedService::new(connect(addr).await?, bearer))
+        Ok(InterceptedService::new(self.channel(addr).await?, bearer))
+    }
+
+    /// A channel to `addr`, over TLS for `https://` (trusting --ca-cert).
+    async fn channel(&self, addr: &str) -> anyhow::Result<Channel> {
+        let ca = match &self.ca_cert {
+            Some(path) => {
+                Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
+            }
+            None => None,
+        };
+        choreo::grpc::endpoint(addr, ca.as_deref())?
+            .connect_timeout(Duration::from_secs(3))
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach {addr}"))
     }
 
     /// The gRPC address of a service by its name.
@@ -191,14 +209,6 @@ impl Addrs {
             ),
         })
     }
-}
-
-async fn connect(addr: &str) -> anyhow::Result<Channel> {
-    tonic::transport::Endpoint::from_shared(addr.to_owned())?
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach {addr}"))
 }
 
 fn time(t: &Option<prost_types::Timestamp>) -> String {
@@ -253,7 +263,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::DeadLetters { service } => dead_letters(&cli.addrs, &service).await,
         Command::Replay { service, id } => replay(&cli.addrs, &service, id).await,
-        Command::Health { addr } => health(addr).await,
+        Command::Health { addr } => health(&cli.addrs, addr).await,
         Command::Provision(args) => provision(args).await,
         Command::Place {
             customer,
@@ -318,8 +328,8 @@ async fn replay(addrs: &Addrs, service: &str, id: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn health(addr: String) -> anyhow::Result<()> {
-    let status = tonic_health::pb::health_client::HealthClient::new(connect(&addr).await?)
+async fn health(addrs: &Addrs, addr: String) -> anyhow::Result<()> {
+    let status = tonic_health::pb::health_client::HealthClient::new(addrs.channel(&addr).await?)
         .check(tonic_health::pb::HealthCheckRequest::default())
         .await?
         .into_inner()
