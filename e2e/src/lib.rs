@@ -1,6 +1,7 @@
 //! The whole saga as a user meets it: the harness's NATS and PostgreSQL, the
 //! four real service binaries as processes, and gRPC clients to them. Used by
 //! the end-to-end tests and by the demo.
+pub mod bench;
 pub mod chaos;
 pub mod demo;
 
@@ -69,6 +70,12 @@ pub struct Options {
     /// Serve the gRPC APIs over TLS, with a certificate the harness makes
     /// for 127.0.0.1 and localhost (its own authority); the clients trust it.
     pub tls: bool,
+    /// Run our own PostgreSQL with `fsync` and `synchronous_commit` on (the
+    /// benchmark; tests run without, on throwaway folders).
+    pub durable_postgres: bool,
+    /// Leave the services' polling intervals at their shipped defaults
+    /// instead of the tests' shorter ones (the benchmark).
+    pub shipped_intervals: bool,
     /// Run NATS as a 3-node JetStream cluster (streams with three replicas,
     /// the services given every node's URL) instead of one server.
     pub cluster: bool,
@@ -86,6 +93,8 @@ impl Default for Options {
             extra_env: Vec::new(),
             relaxed_fsync: false,
             tls: false,
+            durable_postgres: false,
+            shipped_intervals: false,
             cluster: false,
         }
     }
@@ -231,12 +240,19 @@ impl System {
                 postgres,
             };
             (infra, Some(cluster))
-        } else if options.relaxed_fsync {
-            let config = harness::relaxed_nats_fsync_config();
-            let nats =
+        } else if options.relaxed_fsync || options.durable_postgres {
+            let nats = if options.relaxed_fsync {
+                let config = harness::relaxed_nats_fsync_config();
                 tokio::task::spawn_blocking(move || harness::Nats::start_own_with_config(config))
-                    .await??;
-            let postgres = tokio::task::spawn_blocking(harness::Postgres::start).await??;
+                    .await??
+            } else {
+                tokio::task::spawn_blocking(harness::Nats::start_own).await??
+            };
+            let postgres = if options.durable_postgres {
+                tokio::task::spawn_blocking(harness::Postgres::start_own_durable).await??
+            } else {
+                tokio::task::spawn_blocking(harness::Postgres::start).await??
+            };
             (Infra { nats, postgres }, None)
         } else if options.proxies {
             (tokio::task::spawn_blocking(Infra::start_own).await??, None)
@@ -333,13 +349,11 @@ impl System {
                 ("GRPC_ADDR", format!("127.0.0.1:{port}")),
                 ("STREAM", stream.clone()),
                 ("SUBJECT_PREFIX", subject_prefix.clone()),
-                ("RELAY_POLL_MS", "200".into()),
                 ("ACK_WAIT_SECS", ACK_WAIT_SECS.to_string()),
                 (
                     "ORDER_DEADLINE_SECS",
                     options.order_deadline_secs.to_string(),
                 ),
-                ("DEADLINE_CHECK_MS", "250".into()),
                 (
                     "INJECTED_FAILURE_RATE",
                     options.injected_failure_rate.to_string(),
@@ -359,6 +373,10 @@ impl System {
                 env.push(("NATS_PASSWORD".into(), harness::password(name)));
             } else {
                 env.push(("PROVISION_JETSTREAM".into(), "true".into()));
+            }
+            if !options.shipped_intervals {
+                env.push(("RELAY_POLL_MS".into(), "200".into()));
+                env.push(("DEADLINE_CHECK_MS".into(), "250".into()));
             }
             if tls_ca.is_some() {
                 env.push((

@@ -179,6 +179,16 @@ impl Nats {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// The configuration file it runs (deploy/nats.conf unless relaxed).
+    pub fn config_text(&self) -> &str {
+        &self.config
+    }
+
+    /// The running server's process id (none when external or killed).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// The port the server listens on (0 when external).
     pub fn port(&self) -> u16 {
         self.port

@@ -18,6 +18,9 @@ pub struct Postgres {
     port: u16,
     dir: Option<TempDir>,
     running: bool,
+    /// Whether the server fsyncs its commits (off for tests: they run on
+    /// throwaway folders; on for the benchmark, as a real server runs).
+    durable: bool,
 }
 
 fn bin(name: &str) -> PathBuf {
@@ -85,6 +88,7 @@ impl Postgres {
                 port: 0,
                 dir: None,
                 running: true,
+                durable: true,
             }),
             Err(_) => Self::start_own(),
         }
@@ -130,6 +134,7 @@ impl Postgres {
             port,
             dir: Some(dir),
             running: false,
+            durable: false,
         };
         pg.restart()?;
         Ok(pg)
@@ -144,11 +149,48 @@ impl Postgres {
         })
     }
 
+    /// A fresh cluster of our own that fsyncs every commit (`fsync` and
+    /// `synchronous_commit` on, PostgreSQL's defaults), for the benchmark.
+    pub fn start_own_durable() -> anyhow::Result<Self> {
+        let mut pg = Self::start_own()?;
+        pg.durable = true;
+        pg.kill()?;
+        pg.restart()?;
+        Ok(pg)
+    }
+
+    /// Whether commits are fsynced (see [`Postgres::start_own_durable`]).
+    pub fn is_durable(&self) -> bool {
+        self.durable
+    }
+
+    /// The postmaster's process id (its children are the backends).
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        let pid_file = self
+            .dir
+            .as_ref()?
+            .path()
+            .join("data")
+            .join("postmaster.pid");
+        std::fs::read_to_string(pid_file)
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// Starts the server (again) on the same port and data folder.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         let dir = self.dir()?.to_owned();
+        let fsync = if self.durable {
+            "-c fsync=on -c synchronous_commit=on"
+        } else {
+            "-c fsync=off"
+        };
         let options = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c max_connections=400 -c fsync=off",
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c max_connections=400 {fsync}",
             self.port,
             path_str(&dir)?
         );

@@ -57,6 +57,11 @@ impl ServiceProcess {
         ServiceProcess::start(&self.name, env, log)
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

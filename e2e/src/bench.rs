@@ -1,0 +1,1098 @@
+//! The benchmark a user runs (`load`): in one run, on one system, it
+//! measures what the saga costs and how fast it goes, and says it as a
+//! table, as JSON and as a picture.
+//!
+//! 1. The limit: C, the raw commit rate of one saga-step-shaped transaction
+//!    (inbox insert, conditional update, outbox insert) on the same
+//!    PostgreSQL, at the given concurrency.
+//! 2. Closed loop: clients that wait for their order's saga to end before
+//!    placing the next, over a spread catalogue (Zipf over many SKUs) and a
+//!    flash sale (every order for one SKU; stock is checked for overselling).
+//! 3. Open loop: orders arriving at a fixed rate, half the spread peak;
+//!    latency placed -> COMPLETED. And one order at a time on an idle system.
+//! 4. Cost per completed saga: the services' own PostgreSQL commits and
+//!    rollbacks (`pg_stat_database`; the benchmark reads nothing from the
+//!    services' databases while it counts), NATS messages, deliveries and
+//!    acks, and each process's CPU seconds and peak memory.
+//! 5. Per hop: commit to PubAck per service (its metrics), and, per step,
+//!    from the event that triggers it to the event it writes (timelines).
+//! 6. The headline R = completed sagas/s x 6 / C (six state changes a saga).
+//!
+//! A saga's end is seen on NATS (its last event: `notification.sent`,
+//! `inventory.released` or `inventory.rejected`), so waiting costs the
+//! services nothing; latencies are read from the order database afterwards.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde::Serialize;
+use sqlx::{Connection, PgConnection};
+use tokio::sync::oneshot;
+
+use crate::{OrderStatus, SERVICES, System, order_request};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Closed-loop clients, each with one order in flight.
+    pub clients: usize,
+    /// Orders per closed-loop catalogue.
+    pub orders: usize,
+    /// SKUs of the spread catalogue (Zipf, s = 1).
+    pub skus: usize,
+    /// Seconds of open-loop arrivals.
+    pub open_secs: f64,
+    /// Orders placed one at a time on an idle system.
+    pub alone: usize,
+    /// Connections measuring C, and for how long.
+    pub limit_clients: usize,
+    pub limit_secs: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Percentiles {
+    pub count: usize,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// The latency at each whole percent, 0 to 100 (for the picture).
+    pub quantiles_ms: Vec<f64>,
+}
+
+impl Percentiles {
+    fn of(mut ms: Vec<f64>) -> Self {
+        if ms.is_empty() {
+            return Percentiles::default();
+        }
+        ms.sort_by(f64::total_cmp);
+        let at = |p: f64| ms[((ms.len() as f64 - 1.0) * p).round() as usize];
+        Percentiles {
+            count: ms.len(),
+            p50_ms: at(0.50),
+            p95_ms: at(0.95),
+            p99_ms: at(0.99),
+            max_ms: at(1.0),
+            quantiles_ms: (0..=100).map(|p| at(p as f64 / 100.0)).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceCost {
+    pub service: String,
+    pub commits_per_saga: f64,
+    pub rollbacks_per_saga: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessCost {
+    pub process: String,
+    pub cpu_seconds: f64,
+    pub cpu_ms_per_saga: f64,
+    pub peak_rss_mb: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Cost {
+    /// The services' own transactions per completed saga, rollbacks included.
+    pub transactions_per_saga: f64,
+    pub commits_per_saga: f64,
+    pub rollbacks_per_saga: f64,
+    pub per_service: Vec<ServiceCost>,
+    pub published_per_saga: f64,
+    pub deliveries_per_saga: f64,
+    pub acks_per_saga: f64,
+    pub processes: Vec<ProcessCost>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClosedLoop {
+    pub catalogue: String,
+    pub orders: usize,
+    pub completed: usize,
+    pub seconds: f64,
+    pub sagas_per_sec: f64,
+    pub latency: Percentiles,
+    /// Sagas ended in each second of the run.
+    pub per_second: Vec<u32>,
+    pub cost: Cost,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Hop {
+    pub service: String,
+    /// Mean time from the outbox commit to the PubAck, over the spread run.
+    pub commit_to_puback_ms: f64,
+    /// From the event that triggers the service's work to the event it writes.
+    pub trigger_to_reaction: Percentiles,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub machine: String,
+    pub postgres: String,
+    pub nats: String,
+    pub settings: String,
+    pub limit_commits_per_sec: f64,
+    pub spread: ClosedLoop,
+    pub hot: ClosedLoop,
+    pub hot_oversold: bool,
+    pub open_rate_per_sec: f64,
+    pub open_loop: Percentiles,
+    pub alone: Percentiles,
+    pub hops: Vec<Hop>,
+    /// R = spread sagas/s x 6 / C.
+    pub headline_r: f64,
+}
+
+/// Sagas whose last event has been seen, and who waits for which.
+#[derive(Default)]
+struct Ends {
+    waiting: HashMap<String, oneshot::Sender<()>>,
+    ended: HashMap<String, Instant>,
+}
+
+/// Tells a client when its order's saga has ended, from the events on NATS.
+#[derive(Clone)]
+struct EndWatcher {
+    ends: Arc<Mutex<Ends>>,
+}
+
+impl EndWatcher {
+    async fn start(sys: &System) -> anyhow::Result<Self> {
+        let client = choreo::runtime::connect_once(sys.infra.nats.url(), "bench", None).await?;
+        let ends = Arc::new(Mutex::new(Ends::default()));
+        for last in [
+            "notification.sent",
+            "inventory.released",
+            "inventory.rejected",
+        ] {
+            let mut events = client
+                .subscribe(format!("{}.{last}", sys.subject_prefix))
+                .await?;
+            let ends = ends.clone();
+            tokio::spawn(async move {
+                while let Some(message) = events.next().await {
+                    let Ok(envelope) = choreo::Envelope::from_bytes(&message.payload) else {
+                        continue;
+                    };
+                    let mut ends = ends.lock().expect("ends");
+                    ends.ended.insert(envelope.saga_id.clone(), Instant::now());
+                    if let Some(waiter) = ends.waiting.remove(&envelope.saga_id) {
+                        let _ = waiter.send(());
+                    }
+                }
+            });
+        }
+        client.flush().await?;
+        Ok(EndWatcher { ends })
+    }
+
+    /// Waits until order `id`'s saga has ended.
+    async fn wait(&self, id: &str) -> anyhow::Result<()> {
+        let receiver = {
+            let mut ends = self.ends.lock().expect("ends");
+            if ends.ended.contains_key(id) {
+                return Ok(());
+            }
+            let (sender, receiver) = oneshot::channel();
+            ends.waiting.insert(id.to_owned(), sender);
+            receiver
+        };
+        tokio::time::timeout(Duration::from_secs(120), receiver)
+            .await
+            .map_err(|_| anyhow::anyhow!("order {id} did not end within 120 s"))??;
+        Ok(())
+    }
+
+    fn ended_at(&self, id: &str) -> Option<Instant> {
+        self.ends.lock().expect("ends").ended.get(id).copied()
+    }
+}
+
+/// SKUs by Zipf's law (s = 1): the k-th most popular is ordered 1/k as often.
+struct Zipf {
+    cumulative: Vec<f64>,
+}
+
+impl Zipf {
+    fn new(n: usize) -> Self {
+        let mut total = 0.0;
+        let cumulative = (1..=n)
+            .map(|k| {
+                total += 1.0 / k as f64;
+                total
+            })
+            .collect();
+        Zipf { cumulative }
+    }
+
+    fn sample(&self) -> usize {
+        let total = *self.cumulative.last().expect("at least one SKU");
+        let x = rand::random::<f64>() * total;
+        self.cumulative.partition_point(|c| *c < x)
+    }
+}
+
+fn sku(i: usize) -> String {
+    format!("S{i:05}")
+}
+
+const HOT: &str = "HOT";
+
+/// Runs every measurement on `sys` and returns the report.
+pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
+    let watcher = EndWatcher::start(sys).await?;
+    for i in 0..settings.skus {
+        sys.set_stock(&sku(i), 10_000_000).await?;
+    }
+    sys.set_stock(HOT, settings.orders as u64).await?;
+    let admin_url = admin_url(sys);
+
+    eprintln!("bench: measuring C, the saga-step commit rate of this PostgreSQL...");
+    let limit = commit_limit(&admin_url, settings.limit_clients, settings.limit_secs).await?;
+
+    eprintln!(
+        "bench: closed loop, {} orders over {} SKUs...",
+        settings.orders, settings.skus
+    );
+    let zipf = Arc::new(Zipf::new(settings.skus));
+    let (mut spread, spread_ids) = closed_loop(
+        sys,
+        &watcher,
+        settings,
+        &format!("{} SKUs (Zipf)", settings.skus),
+        move || sku(zipf.sample()),
+    )
+    .await?;
+    let puback = publish_latencies(sys).await?;
+
+    eprintln!(
+        "bench: closed loop, {} orders for one SKU...",
+        settings.orders
+    );
+    let (mut hot, hot_ids) =
+        closed_loop(sys, &watcher, settings, "one hot SKU", || HOT.to_owned()).await?;
+    let left = sys.stock(HOT).await?.available;
+    let hot_oversold = left + hot.completed as u64 != settings.orders as u64;
+
+    let rate = (spread.sagas_per_sec / 2.0).max(1.0);
+    eprintln!(
+        "bench: open loop at {rate:.0} orders/s for {} s...",
+        settings.open_secs
+    );
+    let open_ids = open_loop(sys, &watcher, rate, settings.open_secs, settings.skus).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    eprintln!("bench: {} orders one at a time...", settings.alone);
+    let mut alone_ids = Vec::new();
+    for _ in 0..settings.alone {
+        let id = sys.place(request(&sku(0))).await?.order_id;
+        watcher.wait(&id).await?;
+        alone_ids.push(id);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Everything is counted; now the order database may be read.
+    let mut order_db = PgConnection::connect(&sys.databases[0]).await?;
+    let open_loop = Percentiles::of(completion_ms(&mut order_db, &open_ids).await?);
+    let alone = Percentiles::of(completion_ms(&mut order_db, &alone_ids).await?);
+    spread.latency = Percentiles::of(completion_ms(&mut order_db, &spread_ids).await?);
+    hot.latency = Percentiles::of(completion_ms(&mut order_db, &hot_ids).await?);
+    let hops = hops(&mut order_db, &spread_ids, puback).await?;
+    let headline_r = spread.sagas_per_sec * 6.0 / limit;
+    Ok(Report {
+        machine: machine(),
+        postgres: format!(
+            "PostgreSQL {} (fsync {}, synchronous_commit {})",
+            setting(&admin_url, "server_version").await?,
+            setting(&admin_url, "fsync").await?,
+            setting(&admin_url, "synchronous_commit").await?
+        ),
+        nats: nats_description(sys),
+        settings: format!("{settings:?}"),
+        limit_commits_per_sec: limit,
+        spread,
+        hot,
+        hot_oversold,
+        open_rate_per_sec: rate,
+        open_loop,
+        alone,
+        hops,
+        headline_r,
+    })
+}
+
+/// A one-unit order of `sku` with a fresh idempotency key.
+fn request(sku: &str) -> contracts::order::v1::PlaceOrderRequest {
+    order_request(
+        &uuid::Uuid::new_v4().to_string(),
+        "bench",
+        "DE",
+        "bench@example.com",
+        &[(sku, 1)],
+    )
+}
+
+/// `clients` clients, each placing an order and waiting for its saga to end
+/// before the next, until `orders` are placed; counted from the first place
+/// to the last end, and quiet again.
+async fn closed_loop(
+    sys: &System,
+    watcher: &EndWatcher,
+    settings: &Settings,
+    catalogue: &str,
+    pick: impl Fn() -> String + Send + Sync + 'static,
+) -> anyhow::Result<(ClosedLoop, Vec<String>)> {
+    let pick = Arc::new(pick);
+    let before = Counters::read(sys).await?;
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..settings.clients {
+        let (next, pick, clients, watcher, total) = (
+            next.clone(),
+            pick.clone(),
+            sys.clients.clone(),
+            watcher.clone(),
+            settings.orders,
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
+                let id = clients.place(request(&pick())).await?.order_id;
+                watcher.wait(&id).await?;
+                ids.push(id);
+            }
+            anyhow::Ok(ids)
+        }));
+    }
+    let mut ids = Vec::new();
+    for task in tasks {
+        ids.extend(task.await??);
+    }
+    let last_end = ids
+        .iter()
+        .filter_map(|id| watcher.ended_at(id))
+        .max()
+        .unwrap_or_else(Instant::now);
+    let seconds = last_end.duration_since(started).as_secs_f64();
+    let mut per_second = vec![0u32; seconds.ceil() as usize + 1];
+    for id in &ids {
+        if let Some(at) = watcher.ended_at(id) {
+            per_second[at.duration_since(started).as_secs() as usize] += 1;
+        }
+    }
+    quiet(sys).await?;
+    let after = Counters::read(sys).await?;
+    // The order service marks COMPLETED after the last event: count from its database later.
+    let completed = count_completed(sys, &ids).await?;
+    let cost = after.minus(&before, completed.max(1));
+    let run = ClosedLoop {
+        catalogue: catalogue.to_owned(),
+        orders: ids.len(),
+        completed,
+        seconds,
+        sagas_per_sec: ids.len() as f64 / seconds,
+        latency: Percentiles::default(),
+        per_second,
+        cost,
+    };
+    Ok((run, ids))
+}
+
+/// Completed orders among `ids`, over the order API (after the counters are read).
+async fn count_completed(sys: &System, ids: &[String]) -> anyhow::Result<usize> {
+    let mut completed = 0;
+    for id in ids {
+        if sys.get(id).await?.status() == OrderStatus::Completed {
+            completed += 1;
+        }
+    }
+    Ok(completed)
+}
+
+/// Orders arriving at `rate` per second for `secs`, whatever the system does.
+async fn open_loop(
+    sys: &System,
+    watcher: &EndWatcher,
+    rate: f64,
+    secs: f64,
+    skus: usize,
+) -> anyhow::Result<Vec<String>> {
+    let total = (rate * secs).round() as usize;
+    let zipf = Arc::new(Zipf::new(skus));
+    let started = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..total {
+        tokio::time::sleep_until(started + Duration::from_secs_f64(i as f64 / rate)).await;
+        let (clients, watcher, zipf) = (sys.clients.clone(), watcher.clone(), zipf.clone());
+        tasks.push(tokio::spawn(async move {
+            let id = clients.place(request(&sku(zipf.sample()))).await?.order_id;
+            watcher.wait(&id).await?;
+            anyhow::Ok(id)
+        }));
+    }
+    let mut ids = Vec::new();
+    for task in tasks {
+        ids.push(task.await??);
+    }
+    Ok(ids)
+}
+
+/// Waits until no service has an unsent outbox row (their own gauge) and
+/// the statistics have been flushed.
+async fn quiet(sys: &System) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        // The gauge is sampled every 2 s: wait for a fresh sample first.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let mut backlog = 0.0;
+        for service in SERVICES {
+            backlog += metric(&sys.metrics(service).await?, "saga_outbox_backlog");
+        }
+        if backlog == 0.0 {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the outboxes did not drain");
+    }
+}
+
+/// The value of a metric without labels (summed over label sets if any).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Mean commit-to-PubAck of each service so far, in ms.
+async fn publish_latencies(sys: &System) -> anyhow::Result<Vec<f64>> {
+    let mut means = Vec::new();
+    for service in SERVICES {
+        let text = sys.metrics(service).await?;
+        let sum = metric(&text, "saga_publish_latency_seconds_sum");
+        let count = metric(&text, "saga_publish_latency_seconds_count");
+        means.push(if count > 0.0 {
+            sum / count * 1000.0
+        } else {
+            0.0
+        });
+    }
+    Ok(means)
+}
+
+/// What the counters said at one moment.
+struct Counters {
+    /// Per service database: (commits, rollbacks).
+    transactions: Vec<(i64, i64)>,
+    published: u64,
+    /// Summed over the services' consumers.
+    deliveries: u64,
+    acks: u64,
+    /// CPU seconds of each process, and its peak RSS in MB.
+    processes: Vec<(String, f64, f64)>,
+}
+
+impl Counters {
+    async fn read(sys: &System) -> anyhow::Result<Self> {
+        let mut admin = PgConnection::connect(&admin_url(sys)).await?;
+        let mut transactions = Vec::new();
+        for url in &sys.databases {
+            let name = url.rsplit('/').next().unwrap_or_default();
+            let row: (i64, i64) = sqlx::query_as(
+                "SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = $1",
+            )
+            .bind(name)
+            .fetch_one(&mut admin)
+            .await?;
+            transactions.push(row);
+        }
+        admin.close().await?;
+        let counts = sys.consumer_counts().await?;
+        let js = async_nats::jetstream::new(
+            choreo::runtime::connect_once(sys.infra.nats.url(), "bench", None).await?,
+        );
+        let published = js
+            .get_stream(&sys.stream)
+            .await?
+            .info()
+            .await?
+            .state
+            .messages;
+        Ok(Counters {
+            transactions,
+            published,
+            deliveries: counts.iter().map(|c| c.0).sum(),
+            acks: counts.iter().map(|c| c.1).sum(),
+            processes: process_use(sys),
+        })
+    }
+
+    fn minus(&self, before: &Counters, sagas: usize) -> Cost {
+        let n = sagas as f64;
+        let per_service: Vec<ServiceCost> = SERVICES
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ServiceCost {
+                service: (*s).to_owned(),
+                commits_per_saga: (self.transactions[i].0 - before.transactions[i].0) as f64 / n,
+                rollbacks_per_saga: (self.transactions[i].1 - before.transactions[i].1) as f64 / n,
+            })
+            .collect();
+        let commits: f64 = per_service.iter().map(|s| s.commits_per_saga).sum();
+        let rollbacks: f64 = per_service.iter().map(|s| s.rollbacks_per_saga).sum();
+        let processes = self
+            .processes
+            .iter()
+            .map(|(name, cpu, rss)| {
+                let cpu_before = before
+                    .processes
+                    .iter()
+                    .find(|p| &p.0 == name)
+                    .map(|p| p.1)
+                    .unwrap_or(0.0);
+                ProcessCost {
+                    process: name.clone(),
+                    cpu_seconds: cpu - cpu_before,
+                    cpu_ms_per_saga: (cpu - cpu_before) * 1000.0 / n,
+                    peak_rss_mb: *rss,
+                }
+            })
+            .collect();
+        Cost {
+            transactions_per_saga: commits + rollbacks,
+            commits_per_saga: commits,
+            rollbacks_per_saga: rollbacks,
+            per_service,
+            published_per_saga: (self.published - before.published) as f64 / n,
+            deliveries_per_saga: (self.deliveries - before.deliveries) as f64 / n,
+            acks_per_saga: (self.acks - before.acks) as f64 / n,
+            processes,
+        }
+    }
+}
+
+/// CPU seconds and peak RSS (MB) of each service, nats-server and PostgreSQL
+/// (the postmaster with its backends: their CPU summed, their private memory
+/// summed plus the shared memory once).
+fn process_use(sys: &System) -> Vec<(String, f64, f64)> {
+    let mut found = Vec::new();
+    for process in &sys.processes {
+        if let Some(pid) = process.pid() {
+            let (cpu, _) = cpu_of(pid);
+            found.push((
+                process.name().to_owned(),
+                cpu,
+                status_kb(pid, "VmHWM") / 1024.0,
+            ));
+        }
+    }
+    if let Some(pid) = sys.infra.nats.pid() {
+        found.push((
+            "nats-server".into(),
+            cpu_of(pid).0,
+            status_kb(pid, "VmHWM") / 1024.0,
+        ));
+    }
+    if let Some(postmaster) = sys.infra.postgres.postmaster_pid() {
+        let (own, exited_children) = cpu_of(postmaster);
+        let mut cpu = own + exited_children;
+        let mut private_kb = status_kb(postmaster, "RssAnon");
+        let mut shared_kb = status_kb(postmaster, "RssShmem");
+        for child in children_of(postmaster) {
+            cpu += cpu_of(child).0;
+            private_kb += status_kb(child, "RssAnon");
+            shared_kb = shared_kb.max(status_kb(child, "RssShmem"));
+        }
+        found.push(("postgres".into(), cpu, (private_kb + shared_kb) / 1024.0));
+    }
+    found
+}
+
+/// (own CPU seconds, CPU seconds of waited-for children) of process `pid`.
+fn cpu_of(pid: u32) -> (f64, f64) {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return (0.0, 0.0);
+    };
+    // Fields after the command name (which may hold spaces) start at state.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let ticks = 100.0; // USER_HZ on Linux
+    match fields.as_slice() {
+        [utime, stime, cutime, cstime] => ((utime + stime) / ticks, (cutime + cstime) / ticks),
+        _ => (0.0, 0.0),
+    }
+}
+
+fn status_kb(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(&format!("{field}:")))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse::<u32>()
+                        .ok()
+                })
+                == Some(parent)
+        })
+        .collect()
+}
+
+/// Milliseconds from each order's placing to its COMPLETED, for the completed ones.
+async fn completion_ms(db: &mut PgConnection, ids: &[String]) -> anyhow::Result<Vec<f64>> {
+    let ids: Vec<uuid::Uuid> = ids.iter().filter_map(|i| i.parse().ok()).collect();
+    let rows: Vec<(f64,)> = sqlx::query_as(
+        "SELECT EXTRACT(EPOCH FROM (c.at - o.created_at))::float8 * 1000
+         FROM orders o JOIN order_status_changes c ON c.order_id = o.order_id
+         WHERE o.order_id = ANY($1) AND c.status = 'COMPLETED'",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *db)
+    .await?;
+    Ok(rows.into_iter().map(|r| r.0).collect())
+}
+
+/// Per step: from the event that triggers it to the event its service writes,
+/// from the order's timeline; and each service's commit-to-PubAck.
+async fn hops(
+    db: &mut PgConnection,
+    ids: &[String],
+    puback_ms: Vec<f64>,
+) -> anyhow::Result<Vec<Hop>> {
+    let ids: Vec<uuid::Uuid> = ids.iter().filter_map(|i| i.parse().ok()).collect();
+    let mut result = Vec::new();
+    let steps = [
+        ("order", "notification.sent", None),
+        ("inventory", "order.created", Some("inventory.reserved")),
+        ("shipping", "inventory.reserved", Some("shipping.scheduled")),
+        (
+            "notification",
+            "shipping.scheduled",
+            Some("notification.sent"),
+        ),
+    ];
+    for (i, (service, trigger, reaction)) in steps.into_iter().enumerate() {
+        let rows: Vec<(f64,)> = match reaction {
+            Some(reaction) => {
+                sqlx::query_as(
+                    "SELECT EXTRACT(EPOCH FROM (r.occurred_at - t.occurred_at))::float8 * 1000
+                     FROM order_timeline t JOIN order_timeline r ON r.order_id = t.order_id
+                     WHERE t.order_id = ANY($1) AND t.event_type = $2 AND r.event_type = $3",
+                )
+                .bind(&ids)
+                .bind(trigger)
+                .bind(reaction)
+                .fetch_all(&mut *db)
+                .await?
+            }
+            // The order service's own hop: the last event to COMPLETED.
+            None => {
+                sqlx::query_as(
+                    "SELECT EXTRACT(EPOCH FROM (c.at - t.occurred_at))::float8 * 1000
+                     FROM order_timeline t JOIN order_status_changes c ON c.order_id = t.order_id
+                     WHERE t.order_id = ANY($1) AND t.event_type = $2 AND c.status = 'COMPLETED'",
+                )
+                .bind(&ids)
+                .bind(trigger)
+                .fetch_all(&mut *db)
+                .await?
+            }
+        };
+        result.push(Hop {
+            service: service.to_owned(),
+            commit_to_puback_ms: puback_ms.get(i).copied().unwrap_or(0.0),
+            trigger_to_reaction: Percentiles::of(rows.into_iter().map(|r| r.0).collect()),
+        });
+    }
+    Ok(result)
+}
+
+/// C: commits per second of one saga-step-shaped transaction (an inbox
+/// insert, a conditional update of one of 1000 rows, an outbox insert) from
+/// `clients` connections for `secs`, in a scratch database of the same server.
+async fn commit_limit(admin_url: &str, clients: usize, secs: f64) -> anyhow::Result<f64> {
+    let mut admin = PgConnection::connect(admin_url).await?;
+    sqlx::query("DROP DATABASE IF EXISTS bench_limit")
+        .execute(&mut admin)
+        .await?;
+    sqlx::query("CREATE DATABASE bench_limit")
+        .execute(&mut admin)
+        .await?;
+    admin.close().await?;
+    let url = match admin_url.rsplit_once('/') {
+        Some((server, _)) => format!("{server}/bench_limit"),
+        None => anyhow::bail!("{admin_url} names no database"),
+    };
+    let mut setup = PgConnection::connect(&url).await?;
+    for statement in [
+        "CREATE TABLE inbox (event_id UUID PRIMARY KEY, received_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+        "CREATE TABLE rows (id INT PRIMARY KEY, n BIGINT NOT NULL)",
+        "INSERT INTO rows SELECT g, 0 FROM generate_series(0, 999) g",
+        "CREATE TABLE outbox (seq BIGSERIAL PRIMARY KEY, payload BYTEA NOT NULL, sent_at TIMESTAMPTZ)",
+    ] {
+        sqlx::query(statement).execute(&mut setup).await?;
+    }
+    setup.close().await?;
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut db = PgConnection::connect(&url).await?;
+            let mut commits = 0u64;
+            while Instant::now() < until {
+                let mut tx = db.begin().await?;
+                sqlx::query("INSERT INTO inbox (event_id) VALUES ($1)")
+                    .bind(uuid::Uuid::new_v4())
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("UPDATE rows SET n = n + 1 WHERE id = $1 AND n >= 0")
+                    .bind(rand::random_range(0..1000))
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("INSERT INTO outbox (payload) VALUES ($1)")
+                    .bind(vec![0u8; 200])
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                commits += 1;
+            }
+            anyhow::Ok(commits)
+        }));
+    }
+    let mut commits = 0;
+    for task in tasks {
+        commits += task.await??;
+    }
+    Ok(commits as f64 / secs)
+}
+
+fn admin_url(sys: &System) -> String {
+    let first = &sys.databases[0];
+    match first.rsplit_once('/') {
+        Some((server, _)) => format!("{server}/postgres"),
+        None => first.clone(),
+    }
+}
+
+async fn setting(admin_url: &str, name: &str) -> anyhow::Result<String> {
+    let mut db = PgConnection::connect(admin_url).await?;
+    let value: String = sqlx::query_scalar("SELECT current_setting($1)")
+        .bind(name)
+        .fetch_one(&mut db)
+        .await?;
+    Ok(value)
+}
+
+fn nats_description(sys: &System) -> String {
+    let version = harness::nats_server_program()
+        .ok()
+        .and_then(|p| std::process::Command::new(p).arg("--version").output().ok())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "nats-server".into());
+    let fsync = if sys
+        .infra
+        .nats
+        .config_text()
+        .contains("sync_interval: always")
+    {
+        "fsync before ack"
+    } else {
+        "WITHOUT fsync before ack (relaxed)"
+    };
+    format!("{version}, {fsync}")
+}
+
+/// Cores, memory and kernel of this machine.
+pub fn machine() -> String {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let memory_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<f64>()
+                .ok()
+        })
+        .map(|kb| kb / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))?
+                .split_once(':')
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    format!("{cores} cores ({cpu}), {memory_gib:.0} GiB")
+}
+
+impl Report {
+    /// The report as a Markdown table, the way the README shows it.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let mut row = |measure: &str, value: String| {
+            out.push_str(&format!("| {measure} | {value} |\n"));
+        };
+        row("machine", self.machine.clone());
+        row("servers", format!("{}; {}", self.postgres, self.nats));
+        row(
+            "C: saga-step commits/s of this PostgreSQL",
+            format!("{:.0}", self.limit_commits_per_sec),
+        );
+        for run in [&self.spread, &self.hot] {
+            row(
+                &format!("closed loop, {}: completed sagas/s", run.catalogue),
+                format!(
+                    "{:.1} ({} orders, {} completed, {:.1} s); placed -> COMPLETED p50 {:.0} ms, p99 {:.0} ms",
+                    run.sagas_per_sec,
+                    run.orders,
+                    run.completed,
+                    run.seconds,
+                    run.latency.p50_ms,
+                    run.latency.p99_ms
+                ),
+            );
+        }
+        row(
+            "one hot SKU / spread throughput",
+            format!(
+                "{:.2}{}",
+                self.hot.sagas_per_sec / self.spread.sagas_per_sec,
+                if self.hot_oversold {
+                    " — OVERSOLD"
+                } else {
+                    ", never oversold"
+                }
+            ),
+        );
+        row(
+            "R = spread sagas/s x 6 / C",
+            format!("{:.2}", self.headline_r),
+        );
+        row(
+            &format!(
+                "open loop at {:.0}/s: placed -> COMPLETED",
+                self.open_rate_per_sec
+            ),
+            percentiles(&self.open_loop),
+        );
+        row(
+            "one order alone: placed -> COMPLETED",
+            percentiles(&self.alone),
+        );
+        let cost = &self.spread.cost;
+        row(
+            "services' PostgreSQL transactions per saga (spread)",
+            format!(
+                "{:.1}: {:.1} commits + {:.1} rollbacks ({})",
+                cost.transactions_per_saga,
+                cost.commits_per_saga,
+                cost.rollbacks_per_saga,
+                cost.per_service
+                    .iter()
+                    .map(|s| format!(
+                        "{} {:.1}+{:.1}",
+                        s.service, s.commits_per_saga, s.rollbacks_per_saga
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+        row(
+            "NATS per saga (spread)",
+            format!(
+                "{:.1} published, {:.1} delivered, {:.1} acked",
+                cost.published_per_saga, cost.deliveries_per_saga, cost.acks_per_saga
+            ),
+        );
+        row(
+            "CPU ms per saga, peak RSS (spread)",
+            cost.processes
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{} {:.1} ms, {:.0} MB",
+                        p.process, p.cpu_ms_per_saga, p.peak_rss_mb
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        );
+        row(
+            "per hop (spread): commit -> PubAck mean; trigger -> reaction p50 / p99",
+            self.hops
+                .iter()
+                .map(|h| {
+                    format!(
+                        "{} {:.1} ms; {:.0} / {:.0} ms",
+                        h.service,
+                        h.commit_to_puback_ms,
+                        h.trigger_to_reaction.p50_ms,
+                        h.trigger_to_reaction.p99_ms
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        );
+        format!("| measure | value |\n| --- | --- |\n{out}")
+    }
+
+    /// Throughput over time (both closed loops) and the latency distribution
+    /// (open loop, and one order alone), as one SVG.
+    pub fn svg(&self) -> String {
+        let (w, h) = (900.0, 320.0);
+        let mut out = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
+            w
+        );
+        // Left: completed sagas per second.
+        let plot = |x0: f64, title: &str, series: &[Series], x_label: &str, y_label: &str| {
+            let (pw, ph, left, top) = (360.0, 220.0, x0 + 50.0, 40.0);
+            let max_x = series
+                .iter()
+                .flat_map(|s| s.2.iter().map(|p| p.0))
+                .fold(1.0_f64, f64::max);
+            let max_y = series
+                .iter()
+                .flat_map(|s| s.2.iter().map(|p| p.1))
+                .fold(1.0_f64, f64::max)
+                * 1.1;
+            let mut g = format!(
+                "<text x=\"{}\" y=\"20\" font-weight=\"bold\">{title}</text>\n<rect x=\"{left}\" y=\"{top}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"#999\"/>\n",
+                x0 + 50.0
+            );
+            for i in 0..=4 {
+                let y = top + ph - ph * i as f64 / 4.0;
+                g.push_str(&format!(
+                    "<text x=\"{}\" y=\"{:.0}\" text-anchor=\"end\">{:.0}</text>\n",
+                    left - 4.0,
+                    y + 4.0,
+                    max_y * i as f64 / 4.0
+                ));
+                let x = left + pw * i as f64 / 4.0;
+                g.push_str(&format!(
+                    "<text x=\"{x:.0}\" y=\"{}\" text-anchor=\"middle\">{:.0}</text>\n",
+                    top + ph + 16.0,
+                    max_x * i as f64 / 4.0
+                ));
+            }
+            g.push_str(&format!(
+                "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{x_label}</text>\n<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" transform=\"rotate(-90 {} {})\">{y_label}</text>\n",
+                left + pw / 2.0, top + ph + 34.0, x0 + 12.0, top + ph / 2.0, x0 + 12.0, top + ph / 2.0
+            ));
+            for (i, (name, colour, points)) in series.iter().enumerate() {
+                let path: Vec<String> = points
+                    .iter()
+                    .map(|(x, y)| {
+                        format!(
+                            "{:.1},{:.1}",
+                            left + pw * x / max_x,
+                            top + ph - ph * y / max_y
+                        )
+                    })
+                    .collect();
+                g.push_str(&format!(
+                    "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>\n<text x=\"{}\" y=\"{}\" fill=\"{colour}\">{name}</text>\n",
+                    path.join(" "),
+                    left + 8.0,
+                    top + 16.0 + 14.0 * i as f64
+                ));
+            }
+            g
+        };
+        let per_second = |run: &ClosedLoop| -> Vec<(f64, f64)> {
+            run.per_second
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (i as f64 + 0.5, *n as f64))
+                .collect()
+        };
+        out.push_str(&plot(
+            0.0,
+            "Closed loop: sagas completed per second",
+            &[
+                (&self.spread.catalogue, "#1f77b4", per_second(&self.spread)),
+                ("one hot SKU", "#d62728", per_second(&self.hot)),
+            ],
+            "seconds",
+            "sagas/s",
+        ));
+        let cdf = |p: &Percentiles| -> Vec<(f64, f64)> {
+            p.quantiles_ms
+                .iter()
+                .enumerate()
+                .map(|(i, ms)| (*ms, i as f64))
+                .collect()
+        };
+        out.push_str(&plot(
+            450.0,
+            "Placed to COMPLETED: latency distribution",
+            &[
+                (
+                    &format!("open loop at {:.0}/s", self.open_rate_per_sec),
+                    "#2ca02c",
+                    cdf(&self.open_loop),
+                ),
+                ("one order alone", "#9467bd", cdf(&self.alone)),
+            ],
+            "ms",
+            "% of orders",
+        ));
+        out.push_str(&format!(
+            "<text x=\"10\" y=\"{}\" fill=\"#555\">{} — {} — {}</text>\n</svg>\n",
+            h - 10.0,
+            self.machine,
+            self.postgres,
+            self.nats
+        ));
+        out
+    }
+}
+
+/// A line of a chart: its name, colour and points.
+type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
+
+fn percentiles(p: &Percentiles) -> String {
+    format!(
+        "p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms, max {:.0} ms ({} orders)",
+        p.p50_ms, p.p95_ms, p.p99_ms, p.max_ms, p.count
+    )
+}
