@@ -48,6 +48,9 @@ pub struct Settings {
     /// Connections measuring C, and for how long.
     pub limit_clients: usize,
     pub limit_secs: f64,
+    /// Also list each service's statements per saga over the spread run
+    /// (needs PostgreSQL started with pg_stat_statements preloaded).
+    pub statements: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -143,6 +146,9 @@ pub struct Report {
     pub open_loop: Percentiles,
     pub alone: Percentiles,
     pub hops: Vec<Hop>,
+    /// With `statements`: per service, its statements' calls per saga over
+    /// the spread run, most frequent first.
+    pub statements: Vec<(String, Vec<(f64, String)>)>,
     /// R = spread sagas/s x 6 / C.
     pub headline_r: f64,
 }
@@ -258,6 +264,9 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
         "bench: closed loop, {} orders over {} SKUs...",
         settings.orders, settings.skus
     );
+    if settings.statements {
+        reset_statements(sys).await?;
+    }
     let zipf = Arc::new(Zipf::new(settings.skus));
     let (mut spread, spread_ids) = closed_loop(
         sys,
@@ -268,6 +277,11 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
     )
     .await?;
     let puback = publish_latencies(sys).await?;
+    let statements = if settings.statements {
+        statements_per_saga(sys, spread.orders).await?
+    } else {
+        Vec::new()
+    };
 
     eprintln!(
         "bench: closed loop, {} orders for one SKU...",
@@ -322,6 +336,7 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
         open_loop,
         alone,
         hops,
+        statements,
         headline_r,
     })
 }
@@ -348,6 +363,9 @@ async fn closed_loop(
     pick: impl Fn() -> String + Send + Sync + 'static,
 ) -> anyhow::Result<(ClosedLoop, Vec<String>)> {
     let pick = Arc::new(pick);
+    // Whatever ran before (stock set-up, the previous run's reads) is
+    // counted by PostgreSQL's statistics only once its backends flush them.
+    tokio::time::sleep(STATS_FLUSH).await;
     let before = Counters::read(sys).await?;
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
@@ -443,6 +461,11 @@ async fn open_loop(
     Ok(ids)
 }
 
+/// An idle PostgreSQL backend flushes its transaction counts to
+/// `pg_stat_database` within 10 s (PGSTAT_IDLE_INTERVAL); a busy one every
+/// second. The background work of those seconds is counted too.
+const STATS_FLUSH: Duration = Duration::from_secs(11);
+
 /// Waits until no service has an unsent outbox row (their own gauge) and
 /// the statistics have been flushed.
 async fn quiet(sys: &System) -> anyhow::Result<()> {
@@ -455,6 +478,7 @@ async fn quiet(sys: &System) -> anyhow::Result<()> {
             backlog += metric(&sys.metrics(service).await?, "saga_outbox_backlog");
         }
         if backlog == 0.0 {
+            tokio::time::sleep(STATS_FLUSH).await;
             return Ok(());
         }
         anyhow::ensure!(Instant::now() < deadline, "the outboxes did not drain");
@@ -739,6 +763,46 @@ async fn hops(
     Ok(result)
 }
 
+async fn reset_statements(sys: &System) -> anyhow::Result<()> {
+    for url in &sys.databases {
+        let mut db = PgConnection::connect(url).await?;
+        sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(&mut db)
+            .await?;
+        sqlx::query("SELECT pg_stat_statements_reset()")
+            .execute(&mut db)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Each service database's statements with their calls per saga.
+async fn statements_per_saga(
+    sys: &System,
+    sagas: usize,
+) -> anyhow::Result<Vec<(String, Vec<(f64, String)>)>> {
+    let mut db = PgConnection::connect(&sys.databases[0]).await?;
+    let mut result = Vec::new();
+    for (service, url) in SERVICES.iter().zip(&sys.databases) {
+        let name = url.rsplit('/').next().unwrap_or_default();
+        let rows: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT s.calls, regexp_replace(left(s.query, 110), '\\s+', ' ', 'g')
+             FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
+             WHERE d.datname = $1 ORDER BY s.calls DESC LIMIT 14",
+        )
+        .bind(name)
+        .fetch_all(&mut db)
+        .await?;
+        result.push((
+            (*service).to_owned(),
+            rows.into_iter()
+                .map(|(calls, query)| (calls as f64 / sagas.max(1) as f64, query))
+                .collect(),
+        ));
+    }
+    Ok(result)
+}
+
 /// C: commits per second of one saga-step-shaped transaction (an inbox
 /// insert, a conditional update of one of 1000 rows, an outbox insert) from
 /// `clients` connections for `secs`, in a scratch database of the same server.
@@ -972,7 +1036,14 @@ impl Report {
                 .collect::<Vec<_>>()
                 .join("; "),
         );
-        format!("| measure | value |\n| --- | --- |\n{out}")
+        let mut table = format!("| measure | value |\n| --- | --- |\n{out}");
+        for (service, statements) in &self.statements {
+            table.push_str(&format!("\n{service}: statements per saga (spread)\n"));
+            for (per_saga, query) in statements {
+                table.push_str(&format!("  {per_saga:>6.2}  {query}\n"));
+            }
+        }
+        table
     }
 
     /// Throughput over time (both closed loops) and the latency distribution

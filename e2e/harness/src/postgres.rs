@@ -189,8 +189,11 @@ impl Postgres {
         } else {
             "-c fsync=off"
         };
+        // HARNESS_POSTGRES_OPTIONS adds server settings, e.g. for profiling:
+        // "-c shared_preload_libraries=pg_stat_statements".
+        let extra = std::env::var("HARNESS_POSTGRES_OPTIONS").unwrap_or_default();
         let options = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c max_connections=400 {fsync}",
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c max_connections=400 {fsync} {extra}",
             self.port,
             path_str(&dir)?
         );

@@ -36,6 +36,10 @@ struct Args {
     limit_clients: usize,
     #[arg(long, default_value_t = 5.0)]
     limit_secs: f64,
+    /// Also list each service's statements per saga (start with
+    /// HARNESS_POSTGRES_OPTIONS="-c shared_preload_libraries=pg_stat_statements").
+    #[arg(long)]
+    statements: bool,
     /// Run NATS without fsync before ack (the figure is labelled relaxed).
     #[arg(long)]
     relaxed_fsync: bool,
@@ -70,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
             alone: args.alone,
             limit_clients: args.limit_clients,
             limit_secs: args.limit_secs,
+            statements: args.statements,
         },
     )
     .await?;

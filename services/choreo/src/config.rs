@@ -58,6 +58,12 @@ pub struct Config {
     /// Relay polling fallback when no NOTIFY arrives, in milliseconds.
     #[arg(long, env = "RELAY_POLL_MS", default_value_t = 500)]
     pub relay_poll_ms: u64,
+    /// The code that commits an event publishes it at once; the relay
+    /// publishes only rows still unsent this long after their commit (a
+    /// crash, a broker outage), in milliseconds. 0: the relay publishes
+    /// every row, woken by each insert, and nothing is published at commit.
+    #[arg(long, env = "RELAY_SWEEP_AFTER_MS", default_value_t = 2000)]
+    pub relay_sweep_after_ms: u64,
     /// How often sent outbox rows and old inbox rows are deleted, in seconds.
     #[arg(long, env = "CLEANUP_INTERVAL_SECS", default_value_t = 300)]
     pub cleanup_interval_secs: u64,

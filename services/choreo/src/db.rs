@@ -109,7 +109,8 @@ impl Wakeup {
         }
     }
 
-    /// Waits for a notification, the poll interval, or `shutdown`.
+    /// Waits for a notification (taking every one already buffered with
+    /// it), the poll interval, or `shutdown`.
     pub async fn wait(&mut self, shutdown: &tokio_util::sync::CancellationToken) {
         self.listen().await;
         let poll = self.poll;
@@ -120,6 +121,9 @@ impl Wakeup {
                         // The listener reconnects on its next call; the poll covers the gap.
                         tokio::time::sleep(poll).await;
                     }
+                    // Notifications that came meanwhile ask for the same round:
+                    // one wake-up for all of them, not one (mostly empty) round each.
+                    while listener.next_buffered().is_some() {}
                 }
                 None => std::future::pending().await,
             }

@@ -67,13 +67,15 @@ pub async fn apply_decoded<H: Handler>(
     envelope: &Envelope,
     event: H::Event,
 ) -> Result<Outcome, HandleError> {
-    let (outcome, after) = AFTER_COMMIT
-        .scope(Default::default(), async {
+    let ((outcome, after), written) =
+        crate::outbox::capture(AFTER_COMMIT.scope(Default::default(), async {
             let outcome = apply_in_tx(pool, handler, envelope, event).await;
             (outcome, AFTER_COMMIT.with(|queue| queue.take()))
-        })
+        }))
         .await;
     if matches!(outcome, Ok(Outcome::Applied)) {
+        // Committed: the events it wrote go out now, not at the relay's next sweep.
+        written.publish().await;
         for f in after {
             f();
         }

@@ -1,17 +1,103 @@
-//! Writing outgoing events into the caller's open transaction. Nothing here
-//! talks to NATS: the [`crate::relay`] publishes rows once they are committed.
+//! Writing outgoing events into the caller's open transaction, and
+//! publishing them the moment that transaction has committed.
+//!
+//! An event is durable once its outbox row commits; publishing it is a
+//! separate step that may fail or never happen (a crash). So there are two
+//! ways out: the code that committed publishes its rows at once and marks
+//! them sent ([`capture`] and [`Written::publish`], through the
+//! [`crate::relay::Publisher`]), and the [`crate::relay`] sweeps whatever is
+//! still unsent after a grace period. Duplicates of either are absorbed
+//! downstream (JetStream's `Nats-Msg-Id` window, then the consumers' inbox).
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use sqlx::PgConnection;
+use uuid::Uuid;
 
 use crate::envelope::{Envelope, EventPayload};
+use crate::relay::Publisher;
 use prost::Message;
 
 /// Writes this service's events into its outbox table.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Outbox {
     producer: Arc<str>,
     subject_prefix: Arc<str>,
+    /// Publishes rows right after their commit, where [`capture`] runs.
+    publisher: Option<Publisher>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("producer", &self.producer)
+            .field("subject_prefix", &self.subject_prefix)
+            .field("publishes_after_commit", &self.publisher.is_some())
+            .finish()
+    }
+}
+
+/// An outbox row as it was written.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub event_id: Uuid,
+    pub subject: String,
+    pub payload: Vec<u8>,
+    pub traceparent: String,
+}
+
+tokio::task_local! {
+    static WRITTEN: RefCell<Vec<(Publisher, Row)>>;
+}
+
+/// The rows a piece of work wrote through outboxes that publish after
+/// commit. Publish them only once the transaction they were written in has
+/// committed; dropped unpublished, the relay sweeps them later.
+#[must_use = "publish the rows once their transaction has committed, or let the relay sweep them"]
+#[derive(Default)]
+pub struct Written(Vec<(Publisher, Row)>);
+
+impl Written {
+    /// Publishes the rows now (PubAcks awaited together) and has them marked
+    /// sent. A row that fails stays unsent for the relay.
+    pub async fn publish(self) {
+        let mut by_publisher: Vec<(Publisher, Vec<Row>)> = Vec::new();
+        for (publisher, row) in self.0 {
+            match by_publisher.iter_mut().find(|(p, _)| p.same_as(&publisher)) {
+                Some((_, rows)) => rows.push(row),
+                None => by_publisher.push((publisher, vec![row])),
+            }
+        }
+        for (publisher, rows) in by_publisher {
+            publisher.publish(rows).await;
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Runs `work` and returns what it wrote through outboxes that publish
+/// after commit. The caller publishes those rows if, and only if, the
+/// transaction they were written in committed.
+pub async fn capture<T>(work: impl Future<Output = T>) -> (T, Written) {
+    WRITTEN
+        .scope(RefCell::new(Vec::new()), async {
+            let result = work.await;
+            (result, Written(WRITTEN.with(|w| w.take())))
+        })
+        .await
+}
+
+/// [`capture`] for work that returns `Ok` only after its commit: publishes
+/// what it wrote when it succeeded.
+pub async fn publish_after_commit<T, E>(work: impl Future<Output = Result<T, E>>) -> Result<T, E> {
+    let (result, written) = capture(work).await;
+    if result.is_ok() {
+        written.publish().await;
+    }
+    result
 }
 
 impl Outbox {
@@ -19,7 +105,15 @@ impl Outbox {
         Outbox {
             producer: producer.into(),
             subject_prefix: subject_prefix.into(),
+            publisher: None,
         }
+    }
+
+    /// This outbox's rows are also published right after their commit,
+    /// where the work that writes them runs in [`capture`].
+    pub fn publishing_through(mut self, publisher: Publisher) -> Self {
+        self.publisher = Some(publisher);
+        self
     }
 
     /// The name written in the envelope's `producer` field.
@@ -50,18 +144,27 @@ impl Outbox {
         tx: &mut PgConnection,
         envelope: &Envelope,
     ) -> Result<(), sqlx::Error> {
+        let row = Row {
+            event_id: envelope.id(),
+            subject: format!("{}.{}", self.subject_prefix, envelope.event_type),
+            payload: envelope.encode_to_vec(),
+            traceparent: envelope.traceparent.clone(),
+        };
         sqlx::query(
             "INSERT INTO choreo_outbox (event_id, subject, event_type, saga_id, payload, traceparent)
              VALUES ($1, $2, $3, $4, $5, $6)",
         )
-        .bind(envelope.id())
-        .bind(format!("{}.{}", self.subject_prefix, envelope.event_type))
+        .bind(row.event_id)
+        .bind(&row.subject)
         .bind(&envelope.event_type)
         .bind(&envelope.saga_id)
-        .bind(envelope.encode_to_vec())
-        .bind(&envelope.traceparent)
+        .bind(&row.payload)
+        .bind(&row.traceparent)
         .execute(tx)
         .await?;
+        if let Some(publisher) = &self.publisher {
+            let _ = WRITTEN.try_with(|written| written.borrow_mut().push((publisher.clone(), row)));
+        }
         Ok(())
     }
 }

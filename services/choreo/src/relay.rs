@@ -1,4 +1,6 @@
-//! Publishes committed outbox rows to JetStream.
+//! Publishes committed outbox rows to JetStream: right after their commit
+//! (the [`Publisher`], used by the code that committed them), and as the
+//! sweeper of whatever is still unsent after a grace period (the [`Relay`]).
 //!
 //! One relay per service database is active at a time: it holds a session
 //! advisory lock on a dedicated connection and does all its reads and writes on
@@ -50,7 +52,136 @@ pub struct Relay {
     js: jetstream::Context,
     batch: i64,
     poll: Duration,
+    /// Rows younger than this are left to the publisher of their own
+    /// transaction; zero: the relay publishes every unsent row, woken by
+    /// the outbox's NOTIFY.
+    grace: Duration,
     stats: Arc<RelayStats>,
+}
+
+/// Publishes the rows a transaction wrote right after it committed, and has
+/// the acknowledged ones marked sent in batches (one UPDATE for many rows,
+/// by [`mark_sent_in_batches`]). Every instance of a service has one.
+#[derive(Clone)]
+pub struct Publisher {
+    js: jetstream::Context,
+    marks: tokio::sync::mpsc::UnboundedSender<Uuid>,
+}
+
+impl Publisher {
+    /// A publisher on `js` whose acknowledged ids go to `marks`.
+    pub fn new(js: jetstream::Context, marks: tokio::sync::mpsc::UnboundedSender<Uuid>) -> Self {
+        Publisher { js, marks }
+    }
+
+    /// Whether both send to the same place (the same service's outbox).
+    pub fn same_as(&self, other: &Publisher) -> bool {
+        self.marks.same_channel(&other.marks)
+    }
+
+    /// Publishes `rows` with their PubAcks in flight together; the
+    /// acknowledged ones are queued to be marked sent, the rest stay unsent
+    /// for the relay.
+    pub async fn publish(&self, rows: Vec<crate::outbox::Row>) {
+        let round = publish_rows(&self.js, rows).await;
+        if let Some(error) = &round.error {
+            tracing::debug!(%error, "publishing after commit failed; the relay will send it");
+        }
+        for id in round.acked {
+            let _ = self.marks.send(id);
+        }
+    }
+}
+
+/// Marks the ids `acked` receives sent, many at a time: it waits for one,
+/// takes whatever else arrives within `linger` (up to 1000), and writes one
+/// UPDATE. A failed UPDATE leaves the rows to the relay (which republishes;
+/// the duplicate is dropped downstream). Runs until `shutdown`, then marks
+/// what is left.
+pub async fn mark_sent_in_batches(
+    pool: PgPool,
+    mut acked: tokio::sync::mpsc::UnboundedReceiver<Uuid>,
+    linger: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            id = acked.recv() => id,
+            _ = shutdown.cancelled() => None,
+        };
+        let mut ids: Vec<Uuid> = first.into_iter().collect();
+        if ids.is_empty() {
+            // Shut down: take what is queued without waiting.
+            while let Ok(id) = acked.try_recv() {
+                ids.push(id);
+            }
+            mark(&pool, &ids).await;
+            return;
+        }
+        let until = tokio::time::Instant::now() + linger;
+        while ids.len() < 1000 {
+            match tokio::time::timeout_at(until, acked.recv()).await {
+                Ok(Some(id)) => ids.push(id),
+                _ => break,
+            }
+        }
+        mark(&pool, &ids).await;
+    }
+}
+
+async fn mark(pool: &PgPool, ids: &[Uuid]) {
+    if ids.is_empty() {
+        return;
+    }
+    let marked = sqlx::query(
+        "UPDATE choreo_outbox SET sent_at = now() WHERE event_id = ANY($1) AND sent_at IS NULL",
+    )
+    .bind(ids)
+    .execute(pool)
+    .await;
+    if let Err(e) = marked {
+        tracing::warn!(error = %e, rows = ids.len(), "marking published rows failed; the relay will send them again");
+    }
+}
+
+/// Publishes `rows` in order with their PubAcks in flight together, and
+/// reports which were acknowledged.
+async fn publish_rows(js: &jetstream::Context, rows: Vec<crate::outbox::Row>) -> Published {
+    let mut round = Published {
+        attempted: rows.len(),
+        ..Published::default()
+    };
+    let mut in_flight = Vec::with_capacity(rows.len());
+    let started = std::time::Instant::now();
+    for row in rows {
+        let mut message = PublishMessage::build()
+            .payload(row.payload.into())
+            .message_id(row.event_id.to_string());
+        if !row.traceparent.is_empty() {
+            message = message.header("traceparent", row.traceparent.as_str());
+        }
+        match js.send_publish(row.subject, message).await {
+            Ok(ack) => in_flight.push((row.event_id, ack)),
+            Err(e) => {
+                round.error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    for (event_id, ack) in in_flight {
+        match ack.await {
+            Ok(_) => {
+                metrics::histogram!("saga_publish_latency_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                round.acked.push(event_id)
+            }
+            Err(e) => {
+                round.error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    metrics::counter!("saga_outbox_published_total").increment(round.acked.len() as u64);
+    round
 }
 
 impl Relay {
@@ -60,8 +191,17 @@ impl Relay {
             js,
             batch,
             poll,
+            grace: Duration::ZERO,
             stats: Arc::default(),
         }
+    }
+
+    /// Leaves rows younger than `grace` to the [`Publisher`] of their own
+    /// transaction, and polls instead of waking on every insert: the relay
+    /// becomes the sweeper of what a crash or an outage left unsent.
+    pub fn sweeping_after(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
     }
 
     pub fn stats(&self) -> Arc<RelayStats> {
@@ -116,7 +256,9 @@ impl Relay {
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
         let mut wakeup = crate::db::Wakeup::new(self.pool.clone(), "choreo_outbox", self.poll);
-        wakeup.listen().await;
+        if self.grace.is_zero() {
+            wakeup.listen().await;
+        }
         let mut backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
             let round = self.publish(conn).await?;
@@ -134,7 +276,14 @@ impl Relay {
             if round.attempted as i64 >= self.batch {
                 continue; // more rows are waiting
             }
-            wakeup.wait(shutdown).await;
+            if self.grace.is_zero() {
+                wakeup.wait(shutdown).await;
+            } else {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.poll) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            }
         }
         Ok(())
     }
@@ -144,48 +293,28 @@ impl Relay {
     pub async fn publish(&self, conn: &mut PgConnection) -> Result<Published, sqlx::Error> {
         let rows: Vec<(Uuid, String, Vec<u8>, String)> = sqlx::query_as(
             "SELECT event_id, subject, payload, traceparent FROM choreo_outbox
-             WHERE sent_at IS NULL ORDER BY seq LIMIT $1",
+             WHERE sent_at IS NULL AND created_at <= now() - make_interval(secs => $2)
+             ORDER BY seq LIMIT $1",
         )
         .bind(self.batch)
+        .bind(self.grace.as_secs_f64())
         .fetch_all(&mut *conn)
         .await?;
-        let mut round = Published {
-            attempted: rows.len(),
-            ..Published::default()
-        };
-        let mut in_flight = Vec::with_capacity(rows.len());
-        let started = std::time::Instant::now();
-        for (event_id, subject, payload, traceparent) in rows {
-            let mut message = PublishMessage::build()
-                .payload(payload.into())
-                .message_id(event_id.to_string());
-            if !traceparent.is_empty() {
-                message = message.header("traceparent", traceparent.as_str());
-            }
-            match self.js.send_publish(subject, message).await {
-                Ok(ack) => in_flight.push((event_id, ack)),
-                Err(e) => {
-                    round.error = Some(e.to_string());
-                    break;
-                }
-            }
-        }
-        for (event_id, ack) in in_flight {
-            match ack.await {
-                Ok(_) => {
-                    metrics::histogram!("saga_publish_latency_seconds")
-                        .record(started.elapsed().as_secs_f64());
-                    round.acked.push(event_id)
-                }
-                Err(e) => {
-                    round.error.get_or_insert_with(|| e.to_string());
-                }
-            }
-        }
+        let rows = rows
+            .into_iter()
+            .map(
+                |(event_id, subject, payload, traceparent)| crate::outbox::Row {
+                    event_id,
+                    subject,
+                    payload,
+                    traceparent,
+                },
+            )
+            .collect();
+        let round = publish_rows(&self.js, rows).await;
         self.stats
             .published
             .fetch_add(round.acked.len() as u64, Ordering::Relaxed);
-        metrics::counter!("saga_outbox_published_total").increment(round.acked.len() as u64);
         Ok(round)
     }
 

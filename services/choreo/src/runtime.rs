@@ -24,6 +24,8 @@ use crate::{cleanup, db, grpc, provision};
 
 /// Connections the gRPC API may hold at once (its own pool).
 const API_POOL_SIZE: u32 = 10;
+/// How long the marker gathers published ids before one UPDATE marks them sent.
+const MARK_LINGER: Duration = Duration::from_millis(20);
 
 /// What a service hands the runtime once its database is ready.
 pub struct Parts<H> {
@@ -165,10 +167,22 @@ impl Service {
         }
 
         let tasks = TaskTracker::new();
+        let mut outbox = Outbox::new(self.name, &config.subject_prefix);
+        let sweep_after = Duration::from_millis(config.relay_sweep_after_ms);
+        if !sweep_after.is_zero() {
+            let (marks, acked) = tokio::sync::mpsc::unbounded_channel();
+            tasks.spawn(crate::relay::mark_sent_in_batches(
+                pool.clone(),
+                acked,
+                MARK_LINGER,
+                shutdown.clone(),
+            ));
+            outbox = outbox.publishing_through(crate::relay::Publisher::new(js.clone(), marks));
+        }
         let context = Context {
             pool: pool.clone(),
             api_pool: api_pool.clone(),
-            outbox: Outbox::new(self.name, &config.subject_prefix),
+            outbox,
             config: config.clone(),
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
@@ -180,7 +194,8 @@ impl Service {
             js.clone(),
             config.relay_batch,
             Duration::from_millis(config.relay_poll_ms),
-        );
+        )
+        .sweeping_after(sweep_after);
         tasks.spawn(relay.run(shutdown.clone()));
         // Every service also serves its dead letters, replayed through its own handler.
         let dead_letters =

@@ -91,16 +91,17 @@ macro_rules! saga_events {
 
 // The order saga, on one screen. `Forward`: triggers the consumer's step;
 // `Failure` / `Compensation`: makes the consumer undo its step; `Ends`: the
-// order records the outcome; `Observe`: the order's timeline only.
+// order records the outcome; `Observe`: the order's timeline only (the order
+// puts its own events on its timeline as it writes them).
 saga_events! {
-    OrderCreated          = "order.created",          version 1, by order        => inventory: Forward, order: Observe;
+    OrderCreated          = "order.created",          version 1, by order        => inventory: Forward;
     InventoryReserved     = "inventory.reserved",     version 1, by inventory    => shipping: Forward, order: Observe;
     InventoryRejected     = "inventory.rejected",     version 1, by inventory    => order: Ends;
     ShippingScheduled     = "shipping.scheduled",     version 1, by shipping     => notification: Forward, order: Observe;
     ShippingFailed        = "shipping.failed",        version 1, by shipping     => inventory: Failure, order: Observe;
     NotificationSent      = "notification.sent",      version 1, by notification => order: Ends;
     NotificationFailed    = "notification.failed",    version 1, by notification => shipping: Failure, order: Observe;
-    OrderCancelled        = "order.cancelled",        version 1, by order        => notification: Compensation, order: Observe;
+    OrderCancelled        = "order.cancelled",        version 1, by order        => notification: Compensation;
     NotificationCancelled = "notification.cancelled", version 1, by notification => shipping: Compensation, order: Observe;
     ShippingCancelled     = "shipping.cancelled",     version 1, by shipping     => inventory: Compensation, order: Observe;
     InventoryReleased     = "inventory.released",     version 1, by inventory    => order: Ends;

@@ -1,4 +1,5 @@
-//! Sends queued messages after the transaction that queued them committed.
+//! Sends queued messages after the transaction that queued them committed:
+//! at once, handed over by the handler after its commit, or by a poll.
 //!
 //! The handler only writes a PENDING row (and its saga step's barrier row) in
 //! the consumer's transaction, so a slow or absent provider never holds up the
@@ -12,7 +13,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use choreo::db::Wakeup;
 use choreo::{Envelope, Outbox};
 use contracts::events::v1 as ev;
 use prost::Message;
@@ -25,29 +25,69 @@ use crate::handler::record_failure;
 use crate::message::{Kind, Status};
 use crate::sender::{SendError, Sender, scrubbed};
 
-/// The channel the handler notifies (in its transaction, so at commit) when it queues a message.
-pub const CHANNEL: &str = "notifications_due";
 /// The longest wait between two attempts at one message.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
-/// Sends due messages until `shutdown`; woken by [`CHANNEL`], polling every
-/// `poll`. `workers` batches of up to `batch` messages are in flight at once
-/// (`SKIP LOCKED` keeps them apart).
+/// Sends messages until `shutdown`: those whose ids `queued` hands over
+/// (the handler's, once its transaction committed) at once, all that are
+/// queued by then in one batch; and, every `poll`, whatever is due and was
+/// not sent that way (a retry after the provider failed, a message queued
+/// before a crash, another instance's). A poll takes one batch first; only
+/// when it was full (more are due) do `workers` batches go in flight at once
+/// (`SKIP LOCKED` keeps them and the hand-overs apart).
 pub async fn run(
     pool: PgPool,
     outbox: Outbox,
     sender: Arc<dyn Sender>,
+    mut queued: tokio::sync::mpsc::UnboundedReceiver<Uuid>,
     poll: Duration,
     limits: Limits,
     shutdown: CancellationToken,
 ) {
-    let mut wakeup = Wakeup::new(pool.clone(), CHANNEL, poll);
-    wakeup.listen().await;
+    let mut next_poll = tokio::time::Instant::now() + poll;
     while !shutdown.is_cancelled() {
-        let drains = (0..limits.workers.max(1))
-            .map(|_| drain(&pool, &outbox, sender.as_ref(), limits.batch, &shutdown));
-        futures::future::join_all(drains).await;
-        wakeup.wait(&shutdown).await;
+        let first = tokio::select! {
+            id = queued.recv() => id,
+            _ = tokio::time::sleep_until(next_poll) => None,
+            _ = shutdown.cancelled() => return,
+        };
+        if let Some(first) = first {
+            let mut ids = vec![first];
+            while ids.len() < limits.batch as usize {
+                match queued.try_recv() {
+                    Ok(id) => ids.push(id),
+                    Err(_) => break,
+                }
+            }
+            let sent = choreo::outbox::publish_after_commit(dispatch_these(
+                &pool,
+                &outbox,
+                sender.as_ref(),
+                &ids,
+            ))
+            .await;
+            if let Err(e) = sent {
+                tracing::warn!(error = %e, "dispatch failed; the poll will retry");
+            }
+            continue;
+        }
+        next_poll = tokio::time::Instant::now() + poll;
+        let first = choreo::outbox::publish_after_commit(dispatch(
+            &pool,
+            &outbox,
+            sender.as_ref(),
+            limits.batch,
+        ))
+        .await;
+        match first {
+            Ok(done) if done.len() as i64 >= limits.batch => {
+                let drains = (0..limits.workers.max(1))
+                    .map(|_| drain(&pool, &outbox, sender.as_ref(), limits.batch, &shutdown));
+                futures::future::join_all(drains).await;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "dispatch failed; will retry"),
+        }
     }
 }
 
@@ -69,8 +109,9 @@ async fn drain(
     shutdown: &CancellationToken,
 ) {
     while !shutdown.is_cancelled() {
-        match dispatch(pool, outbox, sender, batch).await {
-            Ok(done) if !done.is_empty() => {}
+        match choreo::outbox::publish_after_commit(dispatch(pool, outbox, sender, batch)).await {
+            // A full batch: more may be due.
+            Ok(done) if done.len() as i64 >= batch => {}
             Ok(_) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "dispatch failed; will retry");
@@ -135,6 +176,39 @@ pub async fn dispatch(
     .bind(Status::Pending)
     .fetch_all(&mut *tx)
     .await?;
+    send_and_record(tx, outbox, sender, due).await
+}
+
+/// Sends the messages `ids` (those still pending and not taken by another
+/// round), the way [`dispatch`] sends due ones.
+pub async fn dispatch_these(
+    pool: &PgPool,
+    outbox: &Outbox,
+    sender: &dyn Sender,
+    ids: &[Uuid],
+) -> Result<Vec<Dispatched>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let due: Vec<Due> = sqlx::query_as(
+        "SELECT notification_id, order_id, kind, customer, recipient, body, cause, attempts
+         FROM notifications
+         WHERE notification_id = ANY($1) AND status = $2 AND next_attempt_at <= now()
+         ORDER BY next_attempt_at
+         FOR UPDATE SKIP LOCKED",
+    )
+    .bind(ids)
+    .bind(Status::Pending)
+    .fetch_all(&mut *tx)
+    .await?;
+    send_and_record(tx, outbox, sender, due).await
+}
+
+/// Sends the messages locked in `tx` and records each answer there, then commits.
+async fn send_and_record(
+    mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    outbox: &Outbox,
+    sender: &dyn Sender,
+    due: Vec<Due>,
+) -> Result<Vec<Dispatched>, sqlx::Error> {
     if due.is_empty() {
         return Ok(Vec::new());
     }

@@ -19,6 +19,9 @@ pub struct NotificationHandler {
     pub config: Config,
     /// Recorded with each message.
     pub channel: String,
+    /// Where a queued message's id goes once its transaction commits, for the
+    /// dispatcher to send it at once (none: the dispatcher's poll finds it).
+    pub due: Option<tokio::sync::mpsc::UnboundedSender<Uuid>>,
 }
 
 /// A message to queue.
@@ -52,7 +55,7 @@ pub(crate) async fn record_failure(
 
 impl NotificationHandler {
     /// Writes a PENDING message for the dispatcher, caused by `envelope`, and
-    /// wakes the dispatcher when the transaction commits.
+    /// hands its id to the dispatcher when the transaction commits.
     async fn queue(
         &self,
         tx: &mut Tx,
@@ -74,10 +77,11 @@ impl NotificationHandler {
         .bind(envelope.encode_to_vec())
         .execute(&mut **tx)
         .await?;
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(crate::dispatch::CHANNEL)
-            .execute(&mut **tx)
-            .await?;
+        if let Some(due) = self.due.clone() {
+            choreo::inbox::after_commit(move || {
+                let _ = due.send(id);
+            });
+        }
         tracing::info!(notification_id = %id, kind = %message.kind, "notification queued");
         Ok(id)
     }

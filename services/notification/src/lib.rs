@@ -36,10 +36,12 @@ pub const ERASE_MESSAGES: Erasure = Erasure {
 
 pub fn parts(context: &Context) -> Parts<handler::NotificationHandler> {
     let sender: Arc<dyn sender::Sender> = Arc::new(sender::LogSender);
+    let (due, queued) = tokio::sync::mpsc::unbounded_channel();
     context.tasks.spawn(dispatch::run(
         context.pool.clone(),
         context.outbox.clone(),
         sender.clone(),
+        queued,
         DISPATCH_POLL,
         DISPATCH_LIMITS,
         context.shutdown.clone(),
@@ -49,6 +51,7 @@ pub fn parts(context: &Context) -> Parts<handler::NotificationHandler> {
             outbox: context.outbox.clone(),
             config: context.config.clone(),
             channel: sender.channel().to_owned(),
+            due: Some(due),
         }),
         routes: tonic::service::Routes::new(NotificationServiceServer::new(
             grpc::NotificationApi {

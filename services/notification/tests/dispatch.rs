@@ -33,6 +33,7 @@ fn handler() -> NotificationHandler {
         outbox: outbox(),
         config: Config::new("nats://unused", "postgres://unused"),
         channel: "test".into(),
+        due: None,
     }
 }
 

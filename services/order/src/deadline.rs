@@ -21,7 +21,8 @@ pub async fn run(
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.cancelled() => return,
         }
-        if let Err(e) = sweep(&pool, &outbox, deadline).await {
+        let swept = choreo::outbox::publish_after_commit(sweep(&pool, &outbox, deadline));
+        if let Err(e) = swept.await {
             tracing::warn!(error = %e, "deadline sweep failed; will retry");
         }
     }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use choreo::Outbox;
 use choreo::grpc::ApiError;
+use contracts::SagaEvent;
 use contracts::events::v1 as ev;
 use contracts::order::v1::{self as api, order_service_server::OrderService};
 use sqlx::PgPool;
@@ -58,11 +59,18 @@ impl OrderApi {
                     })
                     .collect(),
             };
-            self.outbox
-                .emit(&mut tx, &id.to_string(), None, &payload)
-                .await?;
+            handler::emit_own(&mut tx, &self.outbox, id, payload, SagaEvent::OrderCreated).await?;
+            // The answer is the order as this transaction wrote it: no second read.
+            let placed = store::load_in(&mut tx, id)
+                .await?
+                .ok_or_else(|| ApiError::Internal("the order just written is missing".into()))?;
             tx.commit().await?;
-            id
+            tracing::Span::current().record("order_id", tracing::field::display(id));
+            tracing::info!("order placed");
+            return Ok(api::PlaceOrderResponse {
+                order: Some(placed),
+                created: true,
+            });
         } else {
             // The key was used before (or by a concurrent request that won): same order, nothing new.
             let (existing, fingerprint) = store::find_by_key(&mut tx, &order.idempotency_key)
@@ -78,12 +86,9 @@ impl OrderApi {
             existing
         };
         tracing::Span::current().record("order_id", tracing::field::display(id));
-        if created {
-            tracing::info!("order placed");
-        }
         Ok(api::PlaceOrderResponse {
             order: Some(self.load(id).await?),
-            created,
+            created: false,
         })
     }
 
@@ -169,8 +174,11 @@ impl OrderApi {
             handler::start_cancel(&mut tx, &self.outbox, id, &reason, self.deadline).await?;
             tracing::info!(%reason, "customer cancelled the order");
         }
+        let order = store::load_in(&mut tx, id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no order {id}")))?;
         tx.commit().await?;
-        self.load(id).await
+        Ok(order)
     }
 }
 
@@ -181,7 +189,8 @@ impl OrderService for OrderApi {
         &self,
         request: Request<api::PlaceOrderRequest>,
     ) -> Result<Response<api::PlaceOrderResponse>, GrpcStatus> {
-        Ok(Response::new(self.place(request.into_inner()).await?))
+        let placed = choreo::outbox::publish_after_commit(self.place(request.into_inner()));
+        Ok(Response::new(placed.await?))
     }
 
     async fn get_order(
@@ -204,7 +213,8 @@ impl OrderService for OrderApi {
         &self,
         request: Request<api::CancelOrderRequest>,
     ) -> Result<Response<api::Order>, GrpcStatus> {
-        Ok(Response::new(self.cancel(request.into_inner()).await?))
+        let cancelled = choreo::outbox::publish_after_commit(self.cancel(request.into_inner()));
+        Ok(Response::new(cancelled.await?))
     }
 
     type WatchOrderStream =

@@ -29,17 +29,24 @@ pub async fn start_cancel(
     deadline: Duration,
 ) -> Result<(), sqlx::Error> {
     store::set_status(tx, id, Status::Cancelling, Some(reason), deadline).await?;
-    outbox
-        .emit(
-            tx,
-            &id.to_string(),
-            None,
-            &ev::OrderCancelled {
-                reason: reason.to_owned(),
-            },
-        )
-        .await?;
-    Ok(())
+    let cancelled = ev::OrderCancelled {
+        reason: reason.to_owned(),
+    };
+    emit_own(tx, outbox, id, cancelled, SagaEvent::OrderCancelled).await
+}
+
+/// Writes one of the order's own events to the outbox and, in the same
+/// transaction, its line on the order's timeline: the order service records
+/// what it writes itself as it writes it, and reads back only what others write.
+pub async fn emit_own<P: choreo::EventPayload>(
+    tx: &mut PgConnection,
+    outbox: &Outbox,
+    id: Uuid,
+    payload: P,
+    as_event: fn(P) -> SagaEvent,
+) -> Result<(), sqlx::Error> {
+    let envelope = outbox.emit(tx, &id.to_string(), None, &payload).await?;
+    store::record_event(tx, id, &envelope, &detail(&as_event(payload))).await
 }
 
 fn lines(lines: &[ev::OrderLine]) -> String {

@@ -165,13 +165,26 @@ pub async fn record_event(
     Ok(())
 }
 
-/// The whole story of one order, or `None` if there is no such order.
+/// The whole story of one order, or `None` if there is no such order: read
+/// in one snapshot (a read-only repeatable-read transaction), so the status
+/// and the timeline always agree.
 pub async fn load(pool: &PgPool, id: Uuid) -> Result<Option<api::Order>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let order = load_in(&mut tx, id).await?;
+    tx.commit().await?;
+    Ok(order)
+}
+
+/// [`load`] inside a transaction the caller holds (e.g. the one that just wrote it).
+pub async fn load_in(tx: &mut PgConnection, id: Uuid) -> Result<Option<api::Order>, sqlx::Error> {
     let Some(row) = sqlx::query(
         "SELECT order_id, customer, destination, contact, status, reason, stuck, created_at, updated_at FROM orders WHERE order_id = $1",
     )
     .bind(id)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await?
     else {
         return Ok(None);
@@ -181,7 +194,7 @@ pub async fn load(pool: &PgPool, id: Uuid) -> Result<Option<api::Order>, sqlx::E
         "SELECT sku, quantity FROM order_lines WHERE order_id = $1 ORDER BY line_no",
     )
     .bind(id)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
     order.items = lines
         .into_iter()
@@ -196,7 +209,7 @@ pub async fn load(pool: &PgPool, id: Uuid) -> Result<Option<api::Order>, sqlx::E
          WHERE order_id = $1 ORDER BY occurred_at, event_id",
         )
         .bind(id)
-        .fetch_all(pool)
+        .fetch_all(&mut *tx)
         .await?;
     order.timeline = events
         .into_iter()
