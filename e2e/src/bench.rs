@@ -786,7 +786,8 @@ async fn statements_per_saga(
     for (service, url) in SERVICES.iter().zip(&sys.databases) {
         let name = url.rsplit('/').next().unwrap_or_default();
         let rows: Vec<(i64, String)> = sqlx::query_as(
-            "SELECT s.calls, regexp_replace(left(s.query, 110), '\\s+', ' ', 'g')
+            "SELECT s.calls, to_char(s.total_exec_time, '99990.0') || ' ms  '
+                    || regexp_replace(left(s.query, 100), '\\s+', ' ', 'g')
              FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
              WHERE d.datname = $1 ORDER BY s.calls DESC LIMIT 14",
         )
