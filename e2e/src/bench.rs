@@ -35,6 +35,8 @@ use crate::{OrderStatus, SERVICES, System, order_request};
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Instances of each service (for the report; the caller starts them).
+    pub instances: usize,
     /// Closed-loop clients, each with one order in flight.
     pub clients: usize,
     /// Orders per closed-loop catalogue.
@@ -937,6 +939,7 @@ impl Report {
             out.push_str(&format!("| {measure} | {value} |\n"));
         };
         row("machine", self.machine.clone());
+        row("settings", self.settings.clone());
         row("servers", format!("{}; {}", self.postgres, self.nats));
         row(
             "C: saga-step commits/s of this PostgreSQL",

@@ -43,6 +43,9 @@ struct Args {
     /// Run NATS without fsync before ack (the figure is labelled relaxed).
     #[arg(long)]
     relaxed_fsync: bool,
+    /// Instances of each service (sharing its database and durable consumer).
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
     /// Where to write bench.json and bench.svg.
     #[arg(long, default_value = "target/bench")]
     out: std::path::PathBuf,
@@ -59,14 +62,23 @@ async fn main() -> anyhow::Result<()> {
         ..Options::default()
     })
     .await?;
+    // The extra instances run until the end of the benchmark.
+    let mut twins = Vec::new();
+    for _ in 1..args.instances {
+        for service in e2e::SERVICES {
+            twins.push(sys.twin(service)?);
+        }
+    }
     eprintln!(
-        "load: binaries in {}, on {}",
+        "load: {} instance(s) of each service; binaries in {}, on {}",
+        args.instances,
         harness::bin_dir().display(),
         e2e::bench::machine()
     );
     let report = run(
         &sys,
         &Settings {
+            instances: args.instances,
             clients: args.clients,
             orders: args.orders,
             skus: args.skus,

@@ -90,12 +90,14 @@ pub async fn capture<T>(work: impl Future<Output = T>) -> (T, Written) {
         .await
 }
 
-/// [`capture`] for work that returns `Ok` only after its commit: publishes
-/// what it wrote when it succeeded.
+/// [`capture`] for work that returns `Ok` only after its commit (a gRPC
+/// method, a background sweep): publishes what it wrote when it succeeded,
+/// in a task of its own, so the caller never waits on the broker (while
+/// NATS is away a PubAck can take its whole timeout; the relay sweeps).
 pub async fn publish_after_commit<T, E>(work: impl Future<Output = Result<T, E>>) -> Result<T, E> {
     let (result, written) = capture(work).await;
-    if result.is_ok() {
-        written.publish().await;
+    if result.is_ok() && !written.is_empty() {
+        tokio::spawn(written.publish());
     }
     result
 }
