@@ -1171,3 +1171,95 @@ fn percentiles(p: &Percentiles) -> String {
         p.p50_ms, p.p95_ms, p.p99_ms, p.max_ms, p.count
     )
 }
+
+/// How a backlog of unsent events drains once the broker is back.
+#[derive(Debug, Clone, Serialize)]
+pub struct Drain {
+    pub orders: usize,
+    /// PlaceOrder rate while NATS was down: the producer's peak.
+    pub placed_per_sec: f64,
+    /// Outbox rows published per second once NATS was back.
+    pub drained_per_sec: f64,
+    pub drain_seconds: f64,
+    /// The order service's resident memory when NATS came back, and its
+    /// largest while the backlog drained, in MB.
+    pub order_rss_mb_at_start: f64,
+    pub order_rss_mb_peak: f64,
+}
+
+/// Stops NATS, places `orders` orders from `clients` clients (their events
+/// pile up in the order service's outbox), starts NATS again and measures
+/// how fast the backlog is published.
+pub async fn drain(sys: &mut System, orders: usize, clients: usize) -> anyhow::Result<Drain> {
+    let order_pid = sys.processes[0]
+        .pid()
+        .ok_or_else(|| anyhow::anyhow!("the order service is not running"))?;
+    let mut order_db = PgConnection::connect(&sys.databases[0]).await?;
+    tokio::task::block_in_place(|| sys.infra.nats.kill())?;
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (next, clients) = (next.clone(), sys.clients.clone());
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < orders {
+                clients.place(request(&sku(0))).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let placed_per_sec = orders as f64 / started.elapsed().as_secs_f64();
+    let backlog = unsent(&mut order_db).await?;
+    eprintln!("bench: {backlog} events waiting in the order service's outbox; starting NATS again");
+    let order_rss_mb_at_start = status_kb(order_pid, "VmRSS") / 1024.0;
+    let mut order_rss_mb_peak = order_rss_mb_at_start;
+    tokio::task::block_in_place(|| sys.infra.nats.restart())?;
+    let back = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        order_rss_mb_peak = order_rss_mb_peak.max(status_kb(order_pid, "VmRSS") / 1024.0);
+        if unsent(&mut order_db).await? == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            back.elapsed() < Duration::from_secs(1800),
+            "the backlog did not drain"
+        );
+    }
+    let drain_seconds = back.elapsed().as_secs_f64();
+    Ok(Drain {
+        orders,
+        placed_per_sec,
+        drained_per_sec: backlog as f64 / drain_seconds,
+        drain_seconds,
+        order_rss_mb_at_start,
+        order_rss_mb_peak,
+    })
+}
+
+impl Drain {
+    pub fn line(&self) -> String {
+        format!(
+            "| drain: {} events queued while NATS was down (placed at {:.0}/s) | published at {:.0}/s once it was back ({:.2}x the producer), {:.1} s; order service RSS {:.0} MB -> peak {:.0} MB |",
+            self.orders,
+            self.placed_per_sec,
+            self.drained_per_sec,
+            self.drained_per_sec / self.placed_per_sec,
+            self.drain_seconds,
+            self.order_rss_mb_at_start,
+            self.order_rss_mb_peak
+        )
+    }
+}
+
+/// Outbox rows not yet published.
+async fn unsent(db: &mut PgConnection) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM choreo_outbox WHERE sent_at IS NULL")
+            .fetch_one(db)
+            .await?,
+    )
+}

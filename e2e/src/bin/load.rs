@@ -46,6 +46,10 @@ struct Args {
     /// Instances of each service (sharing its database and durable consumer).
     #[arg(long, default_value_t = 1)]
     instances: usize,
+    /// Afterwards, queue this many orders' events while NATS is down and
+    /// measure how fast the backlog drains once it is back (0: skip).
+    #[arg(long, default_value_t = 0)]
+    drain: usize,
     /// Where to write bench.json and bench.svg.
     #[arg(long, default_value = "target/bench")]
     out: std::path::PathBuf,
@@ -54,7 +58,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let sys = System::start(Options {
+    let mut sys = System::start(Options {
         log: "warn".into(),
         relaxed_fsync: args.relaxed_fsync,
         durable_postgres: std::env::var_os("DATABASE_URL").is_none(),
@@ -91,6 +95,16 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     println!("{}", report.table());
+    if args.drain > 0 {
+        drop(twins);
+        let drained = e2e::bench::drain(&mut sys, args.drain, args.clients).await?;
+        println!("{}", drained.line());
+        std::fs::create_dir_all(&args.out)?;
+        std::fs::write(
+            args.out.join("drain.json"),
+            serde_json::to_string_pretty(&drained)?,
+        )?;
+    }
     std::fs::create_dir_all(&args.out)?;
     std::fs::write(
         args.out.join("bench.json"),

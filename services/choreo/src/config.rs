@@ -53,7 +53,7 @@ pub struct Config {
     #[arg(long, env = "ACK_WAIT_SECS", default_value_t = 30)]
     pub ack_wait_secs: u64,
     /// Outbox rows published per relay round.
-    #[arg(long, env = "RELAY_BATCH", default_value_t = 256)]
+    #[arg(long, env = "RELAY_BATCH", default_value_t = 1024)]
     pub relay_batch: i64,
     /// Relay polling fallback when no NOTIFY arrives, in milliseconds.
     #[arg(long, env = "RELAY_POLL_MS", default_value_t = 500)]

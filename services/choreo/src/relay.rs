@@ -66,12 +66,23 @@ pub struct Relay {
 pub struct Publisher {
     js: jetstream::Context,
     marks: tokio::sync::mpsc::UnboundedSender<Uuid>,
+    /// Publishes in flight at once: while NATS is away each waits out its
+    /// PubAck timeout, so past this many the rows are left to the relay
+    /// instead of piling up in memory.
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
+
+/// Publishes right after commit that may wait on the broker at once.
+const MAX_PUBLISHES_IN_FLIGHT: usize = 512;
 
 impl Publisher {
     /// A publisher on `js` whose acknowledged ids go to `marks`.
     pub fn new(js: jetstream::Context, marks: tokio::sync::mpsc::UnboundedSender<Uuid>) -> Self {
-        Publisher { js, marks }
+        Publisher {
+            js,
+            marks,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)),
+        }
     }
 
     /// Whether both send to the same place (the same service's outbox).
@@ -81,8 +92,16 @@ impl Publisher {
 
     /// Publishes `rows` with their PubAcks in flight together; the
     /// acknowledged ones are queued to be marked sent, the rest stay unsent
-    /// for the relay.
+    /// for the relay (as do all of them when too many publishes are already
+    /// waiting on the broker).
     pub async fn publish(&self, rows: Vec<crate::outbox::Row>) {
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            tracing::debug!(
+                rows = rows.len(),
+                "too many publishes waiting on NATS; the relay will send these"
+            );
+            return;
+        };
         let round = publish_rows(&self.js, rows).await;
         if let Some(error) = &round.error {
             tracing::debug!(%error, "publishing after commit failed; the relay will send it");
