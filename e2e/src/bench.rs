@@ -257,10 +257,15 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
         sys.set_stock(&sku(i), 10_000_000).await?;
     }
     sys.set_stock(HOT, settings.orders as u64).await?;
-    let admin_url = admin_url(sys);
+    let admin_url = admin_url(&sys.infra.postgres);
 
     eprintln!("bench: measuring C, the saga-step commit rate of this PostgreSQL...");
-    let limit = commit_limit(&admin_url, settings.limit_clients, settings.limit_secs).await?;
+    let limit = commit_limit(
+        &sys.infra.postgres,
+        settings.limit_clients,
+        settings.limit_secs,
+    )
+    .await?;
 
     eprintln!(
         "bench: closed loop, {} orders over {} SKUs...",
@@ -528,7 +533,7 @@ struct Counters {
 
 impl Counters {
     async fn read(sys: &System) -> anyhow::Result<Self> {
-        let mut admin = PgConnection::connect(&admin_url(sys)).await?;
+        let mut admin = PgConnection::connect(&admin_url(&sys.infra.postgres)).await?;
         let mut transactions = Vec::new();
         for url in &sys.databases {
             let name = url.rsplit('/').next().unwrap_or_default();
@@ -809,19 +814,17 @@ async fn statements_per_saga(
 /// C: commits per second of one saga-step-shaped transaction (an inbox
 /// insert, a conditional update of one of 1000 rows, an outbox insert) from
 /// `clients` connections for `secs`, in a scratch database of the same server.
-async fn commit_limit(admin_url: &str, clients: usize, secs: f64) -> anyhow::Result<f64> {
-    let mut admin = PgConnection::connect(admin_url).await?;
+async fn commit_limit(
+    postgres: &harness::Postgres,
+    clients: usize,
+    secs: f64,
+) -> anyhow::Result<f64> {
+    let mut admin = PgConnection::connect(&admin_url(postgres)).await?;
     sqlx::query("DROP DATABASE IF EXISTS bench_limit")
         .execute(&mut admin)
         .await?;
-    sqlx::query("CREATE DATABASE bench_limit")
-        .execute(&mut admin)
-        .await?;
     admin.close().await?;
-    let url = match admin_url.rsplit_once('/') {
-        Some((server, _)) => format!("{server}/bench_limit"),
-        None => anyhow::bail!("{admin_url} names no database"),
-    };
+    let url = postgres.create_database("bench_limit").await?;
     let mut setup = PgConnection::connect(&url).await?;
     for statement in [
         "CREATE TABLE inbox (event_id UUID PRIMARY KEY, received_at TIMESTAMPTZ NOT NULL DEFAULT now())",
@@ -866,12 +869,8 @@ async fn commit_limit(admin_url: &str, clients: usize, secs: f64) -> anyhow::Res
     Ok(commits as f64 / secs)
 }
 
-fn admin_url(sys: &System) -> String {
-    let first = &sys.databases[0];
-    match first.rsplit_once('/') {
-        Some((server, _)) => format!("{server}/postgres"),
-        None => first.clone(),
-    }
+fn admin_url(postgres: &harness::Postgres) -> String {
+    postgres.database_url("postgres")
 }
 
 async fn setting(admin_url: &str, name: &str) -> anyhow::Result<String> {

@@ -137,6 +137,12 @@ async fn nats_client(url: &str) -> anyhow::Result<async_nats::Client> {
     choreo::runtime::connect_once(url, "e2e", None).await
 }
 
+/// A service's gRPC URL on loopback: `https` when it serves TLS.
+fn grpc_url(tls: bool, port: u16) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://127.0.0.1:{port}")
+}
+
 async fn channel(addr: &str, ca: Option<&[u8]>, timeout: Duration) -> anyhow::Result<Channel> {
     let endpoint = choreo::grpc::endpoint(addr, ca)?
         .connect_timeout(Duration::from_secs(2))
@@ -401,8 +407,7 @@ impl System {
             ports.push(port);
             databases.push(database);
         }
-        let scheme = if tls_ca.is_some() { "https" } else { "http" };
-        let url = |port: u16| format!("{scheme}://127.0.0.1:{port}");
+        let url = |port: u16| grpc_url(tls_ca.is_some(), port);
         // With tokens configured, the harness acts as the operator.
         let admin_token = options
             .extra_env
@@ -437,12 +442,7 @@ impl System {
 
     /// The gRPC URL of service `i` (in [`SERVICES`] order).
     pub fn grpc_url(&self, i: usize) -> String {
-        let scheme = if self.tls_ca.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        format!("{scheme}://127.0.0.1:{}", self.ports[i])
+        grpc_url(self.tls_ca.is_some(), self.ports[i])
     }
 
     /// The process of service `name`, to kill or restart.

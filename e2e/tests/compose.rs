@@ -139,27 +139,10 @@ fn compose_runs_the_nats_release_ci_runs_and_the_cluster_file_makes_three_replic
     }
 }
 
-/// The `NATS_<USER>_PASSWORD` variables deploy/nats.conf reads, with their users.
+/// The `NATS_<USER>_PASSWORD` variables deploy/nats.conf reads, with their users
+/// (as the harness reads them to start nats-server).
 fn nats_password_variables() -> Vec<(String, String)> {
-    let conf = read("deploy/nats.conf");
-    let mut found: Vec<(String, String)> = conf
-        .split("password: $")
-        .skip(1)
-        .map(|rest| {
-            let variable: String = rest
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            let user = variable
-                .trim_start_matches("NATS_")
-                .trim_end_matches("_PASSWORD")
-                .to_ascii_lowercase();
-            (variable, user)
-        })
-        .collect();
-    found.sort();
-    found.dedup();
-    found
+    harness::nats_password_variables(&read("deploy/nats.conf"))
 }
 
 /// `${NAME:?...}`: the value of variable NAME, which compose refuses to run without.

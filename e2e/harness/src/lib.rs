@@ -14,6 +14,7 @@ pub use cluster::{NatsCluster, node_name};
 pub use nats::CONFIG as NATS_CONFIG;
 pub use nats::{
     MIN_VERSION as NATS_MIN_VERSION, Nats, parse_version as parse_nats_version,
+    password_variables as nats_password_variables,
     relaxed_fsync_config as relaxed_nats_fsync_config, server_program as nats_server_program,
 };
 pub use postgres::INIT_SCRIPT as POSTGRES_INIT_SCRIPT;

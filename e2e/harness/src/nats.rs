@@ -67,7 +67,7 @@ pub fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
 }
 
 /// The `NATS_<USER>_PASSWORD` variables `config` reads, with their users.
-fn password_variables(config: &str) -> Vec<(String, String)> {
+pub fn password_variables(config: &str) -> Vec<(String, String)> {
     let mut found = Vec::new();
     for piece in config.split("$NATS_").skip(1) {
         if let Some(user) = piece.split_once("_PASSWORD").map(|(u, _)| u)

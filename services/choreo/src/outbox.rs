@@ -37,8 +37,8 @@ impl std::fmt::Debug for Outbox {
     }
 }
 
-/// An outbox row as it was written.
-#[derive(Clone, Debug)]
+/// An outbox row as it was written (and as the relay reads it back).
+#[derive(Clone, Debug, sqlx::FromRow)]
 pub struct Row {
     pub event_id: Uuid,
     pub subject: String,

@@ -149,18 +149,26 @@ pub async fn mark_sent_in_batches(
 }
 
 async fn mark(pool: &PgPool, ids: &[Uuid]) {
-    if ids.is_empty() {
-        return;
+    if let Err(e) = mark_rows_sent(pool, ids).await {
+        tracing::warn!(error = %e, rows = ids.len(), "marking published rows failed; the relay will send them again");
     }
-    let marked = sqlx::query(
+}
+
+/// Marks the rows `ids` sent (the relay's and the marker's one UPDATE).
+async fn mark_rows_sent<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    ids: &[Uuid],
+) -> Result<(), sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
         "UPDATE choreo_outbox SET sent_at = now() WHERE event_id = ANY($1) AND sent_at IS NULL",
     )
     .bind(ids)
-    .execute(pool)
-    .await;
-    if let Err(e) = marked {
-        tracing::warn!(error = %e, rows = ids.len(), "marking published rows failed; the relay will send them again");
-    }
+    .execute(db)
+    .await?;
+    Ok(())
 }
 
 /// Publishes `rows` in order with their PubAcks in flight together, and
@@ -274,8 +282,13 @@ impl Relay {
         conn: &mut PgConnection,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
-        let mut wakeup = crate::db::Wakeup::new(self.pool.clone(), "choreo_outbox", self.poll);
-        if self.grace.is_zero() {
+        // Woken by every insert only while the relay publishes every row;
+        // as the sweeper it polls.
+        let mut wakeup = self
+            .grace
+            .is_zero()
+            .then(|| crate::db::Wakeup::new(self.pool.clone(), "choreo_outbox", self.poll));
+        if let Some(wakeup) = wakeup.as_mut() {
             wakeup.listen().await;
         }
         let mut backoff = Duration::from_millis(100);
@@ -295,7 +308,7 @@ impl Relay {
             if round.attempted as i64 >= self.batch {
                 continue; // more rows are waiting
             }
-            if self.grace.is_zero() {
+            if let Some(wakeup) = wakeup.as_mut() {
                 wakeup.wait(shutdown).await;
             } else {
                 tokio::select! {
@@ -310,7 +323,7 @@ impl Relay {
     /// Publishes up to one batch of unsent rows, PubAcks in flight together,
     /// and reports which were acknowledged. Does not mark anything sent.
     pub async fn publish(&self, conn: &mut PgConnection) -> Result<Published, sqlx::Error> {
-        let rows: Vec<(Uuid, String, Vec<u8>, String)> = sqlx::query_as(
+        let rows: Vec<crate::outbox::Row> = sqlx::query_as(
             "SELECT event_id, subject, payload, traceparent FROM choreo_outbox
              WHERE sent_at IS NULL AND created_at <= now() - make_interval(secs => $2)
              ORDER BY seq LIMIT $1",
@@ -319,17 +332,6 @@ impl Relay {
         .bind(self.grace.as_secs_f64())
         .fetch_all(&mut *conn)
         .await?;
-        let rows = rows
-            .into_iter()
-            .map(
-                |(event_id, subject, payload, traceparent)| crate::outbox::Row {
-                    event_id,
-                    subject,
-                    payload,
-                    traceparent,
-                },
-            )
-            .collect();
         let round = publish_rows(&self.js, rows).await;
         self.stats
             .published
@@ -343,16 +345,7 @@ impl Relay {
         conn: &mut PgConnection,
         acked: &[Uuid],
     ) -> Result<(), sqlx::Error> {
-        if acked.is_empty() {
-            return Ok(());
-        }
-        sqlx::query(
-            "UPDATE choreo_outbox SET sent_at = now() WHERE event_id = ANY($1) AND sent_at IS NULL",
-        )
-        .bind(acked)
-        .execute(conn)
-        .await?;
-        Ok(())
+        mark_rows_sent(conn, acked).await
     }
 }
 
