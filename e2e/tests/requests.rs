@@ -213,7 +213,7 @@ async fn concurrent_orders_never_oversell_and_list_pages_cover_every_order() {
                 status: 0,
                 page_size: 5,
                 page_token: token,
-                stuck_only: false,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -237,6 +237,41 @@ async fn concurrent_orders_never_oversell_and_list_pages_cover_every_order() {
         .unwrap()
         .into_inner();
     assert_eq!(completed_only.orders.len(), 5);
+
+    // One customer's orders, and the counts a dashboard shows.
+    let of_c3 = sys
+        .clients
+        .order
+        .clone()
+        .list_orders(api::ListOrdersRequest {
+            customer: "c3".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<&str> = of_c3.orders.iter().map(|o| o.order_id.as_str()).collect();
+    assert_eq!(ids, [placed[3].order_id.as_str()]);
+    let counts = sys
+        .clients
+        .order
+        .clone()
+        .count_orders(api::CountOrdersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let count = |s: OrderStatus| {
+        counts
+            .counts
+            .iter()
+            .find(|c| c.status() == s)
+            .map(|c| c.count)
+    };
+    assert_eq!(counts.counts.len(), 6, "every status, zeros included");
+    assert_eq!(count(OrderStatus::Completed), Some(5));
+    assert_eq!(count(OrderStatus::Cancelled), Some(7));
+    assert_eq!(count(OrderStatus::Pending), Some(0));
+    assert_eq!(counts.stuck, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

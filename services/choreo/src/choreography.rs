@@ -79,6 +79,28 @@ pub struct Step {
     pub compensation: &'static str,
 }
 
+/// One path through the saga (see [`Choreography::chains`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    /// What starts it.
+    pub entry: Entry,
+    /// The events it runs through, in order.
+    pub events: Vec<&'static str>,
+    /// Whether it ends the saga completed (else cancelled).
+    pub completes: bool,
+}
+
+/// What starts a [`Chain`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// The saga starts and every step succeeds.
+    HappyPath,
+    /// This step's work cannot be done.
+    Fails(&'static str),
+    /// Compensation is asked for from outside (the saga's cancel event).
+    Cancelled,
+}
+
 /// What an event means to the saga, derived from the declaration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Meaning {
@@ -243,6 +265,44 @@ impl Choreography {
             STUCK => Meaning::Stuck,
             _ => Meaning::Unknown,
         }
+    }
+
+    /// The happy path and every compensation chain, each as the events it
+    /// runs through in order: the happy path from the start to the last
+    /// step's success; a step's failure, or the cancel, through each earlier
+    /// step's compensation down to the first step's.
+    pub fn chains(&self) -> Vec<Chain> {
+        let mut chains = vec![Chain {
+            entry: Entry::HappyPath,
+            events: std::iter::once(self.start)
+                .chain(self.steps.iter().map(|s| s.success))
+                .collect(),
+            completes: true,
+        }];
+        let walk_back = |from: &'static str| {
+            let mut events = vec![from];
+            while let Some(undone) = self.steps.iter().find(|s| {
+                s.compensated_by
+                    .contains(events.last().expect("never empty"))
+                    && !events.contains(&s.compensation)
+            }) {
+                events.push(undone.compensation);
+            }
+            events
+        };
+        for step in self.steps {
+            chains.push(Chain {
+                entry: Entry::Fails(step.name),
+                events: walk_back(step.failure),
+                completes: false,
+            });
+        }
+        chains.push(Chain {
+            entry: Entry::Cancelled,
+            events: walk_back(self.cancel),
+            completes: false,
+        });
+        chains
     }
 
     /// The static rules every choreography keeps; all broken ones, each naming

@@ -56,6 +56,29 @@ struct Row {
     replays: i32,
 }
 
+#[derive(sqlx::FromRow)]
+struct WithRaw {
+    #[sqlx(flatten)]
+    row: Row,
+    raw: Vec<u8>,
+}
+
+impl Row {
+    fn into_proto(self) -> api::DeadLetter {
+        api::DeadLetter {
+            id: self.id,
+            stream: self.stream,
+            stream_seq: self.stream_seq.max(0) as u64,
+            subject: self.subject,
+            reason: self.reason,
+            parked_at: Some(timestamp(self.parked_at)),
+            size: self.size.max(0) as u32,
+            replays: self.replays.max(0) as u32,
+            raw: Vec::new(),
+        }
+    }
+}
+
 /// Why a replay did not apply the message.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -134,20 +157,34 @@ impl<H: Handler> DeadLetters for DeadLetterApi<H> {
         .fetch_all(&self.pool)
         .await
         .map_err(ApiError::from)?;
-        let dead_letters = rows
-            .into_iter()
-            .map(|row| api::DeadLetter {
-                id: row.id,
-                stream: row.stream,
-                stream_seq: row.stream_seq.max(0) as u64,
-                subject: row.subject,
-                reason: row.reason,
-                parked_at: Some(timestamp(row.parked_at)),
-                size: row.size.max(0) as u32,
-                replays: row.replays.max(0) as u32,
-            })
-            .collect();
+        let dead_letters = rows.into_iter().map(Row::into_proto).collect();
         Ok(Response::new(api::ListDeadLettersResponse { dead_letters }))
+    }
+
+    async fn get_dead_letter(
+        &self,
+        request: Request<api::GetDeadLetterRequest>,
+    ) -> Result<Response<api::DeadLetter>, Status> {
+        let id = request.get_ref().id;
+        if id <= 0 {
+            return Err(Status::invalid_argument(
+                "id is required: the id of a dead letter, as ListDeadLetters gives it",
+            ));
+        }
+        let row: Option<WithRaw> = sqlx::query_as(
+            "SELECT id, stream, stream_seq, subject, reason, parked_at, length(raw) AS size, replays, raw
+             FROM choreo_dead_letter WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(ApiError::from)?;
+        let WithRaw { row, raw } =
+            row.ok_or_else(|| ApiError::NotFound(format!("no dead letter {id}")))?;
+        Ok(Response::new(api::DeadLetter {
+            raw,
+            ..row.into_proto()
+        }))
     }
 
     async fn replay_dead_letter(

@@ -234,7 +234,7 @@ impl Service {
             .map(|p| (*p).to_owned())
             .collect();
         admin_paths.extend(
-            ["ListDeadLetters", "ReplayDeadLetter"]
+            ["ListDeadLetters", "ReplayDeadLetter", "GetDeadLetter"]
                 .map(|m| format!("/{}/{m}", crate::dead_letters::SERVICE_NAME)),
         );
         let policy = crate::auth::Policy {
@@ -407,7 +407,8 @@ where
     }
 }
 
-async fn cancel_on_signal(shutdown: CancellationToken) {
+/// Cancels `shutdown` on SIGTERM or Ctrl-C.
+pub async fn cancel_on_signal(shutdown: CancellationToken) {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing the SIGTERM handler");
     tokio::select! {

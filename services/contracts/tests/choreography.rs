@@ -67,6 +67,56 @@ fn the_nats_config_grants_each_service_what_the_declaration_says() {
 }
 
 #[test]
+fn the_chains_walk_back_in_reverse_from_each_failure_and_the_cancel() {
+    use choreo::choreography::{Chain, Entry};
+    let chain = |entry, events: &[&'static str], completes| Chain {
+        entry,
+        events: events.to_vec(),
+        completes,
+    };
+    assert_eq!(
+        CHOREOGRAPHY.chains(),
+        vec![
+            chain(
+                Entry::HappyPath,
+                &[
+                    "order.created",
+                    "inventory.reserved",
+                    "shipping.scheduled",
+                    "notification.sent"
+                ],
+                true
+            ),
+            chain(Entry::Fails("reserve"), &["inventory.rejected"], false),
+            chain(
+                Entry::Fails("ship"),
+                &["shipping.failed", "inventory.released"],
+                false
+            ),
+            chain(
+                Entry::Fails("notify"),
+                &[
+                    "notification.failed",
+                    "shipping.cancelled",
+                    "inventory.released"
+                ],
+                false
+            ),
+            chain(
+                Entry::Cancelled,
+                &[
+                    "order.cancelled",
+                    "notification.cancelled",
+                    "shipping.cancelled",
+                    "inventory.released"
+                ],
+                false
+            ),
+        ]
+    );
+}
+
+#[test]
 fn subscriptions_come_from_the_declaration() {
     let of = |s| CHOREOGRAPHY.subscription(s).event_types;
     assert_eq!(

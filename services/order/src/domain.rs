@@ -111,7 +111,7 @@ impl Status {
 }
 
 pub use contracts::{MAX_LINES, MAX_QUANTITY};
-const MAX_TEXT: usize = 128;
+pub const MAX_TEXT: usize = 128;
 const MAX_CONTACT: usize = 254;
 
 /// A validated `PlaceOrder` request.

@@ -124,14 +124,20 @@ impl OrderApi {
                 )
             })?)
         };
-        let mut orders = store::list(
-            &self.pool,
+        let customer = request.customer.trim();
+        contracts::check_text("customer", customer).map_err(ApiError::InvalidArgument)?;
+        if customer.len() > crate::domain::MAX_TEXT {
+            return Err(ApiError::InvalidArgument(format!(
+                "customer is longer than {} characters: no order has such a customer",
+                crate::domain::MAX_TEXT
+            )));
+        }
+        let filter = store::Filter {
             status,
-            request.stuck_only,
-            after,
-            page_size as i64 + 1,
-        )
-        .await?;
+            stuck_only: request.stuck_only,
+            customer: (!customer.is_empty()).then(|| customer.to_owned()),
+        };
+        let mut orders = store::list(&self.pool, &filter, after, page_size as i64 + 1).await?;
         let next_page_token = if orders.len() > page_size as usize {
             orders.truncate(page_size as usize);
             orders
@@ -144,6 +150,23 @@ impl OrderApi {
         Ok(api::ListOrdersResponse {
             orders,
             next_page_token,
+        })
+    }
+
+    async fn count(&self) -> Result<api::CountOrdersResponse, ApiError> {
+        let (counts, stuck) = store::count(&self.pool).await?;
+        Ok(api::CountOrdersResponse {
+            counts: Status::ALL
+                .into_iter()
+                .map(|status| api::StatusCount {
+                    status: status.to_proto() as i32,
+                    count: counts
+                        .iter()
+                        .find(|(s, _)| *s == status)
+                        .map_or(0, |(_, n)| *n as u64),
+                })
+                .collect(),
+            stuck: stuck as u64,
         })
     }
 
@@ -215,6 +238,13 @@ impl OrderService for OrderApi {
     ) -> Result<Response<api::Order>, GrpcStatus> {
         let cancelled = choreo::outbox::publish_after_commit(self.cancel(request.into_inner()));
         Ok(Response::new(cancelled.await?))
+    }
+
+    async fn count_orders(
+        &self,
+        _request: Request<api::CountOrdersRequest>,
+    ) -> Result<Response<api::CountOrdersResponse>, GrpcStatus> {
+        Ok(Response::new(self.count().await?))
     }
 
     type WatchOrderStream =

@@ -151,8 +151,8 @@ pub async fn record_event(
     detail: &str,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO order_timeline (event_id, order_id, event_type, producer, occurred_at, detail)
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING",
+        "INSERT INTO order_timeline (event_id, order_id, event_type, producer, occurred_at, detail, causation_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id) DO NOTHING",
     )
     .bind(event.id())
     .bind(id)
@@ -160,6 +160,7 @@ pub async fn record_event(
     .bind(&event.producer)
     .bind(event.occurred_at())
     .bind(detail)
+    .bind(Uuid::parse_str(&event.causation_id).ok())
     .execute(tx)
     .await?;
     Ok(())
@@ -203,27 +204,38 @@ pub async fn load_in(tx: &mut PgConnection, id: Uuid) -> Result<Option<api::Orde
             quantity: quantity as u32,
         })
         .collect();
-    let events: Vec<(Uuid, String, String, chrono::DateTime<chrono::Utc>, String)> =
-        sqlx::query_as(
-            "SELECT event_id, event_type, producer, occurred_at, detail FROM order_timeline
+    let events: Vec<TimelineRow> = sqlx::query_as(
+        "SELECT event_id, event_type, producer, occurred_at, detail, causation_id FROM order_timeline
          WHERE order_id = $1 ORDER BY occurred_at, event_id",
-        )
-        .bind(id)
-        .fetch_all(&mut *tx)
-        .await?;
+    )
+    .bind(id)
+    .fetch_all(&mut *tx)
+    .await?;
     order.timeline = events
         .into_iter()
-        .map(
-            |(event_id, event_type, producer, at, detail)| api::TimelineEntry {
-                event_id: event_id.to_string(),
-                event_type,
-                producer,
-                occurred_at: Some(timestamp(at)),
-                detail,
-            },
-        )
+        .map(|row| api::TimelineEntry {
+            event_id: row.event_id.to_string(),
+            event_type: row.event_type,
+            producer: row.producer,
+            occurred_at: Some(timestamp(row.occurred_at)),
+            detail: row.detail,
+            causation_id: row
+                .causation_id
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+        })
         .collect();
     Ok(Some(order))
+}
+
+#[derive(sqlx::FromRow)]
+struct TimelineRow {
+    event_id: Uuid,
+    event_type: String,
+    producer: String,
+    occurred_at: chrono::DateTime<chrono::Utc>,
+    detail: String,
+    causation_id: Option<Uuid>,
 }
 
 fn order_from_row(row: &sqlx::postgres::PgRow) -> api::Order {
@@ -243,24 +255,33 @@ fn order_from_row(row: &sqlx::postgres::PgRow) -> api::Order {
     }
 }
 
-/// One page of orders, newest first, optionally of one status, after `after`.
+/// Which orders a list asks for.
+#[derive(Debug, Default)]
+pub struct Filter {
+    pub status: Option<Status>,
+    pub stuck_only: bool,
+    /// Exactly this customer.
+    pub customer: Option<String>,
+}
+
+/// One page of orders, newest first, of those `filter` keeps, after `after`.
 pub async fn list(
     pool: &PgPool,
-    status: Option<Status>,
-    stuck_only: bool,
+    filter: &Filter,
     after: Option<Uuid>,
     limit: i64,
 ) -> Result<Vec<api::Order>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT order_id, customer, destination, contact, status, reason, stuck, created_at, updated_at FROM orders
          WHERE ($1::text IS NULL OR status = $1::text) AND ($2::uuid IS NULL OR order_id < $2)
-           AND (NOT $4 OR stuck <> '')
+           AND (NOT $4 OR stuck <> '') AND ($5::text IS NULL OR customer = $5::text)
          ORDER BY order_id DESC LIMIT $3",
     )
-    .bind(status)
+    .bind(filter.status)
     .bind(after)
     .bind(limit)
-    .bind(stuck_only)
+    .bind(filter.stuck_only)
+    .bind(filter.customer.as_deref())
     .fetch_all(pool)
     .await?;
     let ids: Vec<Uuid> = rows.iter().map(|r| r.get("order_id")).collect();
@@ -286,6 +307,23 @@ pub async fn list(
             order
         })
         .collect())
+}
+
+/// How many orders are in each status (statuses with none left out), and
+/// how many are stuck.
+pub async fn count(pool: &PgPool) -> Result<(Vec<(Status, i64)>, i64), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let counts = sqlx::query_as("SELECT status, count(*) FROM orders GROUP BY status")
+        .fetch_all(&mut *tx)
+        .await?;
+    let stuck = sqlx::query_scalar("SELECT count(*) FROM orders WHERE stuck <> ''")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok((counts, stuck))
 }
 
 /// Status changes of an order after position `after`, in order.

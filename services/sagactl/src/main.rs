@@ -98,6 +98,9 @@ enum Command {
         /// Only orders whose saga is stuck on a step that keeps failing.
         #[arg(long)]
         stuck: bool,
+        /// Only this customer's orders (exactly as placed).
+        #[arg(long, default_value = "")]
+        customer: String,
     },
     /// Cancel an order that is not complete yet.
     Cancel {
@@ -278,7 +281,17 @@ async fn main() -> anyhow::Result<()> {
             page_size,
             page_token,
             stuck,
-        } => list(&cli.addrs, status, page_size, page_token, stuck).await,
+            customer,
+        } => {
+            let filter = order::ListOrdersRequest {
+                page_size,
+                page_token,
+                stuck_only: stuck,
+                customer,
+                ..Default::default()
+            };
+            list(&cli.addrs, status, filter).await
+        }
         Command::Cancel { order_id, reason } => cancel(&cli.addrs, order_id, reason).await,
         Command::Watch { order_id } => watch(&cli.addrs, order_id).await,
         Command::Stock { sku } => stock(&cli.addrs, sku).await,
@@ -404,9 +417,7 @@ async fn get(addrs: &Addrs, order_id: String) -> anyhow::Result<()> {
 async fn list(
     addrs: &Addrs,
     status: Option<String>,
-    page_size: u32,
-    page_token: String,
-    stuck: bool,
+    filter: order::ListOrdersRequest,
 ) -> anyhow::Result<()> {
     let status = match status {
         None => order::OrderStatus::Unspecified,
@@ -416,9 +427,7 @@ async fn list(
     let page = OrderServiceClient::new(addrs.connect(&addrs.order_addr).await?)
         .list_orders(order::ListOrdersRequest {
             status: status as i32,
-            page_size,
-            page_token,
-            stuck_only: stuck,
+            ..filter
         })
         .await?
         .into_inner();
