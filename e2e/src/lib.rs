@@ -2,6 +2,7 @@
 //! four real service binaries as processes, and gRPC clients to them. Used by
 //! the end-to-end tests and by the demo.
 pub mod bench;
+pub mod browser;
 pub mod chaos;
 pub mod demo;
 
@@ -130,6 +131,33 @@ pub struct System {
     /// The 3-node NATS cluster, when [`Options::cluster`] asked for one
     /// (then `infra.nats` names it by URL and cannot be killed as one).
     pub cluster: Option<harness::NatsCluster>,
+    /// The services' client and admin tokens, when [`Options::extra_env`] set them.
+    pub tokens: (Option<String>, Option<String>),
+}
+
+/// The saga console, running as its own process against a [`System`].
+pub struct Console {
+    pub process: ServiceProcess,
+    /// Where a browser opens it, e.g. `http://127.0.0.1:8080`.
+    pub url: String,
+}
+
+/// The body of `GET path` on a loopback HTTP/1 server, which must answer 200.
+pub async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.") && head.split(' ').nth(1) == Some("200"),
+        "GET {path} answered {}",
+        head.lines().next().unwrap_or("nothing")
+    );
+    Ok(body.to_owned())
 }
 
 /// A client of the system's NATS (one server, or any node of the cluster).
@@ -414,6 +442,14 @@ impl System {
             .iter()
             .find(|(k, _)| k == "ADMIN_TOKEN")
             .map(|(_, v)| v.clone());
+        let token = |name: &str| {
+            options
+                .extra_env
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let tokens = (token("CLIENT_TOKEN"), token("ADMIN_TOKEN"));
         let clients = Clients::connect(
             &url(ports[0]),
             &url(ports[1]),
@@ -437,7 +473,50 @@ impl System {
             proxies,
             tls_ca,
             cluster,
+            tokens,
         })
+    }
+
+    /// Starts the console on `port` (0: a free one) against this system's
+    /// services, with their tokens, and waits until it answers.
+    pub async fn console(&self, port: u16) -> anyhow::Result<Console> {
+        let port = if port == 0 { free_port() } else { port };
+        let mut env = vec![
+            ("CONSOLE_ADDR".to_owned(), format!("127.0.0.1:{port}")),
+            ("HEALTH_SAMPLE_SECS".to_owned(), "1".to_owned()),
+            ("RUST_LOG".to_owned(), "info".to_owned()),
+        ];
+        for (i, name) in SERVICES.iter().enumerate() {
+            let upper = name.to_uppercase();
+            env.push((format!("{upper}_ADDR"), self.grpc_url(i)));
+            env.push((
+                format!("{upper}_METRICS_URL"),
+                format!("http://127.0.0.1:{}/metrics", self.metrics_ports[i]),
+            ));
+        }
+        if let Some(token) = &self.tokens.0 {
+            env.push(("CLIENT_TOKEN".into(), token.clone()));
+        }
+        if let Some(token) = &self.tokens.1 {
+            env.push(("ADMIN_TOKEN".into(), token.clone()));
+        }
+        if self.tls_ca.is_some() {
+            env.push((
+                "SAGA_CA_CERT".into(),
+                self.logs.join("tls-cert.pem").display().to_string(),
+            ));
+        }
+        let process = ServiceProcess::start("console", env, self.logs.join("console.log"))?;
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Err(e) = http_get(port, "/healthz").await {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the console did not answer within 30 s: {e}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(Console { process, url })
     }
 
     /// The gRPC URL of service `i` (in [`SERVICES`] order).
@@ -472,24 +551,11 @@ impl System {
 
     /// The Prometheus text of service `name`'s metrics endpoint.
     pub async fn metrics(&self, name: &str) -> anyhow::Result<String> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let i = SERVICES
             .iter()
             .position(|s| *s == name)
             .ok_or_else(|| anyhow::anyhow!("no service {name}"))?;
-        let mut stream =
-            tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_ports[i])).await?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            .await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        anyhow::ensure!(
-            head.starts_with("HTTP/1.") && head.contains(" 200"),
-            "metrics answered {head}"
-        );
-        Ok(body.to_owned())
+        http_get(self.metrics_ports[i], "/metrics").await
     }
 
     /// Where a service writes its log.

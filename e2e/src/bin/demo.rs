@@ -43,7 +43,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // Keeps the system (when this demo started it) alive until the end.
-    let (_system, sys): (Option<System>, Clients) = if args.external {
+    let (system, sys): (Option<System>, Clients) = if args.external {
         println!("connecting to the running services...");
         let clients = Clients::connect(
             &args.order_addr,
@@ -83,8 +83,15 @@ async fn main() -> anyhow::Result<()> {
             "  grpcurl -plaintext -d '{{\"order_id\":\"{}\"}}' 127.0.0.1:50051 order.v1.OrderService/GetOrder",
             outcomes[0].1.order_id
         );
-        println!("press Ctrl-C to stop");
-        tokio::signal::ctrl_c().await?;
+        if let Some(system) = &system {
+            let console = system.console(8080).await?;
+            println!(
+                "  open the console: {}/orders/{}",
+                console.url, outcomes[0].1.order_id
+            );
+            println!("press Ctrl-C to stop");
+            tokio::signal::ctrl_c().await?;
+        }
     }
     Ok(())
 }

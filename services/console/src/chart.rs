@@ -105,8 +105,8 @@ pub fn render(title: &str, unit: &str, span_secs: f64, series: &[Series]) -> Str
             "<g class=\"legend {}\"><rect x=\"{lx}\" y=\"4\" width=\"10\" height=\"10\"/><text x=\"{tx}\" y=\"13\">{}</text></g>",
             s.class,
             esc(&s.label),
-            lx = LEFT + 120.0 + i as f64 * 170.0,
-            tx = LEFT + 134.0 + i as f64 * 170.0,
+            lx = LEFT + 90.0 + i as f64 * 140.0,
+            tx = LEFT + 104.0 + i as f64 * 140.0,
         );
     }
     svg.push_str("</svg>");

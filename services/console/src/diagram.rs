@@ -104,7 +104,7 @@ pub fn render(choreography: &Choreography) -> String {
                     (centre_x(prev) - BOX_WIDTH / 2, cx + BOX_WIDTH / 2)
                 };
                 let x2 = if event.is_none() {
-                    if prev < *col { cx - 28 } else { cx + 28 }
+                    if prev < *col { cx - 34 } else { cx + 34 }
                 } else {
                     x2
                 };
@@ -140,7 +140,7 @@ pub fn render(choreography: &Choreography) -> String {
                     };
                     let _ = write!(
                         svg,
-                        "<g class=\"outcome outcome-{lower}\" data-outcome=\"{name}\"><circle cx=\"{cx}\" cy=\"{cy}\" r=\"26\"/>\
+                        "<g class=\"outcome outcome-{lower}\" data-outcome=\"{name}\"><circle cx=\"{cx}\" cy=\"{cy}\" r=\"32\"/>\
                          <text x=\"{cx}\" y=\"{ty}\">{name}</text></g>",
                         lower = name.to_ascii_lowercase(),
                         cy = box_y + BOX_HEIGHT / 2,

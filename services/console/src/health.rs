@@ -127,11 +127,12 @@ async fn take(backend: &Backend) -> Sample {
         if let Some(url) = &service.metrics_url {
             match scrape(url).await {
                 Ok(text) => {
-                    figures.outbox_backlog = metric(&text, "saga_outbox_backlog");
-                    figures.oldest_unsent_secs =
-                        metric(&text, "saga_outbox_oldest_unsent_age_seconds");
-                    figures.redeliveries = metric(&text, "saga_redeliveries_total");
-                    figures.parked_total = metric(&text, "saga_dead_letters_total");
+                    // A counter appears at its first increment: absent is zero.
+                    let read = |name| metric(&text, name).or(Some(0.0));
+                    figures.outbox_backlog = read("saga_outbox_backlog");
+                    figures.oldest_unsent_secs = read("saga_outbox_oldest_unsent_age_seconds");
+                    figures.redeliveries = read("saga_redeliveries_total");
+                    figures.parked_total = read("saga_dead_letters_total");
                 }
                 Err(e) => figures.problems.push(format!("metrics at {url}: {e}")),
             }

@@ -162,7 +162,7 @@ pub fn render(choreography: &Choreography, order: &Order) -> String {
         let cy = TOP + LANE / 2;
         let _ = write!(
             svg,
-            "<g class=\"outcome outcome-{lower}\" data-outcome=\"{name}\"><circle cx=\"{cx}\" cy=\"{cy}\" r=\"26\"/>\
+            "<g class=\"outcome outcome-{lower}\" data-outcome=\"{name}\"><circle cx=\"{cx}\" cy=\"{cy}\" r=\"32\"/>\
              <text x=\"{cx}\" y=\"{ty}\">{name}</text></g>",
             lower = name.to_ascii_lowercase(),
             ty = cy + 4,
@@ -176,7 +176,7 @@ pub fn render(choreography: &Choreography, order: &Order) -> String {
             let _ = write!(
                 svg,
                 "<path class=\"cause end\" d=\"M{x1},{y1} L{x2},{cy}\" marker-end=\"url(#arrow-other)\"/>",
-                x2 = cx - 27,
+                x2 = cx - 33,
             );
         }
     }
