@@ -10,5 +10,5 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin saga
-COPY --from=build /src/target/release/order /src/target/release/inventory /src/target/release/shipping /src/target/release/notification /src/target/release/sagactl /src/target/release/demo /usr/local/bin/
+COPY --from=build /src/target/release/order /src/target/release/inventory /src/target/release/shipping /src/target/release/notification /src/target/release/sagactl /src/target/release/demo /src/target/release/console /usr/local/bin/
 USER 10001:10001

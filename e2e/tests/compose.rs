@@ -287,7 +287,7 @@ fn compose_names_only_what_exists_and_agrees_with_itself() {
         "it logs in as the default user, the admin"
     );
 
-    // Only the four gRPC ports are published, each on loopback.
+    // Only the four gRPC ports and the console's are published, each on loopback.
     let mut published = Vec::new();
     for (name, service) in services {
         for port in strings(&service["ports"]) {
@@ -299,6 +299,7 @@ fn compose_names_only_what_exists_and_agrees_with_itself() {
         ("inventory", 50052),
         ("shipping", 50053),
         ("notification", 50054),
+        ("console", 8080),
     ]
     .iter()
     .map(|(s, p)| ((*s).to_owned(), format!("127.0.0.1:{p}:{p}")))
@@ -396,6 +397,17 @@ fn compose_names_only_what_exists_and_agrees_with_itself() {
             .unwrap()
             .to_owned();
         assert_eq!(demo_addr, format!("http://{service}:{grpc}"));
+        // So does the console, and it reads the metrics where they are served.
+        let console = &compose["services"]["console"]["environment"];
+        assert_eq!(
+            console[demo_key.as_str()].as_str(),
+            Some(format!("http://{service}:{grpc}").as_str())
+        );
+        let metrics_key = format!("{}_METRICS_URL", service.to_uppercase());
+        assert_eq!(
+            console[metrics_key.as_str()].as_str(),
+            Some(format!("http://{service}:{metrics}/metrics").as_str())
+        );
         assert_eq!(
             s["depends_on"]["postgres"]["condition"].as_str(),
             Some("service_healthy"),
@@ -420,6 +432,28 @@ fn compose_names_only_what_exists_and_agrees_with_itself() {
         assert_eq!(
             demo["depends_on"][service]["condition"].as_str(),
             Some("service_healthy")
+        );
+    }
+    // The console reads everything it is given, listens where it is
+    // published, and, off loopback, asks for its password.
+    let console = &compose["services"]["console"];
+    assert_eq!(strings(&console["command"]), ["console"]);
+    let console_reads = env_vars_read_by("console");
+    let console_env = console["environment"].as_mapping().unwrap();
+    for key in console_env.keys().filter_map(Value::as_str) {
+        assert!(
+            key == "RUST_LOG" || console_reads.contains(key),
+            "console is given {key}, which it does not read ({console_reads:?})"
+        );
+    }
+    assert_eq!(
+        console["environment"]["CONSOLE_ADDR"].as_str(),
+        Some("0.0.0.0:8080")
+    );
+    for secret in ["CONSOLE_PASSWORD", "CLIENT_TOKEN", "ADMIN_TOKEN"] {
+        assert!(
+            required(console["environment"][secret].as_str().unwrap(), secret),
+            "the console is given {secret}"
         );
     }
 }
