@@ -90,7 +90,10 @@ async fn main() -> anyhow::Result<()> {
                 console.url, outcomes[0].1.order_id
             );
             println!("press Ctrl-C to stop");
-            tokio::signal::ctrl_c().await?;
+            // SIGTERM too: either way the system is dropped and its servers stop.
+            let stop = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(choreo::runtime::cancel_on_signal(stop.clone()));
+            stop.cancelled().await;
         }
     }
     Ok(())

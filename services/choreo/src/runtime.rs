@@ -24,8 +24,12 @@ use crate::{cleanup, db, grpc, provision};
 
 /// Connections the gRPC API may hold at once (its own pool).
 const API_POOL_SIZE: u32 = 10;
-/// How long the marker gathers published ids before one UPDATE marks them sent.
-const MARK_LINGER: Duration = Duration::from_millis(20);
+/// How long the marker gathers published ids before one UPDATE marks them
+/// sent: long enough that one UPDATE carries many rows at load (fewer
+/// transactions per saga), far below the relay's sweep delay
+/// (`RELAY_SWEEP_AFTER_MS`, 2 s; a quarter of it when that is shorter), so
+/// the relay does not republish rows the marker is about to mark.
+const MARK_LINGER: Duration = Duration::from_millis(200);
 
 /// What a service hands the runtime once its database is ready.
 pub struct Parts<H> {
@@ -174,7 +178,7 @@ impl Service {
             tasks.spawn(crate::relay::mark_sent_in_batches(
                 pool.clone(),
                 acked,
-                MARK_LINGER,
+                MARK_LINGER.min(sweep_after / 4),
                 shutdown.clone(),
             ));
             outbox = outbox.publishing_through(crate::relay::Publisher::new(js.clone(), marks));

@@ -206,3 +206,20 @@ async fn scrape(url: &str) -> anyhow::Result<String> {
     );
     Ok(body.to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::metric;
+
+    #[test]
+    fn a_metric_is_summed_over_its_label_sets_and_absent_when_not_reported() {
+        let text = "# TYPE saga_outbox_backlog gauge\n\
+                    saga_outbox_backlog 3\n\
+                    saga_outbox_backlog_other 100\n\
+                    saga_redeliveries_total{event_type=\"order.created\"} 2\n\
+                    saga_redeliveries_total{event_type=\"other\"} 5\n";
+        assert_eq!(metric(text, "saga_outbox_backlog"), Some(3.0));
+        assert_eq!(metric(text, "saga_redeliveries_total"), Some(7.0));
+        assert_eq!(metric(text, "saga_dead_letters_total"), None);
+    }
+}

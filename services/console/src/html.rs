@@ -86,6 +86,11 @@ pub fn status_name(status: OrderStatus) -> &'static str {
     status.as_str_name().trim_start_matches("ORDER_STATUS_")
 }
 
+/// Whether the saga of an order in `status` has ended.
+pub fn is_terminal(status: OrderStatus) -> bool {
+    matches!(status, OrderStatus::Completed | OrderStatus::Cancelled)
+}
+
 /// A status as a coloured badge.
 pub fn status_badge(status: OrderStatus) -> String {
     let name = status_name(status);

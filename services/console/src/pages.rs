@@ -15,7 +15,9 @@ use serde::Deserialize;
 use crate::App;
 use crate::backend::explain;
 use crate::health;
-use crate::html::{banner, esc, page, short, status_badge, status_name, time, url_encode};
+use crate::html::{
+    banner, esc, is_terminal, page, short, status_badge, status_name, time, url_encode,
+};
 
 /// The statuses a person filters by, in saga order.
 const STATUSES: [OrderStatus; 6] = [
@@ -316,22 +318,10 @@ pub async fn order_page(
     State(app): State<App>,
     Path(id): Path<String>,
 ) -> Result<Html<String>, Failure> {
-    let id = order_id(&id)?;
-    let found = app
-        .backend
-        .order
-        .clone()
-        .get_order(order::GetOrderRequest {
-            order_id: id.clone(),
-        })
-        .await
-        .map_err(|s| grpc_failure(&format!("order {id}"), &s))?
-        .into_inner();
+    let found = fetch_order(&app, &id).await?;
+    let id = found.order_id.clone();
     let live = order_live(&app, &found).await;
-    let terminal = matches!(
-        found.status(),
-        OrderStatus::Completed | OrderStatus::Cancelled
-    );
+    let terminal = is_terminal(found.status());
     let watch = if terminal {
         String::new()
     } else {
@@ -368,8 +358,14 @@ pub async fn order_fragment(
     State(app): State<App>,
     Path(id): Path<String>,
 ) -> Result<Html<String>, Failure> {
-    let id = order_id(&id)?;
-    let found = app
+    let found = fetch_order(&app, &id).await?;
+    Ok(Html(order_live(&app, &found).await))
+}
+
+/// The order `text` names, as the order service tells it.
+async fn fetch_order(app: &App, text: &str) -> Result<order::Order, Failure> {
+    let id = order_id(text)?;
+    Ok(app
         .backend
         .order
         .clone()
@@ -378,8 +374,7 @@ pub async fn order_fragment(
         })
         .await
         .map_err(|s| grpc_failure(&format!("order {id}"), &s))?
-        .into_inner();
-    Ok(Html(order_live(&app, &found).await))
+        .into_inner())
 }
 
 /// Status, the diagram and each service's effects: what the live region shows.

@@ -6,13 +6,13 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use choreo::choreography::{Choreography, Meaning};
-use contracts::order::v1::{Order, OrderStatus};
+use contracts::order::v1::Order;
 
-use crate::html::{esc, status_name, to_utc};
+use crate::html::{esc, is_terminal, status_name, to_utc};
 
 const LABEL_WIDTH: usize = 120;
-const COLUMN: usize = 156;
-const BOX_WIDTH: usize = 140;
+const COLUMN: usize = 166;
+const BOX_WIDTH: usize = 152;
 const BOX_HEIGHT: usize = 44;
 const LANE: usize = 66;
 const TOP: usize = 8;
@@ -66,7 +66,7 @@ pub fn render(choreography: &Choreography, order: &Order) -> String {
     }
     let lane_of = |producer: &str| lanes.iter().position(|l| *l == producer).unwrap_or(0);
     let status = order.status();
-    let terminal = matches!(status, OrderStatus::Completed | OrderStatus::Cancelled);
+    let terminal = is_terminal(status);
     let columns = order.timeline.len() + usize::from(terminal);
     let width = LABEL_WIDTH + columns.max(1) * COLUMN + 16;
     let height = TOP + lanes.len() * LANE + 8;

@@ -14,7 +14,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
-use contracts::order::v1::{self as order, OrderStatus};
+use contracts::order::v1 as order;
 use tokio_stream::Stream;
 
 use crate::App;
@@ -218,13 +218,7 @@ async fn watch(
         let mut stream = match stream {
             Ok(stream) => stream.into_inner(),
             Err(status) => {
-                let _ = sender
-                    .send(
-                        Event::default()
-                            .event("problem")
-                            .data(crate::backend::explain("watching the order", &status)),
-                    )
-                    .await;
+                let _ = sender.send(problem(&status)).await;
                 return;
             }
         };
@@ -232,10 +226,7 @@ async fn watch(
             match stream.message().await {
                 Ok(Some(change)) => {
                     let status = crate::html::status_name(change.status());
-                    let terminal = matches!(
-                        change.status(),
-                        OrderStatus::Completed | OrderStatus::Cancelled
-                    );
+                    let terminal = crate::html::is_terminal(change.status());
                     let data = serde_json::json!({
                         "status": status,
                         "reason": change.reason,
@@ -257,13 +248,7 @@ async fn watch(
                 }
                 Ok(None) => return,
                 Err(status) => {
-                    let _ = sender
-                        .send(
-                            Event::default()
-                                .event("problem")
-                                .data(crate::backend::explain("watching the order", &status)),
-                        )
-                        .await;
+                    let _ = sender.send(problem(&status)).await;
                     return;
                 }
             }
@@ -274,4 +259,60 @@ async fn watch(
         Ok::<_, Infallible>,
     );
     Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+/// The watch failed: the page says why and its browser tries again.
+fn problem(status: &tonic::Status) -> Event {
+    Event::default()
+        .event("problem")
+        .data(crate::backend::explain("watching the order", status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(*name, HeaderValue::from_str(value).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn on_loopback_only_loopback_names_are_answered() {
+        let access = Access::new("127.0.0.1:8080".parse().unwrap(), None);
+        for host in [
+            "localhost:8080",
+            "127.0.0.1:8080",
+            "[::1]:8080",
+            "localhost",
+        ] {
+            assert!(access.host_allowed(&headers(&[("host", host)])), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "127.0.0.1.evil.example:8080",
+            "localhost.evil:8080",
+        ] {
+            assert!(!access.host_allowed(&headers(&[("host", host)])), "{host}");
+        }
+        assert!(!access.host_allowed(&headers(&[])));
+        let open = Access::new("0.0.0.0:8080".parse().unwrap(), Some("pw".into()));
+        assert!(open.host_allowed(&headers(&[("host", "console.example")])));
+    }
+
+    #[test]
+    fn an_action_needs_the_pages_header_and_a_matching_origin() {
+        let own = [("host", "localhost:8080"), ("x-console-action", "1")];
+        assert!(action_allowed(&headers(&own)));
+        let mut same_origin = own.to_vec();
+        same_origin.push(("origin", "http://localhost:8080"));
+        assert!(action_allowed(&headers(&same_origin)));
+        let mut cross = own.to_vec();
+        cross.push(("origin", "http://evil.example"));
+        assert!(!action_allowed(&headers(&cross)));
+        assert!(!action_allowed(&headers(&[("host", "localhost:8080")])));
+    }
 }
