@@ -493,3 +493,40 @@ async fn the_console_asks_for_its_password_and_takes_actions_from_its_own_pages_
         "from its own page the action is taken (and answers that inventory is unreachable)"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_watch_stays_open_as_long_as_the_order_runs() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sys = system(Options::default()).await;
+    sys.set_stock("BOOK", 5).await.unwrap();
+    kill(&mut sys, "shipping").await;
+    let placed = sys.place_one("BOOK").await.unwrap();
+    let console = sys.console(0).await.unwrap();
+    let port: u16 = console.url.rsplit(':').next().unwrap().parse().unwrap();
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let request = format!(
+        "GET /orders/{}/watch HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        placed.order_id
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // Past the console's gRPC request timeout (10 s), the services' (30 s)
+    // and two keep-alives (15 s): the watch is still open and has said
+    // nothing but the order's changes.
+    let mut seen = Vec::new();
+    let reading = tokio::time::timeout(Duration::from_secs(35), async {
+        let mut buffer = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buffer).await.unwrap();
+            assert!(n > 0, "the watch ended while the order runs");
+            seen.extend_from_slice(&buffer[..n]);
+        }
+    })
+    .await;
+    assert!(reading.is_err(), "still reading when the time was up");
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(seen.contains(r#""status":"PENDING""#), "{seen}");
+    assert!(!seen.contains("event: problem"), "{seen}");
+    assert!(seen.matches("\n:").count() >= 2, "keep-alives: {seen}");
+}
