@@ -34,7 +34,8 @@ fn parse_status(text: &str) -> Option<OrderStatus> {
         .filter(|s| *s != OrderStatus::Unspecified)
 }
 
-/// A page that could not be built: its status code and what to tell the person.
+/// A page that could not be built: its status code and what to tell the
+/// person (plain text: the page escapes it).
 pub struct Failure(StatusCode, String);
 
 impl IntoResponse for Failure {
@@ -309,7 +310,7 @@ fn order_id(text: &str) -> Result<String, Failure> {
         .map_err(|_| {
             Failure(
                 StatusCode::NOT_FOUND,
-                format!("{:?} is not an order id", crate::html::esc(text)),
+                format!("{text:?} is not an order id"),
             )
         })
 }
@@ -681,12 +682,10 @@ pub async fn dead_letters(
     State(app): State<App>,
     Path(service): Path<String>,
 ) -> Result<Html<String>, Failure> {
-    let s = app.backend.service(&service).ok_or_else(|| {
-        Failure(
-            StatusCode::NOT_FOUND,
-            format!("no service {:?}", esc(&service)),
-        )
-    })?;
+    let s = app
+        .backend
+        .service(&service)
+        .ok_or_else(|| Failure(StatusCode::NOT_FOUND, format!("no service {service:?}")))?;
     let mut body = tabs(&app, s.name);
     let listed = s
         .dead_letters
@@ -734,12 +733,10 @@ pub async fn dead_letter(
     State(app): State<App>,
     Path((service, id)): Path<(String, i64)>,
 ) -> Result<Html<String>, Failure> {
-    let s = app.backend.service(&service).ok_or_else(|| {
-        Failure(
-            StatusCode::NOT_FOUND,
-            format!("no service {:?}", esc(&service)),
-        )
-    })?;
+    let s = app
+        .backend
+        .service(&service)
+        .ok_or_else(|| Failure(StatusCode::NOT_FOUND, format!("no service {service:?}")))?;
     let d = s
         .dead_letters
         .clone()
