@@ -18,8 +18,8 @@ pub async fn insert(
     deadline: Duration,
 ) -> Result<bool, sqlx::Error> {
     let inserted = sqlx::query(
-        "INSERT INTO orders (order_id, customer, destination, contact, status, idempotency_key, fingerprint, deadline_at)
-         VALUES ($1, $2, $3, $4, $8, $5, $6, now() + make_interval(secs => $7))
+        "INSERT INTO orders (order_id, customer, destination, contact, status, idempotency_key, fingerprint, deadline_at, changes)
+         VALUES ($1, $2, $3, $4, $8, $5, $6, now() + make_interval(secs => $7), 1)
          ON CONFLICT (idempotency_key) DO NOTHING",
     )
     .bind(id)
@@ -47,7 +47,17 @@ pub async fn insert(
         .execute(&mut *tx)
         .await?;
     }
-    record_change(tx, id, Status::Pending, "").await?;
+    // Its first status change, and the notification that wakes its watches.
+    sqlx::query(
+        "WITH recorded AS (
+             INSERT INTO order_status_changes (order_id, seq, status, reason) VALUES ($1, 1, $2, '') RETURNING seq)
+         SELECT pg_notify($3, $1::text) FROM recorded",
+    )
+    .bind(id)
+    .bind(Status::Pending)
+    .bind(crate::watch::CHANNEL)
+    .execute(&mut *tx)
+    .await?;
     Ok(true)
 }
 
@@ -79,18 +89,27 @@ pub async fn set_status(
     reason: Option<&str>,
     deadline: Duration,
 ) -> Result<(), sqlx::Error> {
-    let reason: String = sqlx::query_scalar(
-        "UPDATE orders SET status = $2, reason = CASE WHEN reason = '' THEN COALESCE($3, '') ELSE reason END, stuck = '', updated_at = now(),
-                deadline_at = CASE WHEN $2 IN ('RESERVED', 'SCHEDULED') THEN now() + make_interval(secs => $4) ELSE deadline_at END
-         WHERE order_id = $1 RETURNING reason",
+    // One statement: the move, its place in the status history (for
+    // WatchOrder) and the notification that wakes the order's watches.
+    sqlx::query(
+        "WITH moved AS (
+             UPDATE orders SET status = $2, reason = CASE WHEN reason = '' THEN COALESCE($3, '') ELSE reason END, stuck = '', updated_at = now(),
+                    deadline_at = CASE WHEN $2 IN ('RESERVED', 'SCHEDULED') THEN now() + make_interval(secs => $4) ELSE deadline_at END,
+                    changes = changes + 1
+             WHERE order_id = $1 RETURNING changes, reason),
+         recorded AS (
+             INSERT INTO order_status_changes (order_id, seq, status, reason)
+             SELECT $1, changes, $2, reason FROM moved RETURNING seq)
+         SELECT pg_notify($5, $1::text) FROM recorded",
     )
     .bind(id)
     .bind(status)
     .bind(reason)
     .bind(deadline.as_secs_f64())
+    .bind(crate::watch::CHANNEL)
     .fetch_one(&mut *tx)
     .await?;
-    record_change(tx, id, status, &reason).await
+    Ok(())
 }
 
 /// Records that a service keeps failing on one of the order's events.
@@ -116,30 +135,6 @@ pub async fn keep_first_reason(
     .bind(reason)
     .execute(tx)
     .await?;
-    Ok(())
-}
-
-async fn record_change(
-    tx: &mut PgConnection,
-    id: Uuid,
-    status: Status,
-    reason: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "WITH bumped AS (UPDATE orders SET changes = changes + 1 WHERE order_id = $1 RETURNING changes)
-         INSERT INTO order_status_changes (order_id, seq, status, reason) SELECT $1, changes, $2, $3 FROM bumped",
-    )
-    .bind(id)
-    .bind(status)
-    .bind(reason)
-    .execute(&mut *tx)
-    .await?;
-    // Delivered at commit: wakes the watches of this order.
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(crate::watch::CHANNEL)
-        .bind(id.to_string())
-        .execute(tx)
-        .await?;
     Ok(())
 }
 
