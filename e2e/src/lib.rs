@@ -436,12 +436,6 @@ impl System {
             databases.push(database);
         }
         let url = |port: u16| grpc_url(tls_ca.is_some(), port);
-        // With tokens configured, the harness acts as the operator.
-        let admin_token = options
-            .extra_env
-            .iter()
-            .find(|(k, _)| k == "ADMIN_TOKEN")
-            .map(|(_, v)| v.clone());
         let token = |name: &str| {
             options
                 .extra_env
@@ -450,12 +444,13 @@ impl System {
                 .map(|(_, v)| v.clone())
         };
         let tokens = (token("CLIENT_TOKEN"), token("ADMIN_TOKEN"));
+        // With tokens configured, the harness acts as the operator.
         let clients = Clients::connect(
             &url(ports[0]),
             &url(ports[1]),
             &url(ports[2]),
             &url(ports[3]),
-            admin_token.as_deref(),
+            tokens.1.as_deref(),
             tls_ca.as_deref(),
             Duration::from_secs(60),
         )

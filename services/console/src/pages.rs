@@ -258,11 +258,7 @@ async fn order_rows(app: &App, query: &ListQuery) -> String {
          <th>placed (UTC)</th><th>reason</th></tr></thead><tbody>",
     );
     for o in &listed.orders {
-        let items: Vec<String> = o
-            .items
-            .iter()
-            .map(|i| format!("{} ×{}", esc(&i.sku), i.quantity))
-            .collect();
+        let items = lines(o.items.iter().map(|i| (i.sku.as_str(), i.quantity)));
         let stuck = if o.stuck.is_empty() {
             String::new()
         } else {
@@ -279,7 +275,6 @@ async fn order_rows(app: &App, query: &ListQuery) -> String {
             status = status_name(o.status()),
             badge = status_badge(o.status()),
             customer = esc(&o.customer),
-            items = items.join(", "),
             placed = time(o.created_at.as_ref()),
             reason = esc(&o.reason),
         );
@@ -300,6 +295,14 @@ async fn order_rows(app: &App, query: &ListQuery) -> String {
         out.push_str("<p class=\"pager\"><a href=\"/orders\">newest</a></p>");
     }
     out
+}
+
+/// Order or reservation lines as a person reads them: `BOOK ×2, PEN ×1`.
+fn lines<'a>(lines: impl Iterator<Item = (&'a str, u32)>) -> String {
+    lines
+        .map(|(sku, quantity)| format!("{} ×{quantity}", esc(sku)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 // ---------------------------------------------------------------- one order
@@ -389,11 +392,7 @@ async fn order_live(app: &App, o: &order::Order) -> String {
             esc(&o.stuck)
         )
     };
-    let items: Vec<String> = o
-        .items
-        .iter()
-        .map(|i| format!("{} ×{}", esc(&i.sku), i.quantity))
-        .collect();
+    let items = lines(o.items.iter().map(|i| (i.sku.as_str(), i.quantity)));
     let _ = write!(
         out,
         "<section class=\"summary\"><dl>\
@@ -410,7 +409,6 @@ async fn order_live(app: &App, o: &order::Order) -> String {
         },
         customer = esc(&o.customer),
         destination = esc(&o.destination),
-        items = items.join(", "),
         placed = time(o.created_at.as_ref()),
         updated = time(o.updated_at.as_ref()),
     );
@@ -469,16 +467,12 @@ async fn effects(app: &App, id: &str) -> String {
     match reservation {
         Ok(r) => {
             let r = r.into_inner();
-            let lines: Vec<String> = r
-                .lines
-                .iter()
-                .map(|l| format!("{} ×{}", esc(&l.sku), l.quantity))
-                .collect();
+            let held = lines(r.lines.iter().map(|l| (l.sku.as_str(), l.quantity)));
             let _ = write!(
                 out,
                 "<p><span class=\"badge effect\" data-field=\"reservation\">{}</span></p><p>{}</p><p class=\"reason\">{}</p>",
                 short(r.status().as_str_name(), "RESERVATION_STATUS_"),
-                lines.join(", "),
+                held,
                 esc(&r.reason)
             );
         }

@@ -156,14 +156,11 @@ impl OrderApi {
     async fn count(&self) -> Result<api::CountOrdersResponse, ApiError> {
         let (counts, stuck) = store::count(&self.pool).await?;
         Ok(api::CountOrdersResponse {
-            counts: Status::ALL
+            counts: counts
                 .into_iter()
-                .map(|status| api::StatusCount {
+                .map(|(status, n)| api::StatusCount {
                     status: status.to_proto() as i32,
-                    count: counts
-                        .iter()
-                        .find(|(s, _)| *s == status)
-                        .map_or(0, |(_, n)| *n as u64),
+                    count: n as u64,
                 })
                 .collect(),
             stuck: stuck as u64,

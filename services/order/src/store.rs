@@ -165,13 +165,21 @@ pub async fn record_event(
 /// in one snapshot (a read-only repeatable-read transaction), so the status
 /// and the timeline always agree.
 pub async fn load(pool: &PgPool, id: Uuid) -> Result<Option<api::Order>, sqlx::Error> {
+    let mut tx = snapshot(pool).await?;
+    let order = load_in(&mut tx, id).await?;
+    tx.commit().await?;
+    Ok(order)
+}
+
+/// A read-only repeatable-read transaction: every read in it sees one snapshot.
+async fn snapshot(
+    pool: &PgPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
         .await?;
-    let order = load_in(&mut tx, id).await?;
-    tx.commit().await?;
-    Ok(order)
+    Ok(tx)
 }
 
 /// [`load`] inside a transaction the caller holds (e.g. the one that just wrote it).
@@ -304,16 +312,30 @@ pub async fn list(
         .collect())
 }
 
-/// How many orders are in each status (statuses with none left out), and
-/// how many are stuck.
+/// How many orders are in each status, in [`Status::ALL`] order, zeros included.
+pub async fn status_counts<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+) -> Result<Vec<(Status, i64)>, sqlx::Error> {
+    let counted: Vec<(Status, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM orders GROUP BY status")
+            .fetch_all(db)
+            .await?;
+    Ok(Status::ALL
+        .into_iter()
+        .map(|status| {
+            let n = counted
+                .iter()
+                .find(|(s, _)| *s == status)
+                .map_or(0, |(_, n)| *n);
+            (status, n)
+        })
+        .collect())
+}
+
+/// [`status_counts`] and how many orders are stuck, from one snapshot.
 pub async fn count(pool: &PgPool) -> Result<(Vec<(Status, i64)>, i64), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut *tx)
-        .await?;
-    let counts = sqlx::query_as("SELECT status, count(*) FROM orders GROUP BY status")
-        .fetch_all(&mut *tx)
-        .await?;
+    let mut tx = snapshot(pool).await?;
+    let counts = status_counts(&mut *tx).await?;
     let stuck = sqlx::query_scalar("SELECT count(*) FROM orders WHERE stuck <> ''")
         .fetch_one(&mut *tx)
         .await?;
