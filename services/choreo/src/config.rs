@@ -46,6 +46,9 @@ pub struct Config {
     /// Events handled at once; events of one saga never run side by side.
     #[arg(long, env = "CONSUMER_LANES", default_value_t = 16)]
     pub consumer_lanes: usize,
+    /// Events of a busy lane applied in one transaction at most (1: each in its own).
+    #[arg(long, env = "CONSUMER_BATCH", default_value_t = 32)]
+    pub consumer_batch: usize,
     /// Messages delivered and not yet acknowledged, at most.
     #[arg(long, env = "MAX_ACK_PENDING", default_value_t = 512)]
     pub max_ack_pending: i64,

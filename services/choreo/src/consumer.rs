@@ -14,6 +14,13 @@
 //! 4. run the [`crate::inbox`] step (dedup, effects, commit) and ack only after
 //!    the commit. Any other error is retried in the lane with backoff, then
 //!    nak'ed with a delay for redelivery.
+//!
+//! A lane that is busy gathers what queues behind it: the next time it takes
+//! all of it (up to the batch size), and step 4 runs for those events in one
+//! transaction, one commit and then the acks of all. If any of them fails,
+//! nothing of the batch is committed and each is applied on its own, so one
+//! bad event costs the others a second try, never their effects. An idle
+//! lane takes one event at a time: batches cost no latency.
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,6 +51,10 @@ pub struct ConsumerStats {
     pub ignored: AtomicU64,
     pub retries: AtomicU64,
     pub redeliveries: AtomicU64,
+    /// Transactions that committed several events at once.
+    pub batches: AtomicU64,
+    /// Batches that failed and were applied one event at a time instead.
+    pub batch_fallbacks: AtomicU64,
 }
 
 const IN_LANE_ATTEMPTS: u32 = 5;
@@ -55,6 +66,8 @@ pub struct Consumer<H: Handler> {
     handler: Arc<H>,
     subscription: Subscription,
     lanes: usize,
+    /// Events applied in one transaction at most.
+    batch: usize,
     stats: Arc<ConsumerStats>,
     stuck: Option<(Outbox, u64)>,
 }
@@ -67,6 +80,7 @@ impl<H: Handler> Consumer<H> {
             handler,
             subscription,
             lanes: lanes.max(1),
+            batch: 1,
             stats: Arc::default(),
             stuck: None,
         }
@@ -76,6 +90,13 @@ impl<H: Handler> Consumer<H> {
     /// `choreo.stuck` event for its saga through `outbox` (once per event).
     pub fn report_stuck(mut self, outbox: Outbox, after: u64) -> Self {
         self.stuck = Some((outbox, after.max(1)));
+        self
+    }
+
+    /// When events queue up in a lane, apply up to `events` of them in one
+    /// transaction (if the handler [`Handler::batches`]); 1: one at a time.
+    pub fn batching(mut self, events: usize) -> Self {
+        self.batch = events.max(1);
         self
     }
 
@@ -170,21 +191,44 @@ impl<H: Handler> Consumer<H> {
         mut rx: mpsc::Receiver<(jetstream::Message, Result<Envelope, Reject>)>,
         shutdown: CancellationToken,
     ) {
-        while let Some((message, decoded)) = rx.recv().await {
+        while let Some(first) = rx.recv().await {
+            // What queued in the lane while it was busy goes in one batch.
+            let mut batch = vec![first];
+            while batch.len() < self.batch {
+                match rx.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
             if shutdown.is_cancelled() {
-                let _ = message.ack_with(AckKind::Nak(None)).await;
+                for (message, _) in batch {
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                }
                 continue;
             }
-            self.process(message, decoded, &shutdown).await;
+            let mut ready = Vec::with_capacity(batch.len());
+            for (message, decoded) in batch {
+                if let Some(event) = self.check(message, decoded).await {
+                    ready.push(event);
+                }
+            }
+            if ready.len() > 1 && self.handler.batches() {
+                self.apply_together(ready, &shutdown).await;
+            } else {
+                for event in ready {
+                    self.apply_alone(event, &shutdown).await;
+                }
+            }
         }
     }
 
-    async fn process(
+    /// Steps 1 to 3: an event ready for the inbox step, or `None` when the
+    /// message was parked or acknowledged unread.
+    async fn check(
         &self,
         message: jetstream::Message,
         decoded: Result<Envelope, Reject>,
-        shutdown: &CancellationToken,
-    ) {
+    ) -> Option<Ready<H::Event>> {
         let (stream, stream_seq, delivered) = match message.info() {
             Ok(info) => (info.stream.to_owned(), info.stream_sequence, info.delivered),
             Err(_) => (String::new(), 0, 1),
@@ -198,70 +242,114 @@ impl<H: Handler> Consumer<H> {
                 .map(|()| e)
         }) {
             Ok(envelope) => envelope,
-            Err(reject) => return self.park(&message, &stream, stream_seq, &reject).await,
+            Err(reject) => {
+                self.park(&message, &stream, stream_seq, &reject).await;
+                return None;
+            }
         };
         if !self.subscription.consumes(&envelope.event_type) {
             self.stats.ignored.fetch_add(1, Ordering::Relaxed);
             // The type is the sender's choice, not ours: one label for all of them.
             metrics::counter!("saga_events_handled_total", "event_type" => "other", "outcome" => "ignored")
                 .increment(1);
-            return ack(&message).await;
+            ack(&message).await;
+            return None;
         }
         let typed = match H::Event::decode(&envelope) {
             Ok(typed) => typed,
             Err(reject) => {
-                metrics::counter!("saga_events_handled_total", "event_type" => envelope.event_type.clone(), "outcome" => "parked")
-                    .increment(1);
-                return self.park(&message, &stream, stream_seq, &reject).await;
+                handled(&envelope, "parked");
+                self.park(&message, &stream, stream_seq, &reject).await;
+                return None;
             }
         };
-        let event = envelope;
         let span = tracing::info_span!(
             "event",
-            otel.name = %format!("handle {}", event.event_type),
-            order_id = %event.saga_id,
-            event_id = %event.event_id,
-            event_type = %event.event_type,
+            otel.name = %format!("handle {}", envelope.event_type),
+            order_id = %envelope.saga_id,
+            event_id = %envelope.event_id,
+            event_type = %envelope.event_type,
             delivered
         );
-        crate::telemetry::set_parent(&span, &event.traceparent);
-        let handled = |outcome: &'static str| {
-            metrics::counter!("saga_events_handled_total", "event_type" => event.event_type.clone(), "outcome" => outcome)
-                .increment(1);
-        };
-        async {
-            if delivered > 1 {
-                metrics::counter!("saga_redeliveries_total").increment(1);
-                tracing::info!("redelivered");
+        crate::telemetry::set_parent(&span, &envelope.traceparent);
+        if delivered > 1 {
+            metrics::counter!("saga_redeliveries_total").increment(1);
+            span.in_scope(|| tracing::info!("redelivered"));
+        }
+        Some(Ready {
+            message,
+            envelope,
+            typed,
+            stream,
+            stream_seq,
+            delivered,
+            span,
+        })
+    }
+
+    /// Step 4 for several events in one transaction; if any of them fails,
+    /// none is committed and each is applied on its own instead.
+    async fn apply_together(&self, events: Vec<Ready<H::Event>>, shutdown: &CancellationToken) {
+        let batch = events
+            .iter()
+            .map(|e| crate::inbox::Batched {
+                envelope: &e.envelope,
+                event: e.typed.clone(),
+                span: e.span.clone(),
+            })
+            .collect();
+        match crate::inbox::apply_batch(&self.pool, self.handler.as_ref(), batch).await {
+            Ok(outcomes) => {
+                self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                metrics::histogram!("saga_consumer_batch_events").record(events.len() as f64);
+                for (event, outcome) in events.iter().zip(outcomes) {
+                    let _entered = event.span.enter();
+                    self.count(&event.envelope, &outcome);
+                    ack(&event.message).await;
+                }
             }
+            Err(e) => {
+                self.stats.batch_fallbacks.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, events = events.len(), "a batch failed; applying its events one at a time");
+                for event in events {
+                    self.apply_alone(event, shutdown).await;
+                }
+            }
+        }
+    }
+
+    /// Step 4 for one event, retried in the lane, then nak'ed.
+    async fn apply_alone(&self, event: Ready<H::Event>, shutdown: &CancellationToken) {
+        let Ready {
+            message,
+            envelope,
+            typed,
+            stream,
+            stream_seq,
+            delivered,
+            span,
+        } = event;
+        async {
             let mut backoff = Duration::from_millis(50);
             for attempt in 1..=IN_LANE_ATTEMPTS {
-                match apply_decoded(&self.pool, self.handler.as_ref(), &event, typed.clone()).await
+                match apply_decoded(&self.pool, self.handler.as_ref(), &envelope, typed.clone())
+                    .await
                 {
-                    Ok(Outcome::Applied) => {
-                        self.stats.applied.fetch_add(1, Ordering::Relaxed);
-                        handled("applied");
-                        tracing::debug!("handled");
-                        ack(&message).await;
-                        return;
-                    }
-                    Ok(Outcome::Duplicate) => {
-                        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                        handled("duplicate");
-                        tracing::info!("duplicate delivery absorbed by the inbox");
-                        ack(&message).await;
-                        return;
-                    }
                     Ok(Outcome::Parked(reject)) => {
-                        handled("parked");
+                        handled(&envelope, "parked");
                         return self.park(&message, &stream, stream_seq, &reject).await;
+                    }
+                    Ok(outcome) => {
+                        self.count(&envelope, &outcome);
+                        ack(&message).await;
+                        return;
                     }
                     Err(e) => {
                         self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                        handled("retried");
+                        handled(&envelope, "retried");
                         tracing::warn!(error = %e, attempt, "handling failed; will retry");
                         if attempt == IN_LANE_ATTEMPTS || shutdown.is_cancelled() {
-                            self.report_if_stuck(&event, delivered, &e).await;
+                            self.report_if_stuck(&envelope, delivered, &e).await;
                             break;
                         }
                         tokio::time::sleep(backoff).await;
@@ -275,6 +363,19 @@ impl<H: Handler> Consumer<H> {
         }
         .instrument(span)
         .await
+    }
+
+    /// Counts a committed outcome (applied or duplicate).
+    fn count(&self, envelope: &Envelope, outcome: &Outcome) {
+        if *outcome == Outcome::Duplicate {
+            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            handled(envelope, "duplicate");
+            tracing::info!("duplicate delivery absorbed by the inbox");
+        } else {
+            self.stats.applied.fetch_add(1, Ordering::Relaxed);
+            handled(envelope, "applied");
+            tracing::debug!("handled");
+        }
     }
 
     async fn report_if_stuck(&self, event: &Envelope, delivered: i64, error: &HandleError) {
@@ -354,6 +455,22 @@ impl<H: Handler> Consumer<H> {
             }
         }
     }
+}
+
+/// An event that passed steps 1 to 3, on its way to the inbox step.
+struct Ready<E> {
+    message: jetstream::Message,
+    envelope: Envelope,
+    typed: E,
+    stream: String,
+    stream_seq: u64,
+    delivered: i64,
+    span: tracing::Span,
+}
+
+fn handled(envelope: &Envelope, outcome: &'static str) {
+    metrics::counter!("saga_events_handled_total", "event_type" => envelope.event_type.clone(), "outcome" => outcome)
+        .increment(1);
 }
 
 async fn ack(message: &jetstream::Message) {

@@ -20,6 +20,16 @@ pub trait Handler: Send + Sync + 'static {
         envelope: &Envelope,
         event: Self::Event,
     ) -> Result<(), HandleError>;
+
+    /// Whether events of different sagas may share one transaction: when
+    /// events queue up, the consumer applies them together and commits once
+    /// ([`crate::inbox::apply_batch`]). Say no when the effects lock rows
+    /// that several sagas share, such as a product's stock: two batches could
+    /// take those rows in opposite orders and wait on each other until
+    /// PostgreSQL's deadlock check (a second) breaks the tie.
+    fn batches(&self) -> bool {
+        true
+    }
 }
 
 /// The decode table of a set of events: event type and schema version to a

@@ -1,8 +1,11 @@
 //! The inbox step (DESIGN rule 2): dedup, effects and commit for one event in
-//! one transaction. The consumer runs it for every delivery; dead-letter
-//! replay runs the same step, so a replayed event is applied at most once.
+//! one transaction, or for a batch of events in one. The consumer runs it for
+//! every delivery; dead-letter replay runs the same step, so a replayed event
+//! is applied at most once.
 use sqlx::PgPool;
+use tracing::Instrument;
 
+use crate::Tx;
 use crate::envelope::{Envelope, Reject};
 use crate::handler::{Decode, HandleError, Handler};
 
@@ -67,20 +70,80 @@ pub async fn apply_decoded<H: Handler>(
     envelope: &Envelope,
     event: H::Event,
 ) -> Result<Outcome, HandleError> {
-    let ((outcome, after), written) =
+    after_commit_of(
+        |outcome| matches!(outcome, Ok(Outcome::Applied)),
+        apply_in_tx(pool, handler, envelope, event),
+    )
+    .await
+}
+
+/// One event of a batch, with the span its effects run in.
+pub struct Batched<'a, E> {
+    pub envelope: &'a Envelope,
+    pub event: E,
+    pub span: tracing::Span,
+}
+
+/// The inbox step for several events in one transaction: each recorded in
+/// the inbox and its effects run in delivery order (one saga's events keep
+/// theirs), then one commit for all. Each is [`Outcome::Applied`] or
+/// [`Outcome::Duplicate`]. If any of them fails, or would have to be parked,
+/// the error comes back and nothing of the batch is committed: the caller
+/// then applies each event on its own with [`apply_decoded`], so one bad
+/// event is retried or parked without taking the others with it.
+pub async fn apply_batch<H: Handler>(
+    pool: &PgPool,
+    handler: &H,
+    events: Vec<Batched<'_, H::Event>>,
+) -> Result<Vec<Outcome>, HandleError> {
+    after_commit_of(Result::is_ok, batch_in_tx(pool, handler, events)).await
+}
+
+/// Runs `work`, which commits its own transaction, and once `committed`
+/// says it did, publishes the events it wrote and runs its [`after_commit`] work.
+async fn after_commit_of<T>(
+    committed: impl FnOnce(&T) -> bool,
+    work: impl Future<Output = T>,
+) -> T {
+    let ((result, after), written) =
         crate::outbox::capture(AFTER_COMMIT.scope(Default::default(), async {
-            let outcome = apply_in_tx(pool, handler, envelope, event).await;
-            (outcome, AFTER_COMMIT.with(|queue| queue.take()))
+            let result = work.await;
+            (result, AFTER_COMMIT.with(|queue| queue.take()))
         }))
         .await;
-    if matches!(outcome, Ok(Outcome::Applied)) {
+    if committed(&result) {
         // Committed: the events it wrote go out now, not at the relay's next sweep.
         written.publish().await;
         for f in after {
             f();
         }
     }
-    outcome
+    result
+}
+
+/// Records `envelope` in the inbox of the open `tx` and, if it was not
+/// there yet, runs its effects; whether it was new.
+async fn record_and_handle<H: Handler>(
+    tx: &mut Tx,
+    handler: &H,
+    envelope: &Envelope,
+    event: H::Event,
+) -> Result<bool, HandleError> {
+    let fresh = sqlx::query(
+        "INSERT INTO choreo_inbox (event_id, event_type, saga_id) VALUES ($1, $2, $3)
+         ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(envelope.id())
+    .bind(&envelope.event_type)
+    .bind(&envelope.saga_id)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if fresh {
+        handler.handle(tx, envelope, event).await?;
+    }
+    Ok(fresh)
 }
 
 async fn apply_in_tx<H: Handler>(
@@ -90,25 +153,14 @@ async fn apply_in_tx<H: Handler>(
     event: H::Event,
 ) -> Result<Outcome, HandleError> {
     let mut tx = pool.begin().await?;
-    let fresh = sqlx::query(
-        "INSERT INTO choreo_inbox (event_id, event_type, saga_id) VALUES ($1, $2, $3)
-         ON CONFLICT (event_id) DO NOTHING",
-    )
-    .bind(envelope.id())
-    .bind(&envelope.event_type)
-    .bind(&envelope.saga_id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1;
-    if !fresh {
-        tx.rollback().await?;
-        return Ok(Outcome::Duplicate);
-    }
-    match handler.handle(&mut tx, envelope, event).await {
-        Ok(()) => {
+    match record_and_handle(&mut tx, handler, envelope, event).await {
+        Ok(true) => {
             tx.commit().await?;
             Ok(Outcome::Applied)
+        }
+        Ok(false) => {
+            tx.rollback().await?;
+            Ok(Outcome::Duplicate)
         }
         Err(HandleError::Reject(reject)) => {
             tx.rollback().await?;
@@ -122,4 +174,31 @@ async fn apply_in_tx<H: Handler>(
         }
         Err(e) => Err(e),
     }
+}
+
+async fn batch_in_tx<H: Handler>(
+    pool: &PgPool,
+    handler: &H,
+    events: Vec<Batched<'_, H::Event>>,
+) -> Result<Vec<Outcome>, HandleError> {
+    let mut tx = pool.begin().await?;
+    let mut outcomes = Vec::with_capacity(events.len());
+    for Batched {
+        envelope,
+        event,
+        span,
+    } in events
+    {
+        // On error the transaction is dropped, and with it rolled back.
+        let fresh = record_and_handle(&mut tx, handler, envelope, event)
+            .instrument(span)
+            .await?;
+        outcomes.push(if fresh {
+            Outcome::Applied
+        } else {
+            Outcome::Duplicate
+        });
+    }
+    tx.commit().await?;
+    Ok(outcomes)
 }

@@ -216,6 +216,7 @@ impl Service {
             subscription,
             config.consumer_lanes,
         )
+        .batching(config.consumer_batch)
         .report_stuck(context.outbox.clone(), config.stuck_after_deliveries);
         tasks.spawn(consumer_loop.run(source, shutdown.clone()));
         tasks.spawn(crate::relay::sample_backlog(

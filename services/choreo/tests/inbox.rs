@@ -451,3 +451,125 @@ async fn an_event_on_the_wrong_subject_or_from_the_wrong_producer_is_parked_as_f
         "only the genuine ping had an effect"
     );
 }
+
+/// Records each ping it applies in `seen`, in the order applied; refuses
+/// ping `reject` for good (after writing, so its rollback shows), fails ping
+/// `flaky` once, and counts its after-commit work.
+struct RecordsOrder {
+    reject: u32,
+    flaky: u32,
+    failed_once: std::sync::atomic::AtomicBool,
+    counted: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl Handler for RecordsOrder {
+    type Event = Ping;
+
+    async fn handle(&self, tx: &mut Tx, event: &Envelope, ping: Ping) -> Result<(), HandleError> {
+        sqlx::query("INSERT INTO seen (saga, n) VALUES ($1, $2)")
+            .bind(&event.saga_id)
+            .bind(ping.n as i32)
+            .execute(&mut **tx)
+            .await?;
+        if ping.n == self.reject {
+            return Err(Reject::Invalid(format!("ping {} is refused", ping.n)).into());
+        }
+        if ping.n == self.flaky && !self.failed_once.swap(true, Ordering::SeqCst) {
+            return Err(HandleError::Transient("flaky once".into()));
+        }
+        let counted = self.counted.clone();
+        inbox::after_commit(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+        });
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_events_are_applied_in_batches_in_order_and_one_bad_event_costs_the_others_nothing()
+{
+    let s = setup().await;
+    sqlx::query("CREATE TABLE seen (at BIGSERIAL PRIMARY KEY, saga TEXT NOT NULL, n INT NOT NULL)")
+        .execute(&s.pool)
+        .await
+        .unwrap();
+    // Queued before the consumer starts: every lane finds a backlog.
+    let total = 400u32;
+    for n in 0..total {
+        let env = Envelope::new("test", &format!("saga-{}", n % 25), None, &Ping { n });
+        s.publish_raw("test.ping", env.encode_to_vec()).await;
+    }
+    // One ping already applied: its redelivery in a batch is a duplicate.
+    let counted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handler = Arc::new(RecordsOrder {
+        reject: 137,
+        flaky: 251,
+        failed_once: false.into(),
+        counted: counted.clone(),
+    });
+    let early = Envelope::new("test", "saga-early", None, &Ping { n: 1000 });
+    assert_eq!(
+        inbox::apply(&s.pool, handler.as_ref(), &early)
+            .await
+            .unwrap(),
+        Outcome::Applied
+    );
+    s.publish_raw("test.ping", early.encode_to_vec()).await;
+
+    let consumer = s.consume_batching(handler, 4, 16, "batches");
+    let stats = consumer.stats.clone();
+    eventually("every ping handled", Duration::from_secs(60), || async {
+        stats.applied.load(Ordering::SeqCst)
+            + stats.duplicates.load(Ordering::SeqCst)
+            + stats.parked.load(Ordering::SeqCst)
+            == u64::from(total) + 1
+    })
+    .await;
+    consumer.stop().await;
+
+    assert_eq!(stats.applied.load(Ordering::SeqCst), u64::from(total) - 1);
+    assert_eq!(stats.duplicates.load(Ordering::SeqCst), 1);
+    assert_eq!(stats.parked.load(Ordering::SeqCst), 1);
+    let batches = stats.batches.load(Ordering::SeqCst);
+    assert!(batches > 0, "no batch formed");
+    assert!(
+        stats.batch_fallbacks.load(Ordering::SeqCst) >= 2,
+        "the refused and the flaky ping each failed a batch"
+    );
+    // Fewer transactions than events: the batches committed many at once.
+    let inbox_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM choreo_inbox")
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+    assert_eq!(inbox_rows, i64::from(total)); // 399 pings and the early one
+    assert_eq!(
+        counted.load(Ordering::SeqCst),
+        total as usize,
+        "after-commit work once per committed event (the early one included), never for a rolled-back batch"
+    );
+    let seen: Vec<(String, i32)> = sqlx::query_as("SELECT saga, n FROM seen ORDER BY at")
+        .fetch_all(&s.pool)
+        .await
+        .unwrap();
+    // Each ping's effect committed once; the refused one never.
+    let mut ns: Vec<i32> = seen.iter().map(|(_, n)| *n).collect();
+    ns.sort_unstable();
+    let expected: Vec<i32> = (0..total as i32)
+        .filter(|&n| n != 137)
+        .chain([1000])
+        .collect();
+    assert_eq!(ns, expected);
+    // And each saga's pings in the order they were published.
+    let mut last: std::collections::HashMap<&str, i32> = Default::default();
+    for (saga, n) in &seen {
+        if let Some(before) = last.insert(saga.as_str(), *n) {
+            assert!(before < *n, "{saga}: ping {n} applied after ping {before}");
+        }
+    }
+    let reason: String = sqlx::query_scalar("SELECT reason FROM choreo_dead_letter")
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+    assert!(reason.contains("ping 137 is refused"), "{reason}");
+}

@@ -212,4 +212,10 @@ impl Handler for InventoryHandler {
             _ => Err(Reject::NotConsumed(envelope.event_type.clone()).into()),
         }
     }
+
+    /// A reservation locks its products' stock rows, which every order of
+    /// those products shares: two batches could lock them in opposite orders.
+    fn batches(&self) -> bool {
+        false
+    }
 }

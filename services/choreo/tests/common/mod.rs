@@ -197,16 +197,28 @@ impl Setup {
         self.source(durable).get().await.unwrap()
     }
 
-    /// A consumer of `handler` with `lanes` lanes on durable `durable`, running until stopped.
-    /// Consumes the ping events only.
+    /// A consumer of `handler` with `lanes` lanes on durable `durable`, running until stopped,
+    /// batching as shipped. Consumes the ping events only.
     pub fn consume<H: Handler>(
         &self,
         handler: Arc<H>,
         lanes: usize,
         durable: &str,
     ) -> RunningConsumer {
+        self.consume_batching(handler, lanes, self.config.consumer_batch, durable)
+    }
+
+    /// [`Setup::consume`] applying up to `batch` queued events per transaction.
+    pub fn consume_batching<H: Handler>(
+        &self,
+        handler: Arc<H>,
+        lanes: usize,
+        batch: usize,
+        durable: &str,
+    ) -> RunningConsumer {
         let subscription = Subscription::of(&[Ping::EVENT_TYPE]);
-        let consumer = Consumer::new(self.pool.clone(), handler, subscription, lanes);
+        let consumer =
+            Consumer::new(self.pool.clone(), handler, subscription, lanes).batching(batch);
         let stats = consumer.stats();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(consumer.run(self.source(durable), shutdown.clone()));
