@@ -152,18 +152,27 @@ impl Outbox {
             payload: envelope.encode_to_vec(),
             traceparent: envelope.traceparent.clone(),
         };
-        sqlx::query(
+        // Without a publisher the relay publishes every row, woken at commit
+        // by the NOTIFY. With one, nobody waits for it: no NOTIFY, which would
+        // serialize this commit with every other notifying one.
+        let insert = if self.publisher.is_some() {
             "INSERT INTO choreo_outbox (event_id, subject, event_type, saga_id, payload, traceparent)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(row.event_id)
-        .bind(&row.subject)
-        .bind(&envelope.event_type)
-        .bind(&envelope.saga_id)
-        .bind(&row.payload)
-        .bind(&row.traceparent)
-        .execute(tx)
-        .await?;
+             VALUES ($1, $2, $3, $4, $5, $6)"
+        } else {
+            "WITH written AS (
+                 INSERT INTO choreo_outbox (event_id, subject, event_type, saga_id, payload, traceparent)
+                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING 1)
+             SELECT pg_notify('choreo_outbox', '') FROM written"
+        };
+        sqlx::query(insert)
+            .bind(row.event_id)
+            .bind(&row.subject)
+            .bind(&envelope.event_type)
+            .bind(&envelope.saga_id)
+            .bind(&row.payload)
+            .bind(&row.traceparent)
+            .execute(tx)
+            .await?;
         if let Some(publisher) = &self.publisher {
             let _ = WRITTEN.try_with(|written| written.borrow_mut().push((publisher.clone(), row)));
         }

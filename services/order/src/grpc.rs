@@ -258,14 +258,22 @@ impl OrderService for OrderApi {
                 self.watches.limit()
             ))
         })?;
-        // Subscribed before the first read, so no change falls in between.
+        // Subscribed and counted as a watcher (so status changes notify)
+        // before the first read, so no change falls in between.
         let mut changed = self.watches.subscribe();
-        self.load(id).await?;
+        let counted = store::count_watch(&self.pool, id, 1)
+            .await
+            .map_err(ApiError::from)?;
+        if let Err(e) = self.load(id).await {
+            if counted {
+                let _ = store::count_watch(&self.pool, id, -1).await;
+            }
+            return Err(e.into());
+        }
         let (sender, receiver) = tokio::sync::mpsc::channel(16);
         let pool = self.pool.clone();
         let shutdown = self.watches.shutdown.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
+        let watch = async move {
             let mut seen = 0;
             loop {
                 let changes = match store::changes_after(&pool, id, seen).await {
@@ -306,6 +314,14 @@ impl OrderService for OrderApi {
                         }
                     }
                 }
+            }
+        };
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            watch.await;
+            if let Err(e) = store::count_watch(&pool, id, -1).await {
+                tracing::debug!(error = %e, %id, "cannot uncount a watch; its order's changes keep notifying");
             }
         });
         Ok(Response::new(Box::pin(

@@ -47,15 +47,13 @@ pub async fn insert(
         .execute(&mut *tx)
         .await?;
     }
-    // Its first status change, and the notification that wakes its watches.
+    // Its first status change; nobody can watch an order before it exists,
+    // so there is nobody to notify.
     sqlx::query(
-        "WITH recorded AS (
-             INSERT INTO order_status_changes (order_id, seq, status, reason) VALUES ($1, 1, $2, '') RETURNING seq)
-         SELECT pg_notify($3, $1::text) FROM recorded",
+        "INSERT INTO order_status_changes (order_id, seq, status, reason) VALUES ($1, 1, $2, '')",
     )
     .bind(id)
     .bind(Status::Pending)
-    .bind(crate::watch::CHANNEL)
     .execute(&mut *tx)
     .await?;
     Ok(true)
@@ -90,17 +88,19 @@ pub async fn set_status(
     deadline: Duration,
 ) -> Result<(), sqlx::Error> {
     // One statement: the move, its place in the status history (for
-    // WatchOrder) and the notification that wakes the order's watches.
+    // WatchOrder) and, if anybody watches the order, the notification that
+    // wakes the watches (see `watch`: the row lock orders it against a
+    // watch that starts at the same moment).
     sqlx::query(
         "WITH moved AS (
              UPDATE orders SET status = $2, reason = CASE WHEN reason = '' THEN COALESCE($3, '') ELSE reason END, stuck = '', updated_at = now(),
                     deadline_at = CASE WHEN $2 IN ('RESERVED', 'SCHEDULED') THEN now() + make_interval(secs => $4) ELSE deadline_at END,
                     changes = changes + 1
-             WHERE order_id = $1 RETURNING changes, reason),
+             WHERE order_id = $1 RETURNING changes, reason, watchers),
          recorded AS (
              INSERT INTO order_status_changes (order_id, seq, status, reason)
              SELECT $1, changes, $2, reason FROM moved RETURNING seq)
-         SELECT pg_notify($5, $1::text) FROM recorded",
+         SELECT (SELECT pg_notify($5, $1::text) FROM moved WHERE watchers > 0) FROM recorded",
     )
     .bind(id)
     .bind(status)
@@ -110,6 +110,22 @@ pub async fn set_status(
     .fetch_one(&mut *tx)
     .await?;
     Ok(())
+}
+
+/// Counts one more (`+1`) or one fewer (`-1`) watch of the order; `false`
+/// when there is no such order. Its own statement and commit, taking the
+/// order's row lock: a status change that commits before it is seen by the
+/// watch's first read, and one that commits after it sees the count and notifies.
+pub async fn count_watch(pool: &PgPool, id: Uuid, by: i32) -> Result<bool, sqlx::Error> {
+    Ok(
+        sqlx::query("UPDATE orders SET watchers = GREATEST(watchers + $2, 0) WHERE order_id = $1")
+            .bind(id)
+            .bind(by)
+            .execute(pool)
+            .await?
+            .rows_affected()
+            == 1,
+    )
 }
 
 /// Records that a service keeps failing on one of the order's events.

@@ -1,8 +1,12 @@
 //! Live order watches, bounded and woken by the database.
 //!
-//! Every status change notifies `order_status_changed` with the order id in
-//! its transaction (so at commit). One listener per service instance fans the
-//! ids out to the open watches, and each watch reads its order's new changes
+//! A watch counts itself in its order's row (`orders.watchers`) for as long
+//! as it is open, and a status change of an order with watchers notifies
+//! `order_status_changed` with the order id in its transaction (so at
+//! commit). Orders nobody watches notify nothing: a NOTIFY holds PostgreSQL's
+//! cluster-wide notify lock through its commit's WAL flush, so notifying
+//! commits go one at a time. One listener per service instance fans the ids
+//! out to the open watches, and each watch reads its order's new changes
 //! when its id goes by; a slow poll covers a lost notification. Watches are
 //! capped in total (per connection, HTTP/2's stream limit caps them), and each
 //! ends when the service shuts down.
