@@ -49,6 +49,11 @@ pub struct Config {
     /// Events of a busy lane applied in one transaction at most (1: each in its own).
     #[arg(long, env = "CONSUMER_BATCH", default_value_t = 32)]
     pub consumer_batch: usize,
+    /// Lanes of a service whose events are applied in batches (instead of
+    /// CONSUMER_LANES): few, so that what arrives while a lane commits
+    /// queues behind it and goes into its next transaction.
+    #[arg(long, env = "CONSUMER_BATCH_LANES", default_value_t = 4)]
+    pub consumer_batch_lanes: usize,
     /// Messages delivered and not yet acknowledged, at most.
     #[arg(long, env = "MAX_ACK_PENDING", default_value_t = 512)]
     pub max_ack_pending: i64,

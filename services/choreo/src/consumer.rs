@@ -94,9 +94,17 @@ impl<H: Handler> Consumer<H> {
     }
 
     /// When events queue up in a lane, apply up to `events` of them in one
-    /// transaction (if the handler [`Handler::batches`]); 1: one at a time.
-    pub fn batching(mut self, events: usize) -> Self {
+    /// transaction (if the handler [`Handler::batches`]), in `lanes` lanes
+    /// instead of the one-at-a-time count; `events` 1: one at a time.
+    ///
+    /// Few lanes batch best: events arriving while a lane's transaction
+    /// runs queue behind it and share its next commit, so under load the
+    /// commits per event fall, and an idle lane still takes each event at once.
+    pub fn batching(mut self, events: usize, lanes: usize) -> Self {
         self.batch = events.max(1);
+        if self.batch > 1 && self.handler.batches() {
+            self.lanes = lanes.max(1);
+        }
         self
     }
 

@@ -90,25 +90,35 @@ impl Publisher {
         self.marks.same_channel(&other.marks)
     }
 
-    /// Publishes `rows` with their PubAcks in flight together; the
-    /// acknowledged ones are queued to be marked sent, the rest stay unsent
-    /// for the relay (as do all of them when too many publishes are already
-    /// waiting on the broker).
+    /// Sends `rows` to the broker in order and returns; their PubAcks are
+    /// awaited in a task of its own, and the acknowledged rows queued to be
+    /// marked sent. The rest stay unsent for the relay (as do all of them
+    /// when too many publishes are already waiting on the broker).
+    ///
+    /// Returning once the rows are on the connection, not once they are
+    /// acknowledged, keeps a saga's events in order (one connection, one
+    /// order into the stream) without holding the caller, a consumer lane,
+    /// through the broker's fsync: the lane goes on to its next event.
     pub async fn publish(&self, rows: Vec<crate::outbox::Row>) {
-        let Ok(_permit) = self.in_flight.try_acquire() else {
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
             tracing::debug!(
                 rows = rows.len(),
                 "too many publishes waiting on NATS; the relay will send these"
             );
             return;
         };
-        let round = publish_rows(&self.js, rows).await;
-        if let Some(error) = &round.error {
-            tracing::debug!(%error, "publishing after commit failed; the relay will send it");
-        }
-        for id in round.acked {
-            let _ = self.marks.send(id);
-        }
+        let sending = send_rows(&self.js, rows).await;
+        let marks = self.marks.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let round = sending.acknowledged().await;
+            if let Some(error) = &round.error {
+                tracing::debug!(%error, "publishing after commit failed; the relay will send it");
+            }
+            for id in round.acked {
+                let _ = marks.send(id);
+            }
+        });
     }
 }
 
@@ -174,6 +184,18 @@ async fn mark_rows_sent<'e>(
 /// Publishes `rows` in order with their PubAcks in flight together, and
 /// reports which were acknowledged.
 async fn publish_rows(js: &jetstream::Context, rows: Vec<crate::outbox::Row>) -> Published {
+    send_rows(js, rows).await.acknowledged().await
+}
+
+/// Rows sent to the broker, their PubAcks still to come.
+struct Sending {
+    round: Published,
+    in_flight: Vec<(Uuid, jetstream::context::PublishAckFuture)>,
+    started: std::time::Instant,
+}
+
+/// Sends `rows` in order, stopping at the first that cannot be sent.
+async fn send_rows(js: &jetstream::Context, rows: Vec<crate::outbox::Row>) -> Sending {
     let mut round = Published {
         attempted: rows.len(),
         ..Published::default()
@@ -195,20 +217,36 @@ async fn publish_rows(js: &jetstream::Context, rows: Vec<crate::outbox::Row>) ->
             }
         }
     }
-    for (event_id, ack) in in_flight {
-        match ack.await {
-            Ok(_) => {
-                metrics::histogram!("saga_publish_latency_seconds")
-                    .record(started.elapsed().as_secs_f64());
-                round.acked.push(event_id)
-            }
-            Err(e) => {
-                round.error.get_or_insert_with(|| e.to_string());
+    Sending {
+        round,
+        in_flight,
+        started,
+    }
+}
+
+impl Sending {
+    /// Awaits the PubAcks and reports which rows were acknowledged.
+    async fn acknowledged(self) -> Published {
+        let Sending {
+            mut round,
+            in_flight,
+            started,
+        } = self;
+        for (event_id, ack) in in_flight {
+            match ack.await {
+                Ok(_) => {
+                    metrics::histogram!("saga_publish_latency_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    round.acked.push(event_id)
+                }
+                Err(e) => {
+                    round.error.get_or_insert_with(|| e.to_string());
+                }
             }
         }
+        metrics::counter!("saga_outbox_published_total").increment(round.acked.len() as u64);
+        round
     }
-    metrics::counter!("saga_outbox_published_total").increment(round.acked.len() as u64);
-    round
 }
 
 impl Relay {

@@ -216,7 +216,7 @@ impl Service {
             subscription,
             config.consumer_lanes,
         )
-        .batching(config.consumer_batch)
+        .batching(config.consumer_batch, config.consumer_batch_lanes)
         .report_stuck(context.outbox.clone(), config.stuck_after_deliveries);
         tasks.spawn(consumer_loop.run(source, shutdown.clone()));
         tasks.spawn(crate::relay::sample_backlog(

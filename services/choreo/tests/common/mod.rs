@@ -218,7 +218,7 @@ impl Setup {
     ) -> RunningConsumer {
         let subscription = Subscription::of(&[Ping::EVENT_TYPE]);
         let consumer =
-            Consumer::new(self.pool.clone(), handler, subscription, lanes).batching(batch);
+            Consumer::new(self.pool.clone(), handler, subscription, lanes).batching(batch, lanes);
         let stats = consumer.stats();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(consumer.run(self.source(durable), shutdown.clone()));
