@@ -547,16 +547,7 @@ impl Counters {
         }
         admin.close().await?;
         let counts = sys.consumer_counts().await?;
-        let js = async_nats::jetstream::new(
-            choreo::runtime::connect_once(sys.infra.nats.url(), "bench", None).await?,
-        );
-        let published = js
-            .get_stream(&sys.stream)
-            .await?
-            .info()
-            .await?
-            .state
-            .messages;
+        let published = stream_messages(sys).await?;
         Ok(Counters {
             transactions,
             published,
@@ -1179,6 +1170,10 @@ pub struct Drain {
     pub placed_per_sec: f64,
     /// Outbox rows published per second once NATS was back.
     pub drained_per_sec: f64,
+    /// Messages the stream took per second meanwhile, every service's: the
+    /// order service's backlog shares the broker with the events the other
+    /// services write as they work through it.
+    pub stream_per_sec: f64,
     pub drain_seconds: f64,
     /// The order service's resident memory when NATS came back, and its
     /// largest while the backlog drained, in MB.
@@ -1217,9 +1212,14 @@ pub async fn drain(sys: &mut System, orders: usize, clients: usize) -> anyhow::R
     let mut order_rss_mb_peak = order_rss_mb_at_start;
     tokio::task::block_in_place(|| sys.infra.nats.restart())?;
     let back = Instant::now();
+    let mut stream_at_start = None;
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
         order_rss_mb_peak = order_rss_mb_peak.max(status_kb(order_pid, "VmRSS") / 1024.0);
+        if stream_at_start.is_none() {
+            // Once the restarted server answers.
+            stream_at_start = stream_messages(sys).await.ok();
+        }
         if unsent(&mut order_db).await? == 0 {
             break;
         }
@@ -1229,10 +1229,12 @@ pub async fn drain(sys: &mut System, orders: usize, clients: usize) -> anyhow::R
         );
     }
     let drain_seconds = back.elapsed().as_secs_f64();
+    let stream_taken = stream_messages(sys).await? - stream_at_start.unwrap_or_default();
     Ok(Drain {
         orders,
         placed_per_sec,
         drained_per_sec: backlog as f64 / drain_seconds,
+        stream_per_sec: stream_taken as f64 / drain_seconds,
         drain_seconds,
         order_rss_mb_at_start,
         order_rss_mb_peak,
@@ -1242,16 +1244,31 @@ pub async fn drain(sys: &mut System, orders: usize, clients: usize) -> anyhow::R
 impl Drain {
     pub fn line(&self) -> String {
         format!(
-            "| drain: {} events queued while NATS was down (placed at {:.0}/s) | published at {:.0}/s once it was back ({:.2}x the producer), {:.1} s; order service RSS {:.0} MB -> peak {:.0} MB |",
+            "| drain: {} events queued while NATS was down (placed at {:.0}/s) | published at {:.0}/s once it was back ({:.2}x the producer), {:.1} s, while the stream took {:.0} messages/s from all services; order service RSS {:.0} MB -> peak {:.0} MB |",
             self.orders,
             self.placed_per_sec,
             self.drained_per_sec,
             self.drained_per_sec / self.placed_per_sec,
             self.drain_seconds,
+            self.stream_per_sec,
             self.order_rss_mb_at_start,
             self.order_rss_mb_peak
         )
     }
+}
+
+/// Messages in the saga stream now.
+async fn stream_messages(sys: &System) -> anyhow::Result<u64> {
+    let js = async_nats::jetstream::new(
+        choreo::runtime::connect_once(sys.infra.nats.url(), "bench", None).await?,
+    );
+    Ok(js
+        .get_stream(&sys.stream)
+        .await?
+        .info()
+        .await?
+        .state
+        .messages)
 }
 
 /// Outbox rows not yet published.

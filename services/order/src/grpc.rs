@@ -261,12 +261,14 @@ impl OrderService for OrderApi {
         // Subscribed and counted as a watcher (so status changes notify)
         // before the first read, so no change falls in between.
         let mut changed = self.watches.subscribe();
-        let counted = store::count_watch(&self.pool, id, 1)
+        let counted = self
+            .watches
+            .start(&self.pool, id)
             .await
             .map_err(ApiError::from)?;
         if let Err(e) = self.load(id).await {
             if counted {
-                let _ = store::count_watch(&self.pool, id, -1).await;
+                self.watches.end(&self.pool, id).await;
             }
             return Err(e.into());
         }
@@ -316,13 +318,11 @@ impl OrderService for OrderApi {
                 }
             }
         };
-        let pool = self.pool.clone();
+        let (pool, watches) = (self.pool.clone(), self.watches.clone());
         tokio::spawn(async move {
             let _permit = permit;
             watch.await;
-            if let Err(e) = store::count_watch(&pool, id, -1).await {
-                tracing::debug!(error = %e, %id, "cannot uncount a watch; its order's changes keep notifying");
-            }
+            watches.end(&pool, id).await;
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(receiver),

@@ -10,6 +10,7 @@
 //! when its id goes by; a slow poll covers a lost notification. Watches are
 //! capped in total (per connection, HTTP/2's stream limit caps them), and each
 //! ends when the service shuts down.
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +32,9 @@ pub struct Watches {
     changed: broadcast::Sender<Uuid>,
     slots: Arc<Semaphore>,
     limit: usize,
+    /// This instance's open watches of each order; the order's row counts
+    /// instances, so many watches of one order write it twice, not twice each.
+    watching: Arc<tokio::sync::Mutex<HashMap<Uuid, usize>>>,
     pub shutdown: CancellationToken,
 }
 
@@ -40,7 +44,44 @@ impl Watches {
             changed: broadcast::channel(1024).0,
             slots: Arc::new(Semaphore::new(limit)),
             limit,
+            watching: Arc::default(),
             shutdown,
+        }
+    }
+
+    /// Counts a watch of order `id`, so that its status changes notify from
+    /// now on; `false` when there is no such order. Only this instance's first
+    /// watch of the order writes its row (and the lock is held until that
+    /// commits, so a second watch never starts before the first is counted).
+    pub async fn start(&self, pool: &PgPool, id: Uuid) -> Result<bool, sqlx::Error> {
+        let mut watching = self.watching.lock().await;
+        if let Some(open) = watching.get_mut(&id) {
+            *open += 1;
+            return Ok(true);
+        }
+        let exists = crate::store::count_watch(pool, id, 1).await?;
+        if exists {
+            watching.insert(id, 1);
+        }
+        Ok(exists)
+    }
+
+    /// Ends a watch [`Watches::start`] counted; this instance's last watch
+    /// of the order uncounts it in the order's row.
+    pub async fn end(&self, pool: &PgPool, id: Uuid) {
+        let mut watching = self.watching.lock().await;
+        match watching.get_mut(&id) {
+            Some(open) if *open > 1 => {
+                *open -= 1;
+                return;
+            }
+            Some(_) => {
+                watching.remove(&id);
+            }
+            None => return,
+        }
+        if let Err(e) = crate::store::count_watch(pool, id, -1).await {
+            tracing::debug!(error = %e, %id, "cannot uncount a watch; its order's changes keep notifying");
         }
     }
 

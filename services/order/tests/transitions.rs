@@ -195,3 +195,65 @@ async fn a_compensation_that_overtakes_its_failure_still_brings_the_reason() {
         ("CANCELLED".into(), "shipping: no road".into())
     );
 }
+
+/// The next notification on the watch channel within `wait`, if any.
+async fn notified(listener: &mut sqlx::postgres::PgListener, wait: Duration) -> Option<String> {
+    tokio::time::timeout(wait, listener.recv())
+        .await
+        .ok()
+        .map(|n| n.unwrap().payload().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_change_notifies_only_while_somebody_watches_the_order() {
+    let (_pg, pool) = database().await;
+    let h = OrderHandler {
+        deadline: Duration::from_secs(30),
+    };
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener.listen(order::watch::CHANNEL).await.unwrap();
+    let unwatched = place(&pool).await;
+    let watched = place(&pool).await;
+    // Placing notifies nobody: no watch can follow an order before it exists.
+    assert_eq!(
+        notified(&mut listener, Duration::from_millis(300)).await,
+        None
+    );
+
+    assert!(order::store::count_watch(&pool, watched, 1).await.unwrap());
+    deliver(&pool, &h, unwatched, reserved()).await;
+    deliver(&pool, &h, watched, reserved()).await;
+    // Only the watched order's change is announced (the unwatched one came first).
+    assert_eq!(
+        notified(&mut listener, Duration::from_secs(5)).await,
+        Some(watched.to_string())
+    );
+    assert_eq!(
+        notified(&mut listener, Duration::from_millis(300)).await,
+        None
+    );
+
+    // The watch ends: its order's changes go quiet again.
+    assert!(order::store::count_watch(&pool, watched, -1).await.unwrap());
+    deliver(&pool, &h, watched, ev::ShippingScheduled::default()).await;
+    assert_eq!(
+        notified(&mut listener, Duration::from_millis(300)).await,
+        None
+    );
+    assert_eq!(status(&pool, watched).await.0, "SCHEDULED");
+    // A count never goes below zero, and an unknown order is no order.
+    assert!(order::store::count_watch(&pool, watched, -1).await.unwrap());
+    let watchers: i32 = sqlx::query_scalar("SELECT watchers FROM orders WHERE order_id = $1")
+        .bind(watched)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(watchers, 0);
+    assert!(
+        !order::store::count_watch(&pool, uuid::Uuid::now_v7(), 1)
+            .await
+            .unwrap()
+    );
+}
