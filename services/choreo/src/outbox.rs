@@ -58,8 +58,9 @@ tokio::task_local! {
 pub struct Written(Vec<(Publisher, Row)>);
 
 impl Written {
-    /// Publishes the rows now (PubAcks awaited together) and has them marked
-    /// sent. A row that fails stays unsent for the relay.
+    /// Sends the rows now, in order, and returns; their PubAcks are awaited
+    /// apart and the acknowledged rows marked sent ([`Publisher::publish`]).
+    /// A row that fails stays unsent for the relay.
     pub async fn publish(self) {
         let mut by_publisher: Vec<(Publisher, Vec<Row>)> = Vec::new();
         for (publisher, row) in self.0 {
@@ -93,7 +94,8 @@ pub async fn capture<T>(work: impl Future<Output = T>) -> (T, Written) {
 /// [`capture`] for work that returns `Ok` only after its commit (a gRPC
 /// method, a background sweep): publishes what it wrote when it succeeded,
 /// in a task of its own, so the caller never waits on the broker (while
-/// NATS is away a PubAck can take its whole timeout; the relay sweeps).
+/// NATS is away even handing a message to the client can take its whole
+/// timeout; the relay sweeps).
 pub async fn publish_after_commit<T, E>(work: impl Future<Output = Result<T, E>>) -> Result<T, E> {
     let (result, written) = capture(work).await;
     if result.is_ok() && !written.is_empty() {
