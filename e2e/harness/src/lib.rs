@@ -52,12 +52,53 @@ pub fn free_port() -> u16 {
         if given.contains(&port) {
             continue;
         }
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() && claim_across_processes(port) {
             given.push(port);
             return port;
         }
     }
     panic!("no free loopback port in {low}..{high}")
+}
+
+/// Claims `port` for this process among every test process on the machine
+/// (nextest runs each test in its own): a file named for the port, holding
+/// the claimer's pid, created only if absent; a claim whose process is gone
+/// is taken over. Without it a port that is free only because a chaos run
+/// killed its service could be handed to another test meanwhile, and the
+/// restarted service could not listen again (seen once in CI).
+fn claim_across_processes(port: u16) -> bool {
+    let dir = std::env::temp_dir().join("saga-e2e-ports");
+    if std::fs::create_dir_all(&dir).is_err() {
+        return true; // nowhere to claim: the bind check alone
+    }
+    let path = dir.join(port.to_string());
+    for _ in 0..2 {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(mut file) => {
+                use std::io::Write;
+                let _ = write!(file, "{}", std::process::id());
+                return true;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // No pid yet: its claimer is writing it.
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let gone = holder
+                    .trim()
+                    .parse::<u32>()
+                    .is_ok_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists());
+                if !gone {
+                    return false;
+                }
+                let _ = std::fs::remove_file(&path); // its process is gone
+            }
+            Err(_) => return true,
+        }
+    }
+    false
 }
 
 /// Ports between 15000 and the start of the ephemeral range (32768 on Linux
@@ -152,6 +193,23 @@ mod tests {
         unique.sort_unstable();
         unique.dedup();
         assert_eq!(unique.len(), ports.len(), "a port was handed out twice");
+    }
+
+    #[test]
+    fn a_port_claimed_by_a_live_process_is_refused_and_a_dead_ones_taken_over() {
+        let port = free_port();
+        // Claimed by this process: another test process would be refused.
+        assert!(!claim_across_processes(port));
+        // A claim left by a process that is gone (no such pid) is taken over.
+        let path = std::env::temp_dir()
+            .join("saga-e2e-ports")
+            .join(port.to_string());
+        std::fs::write(&path, u32::MAX.to_string()).unwrap();
+        assert!(claim_across_processes(port));
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            std::process::id().to_string()
+        );
     }
 
     #[test]
