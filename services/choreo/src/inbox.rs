@@ -182,17 +182,24 @@ async fn batch_in_tx<H: Handler>(
     events: Vec<Batched<'_, H::Event>>,
 ) -> Result<Vec<Outcome>, HandleError> {
     let mut tx = pool.begin().await?;
+    let fresh = record_all(&mut tx, &events).await?;
     let mut outcomes = Vec::with_capacity(events.len());
-    for Batched {
-        envelope,
-        event,
-        span,
-    } in events
+    for (
+        Batched {
+            envelope,
+            event,
+            span,
+        },
+        fresh,
+    ) in events.into_iter().zip(fresh)
     {
-        // On error the transaction is dropped, and with it rolled back.
-        let fresh = record_and_handle(&mut tx, handler, envelope, event)
-            .instrument(span)
-            .await?;
+        if fresh {
+            // On error the transaction is dropped, and with it rolled back.
+            handler
+                .handle(&mut tx, envelope, event)
+                .instrument(span)
+                .await?;
+        }
         outcomes.push(if fresh {
             Outcome::Applied
         } else {
@@ -201,4 +208,29 @@ async fn batch_in_tx<H: Handler>(
     }
     tx.commit().await?;
     Ok(outcomes)
+}
+
+/// Records a batch's events in the inbox of the open `tx`, in one
+/// statement; whether each was new (an event delivered twice in the batch
+/// is new only the first time).
+async fn record_all<E>(tx: &mut Tx, events: &[Batched<'_, E>]) -> Result<Vec<bool>, sqlx::Error> {
+    let ids: Vec<uuid::Uuid> = events.iter().map(|b| b.envelope.id()).collect();
+    let types: Vec<&str> = events
+        .iter()
+        .map(|b| b.envelope.event_type.as_str())
+        .collect();
+    let sagas: Vec<&str> = events.iter().map(|b| b.envelope.saga_id.as_str()).collect();
+    let mut inserted: std::collections::HashSet<uuid::Uuid> = sqlx::query_scalar(
+        "INSERT INTO choreo_inbox (event_id, event_type, saga_id)
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])
+         ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+    )
+    .bind(&ids)
+    .bind(&types)
+    .bind(&sagas)
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .collect();
+    Ok(ids.iter().map(|id| inserted.remove(id)).collect())
 }

@@ -133,13 +133,26 @@ impl Outbox {
         cause: Option<&Envelope>,
         payload: &P,
     ) -> Result<Envelope, sqlx::Error> {
+        let envelope = self.envelope(saga_id, cause, payload);
+        self.insert(tx, &envelope).await?;
+        Ok(envelope)
+    }
+
+    /// The envelope [`Outbox::emit`] would write, built but not inserted:
+    /// for a caller that writes what it knows of the event along with its
+    /// own rows first, then [`Outbox::insert`]s it.
+    pub fn envelope<P: EventPayload>(
+        &self,
+        saga_id: &str,
+        cause: Option<&Envelope>,
+        payload: &P,
+    ) -> Envelope {
         let mut envelope = Envelope::new(&self.producer, saga_id, cause, payload);
         // The work that writes the event is its parent in the trace.
         if let Some(traceparent) = crate::telemetry::current_traceparent() {
             envelope.traceparent = traceparent;
         }
-        self.insert(tx, &envelope).await?;
-        Ok(envelope)
+        envelope
     }
 
     /// Inserts an already built envelope (its event id is the dedup key downstream).

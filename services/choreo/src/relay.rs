@@ -7,7 +7,11 @@
 //! that connection, so losing the connection loses the lock and the relay steps
 //! down. Rows are picked by `sent_at IS NULL` in `seq` order (never by "id above
 //! the last one sent": ids commit out of order). A batch is published with
-//! several PubAcks in flight; only acknowledged rows are marked sent. A crash
+//! several PubAcks in flight, and while they come the next batch is read (past
+//! the first's last seq) and sent, so a backlog drains with PostgreSQL and the
+//! broker busy at once; every [`MAX_BATCHES_IN_A_RUN`] batches, and whenever
+//! one is not full, reading starts again from the first unsent row, which
+//! picks up rows that committed late. Only acknowledged rows are marked sent. A crash
 //! between PubAck and marking republishes, and JetStream's duplicate window
 //! (`Nats-Msg-Id` = event id) or, past it, the consumers' inbox drops the copy.
 use std::sync::Arc;
@@ -25,6 +29,10 @@ const LEADER_LOCK: i64 = 0x63686f72656f;
 /// is a stream leader election (a few seconds on a cluster), and every second
 /// waited past its end is a second every saga stalls.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Batches read one past the other before reading again from the first
+/// unsent row (where a row that committed late with a lower seq waits).
+const MAX_BATCHES_IN_A_RUN: u32 = 16;
 
 /// Counters a test or metrics endpoint can read.
 #[derive(Debug, Default)]
@@ -330,11 +338,38 @@ impl Relay {
             wakeup.listen().await;
         }
         let mut backoff = Duration::from_millis(100);
+        // A full batch sent whose PubAcks are still to come, and its last
+        // seq: the next batch is read and sent while they come, so reading
+        // and marking in PostgreSQL overlap the broker's fsync.
+        let mut in_flight: Option<(Sending, i64)> = None;
+        let mut batches_in_run = 0;
         while !shutdown.is_cancelled() {
-            let round = self.publish(conn).await?;
-            self.mark_sent(conn, &round.acked).await?;
-            if let Some(error) = &round.error {
-                tracing::warn!(%error, unsent = round.attempted - round.acked.len(), "publish failed; will retry");
+            let after = in_flight.as_ref().map_or(0, |(_, last)| *last);
+            batches_in_run = if after == 0 { 1 } else { batches_in_run + 1 };
+            let rows = self.unsent(conn, after).await?;
+            let full = rows.len() as i64 >= self.batch;
+            let last = rows.last().map_or(after, |(seq, _)| *seq);
+            let sending = send_rows(&self.js, rows.into_iter().map(|(_, row)| row).collect()).await;
+            let mut error = match in_flight.take() {
+                Some((earlier, _)) => self.settle(conn, earlier).await?,
+                None => None,
+            };
+            if full
+                && error.is_none()
+                && sending.round.error.is_none()
+                && batches_in_run < MAX_BATCHES_IN_A_RUN
+            {
+                in_flight = Some((sending, last));
+                continue; // more rows are waiting
+            }
+            if let Some(later) = self.settle(conn, sending).await? {
+                error.get_or_insert(later);
+            }
+            if full && error.is_none() {
+                continue; // more rows are waiting: read from the first again
+            }
+            if let Some(error) = error {
+                tracing::warn!(%error, "publish failed; will retry");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.cancelled() => {}
@@ -343,9 +378,6 @@ impl Relay {
                 continue;
             }
             backoff = Duration::from_millis(100);
-            if round.attempted as i64 >= self.batch {
-                continue; // more rows are waiting
-            }
             if let Some(wakeup) = wakeup.as_mut() {
                 wakeup.wait(shutdown).await;
             } else {
@@ -355,22 +387,55 @@ impl Relay {
                 }
             }
         }
+        if let Some((earlier, _)) = in_flight {
+            self.settle(conn, earlier).await?;
+        }
         Ok(())
+    }
+
+    /// Up to one batch of unsent rows past the grace period, with their
+    /// seq, in seq order, after seq `after` (0: from the first).
+    async fn unsent(
+        &self,
+        conn: &mut PgConnection,
+        after: i64,
+    ) -> Result<Vec<(i64, crate::outbox::Row)>, sqlx::Error> {
+        let rows: Vec<Unsent> = sqlx::query_as(
+            "SELECT seq, event_id, subject, payload, traceparent FROM choreo_outbox
+             WHERE sent_at IS NULL AND seq > $3 AND created_at <= now() - make_interval(secs => $2)
+             ORDER BY seq LIMIT $1",
+        )
+        .bind(self.batch)
+        .bind(self.grace.as_secs_f64())
+        .bind(after)
+        .fetch_all(&mut *conn)
+        .await?;
+        Ok(rows.into_iter().map(|u| (u.seq, u.row)).collect())
+    }
+
+    /// Awaits a sent batch's PubAcks and marks the acknowledged rows sent;
+    /// returns the first error, if a row was not acknowledged.
+    async fn settle(
+        &self,
+        conn: &mut PgConnection,
+        sending: Sending,
+    ) -> Result<Option<String>, sqlx::Error> {
+        let round = sending.acknowledged().await;
+        self.stats
+            .published
+            .fetch_add(round.acked.len() as u64, Ordering::Relaxed);
+        self.mark_sent(conn, &round.acked).await?;
+        if let Some(error) = &round.error {
+            tracing::debug!(%error, unsent = round.attempted - round.acked.len(), "a relay batch was not all acknowledged");
+        }
+        Ok(round.error)
     }
 
     /// Publishes up to one batch of unsent rows, PubAcks in flight together,
     /// and reports which were acknowledged. Does not mark anything sent.
     pub async fn publish(&self, conn: &mut PgConnection) -> Result<Published, sqlx::Error> {
-        let rows: Vec<crate::outbox::Row> = sqlx::query_as(
-            "SELECT event_id, subject, payload, traceparent FROM choreo_outbox
-             WHERE sent_at IS NULL AND created_at <= now() - make_interval(secs => $2)
-             ORDER BY seq LIMIT $1",
-        )
-        .bind(self.batch)
-        .bind(self.grace.as_secs_f64())
-        .fetch_all(&mut *conn)
-        .await?;
-        let round = publish_rows(&self.js, rows).await;
+        let rows = self.unsent(conn, 0).await?;
+        let round = publish_rows(&self.js, rows.into_iter().map(|(_, row)| row).collect()).await;
         self.stats
             .published
             .fetch_add(round.acked.len() as u64, Ordering::Relaxed);
@@ -385,6 +450,14 @@ impl Relay {
     ) -> Result<(), sqlx::Error> {
         mark_rows_sent(conn, acked).await
     }
+}
+
+/// An unsent outbox row and its place in the outbox.
+#[derive(sqlx::FromRow)]
+struct Unsent {
+    seq: i64,
+    #[sqlx(flatten)]
+    row: crate::outbox::Row,
 }
 
 /// Samples the outbox backlog and the age of its oldest unsent row into

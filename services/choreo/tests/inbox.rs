@@ -573,3 +573,45 @@ async fn queued_events_are_applied_in_batches_in_order_and_one_bad_event_costs_t
         .unwrap();
     assert!(reason.contains("ping 137 is refused"), "{reason}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_applies_an_event_it_holds_twice_once_and_one_seen_before_not_at_all() {
+    let s = setup().await;
+    sqlx::query("CREATE TABLE seen (at BIGSERIAL PRIMARY KEY, saga TEXT NOT NULL, n INT NOT NULL)")
+        .execute(&s.pool)
+        .await
+        .unwrap();
+    let handler = RecordsOrder {
+        reject: u32::MAX,
+        flaky: u32::MAX,
+        failed_once: false.into(),
+        counted: Default::default(),
+    };
+    let earlier = Envelope::new("test", "saga-a", None, &Ping { n: 1 });
+    inbox::apply(&s.pool, &handler, &earlier).await.unwrap();
+    let twice = Envelope::new("test", "saga-a", None, &Ping { n: 2 });
+    let other = Envelope::new("test", "saga-b", None, &Ping { n: 3 });
+    let batch = [&earlier, &twice, &other, &twice]
+        .into_iter()
+        .map(|envelope| inbox::Batched {
+            envelope,
+            event: envelope.payload::<Ping>().unwrap(),
+            span: tracing::Span::none(),
+        })
+        .collect();
+    let outcomes = inbox::apply_batch(&s.pool, &handler, batch).await.unwrap();
+    assert_eq!(
+        outcomes,
+        [
+            Outcome::Duplicate,
+            Outcome::Applied,
+            Outcome::Applied,
+            Outcome::Duplicate
+        ]
+    );
+    let seen: Vec<i32> = sqlx::query_scalar("SELECT n FROM seen ORDER BY at")
+        .fetch_all(&s.pool)
+        .await
+        .unwrap();
+    assert_eq!(seen, [1, 2, 3], "each effect once, in the batch's order");
+}

@@ -42,28 +42,27 @@ impl OrderApi {
         request: api::PlaceOrderRequest,
     ) -> Result<api::PlaceOrderResponse, ApiError> {
         let order = NewOrder::validate(request).map_err(ApiError::InvalidArgument)?;
-        let mut tx = self.pool.begin().await?;
         let id = Uuid::now_v7();
-        let created = store::insert(&mut tx, id, &order, self.deadline).await?;
-        let id = if created {
-            let payload = ev::OrderCreated {
-                customer: order.customer.clone(),
-                destination: order.destination.clone(),
-                contact: order.contact.clone(),
-                lines: order
-                    .lines
-                    .iter()
-                    .map(|(sku, quantity)| ev::OrderLine {
-                        sku: sku.clone(),
-                        quantity: *quantity,
-                    })
-                    .collect(),
-            };
-            handler::emit_own(&mut tx, &self.outbox, id, payload, SagaEvent::OrderCreated).await?;
-            // The answer is the order as this transaction wrote it: no second read.
-            let placed = store::load_in(&mut tx, id)
-                .await?
-                .ok_or_else(|| ApiError::Internal("the order just written is missing".into()))?;
+        let payload = ev::OrderCreated {
+            customer: order.customer.clone(),
+            destination: order.destination.clone(),
+            contact: order.contact.clone(),
+            lines: order
+                .lines
+                .iter()
+                .map(|(sku, quantity)| ev::OrderLine {
+                    sku: sku.clone(),
+                    quantity: *quantity,
+                })
+                .collect(),
+        };
+        let created = self.outbox.envelope(&id.to_string(), None, &payload);
+        let detail = handler::detail(&SagaEvent::OrderCreated(payload));
+        let mut tx = self.pool.begin().await?;
+        // The answer is the order as this transaction wrote it: no read back.
+        let placed = store::insert(&mut tx, id, &order, self.deadline, &created, &detail).await?;
+        let id = if let Some(placed) = placed {
+            self.outbox.insert(&mut tx, &created).await?;
             tx.commit().await?;
             tracing::Span::current().record("order_id", tracing::field::display(id));
             tracing::info!("order placed");

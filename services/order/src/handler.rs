@@ -87,7 +87,7 @@ fn status_for(meaning: choreography::Meaning) -> Option<Status> {
 }
 
 /// The timeline's line for an event.
-fn detail(event: &SagaEvent) -> String {
+pub fn detail(event: &SagaEvent) -> String {
     use SagaEvent::*;
     match event {
         OrderCreated(e) => format!("placed: {} to {}", lines(&e.lines), e.destination),
@@ -147,14 +147,13 @@ impl Handler for OrderHandler {
         let id = Uuid::parse_str(&envelope.saga_id).map_err(|_| {
             Reject::Malformed(format!("saga id {:?} is not an order id", envelope.saga_id))
         })?;
-        let Some(status) = store::lock(tx, id).await? else {
+        let meaning = meaning(envelope, &event);
+        let Some(status) = store::lock_and_record(tx, id, envelope, &meaning.detail).await? else {
             return Err(Reject::Malformed(format!(
                 "order {id} does not exist in this order service"
             ))
             .into());
         };
-        let meaning = meaning(envelope, &event);
-        store::record_event(tx, id, envelope, &meaning.detail).await?;
         match meaning.status {
             Some(next) if status.may_become(next) => {
                 store::set_status(tx, id, next, meaning.reason.as_deref(), self.deadline).await?;

@@ -10,17 +10,43 @@ use uuid::Uuid;
 
 use crate::domain::{NewOrder, Status};
 
-/// Inserts a new order with its lines; `false` when the idempotency key is taken.
+/// Inserts a new order with its lines, its first status change and the
+/// timeline's line for `created` (the event it is placed with), in one
+/// statement, and returns the order as written; `None` when the
+/// idempotency key is taken (then nothing is written).
 pub async fn insert(
     tx: &mut PgConnection,
     id: Uuid,
     order: &NewOrder,
     deadline: Duration,
-) -> Result<bool, sqlx::Error> {
-    let inserted = sqlx::query(
-        "INSERT INTO orders (order_id, customer, destination, contact, status, idempotency_key, fingerprint, deadline_at, changes)
-         VALUES ($1, $2, $3, $4, $8, $5, $6, now() + make_interval(secs => $7), 1)
-         ON CONFLICT (idempotency_key) DO NOTHING",
+    created: &Envelope,
+    detail: &str,
+) -> Result<Option<api::Order>, sqlx::Error> {
+    let (skus, quantities): (Vec<&str>, Vec<i32>) = order
+        .lines
+        .iter()
+        .map(|(sku, quantity)| (sku.as_str(), *quantity as i32))
+        .unzip();
+    // Nobody can watch an order before it exists, so its first status
+    // change notifies nobody.
+    let Some(row) = sqlx::query(
+        "WITH placed AS (
+             INSERT INTO orders (order_id, customer, destination, contact, status, idempotency_key, fingerprint, deadline_at, changes)
+             VALUES ($1, $2, $3, $4, $8, $5, $6, now() + make_interval(secs => $7), 1)
+             ON CONFLICT (idempotency_key) DO NOTHING
+             RETURNING order_id, customer, destination, contact, status, reason, stuck, created_at, updated_at),
+         lines AS (
+             INSERT INTO order_lines (order_id, line_no, sku, quantity)
+             SELECT placed.order_id, line.no - 1, line.sku, line.quantity
+             FROM placed, unnest($9::text[], $10::int[]) WITH ORDINALITY AS line (sku, quantity, no)),
+         first_change AS (
+             INSERT INTO order_status_changes (order_id, seq, status, reason)
+             SELECT order_id, 1, status, '' FROM placed),
+         timeline AS (
+             INSERT INTO order_timeline (event_id, order_id, event_type, producer, occurred_at, detail, causation_id)
+             SELECT $11, order_id, $12, $13, $14, $15, NULL FROM placed
+             RETURNING occurred_at)
+         SELECT placed.*, timeline.occurred_at FROM placed, timeline",
     )
     .bind(id)
     .bind(&order.customer)
@@ -30,33 +56,36 @@ pub async fn insert(
     .bind(order.fingerprint())
     .bind(deadline.as_secs_f64())
     .bind(Status::Pending)
-    .execute(&mut *tx)
+    .bind(&skus)
+    .bind(&quantities)
+    .bind(created.id())
+    .bind(&created.event_type)
+    .bind(&created.producer)
+    .bind(created.occurred_at())
+    .bind(detail)
+    .fetch_optional(&mut *tx)
     .await?
-    .rows_affected();
-    if inserted == 0 {
-        return Ok(false);
-    }
-    for (line_no, (sku, quantity)) in order.lines.iter().enumerate() {
-        sqlx::query(
-            "INSERT INTO order_lines (order_id, line_no, sku, quantity) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(id)
-        .bind(line_no as i32)
-        .bind(sku)
-        .bind(*quantity as i32)
-        .execute(&mut *tx)
-        .await?;
-    }
-    // Its first status change; nobody can watch an order before it exists,
-    // so there is nobody to notify.
-    sqlx::query(
-        "INSERT INTO order_status_changes (order_id, seq, status, reason) VALUES ($1, 1, $2, '')",
-    )
-    .bind(id)
-    .bind(Status::Pending)
-    .execute(&mut *tx)
-    .await?;
-    Ok(true)
+    else {
+        return Ok(None);
+    };
+    let mut placed = order_from_row(&row);
+    placed.items = order
+        .lines
+        .iter()
+        .map(|(sku, quantity)| api::OrderItem {
+            sku: sku.clone(),
+            quantity: *quantity,
+        })
+        .collect();
+    placed.timeline = vec![api::TimelineEntry {
+        event_id: created.id().to_string(),
+        event_type: created.event_type.clone(),
+        producer: created.producer.clone(),
+        occurred_at: Some(timestamp(row.get("occurred_at"))),
+        detail: detail.to_owned(),
+        causation_id: String::new(),
+    }];
+    Ok(Some(placed))
 }
 
 /// The order a key was used for, and what it asked for.
@@ -152,6 +181,34 @@ pub async fn keep_first_reason(
     .execute(tx)
     .await?;
     Ok(())
+}
+
+/// Locks the order's row for the rest of the transaction, adds `event` to
+/// its timeline (once per event id) and returns its status; `None` (and
+/// nothing written) when there is no such order. One statement: every event
+/// an order hears does both.
+pub async fn lock_and_record(
+    tx: &mut PgConnection,
+    id: Uuid,
+    event: &Envelope,
+    detail: &str,
+) -> Result<Option<Status>, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH locked AS (SELECT status FROM orders WHERE order_id = $2 FOR UPDATE),
+         recorded AS (
+             INSERT INTO order_timeline (event_id, order_id, event_type, producer, occurred_at, detail, causation_id)
+             SELECT $1, $2, $3, $4, $5, $6, $7 FROM locked ON CONFLICT (event_id) DO NOTHING)
+         SELECT status FROM locked",
+    )
+    .bind(event.id())
+    .bind(id)
+    .bind(&event.event_type)
+    .bind(&event.producer)
+    .bind(event.occurred_at())
+    .bind(detail)
+    .bind(Uuid::parse_str(&event.causation_id).ok())
+    .fetch_optional(tx)
+    .await
 }
 
 /// Adds a saga event to the order's timeline (once per event id).

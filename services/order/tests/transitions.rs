@@ -26,14 +26,74 @@ async fn place(pool: &PgPool) -> uuid::Uuid {
         lines: vec![("BOOK".into(), 1)],
         idempotency_key: id.to_string(),
     };
-    let mut tx = pool.begin().await.unwrap();
-    assert!(
-        order::store::insert(&mut tx, id, &order, Duration::from_secs(30))
-            .await
-            .unwrap()
+    let created = event(
+        id,
+        ev::OrderCreated {
+            customer: "ada".into(),
+            destination: "DE".into(),
+            contact: "ada@example.com".into(),
+            lines: vec![ev::OrderLine {
+                sku: "BOOK".into(),
+                quantity: 1,
+            }],
+        },
     );
+    let mut tx = pool.begin().await.unwrap();
+    let written = order::store::insert(
+        &mut tx,
+        id,
+        &order,
+        Duration::from_secs(30),
+        &created,
+        "placed: BOOK x1 to DE",
+    )
+    .await
+    .unwrap()
+    .expect("a new idempotency key places an order");
     tx.commit().await.unwrap();
+    // PlaceOrder answers with what the insert returns: it must be what a
+    // read of the order gives, field for field.
+    let read = order::store::load(pool, id).await.unwrap().unwrap();
+    assert_eq!(written, read);
+    assert_eq!(read.items.len(), 1);
+    assert_eq!(read.timeline.len(), 1);
+    assert_eq!(read.timeline[0].event_id, created.event_id);
     id
+}
+
+#[tokio::test]
+async fn an_idempotency_key_used_before_places_nothing() {
+    let (_pg, pool) = database().await;
+    let first = place(&pool).await;
+    let order: (String, String) =
+        sqlx::query_as("SELECT idempotency_key, fingerprint FROM orders WHERE order_id = $1")
+            .bind(first)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let again = order::domain::NewOrder {
+        customer: "ada".into(),
+        destination: "DE".into(),
+        contact: "ada@example.com".into(),
+        lines: vec![("BOOK".into(), 1)],
+        idempotency_key: order.0,
+    };
+    let id = uuid::Uuid::now_v7();
+    let created = event(id, ev::OrderCreated::default());
+    let mut tx = pool.begin().await.unwrap();
+    let written = order::store::insert(&mut tx, id, &again, Duration::from_secs(30), &created, "")
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert!(written.is_none());
+    let rows: (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM orders), (SELECT count(*) FROM order_lines),
+                (SELECT count(*) FROM order_status_changes), (SELECT count(*) FROM order_timeline)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows, (1, 1, 1, 1), "only the first order's rows");
 }
 
 /// An event for order `id` as its declared producer writes it.
@@ -139,8 +199,8 @@ async fn late_events_never_revive_a_cancelled_order_and_the_first_reason_stays()
             .await
             .unwrap();
     assert_eq!(
-        timeline, 5,
-        "every event is on the timeline, even the ones that changed nothing"
+        timeline, 6,
+        "every event is on the timeline (its placing and the five delivered), even the ones that changed nothing"
     );
 }
 
