@@ -182,3 +182,45 @@ async fn a_republish_past_the_duplicate_window_is_absorbed_by_the_inbox() {
     assert_eq!(counts.len(), 25);
     assert!(counts.iter().all(|&n| n == 1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_many_batches_reaches_the_stream_in_outbox_order_and_a_row_that_commits_late_follows()
+ {
+    let s = setup().await;
+    // A transaction that takes the first seq and commits only at the end.
+    let mut late = s.pool.begin().await.unwrap();
+    let late_event = s
+        .outbox()
+        .emit(&mut late, "saga-late", None, &Ping { n: 1000 })
+        .await
+        .unwrap();
+    let sent = s.emit(300).await;
+    let shutdown = CancellationToken::new();
+    let relay = tokio::spawn(s.relay(8).run(shutdown.clone()));
+    eventually("the backlog published", Duration::from_secs(60), || async {
+        s.unsent().await == 0 && s.stream_messages().await == 300
+    })
+    .await;
+    late.commit().await.unwrap();
+    eventually(
+        "the late row published too",
+        Duration::from_secs(60),
+        || async { s.unsent().await == 0 && s.stream_messages().await == 301 },
+    )
+    .await;
+    shutdown.cancel();
+    relay.await.unwrap();
+
+    let stream = s.js.get_stream(&s.config.stream).await.unwrap();
+    let mut ids = Vec::new();
+    for seq in 1..=301 {
+        let message = stream.get_raw_message(seq).await.unwrap();
+        ids.push(Envelope::from_bytes(&message.payload).unwrap().event_id);
+    }
+    let mut expected: Vec<String> = sent.iter().map(|e| e.event_id.clone()).collect();
+    expected.push(late_event.event_id);
+    assert_eq!(
+        ids, expected,
+        "the stream holds the outbox's rows in seq order, the late one last"
+    );
+}
