@@ -14,6 +14,7 @@
 //! picks up rows that committed late. Only acknowledged rows are marked sent. A crash
 //! between PubAck and marking republishes, and JetStream's duplicate window
 //! (`Nats-Msg-Id` = event id) or, past it, the consumers' inbox drops the copy.
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -33,6 +34,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// Batches read one past the other before reading again from the first
 /// unsent row (where a row that committed late with a lower seq waits).
 const MAX_BATCHES_IN_A_RUN: u32 = 16;
+
+/// Batches a relay has sent whose PubAcks may still be coming.
+const BATCHES_IN_FLIGHT: usize = 4;
 
 /// Counters a test or metrics endpoint can read.
 #[derive(Debug, Default)]
@@ -338,37 +342,35 @@ impl Relay {
             wakeup.listen().await;
         }
         let mut backoff = Duration::from_millis(100);
-        // A full batch sent whose PubAcks are still to come, and its last
-        // seq: the next batch is read and sent while they come, so reading
-        // and marking in PostgreSQL overlap the broker's fsync.
-        let mut in_flight: Option<(Sending, i64)> = None;
+        // Full batches sent whose PubAcks are still to come, each with its
+        // last seq: the next batch is read and sent while they come, so
+        // reading and marking in PostgreSQL overlap the broker's fsyncs.
+        let mut in_flight: VecDeque<(Sending, i64)> = VecDeque::new();
         let mut batches_in_run = 0;
         while !shutdown.is_cancelled() {
-            let after = in_flight.as_ref().map_or(0, |(_, last)| *last);
+            let after = in_flight.back().map_or(0, |(_, last)| *last);
             batches_in_run = if after == 0 { 1 } else { batches_in_run + 1 };
             let rows = self.unsent(conn, after).await?;
             let full = rows.len() as i64 >= self.batch;
             let last = rows.last().map_or(after, |(seq, _)| *seq);
             let sending = send_rows(&self.js, rows.into_iter().map(|(_, row)| row).collect()).await;
-            let mut error = match in_flight.take() {
-                Some((earlier, _)) => self.settle(conn, earlier).await?,
-                None => None,
-            };
-            if full
-                && error.is_none()
-                && sending.round.error.is_none()
-                && batches_in_run < MAX_BATCHES_IN_A_RUN
-            {
-                in_flight = Some((sending, last));
-                continue; // more rows are waiting
-            }
-            if let Some(later) = self.settle(conn, sending).await? {
-                error.get_or_insert(later);
-            }
-            if full && error.is_none() {
-                continue; // more rows are waiting: read from the first again
+            let mut error = sending.round.error.clone();
+            let go_on = full && error.is_none() && batches_in_run < MAX_BATCHES_IN_A_RUN;
+            in_flight.push_back((sending, last));
+            // Settle the oldest batches: all of them unless more are read now.
+            let keep = if go_on { BATCHES_IN_FLIGHT - 1 } else { 0 };
+            while in_flight.len() > keep {
+                let Some((earlier, _)) = in_flight.pop_front() else {
+                    break;
+                };
+                if let Some(failed) = self.settle(conn, earlier).await? {
+                    error.get_or_insert(failed);
+                }
             }
             if let Some(error) = error {
+                for (earlier, _) in in_flight.drain(..) {
+                    self.settle(conn, earlier).await?;
+                }
                 tracing::warn!(%error, "publish failed; will retry");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -378,6 +380,9 @@ impl Relay {
                 continue;
             }
             backoff = Duration::from_millis(100);
+            if full {
+                continue; // more rows are waiting
+            }
             if let Some(wakeup) = wakeup.as_mut() {
                 wakeup.wait(shutdown).await;
             } else {
@@ -387,7 +392,7 @@ impl Relay {
                 }
             }
         }
-        if let Some((earlier, _)) = in_flight {
+        for (earlier, _) in in_flight {
             self.settle(conn, earlier).await?;
         }
         Ok(())
