@@ -34,34 +34,49 @@ async fn take(
 ) -> Result<Option<String>, sqlx::Error> {
     let mut sorted: Vec<&ev::OrderLine> = lines.iter().collect();
     sorted.sort_by(|a, b| a.sku.cmp(&b.sku));
+    if let [line] = sorted[..] {
+        // One line is taken or not: no savepoint needed (two statements fewer).
+        return take_line(tx, line).await;
+    }
     let mut attempt = tx.begin().await?; // a savepoint: all lines or none
     for line in sorted {
-        let taken = sqlx::query(
-            "UPDATE stock SET available = available - $2, reserved = reserved + $2
-             WHERE sku = $1 AND available >= $2",
-        )
-        .bind(&line.sku)
-        .bind(line.quantity as i64)
-        .execute(&mut *attempt)
-        .await?
-        .rows_affected();
-        if taken == 0 {
-            let available: Option<i64> =
-                sqlx::query_scalar("SELECT available FROM stock WHERE sku = $1")
-                    .bind(&line.sku)
-                    .fetch_optional(&mut *attempt)
-                    .await?;
+        if let Some(refusal) = take_line(&mut attempt, line).await? {
             attempt.rollback().await?;
-            return Ok(Some(match available {
-                None => format!("unknown SKU {}", line.sku),
-                Some(n) => format!(
-                    "not enough stock of {} ({n} available, {} ordered)",
-                    line.sku, line.quantity
-                ),
-            }));
+            return Ok(Some(refusal));
         }
     }
     attempt.commit().await?;
+    Ok(None)
+}
+
+/// Takes one line's quantity from its SKU's stock; why not, when it cannot.
+async fn take_line(
+    tx: &mut PgConnection,
+    line: &ev::OrderLine,
+) -> Result<Option<String>, sqlx::Error> {
+    let taken = sqlx::query(
+        "UPDATE stock SET available = available - $2, reserved = reserved + $2
+         WHERE sku = $1 AND available >= $2",
+    )
+    .bind(&line.sku)
+    .bind(line.quantity as i64)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if taken == 0 {
+        let available: Option<i64> =
+            sqlx::query_scalar("SELECT available FROM stock WHERE sku = $1")
+                .bind(&line.sku)
+                .fetch_optional(&mut *tx)
+                .await?;
+        return Ok(Some(match available {
+            None => format!("unknown SKU {}", line.sku),
+            Some(n) => format!(
+                "not enough stock of {} ({n} available, {} ordered)",
+                line.sku, line.quantity
+            ),
+        }));
+    }
     Ok(None)
 }
 

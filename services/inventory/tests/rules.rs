@@ -78,6 +78,21 @@ async fn all_lines_or_none_and_a_redelivered_order_takes_stock_once() {
         .unwrap();
     assert_eq!(stock(&pool, "BOOK").await, (7, 3));
     assert_eq!(emitted(&pool, &second).await, ["inventory.rejected"]);
+
+    // One line (taken without a savepoint): held when there is enough,
+    // refused with nothing taken when there is not.
+    let third = uuid::Uuid::now_v7().to_string();
+    apply(&pool, &h, &created(&third, &[("BOOK", 7)]))
+        .await
+        .unwrap();
+    assert_eq!(stock(&pool, "BOOK").await, (0, 10));
+    assert_eq!(emitted(&pool, &third).await, ["inventory.reserved"]);
+    let fourth = uuid::Uuid::now_v7().to_string();
+    apply(&pool, &h, &created(&fourth, &[("BOOK", 1)]))
+        .await
+        .unwrap();
+    assert_eq!(stock(&pool, "BOOK").await, (0, 10));
+    assert_eq!(emitted(&pool, &fourth).await, ["inventory.rejected"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
