@@ -98,6 +98,46 @@ async fn record(
     Ok(())
 }
 
+/// Records the order's reservation as held, with its lines, in one statement.
+async fn hold(
+    tx: &mut PgConnection,
+    order_id: Uuid,
+    lines: &[ev::OrderLine],
+) -> Result<(), sqlx::Error> {
+    let skus: Vec<&str> = lines.iter().map(|l| l.sku.as_str()).collect();
+    let quantities: Vec<i64> = lines.iter().map(|l| i64::from(l.quantity)).collect();
+    sqlx::query(
+        "WITH held AS (
+             INSERT INTO reservations (order_id, status, reason) VALUES ($1, $2, '')
+             ON CONFLICT (order_id) DO UPDATE SET status = $2, reason = '', updated_at = now()
+             RETURNING order_id)
+         INSERT INTO reservation_lines (order_id, sku, quantity)
+         SELECT held.order_id, line.sku, line.quantity
+         FROM held, unnest($3::text[], $4::bigint[]) AS line (sku, quantity)",
+    )
+    .bind(order_id)
+    .bind(ReservationStatus::Held)
+    .bind(&skus)
+    .bind(&quantities)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// Turns a reservation [`hold`] wrote into a refusal: no lines, and why.
+async fn refuse(tx: &mut PgConnection, order_id: Uuid, reason: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "WITH no_lines AS (DELETE FROM reservation_lines WHERE order_id = $1)
+         UPDATE reservations SET status = $2, reason = $3, updated_at = now() WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .bind(ReservationStatus::Rejected)
+    .bind(reason)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
 #[async_trait::async_trait]
 impl CompensableStep for InventoryHandler {
     const NAME: &'static str = "reserve";
@@ -117,25 +157,19 @@ impl CompensableStep for InventoryHandler {
         order: ev::OrderCreated,
     ) -> Result<Verdict<ev::InventoryReserved, ev::InventoryRejected>, HandleError> {
         let order_id = contracts::order_id_of(envelope)?;
-        let refusal = match self.config.injected_failure() {
-            Some(reason) => Some(reason),
-            None => take(tx, &order.lines).await?,
-        };
-        if let Some(reason) = refusal {
+        if let Some(reason) = self.config.injected_failure() {
             tracing::info!(%reason, "reservation rejected");
             record(tx, order_id, ReservationStatus::Rejected, &reason).await?;
             return Ok(Verdict::Failed(ev::InventoryRejected { reason }));
         }
-        record(tx, order_id, ReservationStatus::Held, "").await?;
-        for line in &order.lines {
-            sqlx::query(
-                "INSERT INTO reservation_lines (order_id, sku, quantity) VALUES ($1, $2, $3)",
-            )
-            .bind(order_id)
-            .bind(&line.sku)
-            .bind(line.quantity as i64)
-            .execute(&mut **tx)
-            .await?;
+        // The reservation is written first and the stock taken last, so the
+        // SKUs' rows (which every order of those SKUs waits for) stay locked
+        // only through the outbox insert and the commit.
+        hold(tx, order_id, &order.lines).await?;
+        if let Some(reason) = take(tx, &order.lines).await? {
+            tracing::info!(%reason, "reservation rejected");
+            refuse(tx, order_id, &reason).await?;
+            return Ok(Verdict::Failed(ev::InventoryRejected { reason }));
         }
         tracing::info!(lines = order.lines.len(), "stock reserved");
         Ok(Verdict::Succeeded(ev::InventoryReserved {

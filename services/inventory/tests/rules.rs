@@ -52,6 +52,18 @@ async fn stock(pool: &PgPool, sku: &str) -> (i64, i64) {
         .unwrap()
 }
 
+/// The order's reservation status and how many lines it holds.
+async fn reservation(pool: &PgPool, order: &str) -> (String, i64) {
+    sqlx::query_as(
+        "SELECT status, (SELECT count(*) FROM reservation_lines l WHERE l.order_id = r.order_id)
+         FROM reservations r WHERE order_id = $1::uuid",
+    )
+    .bind(order)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
 async fn emitted(pool: &PgPool, order: &str) -> Vec<String> {
     sqlx::query_scalar("SELECT event_type FROM choreo_outbox WHERE saga_id = $1 ORDER BY seq")
         .bind(order)
@@ -78,6 +90,12 @@ async fn all_lines_or_none_and_a_redelivered_order_takes_stock_once() {
         .unwrap();
     assert_eq!(stock(&pool, "BOOK").await, (7, 3));
     assert_eq!(emitted(&pool, &second).await, ["inventory.rejected"]);
+    assert_eq!(reservation(&pool, &order).await, ("HELD".into(), 2));
+    assert_eq!(
+        reservation(&pool, &second).await,
+        ("REJECTED".into(), 0),
+        "a refused reservation holds no lines"
+    );
 
     // One line (taken without a savepoint): held when there is enough,
     // refused with nothing taken when there is not.
@@ -93,6 +111,8 @@ async fn all_lines_or_none_and_a_redelivered_order_takes_stock_once() {
         .unwrap();
     assert_eq!(stock(&pool, "BOOK").await, (0, 10));
     assert_eq!(emitted(&pool, &fourth).await, ["inventory.rejected"]);
+    assert_eq!(reservation(&pool, &third).await, ("HELD".into(), 1));
+    assert_eq!(reservation(&pool, &fourth).await, ("REJECTED".into(), 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
