@@ -129,17 +129,7 @@ async fn record_and_handle<H: Handler>(
     envelope: &Envelope,
     event: H::Event,
 ) -> Result<bool, HandleError> {
-    let fresh = sqlx::query(
-        "INSERT INTO choreo_inbox (event_id, event_type, saga_id) VALUES ($1, $2, $3)
-         ON CONFLICT (event_id) DO NOTHING",
-    )
-    .bind(envelope.id())
-    .bind(&envelope.event_type)
-    .bind(&envelope.saga_id)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected()
-        == 1;
+    let fresh = record_in_inbox(tx, &[envelope]).await?[0];
     if fresh {
         handler.handle(tx, envelope, event).await?;
     }
@@ -182,7 +172,8 @@ async fn batch_in_tx<H: Handler>(
     events: Vec<Batched<'_, H::Event>>,
 ) -> Result<Vec<Outcome>, HandleError> {
     let mut tx = pool.begin().await?;
-    let fresh = record_all(&mut tx, &events).await?;
+    let envelopes: Vec<&Envelope> = events.iter().map(|b| b.envelope).collect();
+    let fresh = record_in_inbox(&mut tx, &envelopes).await?;
     let mut outcomes = Vec::with_capacity(events.len());
     for (
         Batched {
@@ -210,16 +201,12 @@ async fn batch_in_tx<H: Handler>(
     Ok(outcomes)
 }
 
-/// Records a batch's events in the inbox of the open `tx`, in one
-/// statement; whether each was new (an event delivered twice in the batch
-/// is new only the first time).
-async fn record_all<E>(tx: &mut Tx, events: &[Batched<'_, E>]) -> Result<Vec<bool>, sqlx::Error> {
-    let ids: Vec<uuid::Uuid> = events.iter().map(|b| b.envelope.id()).collect();
-    let types: Vec<&str> = events
-        .iter()
-        .map(|b| b.envelope.event_type.as_str())
-        .collect();
-    let sagas: Vec<&str> = events.iter().map(|b| b.envelope.saga_id.as_str()).collect();
+/// Records events in the inbox of the open `tx`, in one statement; whether
+/// each was new (an event given twice is new only the first time).
+async fn record_in_inbox(tx: &mut Tx, envelopes: &[&Envelope]) -> Result<Vec<bool>, sqlx::Error> {
+    let ids: Vec<uuid::Uuid> = envelopes.iter().map(|e| e.id()).collect();
+    let types: Vec<&str> = envelopes.iter().map(|e| e.event_type.as_str()).collect();
+    let sagas: Vec<&str> = envelopes.iter().map(|e| e.saga_id.as_str()).collect();
     let mut inserted: std::collections::HashSet<uuid::Uuid> = sqlx::query_scalar(
         "INSERT INTO choreo_inbox (event_id, event_type, saga_id)
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])

@@ -193,12 +193,6 @@ async fn mark_rows_sent<'e>(
     Ok(())
 }
 
-/// Publishes `rows` in order with their PubAcks in flight together, and
-/// reports which were acknowledged.
-async fn publish_rows(js: &jetstream::Context, rows: Vec<crate::outbox::Row>) -> Published {
-    send_rows(js, rows).await.acknowledged().await
-}
-
 /// Rows sent to the broker, their PubAcks still to come.
 struct Sending {
     round: Published,
@@ -425,10 +419,7 @@ impl Relay {
         conn: &mut PgConnection,
         sending: Sending,
     ) -> Result<Option<String>, sqlx::Error> {
-        let round = sending.acknowledged().await;
-        self.stats
-            .published
-            .fetch_add(round.acked.len() as u64, Ordering::Relaxed);
+        let round = self.acknowledged(sending).await;
         self.mark_sent(conn, &round.acked).await?;
         if let Some(error) = &round.error {
             tracing::debug!(%error, unsent = round.attempted - round.acked.len(), "a relay batch was not all acknowledged");
@@ -440,11 +431,17 @@ impl Relay {
     /// and reports which were acknowledged. Does not mark anything sent.
     pub async fn publish(&self, conn: &mut PgConnection) -> Result<Published, sqlx::Error> {
         let rows = self.unsent(conn, 0).await?;
-        let round = publish_rows(&self.js, rows.into_iter().map(|(_, row)| row).collect()).await;
+        let sending = send_rows(&self.js, rows.into_iter().map(|(_, row)| row).collect()).await;
+        Ok(self.acknowledged(sending).await)
+    }
+
+    /// Awaits a sent batch's PubAcks and counts the acknowledged rows.
+    async fn acknowledged(&self, sending: Sending) -> Published {
+        let round = sending.acknowledged().await;
         self.stats
             .published
             .fetch_add(round.acked.len() as u64, Ordering::Relaxed);
-        Ok(round)
+        round
     }
 
     /// Marks acknowledged rows sent.

@@ -46,7 +46,10 @@ pub async fn emit_own<P: choreo::EventPayload>(
     as_event: fn(P) -> SagaEvent,
 ) -> Result<(), sqlx::Error> {
     let envelope = outbox.emit(tx, &id.to_string(), None, &payload).await?;
-    store::record_event(tx, id, &envelope, &detail(&as_event(payload))).await
+    store::record_event(tx, id, &envelope, &detail(&as_event(payload)))
+        .await?
+        .map(|_| ())
+        .ok_or(sqlx::Error::RowNotFound)
 }
 
 fn lines(lines: &[ev::OrderLine]) -> String {
@@ -148,7 +151,7 @@ impl Handler for OrderHandler {
             Reject::Malformed(format!("saga id {:?} is not an order id", envelope.saga_id))
         })?;
         let meaning = meaning(envelope, &event);
-        let Some(status) = store::lock_and_record(tx, id, envelope, &meaning.detail).await? else {
+        let Some(status) = store::record_event(tx, id, envelope, &meaning.detail).await? else {
             return Err(Reject::Malformed(format!(
                 "order {id} does not exist in this order service"
             ))

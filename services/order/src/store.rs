@@ -183,11 +183,12 @@ pub async fn keep_first_reason(
     Ok(())
 }
 
-/// Locks the order's row for the rest of the transaction, adds `event` to
-/// its timeline (once per event id) and returns its status; `None` (and
-/// nothing written) when there is no such order. One statement: every event
-/// an order hears does both.
-pub async fn lock_and_record(
+/// Adds `event` to the order's timeline (once per event id), locking the
+/// order's row for the rest of the transaction (a no-op where the
+/// transaction holds it already), and returns the order's status; `None`
+/// (and nothing written) when there is no such order. One statement: every
+/// event an order hears needs both.
+pub async fn record_event(
     tx: &mut PgConnection,
     id: Uuid,
     event: &Envelope,
@@ -209,29 +210,6 @@ pub async fn lock_and_record(
     .bind(Uuid::parse_str(&event.causation_id).ok())
     .fetch_optional(tx)
     .await
-}
-
-/// Adds a saga event to the order's timeline (once per event id).
-pub async fn record_event(
-    tx: &mut PgConnection,
-    id: Uuid,
-    event: &Envelope,
-    detail: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO order_timeline (event_id, order_id, event_type, producer, occurred_at, detail, causation_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id) DO NOTHING",
-    )
-    .bind(event.id())
-    .bind(id)
-    .bind(&event.event_type)
-    .bind(&event.producer)
-    .bind(event.occurred_at())
-    .bind(detail)
-    .bind(Uuid::parse_str(&event.causation_id).ok())
-    .execute(tx)
-    .await?;
-    Ok(())
 }
 
 /// The whole story of one order, or `None` if there is no such order: read
