@@ -146,6 +146,12 @@ pub struct Report {
     pub hot_oversold: bool,
     pub open_rate_per_sec: f64,
     pub open_loop: Percentiles,
+    /// The open loop's slowest order placed in each second: a tail that
+    /// comes from a stall shows as a few bad seconds, one from queueing as
+    /// many.
+    pub open_loop_worst_per_second_ms: Vec<f64>,
+    /// Per hop over the open loop's orders (PubAck means over the whole run).
+    pub open_loop_hops: Vec<Hop>,
     pub alone: Percentiles,
     pub hops: Vec<Hop>,
     /// With `statements`: per service, its statements' calls per saga over
@@ -323,6 +329,8 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
     let alone = Percentiles::of(completion_ms(&mut order_db, &alone_ids).await?);
     spread.latency = Percentiles::of(completion_ms(&mut order_db, &spread_ids).await?);
     hot.latency = Percentiles::of(completion_ms(&mut order_db, &hot_ids).await?);
+    let open_loop_worst_per_second_ms = worst_per_second_ms(&mut order_db, &open_ids).await?;
+    let open_loop_hops = hops(&mut order_db, &open_ids, publish_latencies(sys).await?).await?;
     let hops = hops(&mut order_db, &spread_ids, puback).await?;
     let headline_r = spread.sagas_per_sec * 6.0 / limit;
     Ok(Report {
@@ -341,6 +349,8 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
         hot_oversold,
         open_rate_per_sec: rate,
         open_loop,
+        open_loop_worst_per_second_ms,
+        open_loop_hops,
         alone,
         hops,
         statements,
@@ -706,6 +716,26 @@ async fn completion_ms(db: &mut PgConnection, ids: &[String]) -> anyhow::Result<
     Ok(rows.into_iter().map(|r| r.0).collect())
 }
 
+/// The slowest placed -> COMPLETED of the orders among `ids` placed in each
+/// second, from the first one placed.
+async fn worst_per_second_ms(db: &mut PgConnection, ids: &[String]) -> anyhow::Result<Vec<f64>> {
+    let ids: Vec<uuid::Uuid> = ids.iter().filter_map(|i| i.parse().ok()).collect();
+    let rows: Vec<(f64, f64)> = sqlx::query_as(
+        "WITH l AS (
+             SELECT o.created_at, EXTRACT(EPOCH FROM (c.at - o.created_at))::float8 * 1000 AS ms
+             FROM orders o JOIN order_status_changes c ON c.order_id = o.order_id
+             WHERE o.order_id = ANY($1) AND c.status = 'COMPLETED'),
+         s AS (
+             SELECT floor(EXTRACT(EPOCH FROM (created_at - min(created_at) OVER ())))::float8 AS second, ms
+             FROM l)
+         SELECT second, max(ms) FROM s GROUP BY second ORDER BY second",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *db)
+    .await?;
+    Ok(rows.into_iter().map(|r| r.1).collect())
+}
+
 /// Per step: from the event that triggers it to the event its service writes,
 /// from the order's timeline; and each service's commit-to-PubAck.
 async fn hops(
@@ -1029,6 +1059,27 @@ impl Report {
                 })
                 .collect::<Vec<_>>()
                 .join("; "),
+        );
+        row(
+            "per hop (open loop): trigger -> reaction p50 / p99",
+            self.open_loop_hops
+                .iter()
+                .map(|h| {
+                    format!(
+                        "{} {:.0} / {:.0} ms",
+                        h.service, h.trigger_to_reaction.p50_ms, h.trigger_to_reaction.p99_ms
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        );
+        row(
+            "open loop: slowest order placed in each second, ms",
+            self.open_loop_worst_per_second_ms
+                .iter()
+                .map(|ms| format!("{ms:.0}"))
+                .collect::<Vec<_>>()
+                .join(" "),
         );
         let mut table = format!("| measure | value |\n| --- | --- |\n{out}");
         for (service, statements) in &self.statements {

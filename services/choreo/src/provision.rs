@@ -167,12 +167,15 @@ fn metadata(service: &str) -> HashMap<String, String> {
 }
 
 /// The stream every saga event goes to, created by `service` if missing.
+/// It allows atomic batches (the relay sends its batches so, a few fsyncs
+/// per batch instead of one per event); a stream made before it did is
+/// brought up to date.
 pub async fn ensure_stream(
     js: &jetstream::Context,
     config: &Config,
     service: &str,
 ) -> anyhow::Result<stream::Stream> {
-    let stream = js
+    let mut stream = js
         .get_or_create_stream(stream::Config {
             name: config.stream.clone(),
             subjects: vec![config.all_events_subject()],
@@ -181,11 +184,22 @@ pub async fn ensure_stream(
             max_age: config.stream_max_age(),
             duplicate_window: config.duplicate_window(),
             num_replicas: config.stream_replicas,
+            allow_atomic_publish: true,
             metadata: metadata(service),
             ..Default::default()
         })
         .await
         .map_err(|e| anyhow::anyhow!("creating stream {}: {e}", config.stream))?;
+    let found = stream.cached_info().config.clone();
+    if !found.allow_atomic_publish {
+        js.update_stream(stream::Config {
+            allow_atomic_publish: true,
+            ..found
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("allowing atomic batches on stream {}: {e}", config.stream))?;
+        stream = js.get_stream(&config.stream).await?;
+    }
     Ok(stream)
 }
 

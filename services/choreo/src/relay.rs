@@ -11,7 +11,12 @@
 //! the first's last seq) and sent, so a backlog drains with PostgreSQL and the
 //! broker busy at once; every [`MAX_BATCHES_IN_A_RUN`] batches, and whenever
 //! one is not full, reading starts again from the first unsent row, which
-//! picks up rows that committed late. Only acknowledged rows are marked sent. A crash
+//! picks up rows that committed late. The relay sends each batch as one
+//! JetStream atomic batch (nats-server 2.12+, a stream with `allow_atomic`),
+//! which the broker stores with a few fsyncs instead of one per row; a batch
+//! the broker refuses as a whole (one of its rows is in the stream already,
+//! or the stream does not allow atomic batches) goes again row by row, where
+//! the duplicate window drops the copies. Only acknowledged rows are marked sent. A crash
 //! between PubAck and marking republishes, and JetStream's duplicate window
 //! (`Nats-Msg-Id` = event id) or, past it, the consumers' inbox drops the copy.
 use std::collections::VecDeque;
@@ -19,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, message::PublishMessage};
+use async_nats::jetstream::{self, ErrorCode, message::PublishMessage};
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -37,6 +42,9 @@ const MAX_BATCHES_IN_A_RUN: u32 = 16;
 
 /// Batches a relay has sent whose PubAcks may still be coming.
 const BATCHES_IN_FLIGHT: usize = 4;
+
+/// The most messages nats-server takes in one atomic batch.
+const MAX_ATOMIC_BATCH: usize = 1000;
 
 /// Counters a test or metrics endpoint can read.
 #[derive(Debug, Default)]
@@ -56,6 +64,9 @@ pub struct Published {
     pub acked: Vec<Uuid>,
     /// The first publish error, if any row was not acknowledged.
     pub error: Option<String>,
+    /// The broker's error code when it refused an atomic batch as a whole
+    /// (not when no answer came): its rows are to go again one by one.
+    pub batch_refused: Option<ErrorCode>,
 }
 
 #[derive(Clone)]
@@ -68,6 +79,9 @@ pub struct Relay {
     /// transaction; zero: the relay publishes every unsent row, woken by
     /// the outbox's NOTIFY.
     grace: Duration,
+    /// Whether batches go as atomic batches; cleared for good when the
+    /// stream says it does not allow them.
+    atomic: Arc<AtomicBool>,
     stats: Arc<RelayStats>,
 }
 
@@ -196,7 +210,9 @@ async fn mark_rows_sent<'e>(
 /// Rows sent to the broker, their PubAcks still to come.
 struct Sending {
     round: Published,
-    in_flight: Vec<(Uuid, jetstream::context::PublishAckFuture)>,
+    /// Each PubAck to come with the rows it acknowledges: one row, or a
+    /// whole atomic batch.
+    in_flight: Vec<(Vec<Uuid>, jetstream::context::PublishAckFuture)>,
     started: std::time::Instant,
 }
 
@@ -216,7 +232,7 @@ async fn send_rows(js: &jetstream::Context, rows: Vec<crate::outbox::Row>) -> Se
             message = message.header("traceparent", row.traceparent.as_str());
         }
         match js.send_publish(row.subject, message).await {
-            Ok(ack) => in_flight.push((row.event_id, ack)),
+            Ok(ack) => in_flight.push((vec![row.event_id], ack)),
             Err(e) => {
                 round.error = Some(e.to_string());
                 break;
@@ -230,6 +246,80 @@ async fn send_rows(js: &jetstream::Context, rows: Vec<crate::outbox::Row>) -> Se
     }
 }
 
+/// Sends `rows` (at most [`MAX_ATOMIC_BATCH`]) in order as one atomic
+/// batch: all but the last as core messages, the last with the commit
+/// header, whose PubAck acknowledges the batch (or refuses all of it). One
+/// row goes as a plain publish, whose copy of a stored row is acknowledged
+/// as a duplicate, not refused. Every message keeps its `Nats-Msg-Id`: the
+/// broker refuses a batch that holds one it has stored already, never
+/// stores it twice.
+async fn send_atomically(js: &jetstream::Context, rows: Vec<crate::outbox::Row>) -> Sending {
+    debug_assert!(rows.len() <= MAX_ATOMIC_BATCH);
+    if rows.len() < 2 {
+        return send_rows(js, rows).await;
+    }
+    let mut round = Published {
+        attempted: rows.len(),
+        ..Published::default()
+    };
+    let mut in_flight = Vec::new();
+    let started = std::time::Instant::now();
+    let client = js.client();
+    let batch_id = Uuid::now_v7().to_string();
+    let size = rows.len();
+    let mut ids = Vec::with_capacity(size);
+    for (i, row) in rows.into_iter().enumerate() {
+        let position = (i + 1).to_string();
+        ids.push(row.event_id);
+        let event_id = row.event_id.to_string();
+        let sent = if i + 1 < size {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", event_id.as_str());
+            headers.insert("Nats-Batch-Id", batch_id.as_str());
+            headers.insert("Nats-Batch-Sequence", position.as_str());
+            if !row.traceparent.is_empty() {
+                headers.insert("traceparent", row.traceparent.as_str());
+            }
+            client
+                .publish_with_headers(row.subject, headers, row.payload.into())
+                .await
+                .map_err(|e| e.to_string())
+        } else {
+            let mut message = PublishMessage::build()
+                .payload(row.payload.into())
+                .message_id(event_id)
+                .header("Nats-Batch-Id", batch_id.as_str())
+                .header("Nats-Batch-Sequence", position.as_str())
+                .header("Nats-Batch-Commit", "1");
+            if !row.traceparent.is_empty() {
+                message = message.header("traceparent", row.traceparent.as_str());
+            }
+            match js.send_publish(row.subject, message).await {
+                Ok(ack) => {
+                    in_flight.push((std::mem::take(&mut ids), ack));
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        if let Err(e) = sent {
+            round.error = Some(e);
+            break;
+        }
+    }
+    Sending {
+        round,
+        in_flight,
+        started,
+    }
+}
+
+/// The JetStream error code behind a failed publish, if the broker gave one.
+fn error_code(error: &jetstream::context::PublishError) -> Option<ErrorCode> {
+    let source = std::error::Error::source(error)?;
+    Some(source.downcast_ref::<jetstream::Error>()?.error_code())
+}
+
 impl Sending {
     /// Awaits the PubAcks and reports which rows were acknowledged.
     async fn acknowledged(self) -> Published {
@@ -238,14 +328,19 @@ impl Sending {
             in_flight,
             started,
         } = self;
-        for (event_id, ack) in in_flight {
+        for (event_ids, ack) in in_flight {
             match ack.await {
                 Ok(_) => {
-                    metrics::histogram!("saga_publish_latency_seconds")
-                        .record(started.elapsed().as_secs_f64());
-                    round.acked.push(event_id)
+                    let latency = started.elapsed().as_secs_f64();
+                    for event_id in event_ids {
+                        metrics::histogram!("saga_publish_latency_seconds").record(latency);
+                        round.acked.push(event_id)
+                    }
                 }
                 Err(e) => {
+                    if event_ids.len() > 1 {
+                        round.batch_refused = round.batch_refused.or(error_code(&e));
+                    }
                     round.error.get_or_insert_with(|| e.to_string());
                 }
             }
@@ -263,8 +358,16 @@ impl Relay {
             batch,
             poll,
             grace: Duration::ZERO,
+            atomic: Arc::new(AtomicBool::new(true)),
             stats: Arc::default(),
         }
+    }
+
+    /// Sends every row on its own, never as an atomic batch (for a stream
+    /// without `allow_atomic`, or to compare).
+    pub fn row_by_row(self) -> Self {
+        self.atomic.store(false, Ordering::SeqCst);
+        self
     }
 
     /// Leaves rows younger than `grace` to the [`Publisher`] of their own
@@ -336,34 +439,73 @@ impl Relay {
             wakeup.listen().await;
         }
         let mut backoff = Duration::from_millis(100);
-        // Full batches sent whose PubAcks are still to come, each with its
-        // last seq: the next batch is read and sent while they come, so
-        // reading and marking in PostgreSQL overlap the broker's fsyncs.
-        let mut in_flight: VecDeque<(Sending, i64)> = VecDeque::new();
+        // Batches sent whose PubAcks are still to come: while they come
+        // the next batch is read and sent, so reading and marking in
+        // PostgreSQL overlap the broker's fsyncs.
+        let mut in_flight: VecDeque<Sending> = VecDeque::new();
+        // This run reads past seq `after`; 0: a new run, from the first unsent row.
+        let mut after = 0;
         let mut batches_in_run = 0;
+        // Whether this run sends row by row; the next one does after the
+        // broker refused an atomic batch.
+        let (mut row_by_row, mut row_by_row_next) = (false, false);
         while !shutdown.is_cancelled() {
-            let after = in_flight.back().map_or(0, |(_, last)| *last);
-            batches_in_run = if after == 0 { 1 } else { batches_in_run + 1 };
+            if after == 0 {
+                batches_in_run = 0;
+                row_by_row =
+                    std::mem::take(&mut row_by_row_next) || !self.atomic.load(Ordering::Relaxed);
+            }
+            batches_in_run += 1;
             let rows = self.unsent(conn, after).await?;
-            let full = rows.len() as i64 >= self.batch;
+            let full = rows.len() as i64 >= self.batch_size();
             let last = rows.last().map_or(after, |(seq, _)| *seq);
-            let sending = send_rows(&self.js, rows.into_iter().map(|(_, row)| row).collect()).await;
+            let rows = rows.into_iter().map(|(_, row)| row).collect();
+            let sending = if row_by_row {
+                send_rows(&self.js, rows).await
+            } else {
+                send_atomically(&self.js, rows).await
+            };
             let mut error = sending.round.error.clone();
+            let mut refused = None;
             let go_on = full && error.is_none() && batches_in_run < MAX_BATCHES_IN_A_RUN;
-            in_flight.push_back((sending, last));
-            // Settle the oldest batches: all of them unless more are read now.
-            let keep = if go_on { BATCHES_IN_FLIGHT - 1 } else { 0 };
+            in_flight.push_back(sending);
+            // Settle the oldest batches: all of them unless more are read
+            // now. An atomic batch is settled before the next is sent: were
+            // it refused, a later one must not get into the stream first.
+            let keep = if go_on && row_by_row {
+                BATCHES_IN_FLIGHT - 1
+            } else {
+                0
+            };
             while in_flight.len() > keep {
-                let Some((earlier, _)) = in_flight.pop_front() else {
+                let Some(earlier) = in_flight.pop_front() else {
                     break;
                 };
-                if let Some(failed) = self.settle(conn, earlier).await? {
+                let round = self.settle(conn, earlier).await?;
+                refused = refused.or(round.batch_refused);
+                if let Some(failed) = round.error {
                     error.get_or_insert(failed);
                 }
             }
+            after = if go_on && error.is_none() { last } else { 0 };
             if let Some(error) = error {
-                for (earlier, _) in in_flight.drain(..) {
-                    self.settle(conn, earlier).await?;
+                for earlier in in_flight.drain(..) {
+                    let round = self.settle(conn, earlier).await?;
+                    refused = refused.or(round.batch_refused);
+                }
+                if let Some(code) = refused {
+                    // Refused as a whole: go again at once, row by row,
+                    // from the first unsent row.
+                    if code == ErrorCode::ATOMIC_PUBLISH_DISABLED {
+                        tracing::warn!(
+                            "the stream does not allow atomic batches (allow_atomic): the relay sends row by row, an fsync each"
+                        );
+                        self.atomic.store(false, Ordering::Relaxed);
+                    } else {
+                        tracing::debug!(%error, "the broker refused an atomic batch; sending its rows one by one");
+                    }
+                    row_by_row_next = true;
+                    continue;
                 }
                 tracing::warn!(%error, "publish failed; will retry");
                 tokio::select! {
@@ -386,10 +528,16 @@ impl Relay {
                 }
             }
         }
-        for (earlier, _) in in_flight {
+        for earlier in in_flight {
             self.settle(conn, earlier).await?;
         }
         Ok(())
+    }
+
+    /// Rows read and sent at a time: the configured batch, at most what
+    /// the broker takes as one atomic batch.
+    fn batch_size(&self) -> i64 {
+        self.batch.min(MAX_ATOMIC_BATCH as i64)
     }
 
     /// Up to one batch of unsent rows past the grace period, with their
@@ -404,7 +552,7 @@ impl Relay {
              WHERE sent_at IS NULL AND seq > $3 AND created_at <= now() - make_interval(secs => $2)
              ORDER BY seq LIMIT $1",
         )
-        .bind(self.batch)
+        .bind(self.batch_size())
         .bind(self.grace.as_secs_f64())
         .bind(after)
         .fetch_all(&mut *conn)
@@ -413,23 +561,31 @@ impl Relay {
     }
 
     /// Awaits a sent batch's PubAcks and marks the acknowledged rows sent;
-    /// returns the first error, if a row was not acknowledged.
+    /// returns what came back.
     async fn settle(
         &self,
         conn: &mut PgConnection,
         sending: Sending,
-    ) -> Result<Option<String>, sqlx::Error> {
+    ) -> Result<Published, sqlx::Error> {
         let round = self.acknowledged(sending).await;
         self.mark_sent(conn, &round.acked).await?;
         if let Some(error) = &round.error {
             tracing::debug!(%error, unsent = round.attempted - round.acked.len(), "a relay batch was not all acknowledged");
         }
-        Ok(round.error)
+        Ok(round)
     }
 
     /// Publishes up to one batch of unsent rows, PubAcks in flight together,
     /// and reports which were acknowledged. Does not mark anything sent.
     pub async fn publish(&self, conn: &mut PgConnection) -> Result<Published, sqlx::Error> {
+        if self.atomic.load(Ordering::Relaxed) {
+            let rows = self.unsent(conn, 0).await?;
+            let sending = send_atomically(&self.js, rows.into_iter().map(|(_, row)| row).collect());
+            let round = self.acknowledged(sending.await).await;
+            if round.batch_refused.is_none() {
+                return Ok(round);
+            }
+        }
         let rows = self.unsent(conn, 0).await?;
         let sending = send_rows(&self.js, rows.into_iter().map(|(_, row)| row).collect()).await;
         Ok(self.acknowledged(sending).await)

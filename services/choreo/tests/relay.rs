@@ -211,16 +211,108 @@ async fn a_backlog_of_many_batches_reaches_the_stream_in_outbox_order_and_a_row_
     shutdown.cancel();
     relay.await.unwrap();
 
-    let stream = s.js.get_stream(&s.config.stream).await.unwrap();
-    let mut ids = Vec::new();
-    for seq in 1..=301 {
-        let message = stream.get_raw_message(seq).await.unwrap();
-        ids.push(Envelope::from_bytes(&message.payload).unwrap().event_id);
-    }
+    let events = s.stream_events().await;
+    let ids: Vec<String> = events.iter().map(|(id, _)| id.clone()).collect();
+    let batches: std::collections::BTreeSet<&String> = events[..300]
+        .iter()
+        .filter_map(|(_, b)| b.as_ref())
+        .collect();
+    assert!(
+        events[..300].iter().all(|(_, b)| b.is_some()) && batches.len() >= 300 / 8,
+        "the backlog went as atomic batches of at most 8 ({} batches)",
+        batches.len()
+    );
     let mut expected: Vec<String> = sent.iter().map(|e| e.event_id.clone()).collect();
     expected.push(late_event.event_id);
     assert_eq!(
         ids, expected,
         "the stream holds the outbox's rows in seq order, the late one last"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_partly_in_the_stream_already_goes_row_by_row_once_in_order_then_atomic_again() {
+    let s = setup().await;
+    let first = s.emit(20).await;
+    // A relay that crashed after its PubAcks: 20 rows stored, none marked sent.
+    let crashed = s.relay(256).row_by_row();
+    let mut conn = s.pool.acquire().await.unwrap();
+    assert_eq!(crashed.publish(&mut conn).await.unwrap().acked.len(), 20);
+    drop(conn);
+    let second = s.emit(40).await;
+
+    let shutdown = CancellationToken::new();
+    let relay = s.relay(16);
+    let stats = relay.stats();
+    let task = tokio::spawn(relay.run(shutdown.clone()));
+    eventually("the backlog published", Duration::from_secs(30), || async {
+        s.unsent().await == 0
+    })
+    .await;
+    // The broker refused the first atomic batch (its rows were stored
+    // already); the rows went again one by one.
+    assert_eq!(stats.published.load(Ordering::SeqCst), 60);
+    let third = s.emit(40).await;
+    eventually(
+        "the new rows published",
+        Duration::from_secs(30),
+        || async { s.unsent().await == 0 },
+    )
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+
+    let events = s.stream_events().await;
+    let expected: Vec<String> = [first, second, third]
+        .concat()
+        .into_iter()
+        .map(|e| e.event_id)
+        .collect();
+    let ids: Vec<String> = events.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(ids, expected, "each row once, in outbox order");
+    assert!(
+        events[..60].iter().all(|(_, batch)| batch.is_none()),
+        "after the refusal the run went row by row"
+    );
+    assert!(
+        events[60..].iter().all(|(_, batch)| batch.is_some()),
+        "the next run went in atomic batches again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_stream_without_atomic_batches_the_relay_goes_row_by_row_and_setup_allows_them() {
+    let mut s = setup().await;
+    s.config.stream = format!("{}N", s.config.stream);
+    s.config.subject_prefix = format!("{}n", s.config.subject_prefix);
+    // A stream as an older version made it.
+    s.js.create_stream(jetstream::stream::Config {
+        name: s.config.stream.clone(),
+        subjects: vec![s.config.all_events_subject()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let sent = s.emit(50).await;
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(s.relay(16).run(shutdown.clone()));
+    eventually("the rows published", Duration::from_secs(30), || async {
+        s.unsent().await == 0
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+    let events = s.stream_events().await;
+    let ids: Vec<String> = events.iter().map(|(id, _)| id.clone()).collect();
+    let expected: Vec<String> = sent.into_iter().map(|e| e.event_id).collect();
+    assert_eq!(ids, expected, "each row once, in outbox order");
+    assert!(events.iter().all(|(_, batch)| batch.is_none()));
+
+    let stream = choreo::provision::ensure_stream(&s.js, &s.config, "test")
+        .await
+        .unwrap();
+    assert!(
+        stream.cached_info().config.allow_atomic_publish,
+        "provisioning allows atomic batches on a stream made without them"
     );
 }

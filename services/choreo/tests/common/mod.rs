@@ -171,6 +171,25 @@ impl Setup {
         stream.info().await.unwrap().state.messages
     }
 
+    /// The stream's messages in stream order: each one's event id and
+    /// whether it came in an atomic batch (its `Nats-Batch-Id`).
+    pub async fn stream_events(&self) -> Vec<(String, Option<String>)> {
+        let stream = self.js.get_stream(&self.config.stream).await.unwrap();
+        let mut events = Vec::new();
+        for seq in 1..=self.stream_messages().await {
+            let message = stream.get_raw_message(seq).await.unwrap();
+            let batch = message
+                .headers
+                .get("Nats-Batch-Id")
+                .map(|v| v.as_str().to_owned());
+            events.push((
+                Envelope::from_bytes(&message.payload).unwrap().event_id,
+                batch,
+            ));
+        }
+        events
+    }
+
     pub async fn unsent(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM choreo_outbox WHERE sent_at IS NULL")
             .fetch_one(&self.pool)
