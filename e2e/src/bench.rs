@@ -1226,6 +1226,8 @@ pub struct Drain {
     /// services write as they work through it.
     pub stream_per_sec: f64,
     pub drain_seconds: f64,
+    /// The order service's unsent rows at each second after NATS came back.
+    pub unsent_each_second: Vec<i64>,
     /// The order service's resident memory when NATS came back, and its
     /// largest while the backlog drained, in MB.
     pub order_rss_mb_at_start: f64,
@@ -1264,6 +1266,7 @@ pub async fn drain(sys: &mut System, orders: usize, clients: usize) -> anyhow::R
     tokio::task::block_in_place(|| sys.infra.nats.restart())?;
     let back = Instant::now();
     let mut stream_at_start = None;
+    let mut unsent_each_second = vec![backlog];
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
         order_rss_mb_peak = order_rss_mb_peak.max(status_kb(order_pid, "VmRSS") / 1024.0);
@@ -1271,7 +1274,11 @@ pub async fn drain(sys: &mut System, orders: usize, clients: usize) -> anyhow::R
             // Once the restarted server answers.
             stream_at_start = stream_messages(sys).await.ok();
         }
-        if unsent(&mut order_db).await? == 0 {
+        let left = unsent(&mut order_db).await?;
+        if back.elapsed().as_secs() as usize >= unsent_each_second.len() {
+            unsent_each_second.push(left);
+        }
+        if left == 0 {
             break;
         }
         anyhow::ensure!(
@@ -1287,6 +1294,7 @@ pub async fn drain(sys: &mut System, orders: usize, clients: usize) -> anyhow::R
         drained_per_sec: backlog as f64 / drain_seconds,
         stream_per_sec: stream_taken as f64 / drain_seconds,
         drain_seconds,
+        unsent_each_second,
         order_rss_mb_at_start,
         order_rss_mb_peak,
     })
@@ -1295,7 +1303,7 @@ pub async fn drain(sys: &mut System, orders: usize, clients: usize) -> anyhow::R
 impl Drain {
     pub fn line(&self) -> String {
         format!(
-            "| drain: {} events queued while NATS was down (placed at {:.0}/s) | published at {:.0}/s once it was back ({:.2}x the producer), {:.1} s, while the stream took {:.0} messages/s from all services; order service RSS {:.0} MB -> peak {:.0} MB |",
+            "| drain: {} events queued while NATS was down (placed at {:.0}/s) | published at {:.0}/s once it was back ({:.2}x the producer), {:.1} s, while the stream took {:.0} messages/s from all services; order service RSS {:.0} MB -> peak {:.0} MB; unsent at each second: {} |",
             self.orders,
             self.placed_per_sec,
             self.drained_per_sec,
@@ -1303,7 +1311,12 @@ impl Drain {
             self.drain_seconds,
             self.stream_per_sec,
             self.order_rss_mb_at_start,
-            self.order_rss_mb_peak
+            self.order_rss_mb_peak,
+            self.unsent_each_second
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
         )
     }
 }

@@ -460,22 +460,31 @@ impl Relay {
             let full = rows.len() as i64 >= self.batch_size();
             let last = rows.last().map_or(after, |(seq, _)| *seq);
             let rows = rows.into_iter().map(|(_, row)| row).collect();
-            let sending = if row_by_row {
-                send_rows(&self.js, rows).await
-            } else {
-                send_atomically(&self.js, rows).await
-            };
-            let mut error = sending.round.error.clone();
-            let mut refused = None;
+            let (mut error, mut refused) = (None, None);
+            // An atomic batch is sent only once the one before it is in the
+            // stream: were that refused, this one must not get in first. Its
+            // rows are marked sent while the next batch is with the broker.
+            let mut acked_before = Vec::new();
+            if !row_by_row && let Some(earlier) = in_flight.pop_front() {
+                let round = self.acknowledged(earlier).await;
+                (error, refused, acked_before) = (round.error, round.batch_refused, round.acked);
+            }
+            if error.is_none() {
+                let sending = if row_by_row {
+                    send_rows(&self.js, rows).await
+                } else {
+                    send_atomically(&self.js, rows).await
+                };
+                error = sending.round.error.clone();
+                in_flight.push_back(sending);
+            }
+            self.mark_sent(conn, &acked_before).await?;
             let go_on = full && error.is_none() && batches_in_run < MAX_BATCHES_IN_A_RUN;
-            in_flight.push_back(sending);
-            // Settle the oldest batches: all of them unless more are read
-            // now. An atomic batch is settled before the next is sent: were
-            // it refused, a later one must not get into the stream first.
-            let keep = if go_on && row_by_row {
-                BATCHES_IN_FLIGHT - 1
-            } else {
-                0
+            // Settle the oldest batches: all of them unless more are read now.
+            let keep = match (go_on, row_by_row) {
+                (false, _) => 0,
+                (true, true) => BATCHES_IN_FLIGHT - 1,
+                (true, false) => 1,
             };
             while in_flight.len() > keep {
                 let Some(earlier) = in_flight.pop_front() else {

@@ -359,12 +359,27 @@ pub async fn connect_nats(
         })
         .retry_on_initial_connect()
         .max_reconnects(None)
+        .reconnect_delay_callback(reconnect_delay)
         .connect(servers)
         .await?;
     let js = jetstream::ContextBuilder::new()
         .ack_timeout(Duration::from_secs(5))
         .build(client.clone());
     Ok((client, js))
+}
+
+/// The wait before reconnect attempt `attempts`: at once, then doubling from
+/// 50 ms up to 1 s. async-nats's default grows to 4 s, so a service found
+/// the broker back up to 4 s late after an outage, and every saga waited
+/// with it; one attempt a second per process costs the broker nothing.
+fn reconnect_delay(attempts: usize) -> Duration {
+    const MAX: Duration = Duration::from_secs(1);
+    match attempts {
+        0 | 1 => Duration::ZERO,
+        n => Duration::from_millis(50)
+            .saturating_mul(1 << (n - 2).min(10))
+            .min(MAX),
+    }
 }
 
 /// A NATS client for a tool or a test: one attempt, failing with the reason
