@@ -60,8 +60,9 @@ pub struct Config {
     /// Seconds JetStream waits for an ack before redelivering.
     #[arg(long, env = "ACK_WAIT_SECS", default_value_t = 30)]
     pub ack_wait_secs: u64,
-    /// Outbox rows published per relay round.
-    #[arg(long, env = "RELAY_BATCH", default_value_t = 1024)]
+    /// Outbox rows the relay reads and publishes at a time; at most 1000,
+    /// what nats-server takes as one atomic batch.
+    #[arg(long, env = "RELAY_BATCH", default_value_t = 1000)]
     pub relay_batch: i64,
     /// Relay polling fallback when no NOTIFY arrives, in milliseconds.
     #[arg(long, env = "RELAY_POLL_MS", default_value_t = 500)]
