@@ -1228,6 +1228,10 @@ pub struct Drain {
     pub drain_seconds: f64,
     /// The order service's unsent rows at each second after NATS came back.
     pub unsent_each_second: Vec<i64>,
+    /// Atomic batches the order service's relay had stored, and had refused
+    /// as a whole (then sent row by row), when the backlog was gone.
+    pub atomic_batches: f64,
+    pub atomic_batches_refused: f64,
     /// The order service's resident memory when NATS came back, and its
     /// largest while the backlog drained, in MB.
     pub order_rss_mb_at_start: f64,
@@ -1287,6 +1291,9 @@ pub async fn drain(sys: &mut System, orders: usize, clients: usize) -> anyhow::R
         );
     }
     let drain_seconds = back.elapsed().as_secs_f64();
+    let order_metrics = sys.metrics("order").await?;
+    let atomic_batches = metric(&order_metrics, "saga_relay_atomic_batches_total");
+    let atomic_batches_refused = metric(&order_metrics, "saga_relay_atomic_batches_refused_total");
     let stream_taken = stream_messages(sys).await? - stream_at_start.unwrap_or_default();
     Ok(Drain {
         orders,
@@ -1295,6 +1302,8 @@ pub async fn drain(sys: &mut System, orders: usize, clients: usize) -> anyhow::R
         stream_per_sec: stream_taken as f64 / drain_seconds,
         drain_seconds,
         unsent_each_second,
+        atomic_batches,
+        atomic_batches_refused,
         order_rss_mb_at_start,
         order_rss_mb_peak,
     })
@@ -1303,7 +1312,7 @@ pub async fn drain(sys: &mut System, orders: usize, clients: usize) -> anyhow::R
 impl Drain {
     pub fn line(&self) -> String {
         format!(
-            "| drain: {} events queued while NATS was down (placed at {:.0}/s) | published at {:.0}/s once it was back ({:.2}x the producer), {:.1} s, while the stream took {:.0} messages/s from all services; order service RSS {:.0} MB -> peak {:.0} MB; unsent at each second: {} |",
+            "| drain: {} events queued while NATS was down (placed at {:.0}/s) | published at {:.0}/s once it was back ({:.2}x the producer), {:.1} s, while the stream took {:.0} messages/s from all services; order service RSS {:.0} MB -> peak {:.0} MB; its relay's atomic batches {:.0} stored, {:.0} refused; unsent at each second: {} |",
             self.orders,
             self.placed_per_sec,
             self.drained_per_sec,
@@ -1312,6 +1321,8 @@ impl Drain {
             self.stream_per_sec,
             self.order_rss_mb_at_start,
             self.order_rss_mb_peak,
+            self.atomic_batches,
+            self.atomic_batches_refused,
             self.unsent_each_second
                 .iter()
                 .map(i64::to_string)

@@ -16,7 +16,7 @@
 //! which the broker stores with a few fsyncs instead of one per row; a batch
 //! the broker refuses as a whole (one of its rows is in the stream already,
 //! or the stream does not allow atomic batches) goes again row by row, where
-//! the duplicate window drops the copies. Only acknowledged rows are marked sent. A crash
+//! the duplicate window drops the copies, and atomic batches go on after it. Only acknowledged rows are marked sent. A crash
 //! between PubAck and marking republishes, and JetStream's duplicate window
 //! (`Nats-Msg-Id` = event id) or, past it, the consumers' inbox drops the copy.
 use std::collections::VecDeque;
@@ -331,6 +331,9 @@ impl Sending {
         for (event_ids, ack) in in_flight {
             match ack.await {
                 Ok(_) => {
+                    if event_ids.len() > 1 {
+                        metrics::counter!("saga_relay_atomic_batches_total").increment(1);
+                    }
                     let latency = started.elapsed().as_secs_f64();
                     for event_id in event_ids {
                         metrics::histogram!("saga_publish_latency_seconds").record(latency);
@@ -339,7 +342,12 @@ impl Sending {
                 }
                 Err(e) => {
                     if event_ids.len() > 1 {
-                        round.batch_refused = round.batch_refused.or(error_code(&e));
+                        let code = error_code(&e);
+                        if code.is_some() {
+                            metrics::counter!("saga_relay_atomic_batches_refused_total")
+                                .increment(1);
+                        }
+                        round.batch_refused = round.batch_refused.or(code);
                     }
                     round.error.get_or_insert_with(|| e.to_string());
                 }
@@ -446,14 +454,21 @@ impl Relay {
         // This run reads past seq `after`; 0: a new run, from the first unsent row.
         let mut after = 0;
         let mut batches_in_run = 0;
-        // Whether this run sends row by row; the next one does after the
-        // broker refused an atomic batch.
-        let (mut row_by_row, mut row_by_row_next) = (false, false);
+        // Whether this run sends row by row, and how many batches it may
+        // read: after the broker refused an atomic batch, the next run sends
+        // just that batch row by row, and atomic batches go on after it.
+        let (mut row_by_row, mut refused_before) = (false, false);
+        let mut batches_this_run = MAX_BATCHES_IN_A_RUN;
         while !shutdown.is_cancelled() {
             if after == 0 {
                 batches_in_run = 0;
-                row_by_row =
-                    std::mem::take(&mut row_by_row_next) || !self.atomic.load(Ordering::Relaxed);
+                let atomic = self.atomic.load(Ordering::Relaxed);
+                row_by_row = std::mem::take(&mut refused_before) || !atomic;
+                batches_this_run = if row_by_row && atomic {
+                    1
+                } else {
+                    MAX_BATCHES_IN_A_RUN
+                };
             }
             batches_in_run += 1;
             let rows = self.unsent(conn, after).await?;
@@ -479,7 +494,7 @@ impl Relay {
                 in_flight.push_back(sending);
             }
             self.mark_sent(conn, &acked_before).await?;
-            let go_on = full && error.is_none() && batches_in_run < MAX_BATCHES_IN_A_RUN;
+            let go_on = full && error.is_none() && batches_in_run < batches_this_run;
             // Settle the oldest batches: all of them unless more are read now.
             let keep = match (go_on, row_by_row) {
                 (false, _) => 0,
@@ -503,8 +518,8 @@ impl Relay {
                     refused = refused.or(round.batch_refused);
                 }
                 if let Some(code) = refused {
-                    // Refused as a whole: go again at once, row by row,
-                    // from the first unsent row.
+                    // Refused as a whole: go again at once, from the first
+                    // unsent row, one batch row by row.
                     if code == ErrorCode::ATOMIC_PUBLISH_DISABLED {
                         tracing::warn!(
                             "the stream does not allow atomic batches (allow_atomic): the relay sends row by row, an fsync each"
@@ -513,7 +528,7 @@ impl Relay {
                     } else {
                         tracing::debug!(%error, "the broker refused an atomic batch; sending its rows one by one");
                     }
-                    row_by_row_next = true;
+                    refused_before = true;
                     continue;
                 }
                 tracing::warn!(%error, "publish failed; will retry");

@@ -231,7 +231,8 @@ async fn a_backlog_of_many_batches_reaches_the_stream_in_outbox_order_and_a_row_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backlog_partly_in_the_stream_already_goes_row_by_row_once_in_order_then_atomic_again() {
+async fn a_backlog_partly_in_the_stream_already_goes_once_in_order_row_by_row_where_refused_atomic_after()
+ {
     let s = setup().await;
     let first = s.emit(20).await;
     // A relay that crashed after its PubAcks: 20 rows stored, none marked sent.
@@ -249,8 +250,6 @@ async fn a_backlog_partly_in_the_stream_already_goes_row_by_row_once_in_order_th
         s.unsent().await == 0
     })
     .await;
-    // The broker refused the first atomic batch (its rows were stored
-    // already); the rows went again one by one.
     assert_eq!(stats.published.load(Ordering::SeqCst), 60);
     let third = s.emit(40).await;
     eventually(
@@ -270,13 +269,15 @@ async fn a_backlog_partly_in_the_stream_already_goes_row_by_row_once_in_order_th
         .collect();
     let ids: Vec<String> = events.iter().map(|(id, _)| id.clone()).collect();
     assert_eq!(ids, expected, "each row once, in outbox order");
+    // Batches of 16: rows 1-16 (all stored) and 17-32 (four stored) were
+    // each refused and sent again row by row; from row 33 on, atomic.
     assert!(
-        events[..60].iter().all(|(_, batch)| batch.is_none()),
-        "after the refusal the run went row by row"
+        events[..32].iter().all(|(_, batch)| batch.is_none()),
+        "a refused batch went again row by row"
     );
     assert!(
-        events[60..].iter().all(|(_, batch)| batch.is_some()),
-        "the next run went in atomic batches again"
+        events[32..].iter().all(|(_, batch)| batch.is_some()),
+        "after each refused batch, atomic batches went on"
     );
 }
 
