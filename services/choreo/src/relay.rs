@@ -225,12 +225,9 @@ async fn send_rows(js: &jetstream::Context, rows: Vec<crate::outbox::Row>) -> Se
     let mut in_flight = Vec::with_capacity(rows.len());
     let started = std::time::Instant::now();
     for row in rows {
-        let mut message = PublishMessage::build()
-            .payload(row.payload.into())
-            .message_id(row.event_id.to_string());
-        if !row.traceparent.is_empty() {
-            message = message.header("traceparent", row.traceparent.as_str());
-        }
+        let message = PublishMessage::build()
+            .headers(headers(&row, None))
+            .payload(row.payload.into());
         match js.send_publish(row.subject, message).await {
             Ok(ack) => in_flight.push((vec![row.event_id], ack)),
             Err(e) => {
@@ -269,31 +266,17 @@ async fn send_atomically(js: &jetstream::Context, rows: Vec<crate::outbox::Row>)
     let size = rows.len();
     let mut ids = Vec::with_capacity(size);
     for (i, row) in rows.into_iter().enumerate() {
-        let position = (i + 1).to_string();
         ids.push(row.event_id);
-        let event_id = row.event_id.to_string();
-        let sent = if i + 1 < size {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", event_id.as_str());
-            headers.insert("Nats-Batch-Id", batch_id.as_str());
-            headers.insert("Nats-Batch-Sequence", position.as_str());
-            if !row.traceparent.is_empty() {
-                headers.insert("traceparent", row.traceparent.as_str());
-            }
-            client
-                .publish_with_headers(row.subject, headers, row.payload.into())
-                .await
-                .map_err(|e| e.to_string())
-        } else {
-            let mut message = PublishMessage::build()
-                .payload(row.payload.into())
-                .message_id(event_id)
-                .header("Nats-Batch-Id", batch_id.as_str())
-                .header("Nats-Batch-Sequence", position.as_str())
-                .header("Nats-Batch-Commit", "1");
-            if !row.traceparent.is_empty() {
-                message = message.header("traceparent", row.traceparent.as_str());
-            }
+        let place = BatchPlace {
+            batch_id: &batch_id,
+            position: i + 1,
+            commit: i + 1 == size,
+        };
+        let headers = headers(&row, Some(place));
+        let sent = if place.commit {
+            let message = PublishMessage::build()
+                .headers(headers)
+                .payload(row.payload.into());
             match js.send_publish(row.subject, message).await {
                 Ok(ack) => {
                     in_flight.push((std::mem::take(&mut ids), ack));
@@ -301,6 +284,11 @@ async fn send_atomically(js: &jetstream::Context, rows: Vec<crate::outbox::Row>)
                 }
                 Err(e) => Err(e.to_string()),
             }
+        } else {
+            client
+                .publish_with_headers(row.subject, headers, row.payload.into())
+                .await
+                .map_err(|e| e.to_string())
         };
         if let Err(e) = sent {
             round.error = Some(e);
@@ -312,6 +300,38 @@ async fn send_atomically(js: &jetstream::Context, rows: Vec<crate::outbox::Row>)
         in_flight,
         started,
     }
+}
+
+/// A row's place in an atomic batch.
+#[derive(Clone, Copy)]
+struct BatchPlace<'a> {
+    batch_id: &'a str,
+    /// 1 for the first row.
+    position: usize,
+    /// The last row, whose PubAck commits the batch.
+    commit: bool,
+}
+
+/// The headers a row is published with: its event id as `Nats-Msg-Id`
+/// (the broker's duplicate window), its trace context, and its place in
+/// an atomic batch if it goes in one.
+fn headers(row: &crate::outbox::Row, batch: Option<BatchPlace>) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        row.event_id.to_string().as_str(),
+    );
+    if !row.traceparent.is_empty() {
+        headers.insert("traceparent", row.traceparent.as_str());
+    }
+    if let Some(place) = batch {
+        headers.insert("Nats-Batch-Id", place.batch_id);
+        headers.insert("Nats-Batch-Sequence", place.position.to_string().as_str());
+        if place.commit {
+            headers.insert("Nats-Batch-Commit", "1");
+        }
+    }
+    headers
 }
 
 /// The JetStream error code behind a failed publish, if the broker gave one.
