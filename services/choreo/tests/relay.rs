@@ -43,16 +43,9 @@ async fn relay_crash_between_puback_and_mark_republishes_and_the_stream_keeps_on
     drop(conn); // the relay dies here: nothing is marked sent
     assert_eq!(s.unsent().await, 40);
 
-    let shutdown = CancellationToken::new();
     let relay = s.relay(256);
     let stats = relay.stats();
-    let task = tokio::spawn(relay.run(shutdown.clone()));
-    eventually("rows marked sent", Duration::from_secs(30), || async {
-        s.unsent().await == 0
-    })
-    .await;
-    shutdown.cancel();
-    task.await.unwrap();
+    s.relay_until_sent(relay, Duration::from_secs(30)).await;
     assert_eq!(
         stats.published.load(Ordering::SeqCst),
         40,
@@ -124,14 +117,8 @@ async fn relay_shutdown_mid_batch_loses_nothing_and_doubles_nothing() {
         "shutdown came mid-way (unsent {after_first})"
     );
 
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(s.relay(256).run(shutdown.clone()));
-    eventually("rows marked sent", Duration::from_secs(60), || async {
-        s.unsent().await == 0
-    })
-    .await;
-    shutdown.cancel();
-    task.await.unwrap();
+    s.relay_until_sent(s.relay(256), Duration::from_secs(60))
+        .await;
     assert_eq!(s.stream_messages().await, 5000);
 }
 
@@ -150,14 +137,8 @@ async fn a_republish_past_the_duplicate_window_is_absorbed_by_the_inbox() {
     assert_eq!(relay.publish(&mut conn).await.unwrap().acked.len(), 25);
     drop(conn); // PubAcks seen, rows never marked: the relay was cut off
     tokio::time::sleep(Duration::from_millis(2500)).await; // the duplicate window passes
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(s.relay(256).run(shutdown.clone()));
-    eventually("rows marked sent", Duration::from_secs(30), || async {
-        s.unsent().await == 0
-    })
-    .await;
-    shutdown.cancel();
-    task.await.unwrap();
+    s.relay_until_sent(s.relay(256), Duration::from_secs(30))
+        .await;
     assert_eq!(
         s.stream_messages().await,
         50,
@@ -295,14 +276,8 @@ async fn on_a_stream_without_atomic_batches_the_relay_goes_row_by_row_and_setup_
     .await
     .unwrap();
     let sent = s.emit(50).await;
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(s.relay(16).run(shutdown.clone()));
-    eventually("the rows published", Duration::from_secs(30), || async {
-        s.unsent().await == 0
-    })
-    .await;
-    shutdown.cancel();
-    task.await.unwrap();
+    s.relay_until_sent(s.relay(16), Duration::from_secs(30))
+        .await;
     let events = s.stream_events().await;
     let ids: Vec<String> = events.iter().map(|(id, _)| id.clone()).collect();
     let expected: Vec<String> = sent.into_iter().map(|e| e.event_id).collect();

@@ -149,6 +149,19 @@ impl Setup {
         )
     }
 
+    /// Runs `relay` until no outbox row is unsent (failing past `within`),
+    /// then shuts it down.
+    pub async fn relay_until_sent(&self, relay: Relay, within: Duration) {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(relay.run(shutdown.clone()));
+        eventually("every outbox row marked sent", within, || async {
+            self.unsent().await == 0
+        })
+        .await;
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
     /// Commits `n` ping events in one transaction.
     pub async fn emit(&self, n: u32) -> Vec<Envelope> {
         let outbox = self.outbox();
