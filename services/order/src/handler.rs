@@ -151,6 +151,22 @@ impl Handler for OrderHandler {
             Reject::Malformed(format!("saga id {:?} is not an order id", envelope.saga_id))
         })?;
         let meaning = meaning(envelope, &event);
+        // Usually the event moves the order on: one statement does it all.
+        if let Some(next) = meaning.status
+            && store::record_event_and_move(
+                tx,
+                id,
+                envelope,
+                &meaning.detail,
+                next,
+                meaning.reason.as_deref(),
+                self.deadline,
+            )
+            .await?
+        {
+            tracing::info!(to = next.as_str(), "order moved");
+            return Ok(());
+        }
         let Some(status) = store::record_event(tx, id, envelope, &meaning.detail).await? else {
             return Err(Reject::Malformed(format!(
                 "order {id} does not exist in this order service"
