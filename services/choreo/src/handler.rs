@@ -23,12 +23,24 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Whether events of different sagas may share one transaction: when
     /// events queue up, the consumer applies them together and commits once
-    /// ([`crate::inbox::apply_batch`]). Say no when the effects lock rows
-    /// that several sagas share, such as a product's stock: two batches could
-    /// take those rows in opposite orders and wait on each other until
-    /// PostgreSQL's deadlock check (a second) breaks the tie.
+    /// ([`crate::inbox::apply_batch`]). When the effects lock rows that
+    /// several sagas share, such as a product's stock, two batches could take
+    /// those rows in opposite orders and wait on each other until
+    /// PostgreSQL's deadlock check (a second) breaks the tie: lock them all
+    /// in one order first, in [`Handler::before_batch`], or say no here.
     fn batches(&self) -> bool {
         true
+    }
+
+    /// Runs in a batch's transaction before the effects of its new events
+    /// (`events`, in delivery order; duplicates left out): the place to
+    /// lock the shared rows they will touch, all in one order.
+    async fn before_batch(
+        &self,
+        _tx: &mut Tx,
+        _events: &[(&Envelope, &Self::Event)],
+    ) -> Result<(), HandleError> {
+        Ok(())
     }
 }
 

@@ -174,6 +174,13 @@ async fn batch_in_tx<H: Handler>(
     let mut tx = pool.begin().await?;
     let envelopes: Vec<&Envelope> = events.iter().map(|b| b.envelope).collect();
     let fresh = record_in_inbox(&mut tx, &envelopes).await?;
+    let new_events: Vec<(&Envelope, &H::Event)> = events
+        .iter()
+        .zip(&fresh)
+        .filter(|(_, fresh)| **fresh)
+        .map(|(b, _)| (b.envelope, &b.event))
+        .collect();
+    handler.before_batch(&mut tx, &new_events).await?;
     let mut outcomes = Vec::with_capacity(events.len());
     for (
         Batched {

@@ -263,8 +263,38 @@ impl Handler for InventoryHandler {
     }
 
     /// A reservation locks its products' stock rows, which every order of
-    /// those products shares: two batches could lock them in opposite orders.
-    fn batches(&self) -> bool {
-        false
+    /// those products shares. A batch locks every row its events will touch
+    /// first, in SKU order, as a single order takes its lines: two batches
+    /// (or a batch and a single order) never wait on each other in a circle.
+    async fn before_batch(
+        &self,
+        tx: &mut Tx,
+        events: &[(&Envelope, &SagaEvent)],
+    ) -> Result<(), HandleError> {
+        let mut ordered: Vec<&str> = Vec::new();
+        let mut compensated: Vec<Uuid> = Vec::new();
+        for (envelope, event) in events {
+            match event {
+                SagaEvent::OrderCreated(order) => {
+                    ordered.extend(order.lines.iter().map(|l| l.sku.as_str()));
+                }
+                SagaEvent::ShippingFailed(_) | SagaEvent::ShippingCancelled(_) => {
+                    // An unreadable id locks nothing here; its event is refused later.
+                    compensated.extend(contracts::order_id_of(envelope).ok());
+                }
+                _ => {}
+            }
+        }
+        // ORDER BY comes before FOR UPDATE: the rows are locked in SKU order.
+        sqlx::query(
+            "SELECT sku FROM stock
+             WHERE sku = ANY($1) OR sku IN (SELECT sku FROM reservation_lines WHERE order_id = ANY($2))
+             ORDER BY sku FOR UPDATE",
+        )
+        .bind(&ordered)
+        .bind(&compensated)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
     }
 }
