@@ -6,19 +6,25 @@
 //! advisory lock on a dedicated connection and does all its reads and writes on
 //! that connection, so losing the connection loses the lock and the relay steps
 //! down. Rows are picked by `sent_at IS NULL` in `seq` order (never by "id above
-//! the last one sent": ids commit out of order). A batch is published with
-//! several PubAcks in flight, and while they come the next batch is read (past
-//! the first's last seq) and sent, so a backlog drains with PostgreSQL and the
-//! broker busy at once; every [`MAX_BATCHES_IN_A_RUN`] batches, and whenever
-//! one is not full, reading starts again from the first unsent row, which
-//! picks up rows that committed late. The relay sends each batch as one
-//! JetStream atomic batch (nats-server 2.12+, a stream with `allow_atomic`),
-//! which the broker stores with a few fsyncs instead of one per row; a batch
-//! the broker refuses as a whole (one of its rows is in the stream already,
-//! or the stream does not allow atomic batches) goes again row by row, where
-//! the duplicate window drops the copies, and atomic batches go on after it. Only acknowledged rows are marked sent. A crash
-//! between PubAck and marking republishes, and JetStream's duplicate window
-//! (`Nats-Msg-Id` = event id) or, past it, the consumers' inbox drops the copy.
+//! the last one sent": ids commit out of order); while one batch is with the
+//! broker the next is read (past its last seq), so a backlog drains with
+//! PostgreSQL and the broker busy at once. Every [`MAX_BATCHES_IN_A_RUN`]
+//! batches, and whenever one is not full, reading starts again from the first
+//! unsent row, which picks up rows that committed late.
+//!
+//! The relay sends each batch as one JetStream atomic batch (nats-server
+//! 2.12+, a stream with `allow_atomic`), which the broker stores with a few
+//! fsyncs instead of one per row. One atomic batch is with the broker at a
+//! time, and the previous one's rows are marked sent meanwhile: were a batch
+//! refused, a later one must not get into the stream first. A batch the
+//! broker refuses as a whole (one of its rows is in the stream already, or
+//! the stream does not allow atomic batches) goes again row by row, with
+//! several PubAcks in flight, where the duplicate window drops the copies;
+//! atomic batches go on after it.
+//!
+//! Only acknowledged rows are marked sent. A crash between PubAck and marking
+//! republishes, and JetStream's duplicate window (`Nats-Msg-Id` = event id)
+//! or, past it, the consumers' inbox drops the copy.
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
