@@ -9,7 +9,108 @@
 //!
 //! Concurrent callers serialise on the row: `INSERT .. ON CONFLICT` waits for
 //! the other transaction and the `UPDATE .. WHERE state = 'done'` locks it.
+//!
+//! The declaration says which event types trigger a service's steps or ask
+//! for their compensation ([`Claim`]). The inbox step claims those rows in
+//! its own statement, together with the inbox insert, for the events it
+//! records; [`crate::step`] then takes the claim made for its event
+//! ([`take_claim`]) and asks the database only when there is none (a row
+//! that existed already, a replay, a caller outside the inbox step).
+use std::cell::RefCell;
+
 use sqlx::PgConnection;
+use uuid::Uuid;
+
+/// The barrier row an event of a service's subscription claims, by the
+/// declaration: it triggers the step's action, or asks for its compensation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    Action(&'static str),
+    Compensation(&'static str),
+}
+
+impl Claim {
+    pub fn step(self) -> &'static str {
+        match self {
+            Claim::Action(step) | Claim::Compensation(step) => step,
+        }
+    }
+
+    /// The state a first claim writes.
+    pub(crate) fn first_state(self) -> &'static str {
+        match self {
+            Claim::Action(_) => "done",
+            Claim::Compensation(_) => "compensated_before_action",
+        }
+    }
+}
+
+/// The claims of a service's event types (see `Subscription::claims`).
+pub type Claims = std::collections::BTreeMap<String, Claim>;
+
+/// A barrier row the inbox step inserted for an event, in its transaction:
+/// the event's action proceeds, or its compensation finds nothing to undo.
+pub(crate) type Claimed = (Uuid, Claim);
+
+tokio::task_local! {
+    static CLAIMED: RefCell<Vec<Claimed>>;
+}
+
+/// Runs `work` (the handling of events) with the barrier rows the inbox step
+/// claimed for them, for [`take_claim`].
+pub(crate) async fn with_claims<T>(claimed: Vec<Claimed>, work: impl Future<Output = T>) -> T {
+    CLAIMED.scope(RefCell::new(claimed), work).await
+}
+
+/// Takes the claim the inbox step made for `event` in this transaction, if it
+/// made it: then the row is this event's, newly inserted.
+pub fn take_claim(event: Uuid, claim: Claim) -> bool {
+    CLAIMED
+        .try_with(|claimed| {
+            let mut claimed = claimed.borrow_mut();
+            let found = claimed.iter().position(|c| *c == (event, claim));
+            found.map(|i| claimed.swap_remove(i)).is_some()
+        })
+        .unwrap_or(false)
+}
+
+/// The claims of `event` its handling did not take (its handler did not run
+/// the step): they are removed, and their rows must go with them.
+pub(crate) fn untaken_claims(event: Uuid) -> Vec<Claim> {
+    CLAIMED
+        .try_with(|claimed| {
+            let mut claimed = claimed.borrow_mut();
+            let untaken = claimed
+                .iter()
+                .filter(|(id, _)| *id == event)
+                .map(|(_, claim)| *claim)
+                .collect();
+            claimed.retain(|(id, _)| *id != event);
+            untaken
+        })
+        .unwrap_or_default()
+}
+
+/// Removes the rows of claims their event's handling did not take, so the
+/// barrier is as if the claim was never made.
+pub(crate) async fn withdraw(
+    tx: &mut PgConnection,
+    saga_id: &str,
+    claims: &[Claim],
+) -> Result<(), sqlx::Error> {
+    for claim in claims {
+        tracing::debug!(
+            step = claim.step(),
+            "the handler did not run its step; its claim is withdrawn"
+        );
+        sqlx::query("DELETE FROM choreo_barrier WHERE saga_id = $1 AND step = $2")
+            .bind(saga_id)
+            .bind(claim.step())
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
+}
 
 /// What a step's action may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,7 +226,7 @@ pub async fn compensation(
 }
 
 /// Counted once the handler's transaction commits: a retried attempt does not count twice.
-fn count_compensation(step: &str, kind: &'static str) {
+pub(crate) fn count_compensation(step: &str, kind: &'static str) {
     let step = step.to_owned();
     crate::inbox::after_commit(move || {
         metrics::counter!("saga_compensations_total", "step" => step, "kind" => kind).increment(1);

@@ -9,6 +9,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 
+use crate::barrier::Claim;
+
 /// The platform's own report that a service keeps failing on an event (see
 /// `crate::proto::Stuck`); any service may write it.
 pub const STUCK: &str = "choreo.stuck";
@@ -127,6 +129,9 @@ pub struct Subscription {
     pub event_types: Vec<String>,
     /// Who may produce each type; a type not listed may come from anyone.
     pub producers: BTreeMap<String, Vec<String>>,
+    /// The barrier row each type claims: the types that trigger the
+    /// service's steps or ask for their compensation.
+    pub claims: crate::barrier::Claims,
 }
 
 impl Subscription {
@@ -135,6 +140,7 @@ impl Subscription {
         Subscription {
             event_types: event_types.iter().map(|t| (*t).to_owned()).collect(),
             producers: BTreeMap::new(),
+            claims: BTreeMap::new(),
         }
     }
 
@@ -227,6 +233,16 @@ impl Choreography {
             subscription
                 .producers
                 .insert((*event_type).to_owned(), producers);
+        }
+        for step in self.steps_of(service) {
+            let claims = std::iter::once((step.trigger, Claim::Action(step.name))).chain(
+                step.compensated_by
+                    .iter()
+                    .map(|event| (*event, Claim::Compensation(step.name))),
+            );
+            for (event_type, claim) in claims {
+                subscription.claims.insert(event_type.to_owned(), claim);
+            }
         }
         subscription
     }

@@ -306,7 +306,14 @@ impl<H: Handler> Consumer<H> {
                 span: e.span.clone(),
             })
             .collect();
-        match crate::inbox::apply_batch(&self.pool, self.handler.as_ref(), batch).await {
+        match crate::inbox::apply_batch(
+            &self.pool,
+            self.handler.as_ref(),
+            &self.subscription.claims,
+            batch,
+        )
+        .await
+        {
             Ok(outcomes) => {
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
                 metrics::histogram!("saga_consumer_batch_events").record(events.len() as f64);
@@ -340,8 +347,14 @@ impl<H: Handler> Consumer<H> {
         async {
             let mut backoff = Duration::from_millis(50);
             for attempt in 1..=IN_LANE_ATTEMPTS {
-                match apply_decoded(&self.pool, self.handler.as_ref(), &envelope, typed.clone())
-                    .await
+                match apply_decoded(
+                    &self.pool,
+                    self.handler.as_ref(),
+                    &self.subscription.claims,
+                    &envelope,
+                    typed.clone(),
+                )
+                .await
                 {
                     Ok(Outcome::Parked(reject)) => {
                         handled(&envelope, "parked");

@@ -106,7 +106,8 @@ pub async fn replay<H: Handler>(
             .map_err(HandleError::from)?;
     let raw = raw.ok_or(ReplayError::NotFound(id))?;
     let outcome = match Envelope::from_bytes(&raw) {
-        Ok(event) => inbox::apply(pool, handler, &event).await?,
+        // No claims made ahead: a replay is rare, its steps ask the barrier.
+        Ok(event) => inbox::apply(pool, handler, &Default::default(), &event).await?,
         Err(reject) => Outcome::Parked(reject),
     };
     match &outcome {

@@ -6,6 +6,7 @@ use sqlx::PgPool;
 use tracing::Instrument;
 
 use crate::Tx;
+use crate::barrier::{self, Claim, Claimed, Claims};
 use crate::envelope::{Envelope, Reject};
 use crate::handler::{Decode, HandleError, Handler};
 
@@ -55,10 +56,11 @@ fn refused_for_good(error: &sqlx::Error) -> bool {
 pub async fn apply<H: Handler>(
     pool: &PgPool,
     handler: &H,
+    claims: &Claims,
     envelope: &Envelope,
 ) -> Result<Outcome, HandleError> {
     match H::Event::decode(envelope) {
-        Ok(event) => apply_decoded(pool, handler, envelope, event).await,
+        Ok(event) => apply_decoded(pool, handler, claims, envelope, event).await,
         Err(reject) => Ok(Outcome::Parked(reject)),
     }
 }
@@ -67,12 +69,13 @@ pub async fn apply<H: Handler>(
 pub async fn apply_decoded<H: Handler>(
     pool: &PgPool,
     handler: &H,
+    claims: &Claims,
     envelope: &Envelope,
     event: H::Event,
 ) -> Result<Outcome, HandleError> {
     after_commit_of(
         |outcome| matches!(outcome, Ok(Outcome::Applied)),
-        apply_in_tx(pool, handler, envelope, event),
+        apply_in_tx(pool, handler, claims, envelope, event),
     )
     .await
 }
@@ -94,9 +97,10 @@ pub struct Batched<'a, E> {
 pub async fn apply_batch<H: Handler>(
     pool: &PgPool,
     handler: &H,
+    claims: &Claims,
     events: Vec<Batched<'_, H::Event>>,
 ) -> Result<Vec<Outcome>, HandleError> {
-    after_commit_of(Result::is_ok, batch_in_tx(pool, handler, events)).await
+    after_commit_of(Result::is_ok, batch_in_tx(pool, handler, claims, events)).await
 }
 
 /// Runs `work`, which commits its own transaction, and once `committed`
@@ -126,24 +130,42 @@ async fn after_commit_of<T>(
 async fn record_and_handle<H: Handler>(
     tx: &mut Tx,
     handler: &H,
+    claims: &Claims,
     envelope: &Envelope,
     event: H::Event,
 ) -> Result<bool, HandleError> {
-    let fresh = record_in_inbox(tx, &[envelope]).await?[0];
-    if fresh {
-        handler.handle(tx, envelope, event).await?;
+    let (fresh, claimed) = record_in_inbox(tx, &[envelope], claims).await?;
+    if fresh[0] {
+        barrier::with_claims(claimed, handle(tx, handler, envelope, event)).await?;
     }
-    Ok(fresh)
+    Ok(fresh[0])
+}
+
+/// Runs the handler on a new event, then withdraws the barrier claims made
+/// for it that its handler did not take.
+async fn handle<H: Handler>(
+    tx: &mut Tx,
+    handler: &H,
+    envelope: &Envelope,
+    event: H::Event,
+) -> Result<(), HandleError> {
+    handler.handle(tx, envelope, event).await?;
+    let untaken = barrier::untaken_claims(envelope.id());
+    if !untaken.is_empty() {
+        barrier::withdraw(tx, &envelope.saga_id, &untaken).await?;
+    }
+    Ok(())
 }
 
 async fn apply_in_tx<H: Handler>(
     pool: &PgPool,
     handler: &H,
+    claims: &Claims,
     envelope: &Envelope,
     event: H::Event,
 ) -> Result<Outcome, HandleError> {
     let mut tx = pool.begin().await?;
-    match record_and_handle(&mut tx, handler, envelope, event).await {
+    match record_and_handle(&mut tx, handler, claims, envelope, event).await {
         Ok(true) => {
             tx.commit().await?;
             Ok(Outcome::Applied)
@@ -169,11 +191,22 @@ async fn apply_in_tx<H: Handler>(
 async fn batch_in_tx<H: Handler>(
     pool: &PgPool,
     handler: &H,
+    claims: &Claims,
     events: Vec<Batched<'_, H::Event>>,
 ) -> Result<Vec<Outcome>, HandleError> {
     let mut tx = pool.begin().await?;
     let envelopes: Vec<&Envelope> = events.iter().map(|b| b.envelope).collect();
-    let fresh = record_in_inbox(&mut tx, &envelopes).await?;
+    let (fresh, claimed) = record_in_inbox(&mut tx, &envelopes, claims).await?;
+    barrier::with_claims(claimed, handle_batch(tx, handler, events, fresh)).await
+}
+
+/// A batch's effects and commit, once its events are in the inbox.
+async fn handle_batch<H: Handler>(
+    mut tx: Tx,
+    handler: &H,
+    events: Vec<Batched<'_, H::Event>>,
+    fresh: Vec<bool>,
+) -> Result<Vec<Outcome>, HandleError> {
     let new_events: Vec<(&Envelope, &H::Event)> = events
         .iter()
         .zip(&fresh)
@@ -193,8 +226,7 @@ async fn batch_in_tx<H: Handler>(
     {
         if fresh {
             // On error the transaction is dropped, and with it rolled back.
-            handler
-                .handle(&mut tx, envelope, event)
+            handle(&mut tx, handler, envelope, event)
                 .instrument(span)
                 .await?;
         }
@@ -208,23 +240,76 @@ async fn batch_in_tx<H: Handler>(
     Ok(outcomes)
 }
 
-/// Records events in the inbox of the open `tx`, in one statement; whether
-/// each was new (an event given twice is new only the first time).
-async fn record_in_inbox(tx: &mut Tx, envelopes: &[&Envelope]) -> Result<Vec<bool>, sqlx::Error> {
+/// Records events in the inbox of the open `tx` and makes the barrier claims
+/// `claims` ties to their types, in one statement: whether each event was new
+/// (an event given twice is new only the first time), and the claims made.
+///
+/// A claim is made only for a new event, and only for the first event of the
+/// batch that claims its (saga, step) row: a later one in the same batch finds
+/// that row through [`barrier`], as it would in a transaction of its own. A
+/// row that exists already is left alone, and the step asks the database.
+async fn record_in_inbox(
+    tx: &mut Tx,
+    envelopes: &[&Envelope],
+    claims: &Claims,
+) -> Result<(Vec<bool>, Vec<Claimed>), sqlx::Error> {
     let ids: Vec<uuid::Uuid> = envelopes.iter().map(|e| e.id()).collect();
     let types: Vec<&str> = envelopes.iter().map(|e| e.event_type.as_str()).collect();
     let sagas: Vec<&str> = envelopes.iter().map(|e| e.saga_id.as_str()).collect();
-    let mut inserted: std::collections::HashSet<uuid::Uuid> = sqlx::query_scalar(
-        "INSERT INTO choreo_inbox (event_id, event_type, saga_id)
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])
-         ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+    let mut first_claims = std::collections::HashSet::new();
+    let asked: Vec<Option<Claim>> = envelopes
+        .iter()
+        .map(|e| {
+            claims
+                .get(&e.event_type)
+                .copied()
+                .filter(|claim| first_claims.insert((e.saga_id.as_str(), claim.step())))
+        })
+        .collect();
+    let steps: Vec<Option<&str>> = asked.iter().map(|c| c.map(Claim::step)).collect();
+    let states: Vec<Option<&str>> = asked.iter().map(|c| c.map(Claim::first_state)).collect();
+    let rows: Vec<(uuid::Uuid, bool)> = sqlx::query_as(
+        "WITH input AS (
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
+                 AS i (event_id, event_type, saga_id, step, state)
+         ), fresh AS (
+             INSERT INTO choreo_inbox (event_id, event_type, saga_id)
+             SELECT event_id, event_type, saga_id FROM input
+             ON CONFLICT (event_id) DO NOTHING RETURNING event_id
+         ), claimed AS (
+             INSERT INTO choreo_barrier (saga_id, step, state)
+             SELECT input.saga_id, input.step, input.state
+             FROM input JOIN fresh USING (event_id)
+             WHERE input.step IS NOT NULL
+             ON CONFLICT (saga_id, step) DO NOTHING RETURNING saga_id, step
+         )
+         SELECT fresh.event_id, bool_or(claimed.step IS NOT NULL)
+         FROM fresh
+         JOIN input USING (event_id)
+         LEFT JOIN claimed ON claimed.saga_id = input.saga_id AND claimed.step = input.step
+         GROUP BY fresh.event_id",
     )
     .bind(&ids)
     .bind(&types)
     .bind(&sagas)
+    .bind(&steps)
+    .bind(&states)
     .fetch_all(&mut **tx)
-    .await?
-    .into_iter()
-    .collect();
-    Ok(ids.iter().map(|id| inserted.remove(id)).collect())
+    .await?;
+    let mut inserted: std::collections::HashMap<uuid::Uuid, bool> = rows.into_iter().collect();
+    let mut claimed = Vec::new();
+    let fresh = ids
+        .iter()
+        .zip(&asked)
+        .map(|(id, asked)| match inserted.remove(id) {
+            Some(made_claim) => {
+                if let (true, Some(claim)) = (made_claim, asked) {
+                    claimed.push((*id, *claim));
+                }
+                true
+            }
+            None => false,
+        })
+        .collect();
+    Ok((fresh, claimed))
 }

@@ -11,7 +11,7 @@
 //!   then the undo runs and the compensation event, carrying the original
 //!   cause, is written.
 use crate::Tx;
-use crate::barrier::{self, Compensation};
+use crate::barrier::{self, Claim, Compensation};
 use crate::envelope::{Envelope, EventPayload};
 use crate::handler::HandleError;
 use crate::outbox::Outbox;
@@ -79,7 +79,8 @@ pub async fn act<S: CompensableStep>(
     input: S::Input,
 ) -> Result<(), HandleError> {
     let saga = envelope.saga_id.as_str();
-    if !barrier::action(tx, saga, S::NAME).await?.proceeds(S::NAME) {
+    let claimed = barrier::take_claim(envelope.id(), Claim::Action(S::NAME));
+    if !claimed && !barrier::action(tx, saga, S::NAME).await?.proceeds(S::NAME) {
         return Ok(());
     }
     match step.work(tx, envelope, input).await? {
@@ -108,10 +109,15 @@ pub async fn compensate<S: CompensableStep>(
     cause: String,
 ) -> Result<(), HandleError> {
     let saga = envelope.saga_id.as_str();
-    let undo = match barrier::compensation(tx, saga, S::NAME).await? {
-        Compensation::AlreadyCompensated => return Ok(()),
-        Compensation::NothingToUndo => Undo::NeverDone,
-        Compensation::Undo => Undo::Work,
+    let undo = if barrier::take_claim(envelope.id(), Claim::Compensation(S::NAME)) {
+        barrier::count_compensation(S::NAME, "nothing_to_undo");
+        Undo::NeverDone
+    } else {
+        match barrier::compensation(tx, saga, S::NAME).await? {
+            Compensation::AlreadyCompensated => return Ok(()),
+            Compensation::NothingToUndo => Undo::NeverDone,
+            Compensation::Undo => Undo::Work,
+        }
     };
     let compensated = step.undo(tx, envelope, undo, cause).await?;
     tracing::info!(step = S::NAME, ?undo, "step compensated");

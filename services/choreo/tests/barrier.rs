@@ -89,3 +89,220 @@ async fn the_barrier_orders_actions_and_compensations() {
         );
     }
 }
+
+/// A step's trigger: `skip` makes the handler leave the step alone.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Go {
+    #[prost(bool, tag = "1")]
+    skip: bool,
+}
+impl EventPayload for Go {
+    const EVENT_TYPE: &'static str = "test.go";
+    const SCHEMA_VERSION: u32 = 1;
+}
+
+/// Asks for the step's compensation.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Back {}
+impl EventPayload for Back {
+    const EVENT_TYPE: &'static str = "test.back";
+    const SCHEMA_VERSION: u32 = 1;
+}
+
+#[derive(Debug, Clone)]
+enum GoOrBack {
+    Go(Go),
+    Back(Back),
+}
+impl Decode for GoOrBack {
+    fn decode(envelope: &Envelope) -> Result<Self, Reject> {
+        match envelope.event_type.as_str() {
+            Go::EVENT_TYPE => envelope.payload().map(GoOrBack::Go),
+            Back::EVENT_TYPE => envelope.payload().map(GoOrBack::Back),
+            other => Err(Reject::UnknownType(other.to_owned())),
+        }
+    }
+}
+
+/// A compensable step that writes down what it did: `log (saga, what)`.
+struct Logged {
+    outbox: Outbox,
+}
+
+#[async_trait::async_trait]
+impl choreo::step::CompensableStep for Logged {
+    const NAME: &'static str = "logged";
+    type Input = Go;
+    type Success = Ping;
+    type Failure = Ping;
+    type Compensated = Ping;
+
+    fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    async fn work(
+        &self,
+        tx: &mut Tx,
+        envelope: &Envelope,
+        _go: Go,
+    ) -> Result<choreo::step::Verdict<Ping, Ping>, HandleError> {
+        log(tx, &envelope.saga_id, "work").await?;
+        Ok(choreo::step::Verdict::Succeeded(Ping { n: 1 }))
+    }
+
+    async fn undo(
+        &self,
+        tx: &mut Tx,
+        envelope: &Envelope,
+        undo: choreo::step::Undo,
+        _cause: String,
+    ) -> Result<Ping, HandleError> {
+        log(tx, &envelope.saga_id, &format!("{undo:?}")).await?;
+        Ok(Ping { n: 2 })
+    }
+}
+
+async fn log(tx: &mut Tx, saga: &str, what: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO log (saga, what) VALUES ($1, $2)")
+        .bind(saga)
+        .bind(what)
+        .execute(&mut **tx)
+        .await
+        .map(drop)
+}
+
+#[async_trait::async_trait]
+impl Handler for Logged {
+    type Event = GoOrBack;
+
+    async fn handle(
+        &self,
+        tx: &mut Tx,
+        envelope: &Envelope,
+        event: GoOrBack,
+    ) -> Result<(), HandleError> {
+        match event {
+            GoOrBack::Go(Go { skip: true }) => Ok(()),
+            GoOrBack::Go(go) => choreo::step::act(self, tx, envelope, go).await,
+            GoOrBack::Back(_) => choreo::step::compensate(self, tx, envelope, "back".into()).await,
+        }
+    }
+}
+
+/// The inbox step claims a step's barrier row in its own statement when the
+/// declaration ties the event's type to the step. Every rule of the barrier
+/// must come out as it does when the step asks the barrier itself: the same
+/// story for each saga with the claims and without them, alone and in a batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_made_with_the_inbox_keep_every_barrier_rule() {
+    let declared = barrier::Claims::from([
+        (Go::EVENT_TYPE.to_owned(), barrier::Claim::Action("logged")),
+        (
+            Back::EVENT_TYPE.to_owned(),
+            barrier::Claim::Compensation("logged"),
+        ),
+    ]);
+    let mut stories = Vec::new();
+    for claims in [declared, barrier::Claims::new()] {
+        let s = setup().await;
+        sqlx::query(
+            "CREATE TABLE log (at BIGSERIAL PRIMARY KEY, saga TEXT NOT NULL, what TEXT NOT NULL)",
+        )
+        .execute(&s.pool)
+        .await
+        .unwrap();
+        let step = Logged { outbox: s.outbox() };
+        let go = |saga: &str| Envelope::new("test", saga, None, &Go { skip: false });
+        let skip = |saga: &str| Envelope::new("test", saga, None, &Go { skip: true });
+        let back = |saga: &str| Envelope::new("test", saga, None, &Back {});
+        let alone = |envelope: Envelope| {
+            let (pool, step, claims) = (&s.pool, &step, &claims);
+            async move { inbox::apply(pool, step, claims, &envelope).await.unwrap() }
+        };
+        // Alone: work, a repeat of the trigger, then the compensation.
+        assert_eq!(alone(go("forward")).await, Outcome::Applied);
+        alone(go("forward")).await;
+        alone(back("forward")).await;
+        alone(back("forward")).await;
+        // Alone: the compensation first, then the late trigger.
+        alone(back("early")).await;
+        alone(go("early")).await;
+        // A handler that leaves its step alone leaves no barrier row behind.
+        alone(skip("skipped")).await;
+        let rows: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM choreo_barrier WHERE saga_id = 'skipped'")
+                .fetch_one(&s.pool)
+                .await
+                .unwrap();
+        assert_eq!(rows, 0, "a claim its handler did not take was left behind");
+        alone(go("skipped")).await;
+        // In one batch: one saga's trigger then compensation, another's the
+        // other way round, a repeated trigger, a skipped one, and a trigger
+        // delivered twice.
+        let twice = go("twice");
+        let events = [
+            go("batch-forward"),
+            back("batch-early"),
+            go("batch-forward"),
+            back("batch-forward"),
+            go("batch-early"),
+            skip("batch-skipped"),
+            go("batch-skipped"),
+            twice.clone(),
+            twice,
+        ];
+        let batch = events
+            .iter()
+            .map(|envelope| inbox::Batched {
+                envelope,
+                event: GoOrBack::decode(envelope).unwrap(),
+                span: tracing::Span::none(),
+            })
+            .collect();
+        let outcomes = inbox::apply_batch(&s.pool, &step, &claims, batch)
+            .await
+            .unwrap();
+        assert_eq!(outcomes.last(), Some(&Outcome::Duplicate));
+        let story: Vec<(String, String)> = sqlx::query_as("SELECT saga, what FROM log ORDER BY at")
+            .fetch_all(&s.pool)
+            .await
+            .unwrap();
+        let barrier: Vec<(String, String)> =
+            sqlx::query_as("SELECT saga_id, state FROM choreo_barrier ORDER BY saga_id")
+                .fetch_all(&s.pool)
+                .await
+                .unwrap();
+        stories.push((story, barrier));
+    }
+    let expected_story = [
+        ("forward", "work"),
+        ("forward", "Work"),
+        ("early", "NeverDone"),
+        ("skipped", "work"),
+        ("batch-forward", "work"),
+        ("batch-early", "NeverDone"),
+        ("batch-forward", "Work"),
+        ("batch-skipped", "work"),
+        ("twice", "work"),
+    ];
+    let expected_barrier = [
+        ("batch-early", "compensated_before_action"),
+        ("batch-forward", "compensated"),
+        ("batch-skipped", "done"),
+        ("early", "compensated_before_action"),
+        ("forward", "compensated"),
+        ("skipped", "done"),
+        ("twice", "done"),
+    ];
+    let owned = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+            .collect()
+    };
+    for (story, barrier) in &stories {
+        assert_eq!(story, &owned(&expected_story));
+        assert_eq!(barrier, &owned(&expected_barrier));
+    }
+}

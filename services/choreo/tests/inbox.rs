@@ -19,7 +19,7 @@ async fn a_duplicate_delivery_is_applied_once() {
     // message is still in the stream, to be delivered again.
     let committed = Envelope::new("test", "saga-2", None, &Ping { n: 2 });
     assert_eq!(
-        inbox::apply(&s.pool, handler.as_ref(), &committed)
+        inbox::apply(&s.pool, handler.as_ref(), &Default::default(), &committed)
             .await
             .unwrap(),
         Outcome::Applied
@@ -222,7 +222,11 @@ async fn after_commit_work_runs_once_per_committed_event_and_never_for_a_rolled_
     };
     let event = Envelope::new("test", "saga-1", None, &Ping { n: 1 });
     for _ in 0..2 {
-        assert!(inbox::apply(&s.pool, &handler, &event).await.is_err());
+        assert!(
+            inbox::apply(&s.pool, &handler, &Default::default(), &event)
+                .await
+                .is_err()
+        );
     }
     assert_eq!(
         counted.load(Ordering::SeqCst),
@@ -230,17 +234,23 @@ async fn after_commit_work_runs_once_per_committed_event_and_never_for_a_rolled_
         "two rolled-back attempts"
     );
     assert_eq!(
-        inbox::apply(&s.pool, &handler, &event).await.unwrap(),
+        inbox::apply(&s.pool, &handler, &Default::default(), &event)
+            .await
+            .unwrap(),
         Outcome::Applied
     );
     assert_eq!(counted.load(Ordering::SeqCst), 1);
     assert_eq!(
-        inbox::apply(&s.pool, &handler, &event).await.unwrap(),
+        inbox::apply(&s.pool, &handler, &Default::default(), &event)
+            .await
+            .unwrap(),
         Outcome::Duplicate
     );
     let unreadable = Envelope::new("test", "saga-1", None, &Mystery {});
     assert!(matches!(
-        inbox::apply(&s.pool, &handler, &unreadable).await.unwrap(),
+        inbox::apply(&s.pool, &handler, &Default::default(), &unreadable)
+            .await
+            .unwrap(),
         Outcome::Parked(_)
     ));
     assert_eq!(counted.load(Ordering::SeqCst), 1);
@@ -510,7 +520,7 @@ async fn queued_events_are_applied_in_batches_in_order_and_one_bad_event_costs_t
     });
     let early = Envelope::new("test", "saga-early", None, &Ping { n: 1000 });
     assert_eq!(
-        inbox::apply(&s.pool, handler.as_ref(), &early)
+        inbox::apply(&s.pool, handler.as_ref(), &Default::default(), &early)
             .await
             .unwrap(),
         Outcome::Applied
@@ -588,7 +598,9 @@ async fn a_batch_applies_an_event_it_holds_twice_once_and_one_seen_before_not_at
         counted: Default::default(),
     };
     let earlier = Envelope::new("test", "saga-a", None, &Ping { n: 1 });
-    inbox::apply(&s.pool, &handler, &earlier).await.unwrap();
+    inbox::apply(&s.pool, &handler, &Default::default(), &earlier)
+        .await
+        .unwrap();
     let twice = Envelope::new("test", "saga-a", None, &Ping { n: 2 });
     let other = Envelope::new("test", "saga-b", None, &Ping { n: 3 });
     let batch = [&earlier, &twice, &other, &twice]
@@ -599,7 +611,9 @@ async fn a_batch_applies_an_event_it_holds_twice_once_and_one_seen_before_not_at
             span: tracing::Span::none(),
         })
         .collect();
-    let outcomes = inbox::apply_batch(&s.pool, &handler, batch).await.unwrap();
+    let outcomes = inbox::apply_batch(&s.pool, &handler, &Default::default(), batch)
+        .await
+        .unwrap();
     assert_eq!(
         outcomes,
         [

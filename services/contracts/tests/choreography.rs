@@ -162,6 +162,40 @@ fn subscriptions_come_from_the_declaration() {
 }
 
 #[test]
+fn each_step_claims_its_barrier_row_on_its_trigger_and_its_compensations() {
+    use choreo::barrier::Claim::{Action, Compensation};
+    let claims = |s| {
+        CHOREOGRAPHY
+            .subscription(s)
+            .claims
+            .into_iter()
+            .collect::<Vec<_>>()
+    };
+    let owned = |pairs: &[(&str, choreo::barrier::Claim)]| {
+        pairs
+            .iter()
+            .map(|(t, c)| ((*t).to_owned(), *c))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        claims("inventory"),
+        owned(&[
+            ("order.created", Action("reserve")),
+            ("shipping.cancelled", Compensation("reserve")),
+            ("shipping.failed", Compensation("reserve")),
+        ])
+    );
+    assert_eq!(
+        claims("notification"),
+        owned(&[
+            ("order.cancelled", Compensation("notify")),
+            ("shipping.scheduled", Action("notify")),
+        ])
+    );
+    assert!(claims("order").is_empty(), "order owns no step");
+}
+
+#[test]
 fn each_event_means_what_its_place_in_the_chain_says() {
     let m = |t| CHOREOGRAPHY.meaning(t);
     assert_eq!(m("order.created"), Meaning::Started);

@@ -33,6 +33,7 @@ fn mutated_orders_are_applied_or_parked_and_stock_is_conserved() {
         outbox: Outbox::new("inventory", "saga"),
         config: Config::new("nats://unused", "postgres://unused"),
     };
+    let claims = contracts::CHOREOGRAPHY.subscription("inventory").claims;
     let mut runner = TestRunner::new(Cases {
         cases: 300,
         failure_persistence: None,
@@ -67,7 +68,7 @@ fn mutated_orders_are_applied_or_parked_and_stock_is_conserved() {
             }
             let outcome = runtime.block_on(async {
                 match Envelope::from_bytes(&bytes) {
-                    Ok(event) => apply(&pool, &handler, &event).await,
+                    Ok(event) => apply(&pool, &handler, &claims, &event).await,
                     Err(reject) => Ok(Outcome::Parked(reject)),
                 }
             });

@@ -78,16 +78,27 @@ async fn all_lines_or_none_and_a_redelivered_order_takes_stock_once() {
     let h = handler();
     let order = uuid::Uuid::now_v7().to_string();
     let event = created(&order, &[("BOOK", 3), ("PEN", 1)]);
-    assert_eq!(apply(&pool, &h, &event).await.unwrap(), Outcome::Applied);
-    assert_eq!(apply(&pool, &h, &event).await.unwrap(), Outcome::Duplicate);
+    assert_eq!(
+        apply(&pool, &h, &claims(), &event).await.unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!(
+        apply(&pool, &h, &claims(), &event).await.unwrap(),
+        Outcome::Duplicate
+    );
     assert_eq!(stock(&pool, "BOOK").await, (7, 3));
     assert_eq!(stock(&pool, "PEN").await, (0, 1));
 
     // PEN is gone: the BOOK line of this order must not be taken either.
     let second = uuid::Uuid::now_v7().to_string();
-    apply(&pool, &h, &created(&second, &[("BOOK", 2), ("PEN", 1)]))
-        .await
-        .unwrap();
+    apply(
+        &pool,
+        &h,
+        &claims(),
+        &created(&second, &[("BOOK", 2), ("PEN", 1)]),
+    )
+    .await
+    .unwrap();
     assert_eq!(stock(&pool, "BOOK").await, (7, 3));
     assert_eq!(emitted(&pool, &second).await, ["inventory.rejected"]);
     assert_eq!(reservation(&pool, &order).await, ("HELD".into(), 2));
@@ -100,13 +111,13 @@ async fn all_lines_or_none_and_a_redelivered_order_takes_stock_once() {
     // One line (taken without a savepoint): held when there is enough,
     // refused with nothing taken when there is not.
     let third = uuid::Uuid::now_v7().to_string();
-    apply(&pool, &h, &created(&third, &[("BOOK", 7)]))
+    apply(&pool, &h, &claims(), &created(&third, &[("BOOK", 7)]))
         .await
         .unwrap();
     assert_eq!(stock(&pool, "BOOK").await, (0, 10));
     assert_eq!(emitted(&pool, &third).await, ["inventory.reserved"]);
     let fourth = uuid::Uuid::now_v7().to_string();
-    apply(&pool, &h, &created(&fourth, &[("BOOK", 1)]))
+    apply(&pool, &h, &claims(), &created(&fourth, &[("BOOK", 1)]))
         .await
         .unwrap();
     assert_eq!(stock(&pool, "BOOK").await, (0, 10));
@@ -130,10 +141,13 @@ async fn a_compensation_before_the_reservation_bars_it_for_good() {
             cause: "customer: changed my mind".into(),
         },
     );
-    assert_eq!(apply(&pool, &h, &cancel).await.unwrap(), Outcome::Applied);
+    assert_eq!(
+        apply(&pool, &h, &claims(), &cancel).await.unwrap(),
+        Outcome::Applied
+    );
     // The forward event arrives late: refused, no stock held.
     assert_eq!(
-        apply(&pool, &h, &created(&order, &[("BOOK", 4)]))
+        apply(&pool, &h, &claims(), &created(&order, &[("BOOK", 4)]))
             .await
             .unwrap(),
         Outcome::Applied
@@ -154,7 +168,7 @@ async fn two_compensations_release_once() {
     let (_pg, pool) = database().await;
     let h = handler();
     let order = uuid::Uuid::now_v7().to_string();
-    apply(&pool, &h, &created(&order, &[("BOOK", 4)]))
+    apply(&pool, &h, &claims(), &created(&order, &[("BOOK", 4)]))
         .await
         .unwrap();
     assert_eq!(stock(&pool, "BOOK").await, (6, 4));
@@ -165,13 +179,18 @@ async fn two_compensations_release_once() {
         &ev::ShippingFailed { reason: "x".into() },
     );
     let cancelled = Envelope::new("shipping", &order, None, &ev::ShippingCancelled::default());
-    apply(&pool, &h, &failed).await.unwrap();
-    apply(&pool, &h, &cancelled).await.unwrap();
+    apply(&pool, &h, &claims(), &failed).await.unwrap();
+    apply(&pool, &h, &claims(), &cancelled).await.unwrap();
     assert_eq!(stock(&pool, "BOOK").await, (10, 0), "released exactly once");
     assert_eq!(
         emitted(&pool, &order).await,
         ["inventory.reserved", "inventory.released"]
     );
+}
+
+/// The barrier claims inventory's consumer makes, from the declaration.
+fn claims() -> choreo::barrier::Claims {
+    contracts::CHOREOGRAPHY.subscription("inventory").claims
 }
 
 /// Applies `events` as the consumer applies a batch: one transaction.
@@ -188,7 +207,7 @@ async fn apply_as_batch(
             span: tracing::Span::none(),
         })
         .collect();
-    choreo::inbox::apply_batch(pool, h, batch).await
+    choreo::inbox::apply_batch(pool, h, &claims(), batch).await
 }
 
 /// Two batches whose orders take the same products in opposite orders, side

@@ -28,6 +28,16 @@ fn outbox() -> Outbox {
     Outbox::new("notification", "saga")
 }
 
+/// The barrier claims notification's consumer makes, from the declaration.
+fn claims() -> choreo::barrier::Claims {
+    contracts::CHOREOGRAPHY.subscription("notification").claims
+}
+
+/// `event` through the inbox step, as the consumer hands it over.
+async fn handled(pool: &PgPool, event: &Envelope) -> Outcome {
+    apply(pool, &handler(), &claims(), event).await.unwrap()
+}
+
 fn handler() -> NotificationHandler {
     NotificationHandler {
         outbox: outbox(),
@@ -134,10 +144,7 @@ async fn a_confirmation_goes_out_after_commit_and_survives_a_provider_outage() {
     let (_pg, pool) = database().await;
     let order = uuid::Uuid::now_v7().to_string();
     let cause = scheduled(&order, "ada@example.com");
-    assert_eq!(
-        apply(&pool, &handler(), &cause).await.unwrap(),
-        Outcome::Applied
-    );
+    assert_eq!(handled(&pool, &cause).await, Outcome::Applied);
     // Queued, not sent: nothing follows in the saga yet.
     assert!(emitted(&pool, &order).await.is_empty());
     assert_eq!(
@@ -189,9 +196,7 @@ async fn a_confirmation_goes_out_after_commit_and_survives_a_provider_outage() {
 async fn a_bounce_fails_the_order_with_the_providers_reason() {
     let (_pg, pool) = database().await;
     let order = uuid::Uuid::now_v7().to_string();
-    apply(&pool, &handler(), &scheduled(&order, "ada@nowhere.invalid"))
-        .await
-        .unwrap();
+    handled(&pool, &scheduled(&order, "ada@nowhere.invalid")).await;
     let outcome = dispatch_one(&pool, &LogSender).await;
     let Some(Dispatched::Failed(reason)) = outcome else {
         panic!("{outcome:?}");
@@ -222,10 +227,8 @@ async fn a_bounce_fails_the_order_with_the_providers_reason() {
 async fn a_compensation_withdraws_a_confirmation_not_yet_sent() {
     let (_pg, pool) = database().await;
     let order = uuid::Uuid::now_v7().to_string();
-    apply(&pool, &handler(), &scheduled(&order, "ada@example.com"))
-        .await
-        .unwrap();
-    apply(&pool, &handler(), &cancelled(&order)).await.unwrap();
+    handled(&pool, &scheduled(&order, "ada@example.com")).await;
+    handled(&pool, &cancelled(&order)).await;
 
     let provider = Provider::default();
     assert_eq!(dispatch_one(&pool, &provider).await, None);
@@ -245,13 +248,11 @@ async fn a_compensation_after_the_confirmation_went_out_sends_one_notice() {
     let (_pg, pool) = database().await;
     let order = uuid::Uuid::now_v7().to_string();
     let provider = Provider::default();
-    apply(&pool, &handler(), &scheduled(&order, "ada@example.com"))
-        .await
-        .unwrap();
+    handled(&pool, &scheduled(&order, "ada@example.com")).await;
     assert_eq!(dispatch_one(&pool, &provider).await, Some(Dispatched::Sent));
-    apply(&pool, &handler(), &cancelled(&order)).await.unwrap();
+    handled(&pool, &cancelled(&order)).await;
     // The same compensation redelivered under another event id: one notice.
-    apply(&pool, &handler(), &cancelled(&order)).await.unwrap();
+    handled(&pool, &cancelled(&order)).await;
     assert_eq!(dispatch_one(&pool, &provider).await, Some(Dispatched::Sent));
     assert_eq!(dispatch_one(&pool, &provider).await, None);
     assert_eq!(
@@ -277,9 +278,7 @@ async fn two_dispatchers_send_each_message_once() {
     let (_pg, pool) = database().await;
     let orders: Vec<String> = (0..60).map(|_| uuid::Uuid::now_v7().to_string()).collect();
     for order in &orders {
-        apply(&pool, &handler(), &scheduled(order, "ada@example.com"))
-            .await
-            .unwrap();
+        handled(&pool, &scheduled(order, "ada@example.com")).await;
     }
     let provider = Arc::new(Provider::default());
     let drain = |pool: PgPool, provider: Arc<Provider>| async move {
@@ -322,9 +321,7 @@ async fn one_batch_records_each_answer_on_its_own() {
         .map(|_| uuid::Uuid::now_v7().to_string())
         .collect();
     for (order, contact) in orders.iter().zip(contacts) {
-        apply(&pool, &handler(), &scheduled(order, contact))
-            .await
-            .unwrap();
+        handled(&pool, &scheduled(order, contact)).await;
     }
     let provider = Provider::default();
     let outcomes = dispatch(&pool, &outbox(), &provider, 10).await.unwrap();
@@ -353,9 +350,14 @@ async fn an_injected_failure_fails_the_order_without_queueing_anything() {
     let order = uuid::Uuid::now_v7().to_string();
     let mut failing = handler();
     failing.config.injected_failure_rate = 1.0;
-    apply(&pool, &failing, &scheduled(&order, "ada@example.com"))
-        .await
-        .unwrap();
+    apply(
+        &pool,
+        &failing,
+        &claims(),
+        &scheduled(&order, "ada@example.com"),
+    )
+    .await
+    .unwrap();
     assert!(statuses(&pool, &order).await.is_empty());
     let events = emitted(&pool, &order).await;
     assert_eq!(types(&events), ["notification.failed"]);
@@ -374,9 +376,7 @@ async fn an_injected_failure_fails_the_order_without_queueing_anything() {
 async fn a_providers_error_that_quotes_the_address_is_masked_everywhere() {
     let (_pg, pool) = database().await;
     let order = uuid::Uuid::now_v7().to_string();
-    apply(&pool, &handler(), &scheduled(&order, "ada@nowhere.invalid"))
-        .await
-        .unwrap();
+    handled(&pool, &scheduled(&order, "ada@nowhere.invalid")).await;
     let provider = Provider::default();
     let outcome = dispatch_one(&pool, &provider).await;
     let Some(Dispatched::Failed(reason)) = outcome else {

@@ -123,7 +123,9 @@ async fn deliver<P: EventPayload>(
     id: uuid::Uuid,
     payload: P,
 ) -> Outcome {
-    apply(pool, h, &event(id, payload)).await.unwrap()
+    apply(pool, h, &Default::default(), &event(id, payload))
+        .await
+        .unwrap()
 }
 
 async fn status(pool: &PgPool, id: uuid::Uuid) -> (String, String) {
@@ -213,6 +215,7 @@ async fn an_event_for_an_unknown_order_is_parked_not_dropped() {
     let outcome = apply(
         &pool,
         &h,
+        &Default::default(),
         &event(uuid::Uuid::now_v7(), ev::NotificationSent::default()),
     )
     .await
