@@ -266,9 +266,17 @@ async fn record_in_inbox(
                 .filter(|claim| first_claims.insert((e.saga_id.as_str(), claim.step())))
         })
         .collect();
+    // Where no event claims a row (the order service's events, say), the
+    // plain insert: the statement with claims costs more to run.
+    const INBOX_ONLY: &str = "INSERT INTO choreo_inbox (event_id, event_type, saga_id)
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])
+         ON CONFLICT (event_id) DO NOTHING RETURNING event_id, false";
     let steps: Vec<Option<&str>> = asked.iter().map(|c| c.map(Claim::step)).collect();
     let states: Vec<Option<&str>> = asked.iter().map(|c| c.map(Claim::first_state)).collect();
-    let rows: Vec<(uuid::Uuid, bool)> = sqlx::query_as(
+    let with_claims = asked.iter().any(Option::is_some);
+    let query = sqlx::query_as(if !with_claims {
+        INBOX_ONLY
+    } else {
         "WITH input AS (
              SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
                  AS i (event_id, event_type, saga_id, step, state)
@@ -287,13 +295,16 @@ async fn record_in_inbox(
          FROM fresh
          JOIN input USING (event_id)
          LEFT JOIN claimed ON claimed.saga_id = input.saga_id AND claimed.step = input.step
-         GROUP BY fresh.event_id",
-    )
+         GROUP BY fresh.event_id"
+    })
     .bind(&ids)
     .bind(&types)
-    .bind(&sagas)
-    .bind(&steps)
-    .bind(&states)
+    .bind(&sagas);
+    let rows: Vec<(uuid::Uuid, bool)> = if with_claims {
+        query.bind(&steps).bind(&states)
+    } else {
+        query
+    }
     .fetch_all(&mut **tx)
     .await?;
     let mut inserted: std::collections::HashMap<uuid::Uuid, bool> = rows.into_iter().collect();
