@@ -199,6 +199,16 @@ async fn move_status(
     Ok(moved.is_some())
 }
 
+/// Locks the rows of orders `ids` for the rest of the transaction, in
+/// order id order (PostgreSQL sorts before it locks).
+pub async fn lock_in_order(tx: &mut PgConnection, ids: &[Uuid]) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT 1 FROM orders WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE")
+        .bind(ids)
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
 /// Counts one more (`+1`) or one fewer (`-1`) watch of the order; `false`
 /// when there is no such order. Its own statement and commit, taking the
 /// order's row lock: a status change that commits before it is seen by the
