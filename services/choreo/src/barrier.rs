@@ -64,7 +64,7 @@ pub(crate) async fn with_claims<T>(claimed: Vec<Claimed>, work: impl Future<Outp
 
 /// Takes the claim the inbox step made for `event` in this transaction, if it
 /// made it: then the row is this event's, newly inserted.
-pub fn take_claim(event: Uuid, claim: Claim) -> bool {
+pub(crate) fn take_claim(event: Uuid, claim: Claim) -> bool {
     CLAIMED
         .try_with(|claimed| {
             let mut claimed = claimed.borrow_mut();
