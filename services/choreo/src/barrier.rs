@@ -14,7 +14,7 @@
 //! for their compensation ([`Claim`]). The inbox step claims those rows in
 //! its own statement, together with the inbox insert, for the events it
 //! records; [`crate::step`] then takes the claim made for its event
-//! ([`take_claim`]) and asks the database only when there is none (a row
+//! (`take_claim`) and asks the database only when there is none (a row
 //! that existed already, a replay, a caller outside the inbox step).
 use std::cell::RefCell;
 

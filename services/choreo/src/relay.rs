@@ -8,7 +8,7 @@
 //! down. Rows are picked by `sent_at IS NULL` in `seq` order (never by "id above
 //! the last one sent": ids commit out of order); while one batch is with the
 //! broker the next is read (past its last seq), so a backlog drains with
-//! PostgreSQL and the broker busy at once. Every [`MAX_BATCHES_IN_A_RUN`]
+//! PostgreSQL and the broker busy at once. Every `MAX_BATCHES_IN_A_RUN`
 //! batches, and whenever one is not full, reading starts again from the first
 //! unsent row, which picks up rows that committed late.
 //!
