@@ -103,6 +103,29 @@ pub async fn apply_batch<H: Handler>(
     after_commit_of(Result::is_ok, batch_in_tx(pool, handler, claims, events)).await
 }
 
+/// [`apply_batch`] for events not yet decoded, as [`apply`] is to
+/// [`apply_decoded`]: each decoded for `handler`, none with a span of its
+/// own. One it cannot read fails the whole batch, as one to be parked does.
+pub async fn apply_as_batch<H: Handler, E: std::borrow::Borrow<Envelope>>(
+    pool: &PgPool,
+    handler: &H,
+    claims: &Claims,
+    envelopes: &[E],
+) -> Result<Vec<Outcome>, HandleError> {
+    let batch = envelopes
+        .iter()
+        .map(|envelope| {
+            let envelope = envelope.borrow();
+            Ok(Batched {
+                envelope,
+                event: H::Event::decode(envelope)?,
+                span: tracing::Span::none(),
+            })
+        })
+        .collect::<Result<Vec<_>, Reject>>()?;
+    apply_batch(pool, handler, claims, batch).await
+}
+
 /// Runs `work`, which commits its own transaction, and once `committed`
 /// says it did, publishes the events it wrote and runs its [`after_commit`] work.
 async fn after_commit_of<T>(

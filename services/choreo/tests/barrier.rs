@@ -252,15 +252,7 @@ async fn claims_made_with_the_inbox_keep_every_barrier_rule() {
             twice.clone(),
             twice,
         ];
-        let batch = events
-            .iter()
-            .map(|envelope| inbox::Batched {
-                envelope,
-                event: GoOrBack::decode(envelope).unwrap(),
-                span: tracing::Span::none(),
-            })
-            .collect();
-        let outcomes = inbox::apply_batch(&s.pool, &step, &claims, batch)
+        let outcomes = inbox::apply_as_batch(&s.pool, &step, &claims, &events)
             .await
             .unwrap();
         assert_eq!(outcomes.last(), Some(&Outcome::Duplicate));

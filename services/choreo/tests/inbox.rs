@@ -603,17 +603,14 @@ async fn a_batch_applies_an_event_it_holds_twice_once_and_one_seen_before_not_at
         .unwrap();
     let twice = Envelope::new("test", "saga-a", None, &Ping { n: 2 });
     let other = Envelope::new("test", "saga-b", None, &Ping { n: 3 });
-    let batch = [&earlier, &twice, &other, &twice]
-        .into_iter()
-        .map(|envelope| inbox::Batched {
-            envelope,
-            event: envelope.payload::<Ping>().unwrap(),
-            span: tracing::Span::none(),
-        })
-        .collect();
-    let outcomes = inbox::apply_batch(&s.pool, &handler, &Default::default(), batch)
-        .await
-        .unwrap();
+    let outcomes = inbox::apply_as_batch(
+        &s.pool,
+        &handler,
+        &Default::default(),
+        &[&earlier, &twice, &other, &twice],
+    )
+    .await
+    .unwrap();
     assert_eq!(
         outcomes,
         [

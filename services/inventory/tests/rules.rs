@@ -193,23 +193,6 @@ fn claims() -> choreo::barrier::Claims {
     contracts::CHOREOGRAPHY.subscription("inventory").claims
 }
 
-/// Applies `events` as the consumer applies a batch: one transaction.
-async fn apply_as_batch(
-    pool: &PgPool,
-    h: &InventoryHandler,
-    events: &[Envelope],
-) -> Result<Vec<Outcome>, choreo::HandleError> {
-    let batch = events
-        .iter()
-        .map(|envelope| choreo::inbox::Batched {
-            envelope,
-            event: <contracts::SagaEvent as choreo::Decode>::decode(envelope).unwrap(),
-            span: tracing::Span::none(),
-        })
-        .collect();
-    choreo::inbox::apply_batch(pool, h, &claims(), batch).await
-}
-
 /// Two batches whose orders take the same products in opposite orders, side
 /// by side, round after round: each locks every stock row it will touch
 /// first, in SKU order, so they never wait on each other in a circle
@@ -225,6 +208,7 @@ async fn batches_taking_the_same_products_in_opposite_orders_never_deadlock() {
     let h = handler();
     let rounds = 20;
     let order = || uuid::Uuid::now_v7().to_string();
+    let declared = claims();
     for _ in 0..rounds {
         let one = [
             created(&order(), &[("BOOK", 1)]),
@@ -235,8 +219,8 @@ async fn batches_taking_the_same_products_in_opposite_orders_never_deadlock() {
             created(&order(), &[("BOOK", 1)]),
         ];
         let (one, other) = tokio::join!(
-            apply_as_batch(&pool, &h, &one),
-            apply_as_batch(&pool, &h, &other)
+            choreo::inbox::apply_as_batch(&pool, &h, &declared, &one),
+            choreo::inbox::apply_as_batch(&pool, &h, &declared, &other)
         );
         assert_eq!(
             one.expect("a batch failed"),

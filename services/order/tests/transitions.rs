@@ -321,23 +321,6 @@ async fn a_status_change_notifies_only_while_somebody_watches_the_order() {
     );
 }
 
-/// Applies `events` as the consumer applies a batch: one transaction.
-async fn deliver_together(
-    pool: &PgPool,
-    h: &OrderHandler,
-    events: &[Envelope],
-) -> Result<Vec<Outcome>, choreo::HandleError> {
-    let batch = events
-        .iter()
-        .map(|envelope| choreo::inbox::Batched {
-            envelope,
-            event: <contracts::SagaEvent as choreo::Decode>::decode(envelope).unwrap(),
-            span: tracing::Span::none(),
-        })
-        .collect();
-    choreo::inbox::apply_batch(pool, h, &Default::default(), batch).await
-}
-
 /// Two instances apply batches side by side that hear the same orders in
 /// opposite orders (one order's next event can come before its last one is
 /// applied). Each batch locks its orders' rows first, in order id order, so
@@ -349,6 +332,7 @@ async fn batches_hearing_the_same_orders_in_opposite_orders_never_deadlock() {
     let h = OrderHandler {
         deadline: Duration::from_secs(30),
     };
+    let claims = choreo::barrier::Claims::new();
     for _ in 0..20 {
         let (a, b) = (place(&pool).await, place(&pool).await);
         let one = [event(a, reserved()), event(b, reserved())];
@@ -357,8 +341,8 @@ async fn batches_hearing_the_same_orders_in_opposite_orders_never_deadlock() {
             event(a, ev::ShippingScheduled::default()),
         ];
         let (one, other) = tokio::join!(
-            deliver_together(&pool, &h, &one),
-            deliver_together(&pool, &h, &other)
+            choreo::inbox::apply_as_batch(&pool, &h, &claims, &one),
+            choreo::inbox::apply_as_batch(&pool, &h, &claims, &other)
         );
         for outcomes in [one, other] {
             assert_eq!(
