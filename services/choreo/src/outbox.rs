@@ -40,6 +40,8 @@ impl std::fmt::Debug for Outbox {
 /// An outbox row as it was written (and as the relay reads it back).
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct Row {
+    /// Its place in the outbox (the relay publishes in seq order).
+    pub seq: i64,
     pub event_id: Uuid,
     pub subject: String,
     pub payload: Vec<u8>,
@@ -161,7 +163,8 @@ impl Outbox {
         tx: &mut PgConnection,
         envelope: &Envelope,
     ) -> Result<(), sqlx::Error> {
-        let row = Row {
+        let mut row = Row {
+            seq: 0,
             event_id: envelope.id(),
             subject: format!("{}.{}", self.subject_prefix, envelope.event_type),
             payload: envelope.encode_to_vec(),
@@ -169,24 +172,25 @@ impl Outbox {
         };
         // Without a publisher the relay publishes every row, woken at commit
         // by the NOTIFY. With one, nobody waits for it: no NOTIFY, which would
-        // serialize this commit with every other notifying one.
+        // serialize this commit with every other notifying one; the row's seq
+        // comes back, for marking it sent once it is published.
         let insert = if self.publisher.is_some() {
             "INSERT INTO choreo_outbox (event_id, subject, event_type, saga_id, payload, traceparent)
-             VALUES ($1, $2, $3, $4, $5, $6)"
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq"
         } else {
             "WITH written AS (
                  INSERT INTO choreo_outbox (event_id, subject, event_type, saga_id, payload, traceparent)
-                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING 1)
-             SELECT pg_notify('choreo_outbox', '') FROM written"
+                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq)
+             SELECT seq FROM written, pg_notify('choreo_outbox', '')"
         };
-        sqlx::query(insert)
+        row.seq = sqlx::query_scalar(insert)
             .bind(row.event_id)
             .bind(&row.subject)
             .bind(&envelope.event_type)
             .bind(&envelope.saga_id)
             .bind(&row.payload)
             .bind(&row.traceparent)
-            .execute(tx)
+            .fetch_one(tx)
             .await?;
         if let Some(publisher) = &self.publisher {
             let _ = WRITTEN.try_with(|written| written.borrow_mut().push((publisher.clone(), row)));
