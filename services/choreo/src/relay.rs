@@ -226,14 +226,34 @@ struct Sending {
     started: std::time::Instant,
 }
 
+/// Whether the client is not connected to NATS right now. Nothing is sent
+/// then: the client would keep the messages in its reconnect buffer and send
+/// them once NATS is back, after their PubAcks timed out, while the relay
+/// sends the same rows again. Each copy already stored makes the broker
+/// refuse the relay's atomic batch that holds it, and that batch goes again
+/// row by row, an fsync each.
+fn nats_away(js: &jetstream::Context) -> Option<String> {
+    let state = js.client().connection_state();
+    (state != async_nats::connection::State::Connected)
+        .then(|| format!("NATS is away ({state}); nothing sent"))
+}
+
 /// Sends `rows` in order, stopping at the first that cannot be sent.
 async fn send_rows(js: &jetstream::Context, rows: Vec<crate::outbox::Row>) -> Sending {
     let mut round = Published {
         attempted: rows.len(),
+        error: nats_away(js),
         ..Published::default()
     };
     let mut in_flight = Vec::with_capacity(rows.len());
     let started = std::time::Instant::now();
+    if round.error.is_some() {
+        return Sending {
+            round,
+            in_flight,
+            started,
+        };
+    }
     for row in rows {
         let message = PublishMessage::build()
             .headers(headers(&row, None))
@@ -267,10 +287,18 @@ async fn send_atomically(js: &jetstream::Context, rows: Vec<crate::outbox::Row>)
     }
     let mut round = Published {
         attempted: rows.len(),
+        error: nats_away(js),
         ..Published::default()
     };
     let mut in_flight = Vec::new();
     let started = std::time::Instant::now();
+    if round.error.is_some() {
+        return Sending {
+            round,
+            in_flight,
+            started,
+        };
+    }
     let client = js.client();
     let batch_id = Uuid::now_v7().to_string();
     let size = rows.len();

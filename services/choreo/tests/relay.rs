@@ -292,3 +292,64 @@ async fn on_a_stream_without_atomic_batches_the_relay_goes_row_by_row_and_setup_
         "provisioning allows atomic batches on a stream made without them"
     );
 }
+
+/// While NATS is away, a row published right after its commit is left to
+/// the relay: nothing of it waits in the client's reconnect buffer to reach
+/// the stream when NATS is back (where, already stored, it would make the
+/// broker refuse the relay's atomic batch that holds the same row, and that
+/// batch go again row by row, an fsync each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_committed_while_nats_is_away_are_left_to_the_relay_not_to_the_clients_buffer() {
+    let mut s = setup_own().await;
+    let (marks, acked) = tokio::sync::mpsc::unbounded_channel();
+    let shutdown = CancellationToken::new();
+    let marker = tokio::spawn(choreo::relay::mark_sent_in_batches(
+        s.pool.clone(),
+        acked,
+        Duration::from_millis(5),
+        shutdown.clone(),
+    ));
+    let outbox = s
+        .outbox()
+        .publishing_through(choreo::relay::Publisher::new(s.js.clone(), marks));
+    let connected =
+        |s: &Setup| s.js.client().connection_state() == async_nats::connection::State::Connected;
+
+    s.infra.nats.kill().unwrap();
+    eventually(
+        "the client sees NATS gone",
+        Duration::from_secs(10),
+        || async { !connected(&s) },
+    )
+    .await;
+    let (_, written) = choreo::outbox::capture(async {
+        let mut tx = s.pool.begin().await.unwrap();
+        for i in 0..20 {
+            outbox
+                .emit(&mut tx, &format!("saga-{i}"), None, &Ping { n: i })
+                .await
+                .unwrap();
+        }
+        tx.commit().await.unwrap();
+    })
+    .await;
+    written.publish().await;
+    s.infra.nats.restart().unwrap();
+    eventually("the client back", Duration::from_secs(30), || async {
+        connected(&s)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        s.stream_messages().await,
+        0,
+        "rows published while NATS was away reached the stream once it was back"
+    );
+    assert_eq!(s.unsent().await, 20);
+
+    s.relay_until_sent(s.relay(256), Duration::from_secs(30))
+        .await;
+    assert_eq!(s.stream_messages().await, 20);
+    shutdown.cancel();
+    marker.await.unwrap();
+}
