@@ -510,7 +510,8 @@ fn metric(text: &str, name: &str) -> f64 {
                 .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        // Not `sum()`: the sum of no floats is -0.0, printed "-0".
+        .fold(0.0, |total, value| total + value)
 }
 
 /// Mean commit-to-PubAck of each service so far, in ms.
