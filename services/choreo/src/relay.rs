@@ -108,7 +108,7 @@ pub struct Publisher {
 const MAX_PUBLISHES_IN_FLIGHT: usize = 512;
 
 impl Publisher {
-    /// A publisher on `js` whose acknowledged ids go to `marks`.
+    /// A publisher on `js` whose acknowledged rows' seqs go to `marks`.
     pub fn new(js: jetstream::Context, marks: tokio::sync::mpsc::UnboundedSender<i64>) -> Self {
         Publisher {
             js,
