@@ -167,32 +167,32 @@ pub async fn mark_sent_in_batches(
 ) {
     loop {
         let first = tokio::select! {
-            id = acked.recv() => id,
+            seq = acked.recv() => seq,
             _ = shutdown.cancelled() => None,
         };
-        let mut ids: Vec<i64> = first.into_iter().collect();
-        if ids.is_empty() {
+        let mut seqs: Vec<i64> = first.into_iter().collect();
+        if seqs.is_empty() {
             // Shut down: take what is queued without waiting.
-            while let Ok(id) = acked.try_recv() {
-                ids.push(id);
+            while let Ok(seq) = acked.try_recv() {
+                seqs.push(seq);
             }
-            mark(&pool, &ids).await;
+            mark(&pool, &seqs).await;
             return;
         }
         let until = tokio::time::Instant::now() + linger;
-        while ids.len() < 1000 {
+        while seqs.len() < 1000 {
             match tokio::time::timeout_at(until, acked.recv()).await {
-                Ok(Some(id)) => ids.push(id),
+                Ok(Some(seq)) => seqs.push(seq),
                 _ => break,
             }
         }
-        mark(&pool, &ids).await;
+        mark(&pool, &seqs).await;
     }
 }
 
-async fn mark(pool: &PgPool, ids: &[i64]) {
-    if let Err(e) = mark_rows_sent(pool, ids).await {
-        tracing::warn!(error = %e, rows = ids.len(), "marking published rows failed; the relay will send them again");
+async fn mark(pool: &PgPool, seqs: &[i64]) {
+    if let Err(e) = mark_rows_sent(pool, seqs).await {
+        tracing::warn!(error = %e, rows = seqs.len(), "marking published rows failed; the relay will send them again");
     }
 }
 
@@ -226,51 +226,25 @@ struct Sending {
     started: std::time::Instant,
 }
 
-/// Whether the client is not connected to NATS right now. Nothing is sent
-/// then: the client would keep the messages in its reconnect buffer and send
-/// them once NATS is back, after their PubAcks timed out, while the relay
-/// sends the same rows again. Each copy already stored makes the broker
-/// refuse the relay's atomic batch that holds it, and that batch goes again
-/// row by row, an fsync each.
-fn nats_away(js: &jetstream::Context) -> Option<String> {
-    let state = js.client().connection_state();
-    (state != async_nats::connection::State::Connected)
-        .then(|| format!("NATS is away ({state}); nothing sent"))
-}
-
 /// Sends `rows` in order, stopping at the first that cannot be sent.
 async fn send_rows(js: &jetstream::Context, rows: Vec<crate::outbox::Row>) -> Sending {
-    let mut round = Published {
-        attempted: rows.len(),
-        error: nats_away(js),
-        ..Published::default()
-    };
-    let mut in_flight = Vec::with_capacity(rows.len());
-    let started = std::time::Instant::now();
-    if round.error.is_some() {
-        return Sending {
-            round,
-            in_flight,
-            started,
-        };
+    let mut sending = Sending::begin(js, rows.len());
+    if sending.round.error.is_some() {
+        return sending;
     }
     for row in rows {
         let message = PublishMessage::build()
             .headers(headers(&row, None))
             .payload(row.payload.into());
         match js.send_publish(row.subject, message).await {
-            Ok(ack) => in_flight.push((vec![row.seq], ack)),
+            Ok(ack) => sending.in_flight.push((vec![row.seq], ack)),
             Err(e) => {
-                round.error = Some(e.to_string());
+                sending.round.error = Some(e.to_string());
                 break;
             }
         }
     }
-    Sending {
-        round,
-        in_flight,
-        started,
-    }
+    sending
 }
 
 /// Sends `rows` (at most [`MAX_ATOMIC_BATCH`]) in order as one atomic
@@ -285,26 +259,16 @@ async fn send_atomically(js: &jetstream::Context, rows: Vec<crate::outbox::Row>)
     if rows.len() < 2 {
         return send_rows(js, rows).await;
     }
-    let mut round = Published {
-        attempted: rows.len(),
-        error: nats_away(js),
-        ..Published::default()
-    };
-    let mut in_flight = Vec::new();
-    let started = std::time::Instant::now();
-    if round.error.is_some() {
-        return Sending {
-            round,
-            in_flight,
-            started,
-        };
+    let mut sending = Sending::begin(js, rows.len());
+    if sending.round.error.is_some() {
+        return sending;
     }
     let client = js.client();
     let batch_id = Uuid::now_v7().to_string();
     let size = rows.len();
-    let mut ids = Vec::with_capacity(size);
+    let mut seqs = Vec::with_capacity(size);
     for (i, row) in rows.into_iter().enumerate() {
-        ids.push(row.seq);
+        seqs.push(row.seq);
         let place = BatchPlace {
             batch_id: &batch_id,
             position: i + 1,
@@ -317,7 +281,7 @@ async fn send_atomically(js: &jetstream::Context, rows: Vec<crate::outbox::Row>)
                 .payload(row.payload.into());
             match js.send_publish(row.subject, message).await {
                 Ok(ack) => {
-                    in_flight.push((std::mem::take(&mut ids), ack));
+                    sending.in_flight.push((std::mem::take(&mut seqs), ack));
                     Ok(())
                 }
                 Err(e) => Err(e.to_string()),
@@ -329,15 +293,11 @@ async fn send_atomically(js: &jetstream::Context, rows: Vec<crate::outbox::Row>)
                 .map_err(|e| e.to_string())
         };
         if let Err(e) = sent {
-            round.error = Some(e);
+            sending.round.error = Some(e);
             break;
         }
     }
-    Sending {
-        round,
-        in_flight,
-        started,
-    }
+    sending
 }
 
 /// A row's place in an atomic batch.
@@ -379,6 +339,27 @@ fn error_code(error: &jetstream::context::PublishError) -> Option<ErrorCode> {
 }
 
 impl Sending {
+    /// Nothing sent yet of `attempted` rows; already failed if the client
+    /// is not connected to NATS right now. Nothing is to be sent then: the
+    /// client would keep the messages in its reconnect buffer and send them
+    /// once NATS is back, after their PubAcks timed out, while the relay
+    /// sends the same rows again. Each copy already stored makes the broker
+    /// refuse the relay's atomic batch that holds it, and that batch goes
+    /// again row by row, an fsync each.
+    fn begin(js: &jetstream::Context, attempted: usize) -> Sending {
+        let state = js.client().connection_state();
+        let away = state != async_nats::connection::State::Connected;
+        Sending {
+            round: Published {
+                attempted,
+                error: away.then(|| format!("NATS is away ({state}); nothing sent")),
+                ..Published::default()
+            },
+            in_flight: Vec::with_capacity(attempted),
+            started: std::time::Instant::now(),
+        }
+    }
+
     /// Awaits the PubAcks and reports which rows were acknowledged.
     async fn acknowledged(self) -> Published {
         let Sending {
