@@ -1293,8 +1293,8 @@ pub async fn drain(sys: &mut System, orders: usize, clients: usize) -> anyhow::R
     }
     let drain_seconds = back.elapsed().as_secs_f64();
     let order_metrics = sys.metrics("order").await?;
-    let atomic_batches = metric(&order_metrics, "saga_outbox_atomic_batches_total");
-    let atomic_batches_refused = metric(&order_metrics, "saga_outbox_atomic_batches_refused_total");
+    let atomic_batches = metric(&order_metrics, "saga_relay_atomic_batches_total");
+    let atomic_batches_refused = metric(&order_metrics, "saga_relay_atomic_batches_refused_total");
     let stream_taken = stream_messages(sys).await? - stream_at_start.unwrap_or_default();
     Ok(Drain {
         orders,
@@ -1313,7 +1313,7 @@ pub async fn drain(sys: &mut System, orders: usize, clients: usize) -> anyhow::R
 impl Drain {
     pub fn line(&self) -> String {
         format!(
-            "| drain: {} events queued while NATS was down (placed at {:.0}/s) | published at {:.0}/s once it was back ({:.2}x the producer), {:.1} s, while the stream took {:.0} messages/s from all services; order service RSS {:.0} MB -> peak {:.0} MB; its atomic batches (relay and publisher) {:.0} stored, {:.0} refused; unsent at each second: {} |",
+            "| drain: {} events queued while NATS was down (placed at {:.0}/s) | published at {:.0}/s once it was back ({:.2}x the producer), {:.1} s, while the stream took {:.0} messages/s from all services; order service RSS {:.0} MB -> peak {:.0} MB; its relay's atomic batches {:.0} stored, {:.0} refused; unsent at each second: {} |",
             self.orders,
             self.placed_per_sec,
             self.drained_per_sec,

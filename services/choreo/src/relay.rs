@@ -22,11 +22,6 @@
 //! several PubAcks in flight, where the duplicate window drops the copies;
 //! atomic batches go on after it.
 //!
-//! The publisher sends the rows of one transaction as one atomic batch too
-//! (nats-server fsyncs each plain publish on its own: a service applying a
-//! batch of events would otherwise cost the broker an fsync per event it
-//! emits, and the broker's one writer is what every other publish waits on).
-//!
 //! Only acknowledged rows are marked sent. A crash between PubAck and marking
 //! republishes, and JetStream's duplicate window (`Nats-Msg-Id` = event id)
 //! or, past it, the consumers' inbox drops the copy.
@@ -107,9 +102,6 @@ pub struct Publisher {
     /// PubAck timeout, so past this many the rows are left to the relay
     /// instead of piling up in memory.
     in_flight: Arc<tokio::sync::Semaphore>,
-    /// Whether a transaction's rows go as one atomic batch; cleared for
-    /// good when the stream says it does not allow them.
-    atomic: Arc<AtomicBool>,
 }
 
 /// Publishes right after commit that may wait on the broker at once.
@@ -122,7 +114,6 @@ impl Publisher {
             js,
             marks,
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)),
-            atomic: Arc::new(AtomicBool::new(true)),
         }
     }
 
@@ -140,12 +131,6 @@ impl Publisher {
     /// acknowledged, keeps a saga's events in order (one connection, one
     /// order into the stream) without holding the caller, a consumer lane,
     /// through the broker's fsync: the lane goes on to its next event.
-    ///
-    /// The rows of one transaction (a consumer batch's events) go as one
-    /// atomic batch, which the broker stores with one fsync instead of one
-    /// per row: a service that writes many rows at once, as while a backlog
-    /// drains, leaves the broker's disk to the others. A batch refused as a
-    /// whole is left to the relay, like any row not acknowledged.
     pub async fn publish(&self, rows: Vec<crate::outbox::Row>) {
         let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
             tracing::debug!(
@@ -154,28 +139,16 @@ impl Publisher {
             );
             return;
         };
-        let sending = if self.atomic.load(Ordering::Relaxed) {
-            send_in_atomic_batches(&self.js, rows).await
-        } else {
-            vec![send_rows(&self.js, rows).await]
-        };
-        let (marks, atomic) = (self.marks.clone(), self.atomic.clone());
+        let sending = send_rows(&self.js, rows).await;
+        let marks = self.marks.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            for sending in sending {
-                let round = sending.acknowledged().await;
-                if let Some(error) = &round.error {
-                    tracing::debug!(%error, "publishing after commit failed; the relay will send it");
-                }
-                if round.batch_refused == Some(ErrorCode::ATOMIC_PUBLISH_DISABLED) {
-                    tracing::warn!(
-                        "the stream does not allow atomic batches (allow_atomic): rows published after commit go one by one, an fsync each"
-                    );
-                    atomic.store(false, Ordering::Relaxed);
-                }
-                for seq in round.acked {
-                    let _ = marks.send(seq);
-                }
+            let round = sending.acknowledged().await;
+            if let Some(error) = &round.error {
+                tracing::debug!(%error, "publishing after commit failed; the relay will send it");
+            }
+            for seq in round.acked {
+                let _ = marks.send(seq);
             }
         });
     }
@@ -327,25 +300,6 @@ async fn send_atomically(js: &jetstream::Context, rows: Vec<crate::outbox::Row>)
     sending
 }
 
-/// Sends `rows` in order as atomic batches of at most [`MAX_ATOMIC_BATCH`],
-/// stopping at the first that cannot be sent.
-async fn send_in_atomic_batches(
-    js: &jetstream::Context,
-    mut rows: Vec<crate::outbox::Row>,
-) -> Vec<Sending> {
-    let mut sent = Vec::new();
-    while !rows.is_empty() {
-        let rest = rows.split_off(rows.len().min(MAX_ATOMIC_BATCH));
-        let sending = send_atomically(js, std::mem::replace(&mut rows, rest)).await;
-        let failed = sending.round.error.is_some();
-        sent.push(sending);
-        if failed {
-            break;
-        }
-    }
-    sent
-}
-
 /// A row's place in an atomic batch.
 #[derive(Clone, Copy)]
 struct BatchPlace<'a> {
@@ -417,7 +371,7 @@ impl Sending {
             match ack.await {
                 Ok(_) => {
                     if seqs.len() > 1 {
-                        metrics::counter!("saga_outbox_atomic_batches_total").increment(1);
+                        metrics::counter!("saga_relay_atomic_batches_total").increment(1);
                     }
                     let latency = started.elapsed().as_secs_f64();
                     for seq in seqs {
@@ -429,7 +383,7 @@ impl Sending {
                     if seqs.len() > 1 {
                         let code = error_code(&e);
                         if code.is_some() {
-                            metrics::counter!("saga_outbox_atomic_batches_refused_total")
+                            metrics::counter!("saga_relay_atomic_batches_refused_total")
                                 .increment(1);
                         }
                         round.batch_refused = round.batch_refused.or(code);

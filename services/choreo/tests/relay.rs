@@ -301,8 +301,17 @@ async fn on_a_stream_without_atomic_batches_the_relay_goes_row_by_row_and_setup_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_committed_while_nats_is_away_are_left_to_the_relay_not_to_the_clients_buffer() {
     let mut s = setup_own().await;
+    let (marks, acked) = tokio::sync::mpsc::unbounded_channel();
     let shutdown = CancellationToken::new();
-    let (outbox, marker) = s.publishing_outbox(&shutdown);
+    let marker = tokio::spawn(choreo::relay::mark_sent_in_batches(
+        s.pool.clone(),
+        acked,
+        Duration::from_millis(5),
+        shutdown.clone(),
+    ));
+    let outbox = s
+        .outbox()
+        .publishing_through(choreo::relay::Publisher::new(s.js.clone(), marks));
     let connected =
         |s: &Setup| s.js.client().connection_state() == async_nats::connection::State::Connected;
 
@@ -313,7 +322,18 @@ async fn rows_committed_while_nats_is_away_are_left_to_the_relay_not_to_the_clie
         || async { !connected(&s) },
     )
     .await;
-    s.emit_through(&outbox, 20).await;
+    let (_, written) = choreo::outbox::capture(async {
+        let mut tx = s.pool.begin().await.unwrap();
+        for i in 0..20 {
+            outbox
+                .emit(&mut tx, &format!("saga-{i}"), None, &Ping { n: i })
+                .await
+                .unwrap();
+        }
+        tx.commit().await.unwrap();
+    })
+    .await;
+    written.publish().await;
     s.infra.nats.restart().unwrap();
     eventually("the client back", Duration::from_secs(30), || async {
         connected(&s)
@@ -332,96 +352,4 @@ async fn rows_committed_while_nats_is_away_are_left_to_the_relay_not_to_the_clie
     assert_eq!(s.stream_messages().await, 20);
     shutdown.cancel();
     marker.await.unwrap();
-}
-
-/// The rows one transaction wrote go to the broker, right after its commit,
-/// as one atomic batch (one fsync for all of them), in the order written; a
-/// transaction's single row goes as a plain publish.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_transactions_rows_published_after_commit_go_as_one_atomic_batch_in_order() {
-    let s = setup().await;
-    let shutdown = CancellationToken::new();
-    let (outbox, marker) = s.publishing_outbox(&shutdown);
-    let many = s.emit_through(&outbox, 20).await;
-    let one = s.emit_through(&outbox, 1).await;
-    eventually(
-        "every row acknowledged and marked sent",
-        Duration::from_secs(30),
-        || async { s.unsent().await == 0 },
-    )
-    .await;
-    shutdown.cancel();
-    marker.await.unwrap();
-
-    let events = s.stream_events().await;
-    let ids: Vec<String> = events.iter().map(|(id, _)| id.clone()).collect();
-    let expected: Vec<String> = [many, one]
-        .concat()
-        .into_iter()
-        .map(|e| e.event_id)
-        .collect();
-    assert_eq!(ids, expected, "each row once, in the order written");
-    let batch = &events[0].1;
-    assert!(
-        batch.is_some(),
-        "the transaction's rows went as an atomic batch"
-    );
-    assert!(
-        events[..20].iter().all(|(_, b)| b == batch),
-        "all 20 in the same batch"
-    );
-    assert_eq!(events[20].1, None, "a single row goes as a plain publish");
-}
-
-/// On a stream made without atomic batches, the publisher's first batch is
-/// refused and left to the relay; from then on it publishes row by row.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_a_stream_without_atomic_batches_the_publisher_leaves_the_refused_batch_to_the_relay_then_goes_row_by_row()
- {
-    let mut s = setup().await;
-    s.config.stream = format!("{}N", s.config.stream);
-    s.config.subject_prefix = format!("{}n", s.config.subject_prefix);
-    s.js.create_stream(jetstream::stream::Config {
-        name: s.config.stream.clone(),
-        subjects: vec![s.config.all_events_subject()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let shutdown = CancellationToken::new();
-    let (outbox, marker) = s.publishing_outbox(&shutdown);
-    let refused = s.emit_through(&outbox, 10).await;
-    // The refusal comes back within milliseconds.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let then = s.emit_through(&outbox, 10).await;
-    eventually(
-        "the transaction after the refusal published row by row",
-        Duration::from_secs(30),
-        || async { s.stream_messages().await == 10 },
-    )
-    .await;
-    assert_eq!(
-        s.unsent().await,
-        10,
-        "the refused rows are left to the relay"
-    );
-
-    s.relay_until_sent(s.relay(16).row_by_row(), Duration::from_secs(30))
-        .await;
-    shutdown.cancel();
-    marker.await.unwrap();
-    let events = s.stream_events().await;
-    assert!(events.iter().all(|(_, batch)| batch.is_none()));
-    let mut ids: Vec<String> = events.into_iter().map(|(id, _)| id).collect();
-    let stored = ids.len();
-    ids.sort();
-    ids.dedup();
-    assert_eq!(ids.len(), stored, "each row once");
-    let mut expected: Vec<String> = [refused, then]
-        .concat()
-        .into_iter()
-        .map(|e| e.event_id)
-        .collect();
-    expected.sort();
-    assert_eq!(ids, expected, "every row in the stream");
 }

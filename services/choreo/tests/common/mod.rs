@@ -179,45 +179,6 @@ impl Setup {
         sent
     }
 
-    /// An outbox that publishes right after commit, and the task that marks
-    /// its acknowledged rows sent (until `shutdown`).
-    pub fn publishing_outbox(
-        &self,
-        shutdown: &CancellationToken,
-    ) -> (Outbox, tokio::task::JoinHandle<()>) {
-        let (marks, acked) = tokio::sync::mpsc::unbounded_channel();
-        let marker = tokio::spawn(choreo::relay::mark_sent_in_batches(
-            self.pool.clone(),
-            acked,
-            Duration::from_millis(5),
-            shutdown.clone(),
-        ));
-        let publisher = choreo::relay::Publisher::new(self.js.clone(), marks);
-        (self.outbox().publishing_through(publisher), marker)
-    }
-
-    /// Commits `n` ping events in one transaction through `outbox` and
-    /// publishes what it wrote once committed, as a service does.
-    pub async fn emit_through(&self, outbox: &Outbox, n: u32) -> Vec<Envelope> {
-        let (sent, written) = choreo::outbox::capture(async {
-            let mut tx = self.pool.begin().await.unwrap();
-            let mut sent = Vec::new();
-            for i in 0..n {
-                sent.push(
-                    outbox
-                        .emit(&mut tx, &format!("saga-{i}"), None, &Ping { n: i })
-                        .await
-                        .unwrap(),
-                );
-            }
-            tx.commit().await.unwrap();
-            sent
-        })
-        .await;
-        written.publish().await;
-        sent
-    }
-
     pub async fn stream_messages(&self) -> u64 {
         let mut stream = self.js.get_stream(&self.config.stream).await.unwrap();
         stream.info().await.unwrap().state.messages
