@@ -43,6 +43,8 @@ pub struct Row {
     /// Its place in the outbox (the relay publishes in seq order).
     pub seq: i64,
     pub event_id: Uuid,
+    /// The saga the event belongs to (the relay keeps a saga's events in order).
+    pub saga_id: String,
     pub subject: String,
     pub payload: Vec<u8>,
     pub traceparent: String,
@@ -166,6 +168,7 @@ impl Outbox {
         let mut row = Row {
             seq: 0,
             event_id: envelope.id(),
+            saga_id: envelope.saga_id.clone(),
             subject: format!("{}.{}", self.subject_prefix, envelope.event_type),
             payload: envelope.encode_to_vec(),
             traceparent: envelope.traceparent.clone(),
@@ -187,7 +190,7 @@ impl Outbox {
             .bind(row.event_id)
             .bind(&row.subject)
             .bind(&envelope.event_type)
-            .bind(&envelope.saga_id)
+            .bind(&row.saga_id)
             .bind(&row.payload)
             .bind(&row.traceparent)
             .fetch_one(tx)

@@ -14,18 +14,22 @@
 //!
 //! The relay sends each batch as one JetStream atomic batch (nats-server
 //! 2.12+, a stream with `allow_atomic`), which the broker stores with a few
-//! fsyncs instead of one per row. One atomic batch is with the broker at a
-//! time, and the previous one's rows are marked sent meanwhile: were a batch
-//! refused, a later one must not get into the stream first. A batch the
-//! broker refuses as a whole (one of its rows is in the stream already, or
-//! the stream does not allow atomic batches) goes again row by row, with
-//! several PubAcks in flight, where the duplicate window drops the copies;
-//! atomic batches go on after it.
+//! fsyncs instead of one per row. Up to [`ATOMIC_BATCHES_IN_FLIGHT`] atomic
+//! batches are with the broker at once (under load its PubAck for one takes
+//! hundreds of milliseconds, most of it waiting behind other publishes), and
+//! the acknowledged ones' rows are marked sent meanwhile. A batch goes while
+//! earlier ones are out only if it holds no event of their sagas: were one
+//! of those refused, its rows would go again after this batch's, and a
+//! saga's events must not pass each other. A batch the broker refuses as a
+//! whole (one of its rows is in the stream already, or the stream does not
+//! allow atomic batches) goes again row by row, with several PubAcks in
+//! flight, where the duplicate window drops the copies; atomic batches go
+//! on after it.
 //!
 //! Only acknowledged rows are marked sent. A crash between PubAck and marking
 //! republishes, and JetStream's duplicate window (`Nats-Msg-Id` = event id)
 //! or, past it, the consumers' inbox drops the copy.
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -48,6 +52,11 @@ const MAX_BATCHES_IN_A_RUN: u32 = 16;
 
 /// Batches a relay has sent whose PubAcks may still be coming.
 const BATCHES_IN_FLIGHT: usize = 4;
+
+/// Atomic batches a relay has sent whose PubAcks may still be coming.
+/// Measured on a drain of 30,000 rows with the other services busy: 1 in
+/// flight published 1713-2545 rows/s, 2 gave 2572-4910, 4 gave 4199-5619.
+const ATOMIC_BATCHES_IN_FLIGHT: usize = 4;
 
 /// The most messages nats-server takes in one atomic batch.
 const MAX_ATOMIC_BATCH: usize = 1000;
@@ -486,10 +495,10 @@ impl Relay {
             wakeup.listen().await;
         }
         let mut backoff = Duration::from_millis(100);
-        // Batches sent whose PubAcks are still to come: while they come
-        // the next batch is read and sent, so reading and marking in
-        // PostgreSQL overlap the broker's fsyncs.
-        let mut in_flight: VecDeque<Sending> = VecDeque::new();
+        // Batches sent whose PubAcks are still to come, each with the sagas
+        // of its rows: while they come the next batch is read and sent, so
+        // reading and marking in PostgreSQL overlap the broker's work.
+        let mut in_flight: VecDeque<(Sending, HashSet<String>)> = VecDeque::new();
         // This run reads past seq `after`; 0: a new run, from the first unsent row.
         let mut after = 0;
         let mut batches_in_run = 0;
@@ -514,13 +523,35 @@ impl Relay {
             let full = rows.len() as i64 >= self.batch_size();
             let last = rows.last().map_or(after, |row| row.seq);
             let (mut error, mut refused) = (None, None);
-            // An atomic batch is sent only once the one before it is in the
-            // stream: were that refused, this one must not get in first. Its
-            // rows are marked sent while the next batch is with the broker.
+            let sagas: HashSet<String> = if row_by_row {
+                HashSet::new()
+            } else {
+                rows.iter().map(|row| row.saga_id.clone()).collect()
+            };
+            // An atomic batch goes only once every earlier one that holds an
+            // event of its sagas is in the stream (were that refused, this
+            // one must not get in first), and while fewer than
+            // ATOMIC_BATCHES_IN_FLIGHT are out. The rows of those awaited
+            // are marked sent while this batch is with the broker.
             let mut acked_before = Vec::new();
-            if !row_by_row && let Some(earlier) = in_flight.pop_front() {
-                let round = self.acknowledged(earlier).await;
-                (error, refused, acked_before) = (round.error, round.batch_refused, round.acked);
+            if !row_by_row {
+                let sharing = in_flight
+                    .iter()
+                    .rposition(|(_, earlier)| !earlier.is_disjoint(&sagas))
+                    .map_or(0, |i| i + 1);
+                let over = (in_flight.len() + 1).saturating_sub(ATOMIC_BATCHES_IN_FLIGHT);
+                for _ in 0..sharing.max(over) {
+                    let Some((earlier, _)) = in_flight.pop_front() else {
+                        break;
+                    };
+                    let round = self.acknowledged(earlier).await;
+                    acked_before.extend(round.acked);
+                    refused = refused.or(round.batch_refused);
+                    if round.error.is_some() {
+                        error = round.error;
+                        break;
+                    }
+                }
             }
             if error.is_none() {
                 let sending = if row_by_row {
@@ -529,7 +560,7 @@ impl Relay {
                     send_atomically(&self.js, rows).await
                 };
                 error = sending.round.error.clone();
-                in_flight.push_back(sending);
+                in_flight.push_back((sending, sagas));
             }
             self.mark_sent(conn, &acked_before).await?;
             let go_on = full && error.is_none() && batches_in_run < batches_this_run;
@@ -537,10 +568,10 @@ impl Relay {
             let keep = match (go_on, row_by_row) {
                 (false, _) => 0,
                 (true, true) => BATCHES_IN_FLIGHT - 1,
-                (true, false) => 1,
+                (true, false) => ATOMIC_BATCHES_IN_FLIGHT,
             };
             while in_flight.len() > keep {
-                let Some(earlier) = in_flight.pop_front() else {
+                let Some((earlier, _)) = in_flight.pop_front() else {
                     break;
                 };
                 let round = self.settle(conn, earlier).await?;
@@ -551,7 +582,7 @@ impl Relay {
             }
             after = if go_on && error.is_none() { last } else { 0 };
             if let Some(error) = error {
-                for earlier in in_flight.drain(..) {
+                for (earlier, _) in in_flight.drain(..) {
                     let round = self.settle(conn, earlier).await?;
                     refused = refused.or(round.batch_refused);
                 }
@@ -590,7 +621,7 @@ impl Relay {
                 }
             }
         }
-        for earlier in in_flight {
+        for (earlier, _) in in_flight {
             self.settle(conn, earlier).await?;
         }
         Ok(())
@@ -610,7 +641,7 @@ impl Relay {
         after: i64,
     ) -> Result<Vec<crate::outbox::Row>, sqlx::Error> {
         sqlx::query_as(
-            "SELECT seq, event_id, subject, payload, traceparent FROM choreo_outbox
+            "SELECT seq, event_id, saga_id, subject, payload, traceparent FROM choreo_outbox
              WHERE sent_at IS NULL AND seq > $3 AND created_at <= now() - make_interval(secs => $2)
              ORDER BY seq LIMIT $1",
         )

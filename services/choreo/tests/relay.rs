@@ -262,6 +262,43 @@ async fn a_backlog_partly_in_the_stream_already_goes_once_in_order_row_by_row_wh
     );
 }
 
+/// Atomic batches that share no saga are with the broker together: one
+/// refused goes again row by row after the later ones got in, which no
+/// saga's order minds. (Batches that share a saga wait for each other: in
+/// the test above every batch holds events of the same seven sagas, and the
+/// stream keeps outbox order.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn atomic_batches_of_other_sagas_are_out_together_and_a_refused_one_follows_them() {
+    let s = setup().await;
+    let first = s.emit_with(1, |i| format!("first-{i}")).await;
+    // A relay that crashed after its PubAck: the first row stored, not marked sent.
+    let crashed = s.relay(256).row_by_row();
+    let mut conn = s.pool.acquire().await.unwrap();
+    assert_eq!(crashed.publish(&mut conn).await.unwrap().acked.len(), 1);
+    drop(conn);
+    let rest = s.emit_with(63, |i| format!("rest-{i}")).await;
+
+    s.relay_until_sent(s.relay(16), Duration::from_secs(30))
+        .await;
+    let ids: Vec<String> = s
+        .stream_events()
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    // Batch 1 (the stored row and 15 more) was refused while batches 2-4
+    // were out; they got in, and then batch 1 went row by row.
+    let expected: Vec<String> = [&first[..], &rest[15..], &rest[..15]]
+        .concat()
+        .into_iter()
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(
+        ids, expected,
+        "each row once, the refused batch after those out with it"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_stream_without_atomic_batches_the_relay_goes_row_by_row_and_setup_allows_them() {
     let mut s = setup().await;

@@ -162,15 +162,20 @@ impl Setup {
         task.await.unwrap();
     }
 
-    /// Commits `n` ping events in one transaction.
+    /// Commits `n` ping events of seven sagas in one transaction.
     pub async fn emit(&self, n: u32) -> Vec<Envelope> {
+        self.emit_with(n, |i| format!("saga-{}", i % 7)).await
+    }
+
+    /// Commits `n` ping events in one transaction, the `i`th of saga `saga(i)`.
+    pub async fn emit_with(&self, n: u32, saga: impl Fn(u32) -> String) -> Vec<Envelope> {
         let outbox = self.outbox();
         let mut tx = self.pool.begin().await.unwrap();
         let mut sent = Vec::new();
         for i in 0..n {
             sent.push(
                 outbox
-                    .emit(&mut tx, &format!("saga-{}", i % 7), None, &Ping { n: i })
+                    .emit(&mut tx, &saga(i), None, &Ping { n: i })
                     .await
                     .unwrap(),
             );
