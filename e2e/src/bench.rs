@@ -123,6 +123,65 @@ pub struct ClosedLoop {
     /// Sagas ended in each second of the run.
     pub per_second: Vec<u32>,
     pub cost: Cost,
+    /// Where the whole machine's CPU time went while the clients ran.
+    pub machine: MachineCpu,
+}
+
+/// The whole machine's CPU time over a run, in % of all cores' time (from
+/// `/proc/stat`): what no process's own CPU shows (interrupt work such as
+/// loopback networking, time taken by the hypervisor) and how much was idle.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MachineCpu {
+    pub user_percent: f64,
+    pub system_percent: f64,
+    /// Hard and soft interrupts: on one machine, mostly loopback networking.
+    pub interrupts_percent: f64,
+    pub iowait_percent: f64,
+    /// Time the hypervisor gave to other guests: a noisy neighbour.
+    pub steal_percent: f64,
+    pub idle_percent: f64,
+}
+
+impl MachineCpu {
+    /// The machine's CPU ticks so far: user, nice, system, idle, iowait,
+    /// irq, softirq, steal (empty where there is no `/proc/stat`).
+    fn ticks() -> Vec<u64> {
+        std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().find(|l| l.starts_with("cpu "))?.to_owned();
+                Some(
+                    line.split_whitespace()
+                        .skip(1)
+                        .take(8)
+                        .filter_map(|f| f.parse().ok())
+                        .collect(),
+                )
+            })
+            .unwrap_or_default()
+    }
+
+    fn between(before: &[u64], after: &[u64]) -> Self {
+        if before.len() < 8 || after.len() < 8 {
+            return MachineCpu::default();
+        }
+        let d: Vec<f64> = (0..8)
+            .map(|i| after[i].saturating_sub(before[i]) as f64)
+            .collect();
+        let total: f64 = d.iter().sum();
+        if total == 0.0 {
+            return MachineCpu::default();
+        }
+        let pct = |ticks: f64| ticks * 100.0 / total;
+        MachineCpu {
+            user_percent: pct(d[0] + d[1]),
+            system_percent: pct(d[2]),
+            idle_percent: pct(d[3]),
+            iowait_percent: pct(d[4]),
+            interrupts_percent: pct(d[5] + d[6]),
+            steal_percent: pct(d[7]),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -385,6 +444,7 @@ async fn closed_loop(
     tokio::time::sleep(STATS_FLUSH).await;
     let before = Counters::read(sys).await?;
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let machine_before = MachineCpu::ticks();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..settings.clients {
@@ -409,6 +469,7 @@ async fn closed_loop(
     for task in tasks {
         ids.extend(task.await??);
     }
+    let machine = MachineCpu::between(&machine_before, &MachineCpu::ticks());
     let last_end = ids
         .iter()
         .filter_map(|id| watcher.ended_at(id))
@@ -435,6 +496,7 @@ async fn closed_loop(
         latency: Percentiles::default(),
         per_second,
         cost,
+        machine,
     };
     Ok((run, ids))
 }
@@ -1045,6 +1107,19 @@ impl Report {
                 .collect::<Vec<_>>()
                 .join("; "),
         );
+        let m = &self.spread.machine;
+        row(
+            "the machine's CPU while the spread clients ran (all cores)",
+            format!(
+                "user {:.0}%, system {:.0}%, interrupts {:.0}% (loopback networking: in no process above), iowait {:.0}%, stolen by the hypervisor {:.0}%, idle {:.0}%",
+                m.user_percent,
+                m.system_percent,
+                m.interrupts_percent,
+                m.iowait_percent,
+                m.steal_percent,
+                m.idle_percent
+            ),
+        );
         row(
             "per hop (spread): commit -> PubAck mean; trigger -> reaction p50 / p99",
             self.hops
@@ -1354,4 +1429,27 @@ async fn unsent(db: &mut PgConnection) -> anyhow::Result<i64> {
             .fetch_one(db)
             .await?,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MachineCpu;
+
+    #[test]
+    fn the_machine_split_is_each_kind_of_tick_over_all_of_them() {
+        // user nice system idle iowait irq softirq steal
+        let before = [100, 0, 50, 1000, 10, 0, 5, 0];
+        let after = [140, 10, 70, 1010, 15, 2, 13, 5];
+        let m = MachineCpu::between(&before, &after);
+        assert_eq!(m.user_percent, 50.0);
+        assert_eq!(m.system_percent, 20.0);
+        assert_eq!(m.idle_percent, 10.0);
+        assert_eq!(m.iowait_percent, 5.0);
+        assert_eq!(m.interrupts_percent, 10.0);
+        assert_eq!(m.steal_percent, 5.0);
+        assert!(
+            MachineCpu::ticks().len() == 8,
+            "this machine has /proc/stat"
+        );
+    }
 }
