@@ -149,7 +149,7 @@ impl MachineCpu {
         std::fs::read_to_string("/proc/stat")
             .ok()
             .and_then(|s| {
-                let line = s.lines().find(|l| l.starts_with("cpu "))?.to_owned();
+                let line = s.lines().find(|l| l.starts_with("cpu "))?;
                 Some(
                     line.split_whitespace()
                         .skip(1)
