@@ -42,6 +42,21 @@ pub async fn system(options: Options) -> System {
 }
 
 /// A fresh idempotency key.
+/// Runs `work` (a command that starts a [`System`]) until it ends or
+/// Ctrl-C / SIGTERM arrives; then drops it, and with it its system, so the
+/// servers it started stop too. PostgreSQL runs in a session of its own
+/// (`pg_ctl`) and would outlive a process that just died.
+pub async fn until_signal<T>(
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(choreo::runtime::cancel_on_signal(stop.clone()));
+    tokio::select! {
+        result = work => result,
+        _ = stop.cancelled() => anyhow::bail!("interrupted; the servers it started are stopped"),
+    }
+}
+
 pub fn new_key() -> String {
     uuid::Uuid::new_v4().to_string()
 }

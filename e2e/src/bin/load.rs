@@ -57,7 +57,10 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    e2e::until_signal(bench(Args::parse())).await
+}
+
+async fn bench(args: Args) -> anyhow::Result<()> {
     let mut sys = System::start(Options {
         log: "warn".into(),
         relaxed_fsync: args.relaxed_fsync,
