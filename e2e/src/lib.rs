@@ -41,7 +41,6 @@ pub async fn system(options: Options) -> System {
     System::start(options).await.expect("system starts")
 }
 
-/// A fresh idempotency key.
 /// Runs `work` (a command that starts a [`System`]) until it ends or
 /// Ctrl-C / SIGTERM arrives; then drops it, and with it its system, so the
 /// servers it started stop too. PostgreSQL runs in a session of its own
@@ -57,6 +56,7 @@ pub async fn until_signal<T>(
     }
 }
 
+/// A fresh idempotency key.
 pub fn new_key() -> String {
     uuid::Uuid::new_v4().to_string()
 }
