@@ -32,6 +32,10 @@ pub struct Profile {
     /// NATS as a 3-node cluster, and node faults (leader kills, node kills,
     /// a node cut off) instead of the single-server faults.
     pub cluster: bool,
+    /// Instances of each service for the whole run, sharing its database,
+    /// durable consumer and network links. A kill fault kills the first
+    /// instance; the others carry on.
+    pub instances: usize,
 }
 
 impl Profile {
@@ -45,6 +49,7 @@ impl Profile {
             quiet_timeout: Duration::from_secs(180),
             order_deadline_secs: 20,
             cluster: false,
+            instances: 1,
         }
     }
 
@@ -58,6 +63,7 @@ impl Profile {
             quiet_timeout: Duration::from_secs(180),
             order_deadline_secs: 30,
             cluster: true,
+            instances: 1,
         }
     }
 
@@ -82,10 +88,12 @@ impl Profile {
             quiet_timeout: Duration::from_secs(300),
             order_deadline_secs: 30,
             cluster: false,
+            instances: 1,
         }
     }
 
-    /// `CHAOS_PROFILE` (short, long, cluster or cluster-long), `CHAOS_SEED` (else a fresh one) and `CHAOS_ORDERS`.
+    /// `CHAOS_PROFILE` (short, long, cluster or cluster-long), `CHAOS_SEED`
+    /// (else a fresh one), `CHAOS_ORDERS` and `CHAOS_INSTANCES` (of each service).
     pub fn from_env() -> Self {
         let seed = std::env::var("CHAOS_SEED")
             .ok()
@@ -102,6 +110,12 @@ impl Profile {
             .and_then(|s| s.parse().ok())
         {
             profile.orders = orders;
+        }
+        if let Some(instances) = std::env::var("CHAOS_INSTANCES")
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
+            profile.instances = instances;
         }
         profile
     }
@@ -646,6 +660,8 @@ pub struct Report {
     pub profile: String,
     pub seed: u64,
     pub orders: usize,
+    /// Instances of each service that ran throughout.
+    pub instances: usize,
     pub faults: BTreeMap<&'static str, usize>,
     pub outcomes: BTreeMap<(String, String), usize>,
     pub redeliveries: usize,
@@ -668,6 +684,13 @@ impl fmt::Display for Report {
         writeln!(f, "chaos run: profile {}, seed {}", self.profile, self.seed)?;
         writeln!(f, "  replay with CHAOS_SEED={}", self.seed)?;
         writeln!(f, "  orders: {}", self.orders)?;
+        if self.instances > 1 {
+            writeln!(
+                f,
+                "  instances of each service: {} throughout (kills hit the first)",
+                self.instances
+            )?;
+        }
         writeln!(f, "  faults injected:")?;
         for (kind, n) in &self.faults {
             writeln!(f, "    {kind:<28} {n}")?;
@@ -715,6 +738,14 @@ impl fmt::Display for Report {
     }
 }
 
+fn exited_by_itself(instance: &ServiceProcess) -> String {
+    format!(
+        "an extra instance of {} exited by itself (see {})",
+        instance.name(),
+        instance.log().display()
+    )
+}
+
 /// Runs a whole chaos profile and returns its report (violations included).
 pub async fn run(profile: Profile) -> anyhow::Result<Report> {
     let started_run = Instant::now();
@@ -735,6 +766,12 @@ pub async fn run(profile: Profile) -> anyhow::Result<Report> {
     for (sku, units) in INITIAL_STOCK {
         sys.set_stock(sku, units).await?;
     }
+    let mut standing = Vec::new();
+    for _ in 1..profile.instances {
+        for service in SERVICES {
+            standing.push(tokio::task::block_in_place(|| sys.twin(service))?);
+        }
+    }
 
     let started = Instant::now();
     let give_up = profile.fault_window + Duration::from_secs(120);
@@ -747,6 +784,7 @@ pub async fn run(profile: Profile) -> anyhow::Result<Report> {
         profile: profile.name.into(),
         seed: profile.seed,
         orders: profile.orders,
+        instances: profile.instances,
         ..Report::default()
     };
     let stop_sampling = tokio_util::sync::CancellationToken::new();
@@ -774,10 +812,9 @@ pub async fn run(profile: Profile) -> anyhow::Result<Report> {
         fault_times.push((Instant::now(), fault.kind()));
         inject(&mut sys, &fault, &mut twins).await?;
         *report.faults.entry(fault.kind()).or_default() += 1;
-        let mut died = Vec::new();
         twins.retain_mut(|(twin, until)| {
             if !twin.is_running() {
-                died.push(twin.name().to_owned());
+                report.violations.push(exited_by_itself(twin));
                 return false;
             }
             if Instant::now() < *until {
@@ -786,18 +823,10 @@ pub async fn run(profile: Profile) -> anyhow::Result<Report> {
             let _ = twin.kill();
             false
         });
-        for name in died {
-            report.violations.push(format!(
-                "second instance of {name} exited by itself (see {name}-twin.log)"
-            ));
-        }
     }
     for (twin, _) in &mut twins {
         if !twin.is_running() {
-            report.violations.push(format!(
-                "second instance of {} exited by itself",
-                twin.name()
-            ));
+            report.violations.push(exited_by_itself(twin));
         }
         twin.kill()?;
     }
@@ -822,6 +851,12 @@ pub async fn run(profile: Profile) -> anyhow::Result<Report> {
         .count();
     report.longest_stall = longest_stall(&samples, &fault_times);
     check(&sys, &databases, &placed, &mut report).await?;
+    for instance in &mut standing {
+        if !instance.is_running() {
+            report.violations.push(exited_by_itself(instance));
+        }
+        instance.kill()?;
+    }
     report.run_time = started_run.elapsed();
     let logs = count_in_logs(&sys.logs);
     report.redeliveries = logs.redeliveries;

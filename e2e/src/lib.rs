@@ -550,12 +550,17 @@ impl System {
             .iter()
             .find(|p| p.name() == name)
             .ok_or_else(|| anyhow::anyhow!("no service {name}"))?;
+        // Each instance its own log: `name-twin-1.log`, `name-twin-2.log`...
+        let log = (1..)
+            .map(|n| self.logs.join(format!("{name}-twin-{n}.log")))
+            .find(|log| !log.exists())
+            .expect("an unused log name");
         first.twin(
             &[
                 ("GRPC_ADDR", format!("127.0.0.1:{}", free_port())),
                 ("METRICS_ADDR", format!("127.0.0.1:{}", free_port())),
             ],
-            self.logs.join(format!("{name}-twin.log")),
+            log,
         )
     }
 

@@ -66,6 +66,11 @@ impl ServiceProcess {
         &self.name
     }
 
+    /// Where its output goes.
+    pub fn log(&self) -> &std::path::Path {
+        &self.log
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
