@@ -200,6 +200,9 @@ pub struct Report {
     pub nats: String,
     pub settings: String,
     pub limit_commits_per_sec: f64,
+    /// C measured again once every other measurement is done: on a shared
+    /// machine its speed can move during a run, and the two show by how much.
+    pub limit_at_end_commits_per_sec: f64,
     pub spread: ClosedLoop,
     pub hot: ClosedLoop,
     pub hot_oversold: bool,
@@ -382,6 +385,14 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
 
+    eprintln!("bench: measuring C again...");
+    let limit_at_end = commit_limit(
+        &sys.infra.postgres,
+        settings.limit_clients,
+        settings.limit_secs,
+    )
+    .await?;
+
     // Everything is counted; now the order database may be read.
     let mut order_db = PgConnection::connect(&sys.databases[0]).await?;
     let open_loop = Percentiles::of(completion_ms(&mut order_db, &open_ids).await?);
@@ -403,6 +414,7 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
         nats: nats_description(sys),
         settings: format!("{settings:?}"),
         limit_commits_per_sec: limit,
+        limit_at_end_commits_per_sec: limit_at_end,
         spread,
         hot,
         hot_oversold,
@@ -953,6 +965,15 @@ async fn commit_limit(
     Ok(commits as f64 / secs)
 }
 
+/// How far `end` is from `start`, in percent of `start`.
+fn drift_percent(start: f64, end: f64) -> f64 {
+    if start > 0.0 {
+        (end - start) / start * 100.0
+    } else {
+        0.0
+    }
+}
+
 fn admin_url(postgres: &harness::Postgres) -> String {
     postgres.database_url("postgres")
 }
@@ -1027,6 +1048,17 @@ impl Report {
         row(
             "C: saga-step commits/s of this PostgreSQL",
             format!("{:.0}", self.limit_commits_per_sec),
+        );
+        row(
+            "C again at the end (how far the machine's speed moved)",
+            format!(
+                "{:.0} ({:+.0}%)",
+                self.limit_at_end_commits_per_sec,
+                drift_percent(
+                    self.limit_commits_per_sec,
+                    self.limit_at_end_commits_per_sec
+                )
+            ),
         );
         for run in [&self.spread, &self.hot] {
             row(
@@ -1433,7 +1465,14 @@ async fn unsent(db: &mut PgConnection) -> anyhow::Result<i64> {
 
 #[cfg(test)]
 mod tests {
-    use super::MachineCpu;
+    use super::{MachineCpu, drift_percent};
+
+    #[test]
+    fn the_drift_of_c_is_its_change_in_percent_of_the_first_figure() {
+        assert_eq!(drift_percent(4000.0, 3000.0), -25.0);
+        assert_eq!(drift_percent(2000.0, 2500.0), 25.0);
+        assert_eq!(drift_percent(0.0, 2500.0), 0.0);
+    }
 
     #[test]
     fn the_machine_split_is_each_kind_of_tick_over_all_of_them() {
