@@ -690,15 +690,19 @@ impl Counters {
 /// (the postmaster with its backends: their CPU summed, their private memory
 /// summed plus the shared memory once).
 fn process_use(sys: &System) -> Vec<(String, f64, f64)> {
-    let mut found = Vec::new();
-    for process in &sys.processes {
+    let mut found: Vec<(String, f64, f64)> = Vec::new();
+    // A service's instances together: their CPU summed, the largest peak RSS.
+    for process in sys.processes.iter().chain(&sys.extra_instances) {
         if let Some(pid) = process.pid() {
             let (cpu, _) = cpu_of(pid);
-            found.push((
-                process.name().to_owned(),
-                cpu,
-                status_kb(pid, "VmHWM") / 1024.0,
-            ));
+            let rss = status_kb(pid, "VmHWM") / 1024.0;
+            match found.iter_mut().find(|f| f.0 == process.name()) {
+                Some(service) => {
+                    service.1 += cpu;
+                    service.2 = service.2.max(rss);
+                }
+                None => found.push((process.name().to_owned(), cpu, rss)),
+            }
         }
     }
     if let Some(pid) = sys.infra.nats.pid() {
@@ -1127,7 +1131,7 @@ impl Report {
             ),
         );
         row(
-            "CPU ms per saga, peak RSS (spread)",
+            "CPU ms per saga, peak RSS (spread; a service's instances together, the largest RSS)",
             cost.processes
                 .iter()
                 .map(|p| {

@@ -766,12 +766,7 @@ pub async fn run(profile: Profile) -> anyhow::Result<Report> {
     for (sku, units) in INITIAL_STOCK {
         sys.set_stock(sku, units).await?;
     }
-    let mut standing = Vec::new();
-    for _ in 1..profile.instances {
-        for service in SERVICES {
-            standing.push(tokio::task::block_in_place(|| sys.twin(service))?);
-        }
-    }
+    tokio::task::block_in_place(|| sys.scale_to(profile.instances))?;
 
     let started = Instant::now();
     let give_up = profile.fault_window + Duration::from_secs(120);
@@ -851,7 +846,7 @@ pub async fn run(profile: Profile) -> anyhow::Result<Report> {
         .count();
     report.longest_stall = longest_stall(&samples, &fault_times);
     check(&sys, &databases, &placed, &mut report).await?;
-    for instance in &mut standing {
+    for instance in &mut sys.extra_instances {
         if !instance.is_running() {
             report.violations.push(exited_by_itself(instance));
         }

@@ -129,6 +129,9 @@ pub struct System {
     /// Service logs, kept after the run (printed when a test fails).
     pub logs: PathBuf,
     pub processes: Vec<ServiceProcess>,
+    /// More instances of the services, started by [`System::scale_to`]; they
+    /// run until the system is dropped or scaled back.
+    pub extra_instances: Vec<ServiceProcess>,
     pub ports: Vec<u16>,
     /// JetStream stream of this run (STREAM).
     pub stream: String,
@@ -474,6 +477,7 @@ impl System {
             infra,
             logs,
             processes,
+            extra_instances: Vec::new(),
             ports,
             metrics_ports,
             stream,
@@ -562,6 +566,19 @@ impl System {
             ],
             log,
         )
+    }
+
+    /// Runs `instances` instances of every service: starts [`System::twin`]s
+    /// beside the first ones (or stops the extra ones, for 1).
+    pub fn scale_to(&mut self, instances: usize) -> anyhow::Result<()> {
+        self.extra_instances.clear();
+        for _ in 1..instances {
+            for service in SERVICES {
+                let twin = self.twin(service)?;
+                self.extra_instances.push(twin);
+            }
+        }
+        Ok(())
     }
 
     /// The Prometheus text of service `name`'s metrics endpoint.

@@ -70,12 +70,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     })
     .await?;
     // The extra instances run until the end of the benchmark.
-    let mut twins = Vec::new();
-    for _ in 1..args.instances {
-        for service in e2e::SERVICES {
-            twins.push(sys.twin(service)?);
-        }
-    }
+    sys.scale_to(args.instances)?;
     eprintln!(
         "load: {} instance(s) of each service; binaries in {}, on {}",
         args.instances,
@@ -99,7 +94,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     .await?;
     println!("{}", report.table());
     if args.drain > 0 {
-        drop(twins);
+        sys.scale_to(1)?;
         let drained = e2e::bench::drain(&mut sys, args.drain, args.clients).await?;
         println!("{}", drained.line());
         std::fs::create_dir_all(&args.out)?;
