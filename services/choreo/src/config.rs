@@ -51,8 +51,9 @@ pub struct Config {
     pub consumer_batch: usize,
     /// Lanes of a service whose events are applied in batches (instead of
     /// CONSUMER_LANES): few, so that what arrives while a lane commits
-    /// queues behind it and goes into its next transaction.
-    #[arg(long, env = "CONSUMER_BATCH_LANES", default_value_t = 4)]
+    /// queues behind it and goes into its next transaction. One measured
+    /// fastest on two cores (docs/bench/round-2026-12-03-f.md).
+    #[arg(long, env = "CONSUMER_BATCH_LANES", default_value_t = 1)]
     pub consumer_batch_lanes: usize,
     /// Messages delivered and not yet acknowledged, at most.
     #[arg(long, env = "MAX_ACK_PENDING", default_value_t = 512)]

@@ -12,8 +12,9 @@
 //! 3. decode the payload once into the handler's typed event; an unknown
 //!    version or unreadable payload is parked with the reason;
 //! 4. run the [`crate::inbox`] step (dedup, effects, commit) and ack only after
-//!    the commit. Any other error is retried in the lane with backoff, then
-//!    nak'ed with a delay for redelivery.
+//!    the commit. Any other error is retried in the lane with backoff (on
+//!    the event's first delivery only), then nak'ed with a delay for
+//!    redelivery.
 //!
 //! A lane that is busy gathers what queues behind it: the next time it takes
 //! all of it (up to the batch size), and step 4 runs for those events in one
@@ -345,8 +346,13 @@ impl<H: Handler> Consumer<H> {
             span,
         } = event;
         async {
+            // A redelivered event already had its tries in a lane (or its
+            // service died under it): it gets one, and then JetStream's
+            // delayed redelivery spaces the next ones, so an event that
+            // keeps failing never holds its lane's other sagas for long.
+            let attempts = if delivered > 1 { 1 } else { IN_LANE_ATTEMPTS };
             let mut backoff = Duration::from_millis(50);
-            for attempt in 1..=IN_LANE_ATTEMPTS {
+            for attempt in 1..=attempts {
                 match apply_decoded(
                     &self.pool,
                     self.handler.as_ref(),
@@ -369,7 +375,7 @@ impl<H: Handler> Consumer<H> {
                         self.stats.retries.fetch_add(1, Ordering::Relaxed);
                         handled(&envelope, "retried");
                         tracing::warn!(error = %e, attempt, "handling failed; will retry");
-                        if attempt == IN_LANE_ATTEMPTS || shutdown.is_cancelled() {
+                        if attempt == attempts || shutdown.is_cancelled() {
                             self.report_if_stuck(&envelope, delivered, &e).await;
                             break;
                         }
