@@ -391,3 +391,124 @@ async fn a_two_step_choreography_of_its_own_runs_forward_and_compensates_in_reve
     hotels.await.unwrap().unwrap();
     cars.await.unwrap().unwrap();
 }
+
+/// Every try at holding a hotel "nowhere", counted.
+static TRIES_FOR_NOWHERE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Holds a hotel anywhere but "nowhere", where its database call always fails.
+struct FailingHotels {
+    hotels: Hotels,
+}
+
+#[async_trait::async_trait]
+impl Handler for FailingHotels {
+    type Event = TripEvent;
+
+    async fn handle(
+        &self,
+        tx: &mut Tx,
+        envelope: &Envelope,
+        event: TripEvent,
+    ) -> Result<(), HandleError> {
+        if let TripEvent::TripBooked(trip) = &event
+            && trip.destination == "nowhere"
+        {
+            TRIES_FOR_NOWHERE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(HandleError::Transient("the hotel desk is down".into()));
+        }
+        self.hotels.handle(tx, envelope, event).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_that_keeps_failing_retries_in_its_lane_only_on_its_first_delivery() {
+    let infra = tokio::task::spawn_blocking(harness::Infra::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let mut config = Config::new(
+        infra.nats.url(),
+        &infra.postgres.fresh_database().await.unwrap(),
+    );
+    config.provision_jetstream = true;
+    config.stream = format!("TRIP_{run}");
+    config.subject_prefix = format!("trip_{run}");
+    config.relay_poll_ms = 100;
+    // One lane (the default): the failing trip and the good one share it.
+    assert_eq!(config.consumer_batch_lanes, 1);
+    let shutdown = CancellationToken::new();
+    let hotels = start("hotels", config, shutdown.clone(), |outbox| FailingHotels {
+        hotels: Hotels { outbox },
+    })
+    .await;
+
+    let client = choreo::runtime::connect_once(infra.nats.url(), "test", None)
+        .await
+        .unwrap();
+    let mut held = client
+        .subscribe(format!("trip_{run}.hotel.held"))
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    for _ in 0..100 {
+        if js.get_stream(format!("TRIP_{run}")).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (saga, destination) in [("lost-trip", "nowhere"), ("city-trip", "city")] {
+        let trip = Envelope::new(
+            "desk",
+            saga,
+            None,
+            &TripBooked {
+                destination: destination.into(),
+            },
+        );
+        js.send_publish(
+            format!("trip_{run}.trip.booked"),
+            PublishMessage::build()
+                .payload(trip.encode_to_vec().into())
+                .message_id(trip.event_id.clone()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+
+    // The good trip goes through while the other keeps failing in the same lane.
+    let message = tokio::time::timeout(Duration::from_secs(30), held.next())
+        .await
+        .expect("the city trip's hotel is held")
+        .unwrap();
+    assert_eq!(
+        Envelope::from_bytes(&message.payload).unwrap().saga_id,
+        "city-trip"
+    );
+
+    // Deliveries of the failing trip: all the consumer's deliveries but the city trip's one.
+    let stream = js.get_stream(format!("TRIP_{run}")).await.unwrap();
+    let deliveries = loop {
+        let info = stream.consumer_info("hotels").await.unwrap();
+        let deliveries = info.delivered.consumer_sequence - 1;
+        if deliveries >= 4 {
+            break deliveries;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let tries = TRIES_FOR_NOWHERE.load(std::sync::atomic::Ordering::SeqCst);
+    // Five tries on the first delivery (and one more if it first went in a
+    // batch with the city trip's), one on each later one; the last
+    // delivery's try may not have run yet, or a next delivery's may have.
+    let expected = 5 + (deliveries - 1);
+    assert!(
+        (expected - 1..=expected + 2).contains(&tries),
+        "{tries} tries over {deliveries} deliveries; expected about {expected} (five each would be {})",
+        5 * deliveries
+    );
+
+    shutdown.cancel();
+    hotels.await.unwrap().unwrap();
+}
