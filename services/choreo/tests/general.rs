@@ -267,6 +267,37 @@ async fn start<H: Handler>(
     ))
 }
 
+/// The desk books `trips` (saga, destination), as the saga's owner would,
+/// once run `run`'s stream exists (a service provisions it).
+async fn book(js: &async_nats::jetstream::Context, run: &str, trips: &[(&str, &str)]) {
+    for _ in 0..100 {
+        if js.get_stream(format!("TRIP_{run}")).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (saga, destination) in trips {
+        let trip = Envelope::new(
+            "desk",
+            saga,
+            None,
+            &TripBooked {
+                destination: (*destination).into(),
+            },
+        );
+        js.send_publish(
+            format!("trip_{run}.trip.booked"),
+            PublishMessage::build()
+                .payload(trip.encode_to_vec().into())
+                .message_id(trip.event_id.clone()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+}
+
 #[test]
 fn the_trip_choreography_keeps_every_rule() {
     TRIP.check().unwrap();
@@ -309,35 +340,12 @@ async fn a_two_step_choreography_of_its_own_runs_forward_and_compensates_in_reve
         .unwrap();
     let mut watch = client.subscribe(format!("trip_{run}.>")).await.unwrap();
     let js = async_nats::jetstream::new(client.clone());
-    // The stream exists once a service has provisioned it.
-    for _ in 0..100 {
-        if js.get_stream(format!("TRIP_{run}")).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let book = |saga: &str, destination: &str| {
-        Envelope::new(
-            "desk",
-            saga,
-            None,
-            &TripBooked {
-                destination: destination.into(),
-            },
-        )
-    };
-    for trip in [book("city-trip", "city"), book("island-trip", "island")] {
-        js.send_publish(
-            format!("trip_{run}.trip.booked"),
-            PublishMessage::build()
-                .payload(trip.encode_to_vec().into())
-                .message_id(trip.event_id.clone()),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    }
+    book(
+        &js,
+        &run,
+        &[("city-trip", "city"), ("island-trip", "island")],
+    )
+    .await;
 
     let mut seen: Vec<(String, String, String)> = Vec::new();
     let ends = |seen: &Vec<(String, String, String)>| {
@@ -451,32 +459,12 @@ async fn an_event_that_keeps_failing_retries_in_its_lane_only_on_its_first_deliv
         .await
         .unwrap();
     let js = async_nats::jetstream::new(client.clone());
-    for _ in 0..100 {
-        if js.get_stream(format!("TRIP_{run}")).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    for (saga, destination) in [("lost-trip", "nowhere"), ("city-trip", "city")] {
-        let trip = Envelope::new(
-            "desk",
-            saga,
-            None,
-            &TripBooked {
-                destination: destination.into(),
-            },
-        );
-        js.send_publish(
-            format!("trip_{run}.trip.booked"),
-            PublishMessage::build()
-                .payload(trip.encode_to_vec().into())
-                .message_id(trip.event_id.clone()),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    }
+    book(
+        &js,
+        &run,
+        &[("lost-trip", "nowhere"), ("city-trip", "city")],
+    )
+    .await;
 
     // The good trip goes through while the other keeps failing in the same lane.
     let message = tokio::time::timeout(Duration::from_secs(30), held.next())
