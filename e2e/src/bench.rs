@@ -327,13 +327,16 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
     sys.set_stock(HOT, settings.orders as u64).await?;
     let admin_url = admin_url(&sys.infra.postgres);
 
+    // C, at the start and again at the end of the run.
+    let measure_limit = || {
+        commit_limit(
+            &sys.infra.postgres,
+            settings.limit_clients,
+            settings.limit_secs,
+        )
+    };
     eprintln!("bench: measuring C, the saga-step commit rate of this PostgreSQL...");
-    let limit = commit_limit(
-        &sys.infra.postgres,
-        settings.limit_clients,
-        settings.limit_secs,
-    )
-    .await?;
+    let limit = measure_limit().await?;
 
     eprintln!(
         "bench: closed loop, {} orders over {} SKUs...",
@@ -386,12 +389,7 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     eprintln!("bench: measuring C again...");
-    let limit_at_end = commit_limit(
-        &sys.infra.postgres,
-        settings.limit_clients,
-        settings.limit_secs,
-    )
-    .await?;
+    let limit_at_end = measure_limit().await?;
 
     // Everything is counted; now the order database may be read.
     let mut order_db = PgConnection::connect(&sys.databases[0]).await?;
