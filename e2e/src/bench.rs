@@ -50,8 +50,9 @@ pub struct Settings {
     /// Connections measuring C, and for how long.
     pub limit_clients: usize,
     pub limit_secs: f64,
-    /// Also list each service's statements per saga over the spread run
-    /// (needs PostgreSQL started with pg_stat_statements preloaded).
+    /// Also count each service's statements per saga over each closed loop
+    /// (the table shows the spread one's; needs PostgreSQL started with
+    /// pg_stat_statements preloaded).
     pub statements: bool,
 }
 
@@ -112,6 +113,40 @@ pub struct Cost {
     pub processes: Vec<ProcessCost>,
 }
 
+impl Cost {
+    /// "1.9: 1.9 commits + 0.0 rollbacks (order 1.3+0.0, ...)"
+    fn transactions(&self) -> String {
+        format!(
+            "{:.1}: {:.1} commits + {:.1} rollbacks ({})",
+            self.transactions_per_saga,
+            self.commits_per_saga,
+            self.rollbacks_per_saga,
+            self.per_service
+                .iter()
+                .map(|s| format!(
+                    "{} {:.1}+{:.1}",
+                    s.service, s.commits_per_saga, s.rollbacks_per_saga
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+
+    /// "order 0.7 ms, 18 MB; ..."
+    fn cpu(&self) -> String {
+        self.processes
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} {:.1} ms, {:.0} MB",
+                    p.process, p.cpu_ms_per_saga, p.peak_rss_mb
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ClosedLoop {
     pub catalogue: String,
@@ -125,6 +160,10 @@ pub struct ClosedLoop {
     pub cost: Cost,
     /// Where the whole machine's CPU time went while the clients ran.
     pub machine: MachineCpu,
+    /// With `statements`: per service, its statements' calls per saga,
+    /// most frequent first (the services' own: read before the benchmark
+    /// reads any order back).
+    pub statements: Vec<(String, Vec<(f64, String)>)>,
 }
 
 /// The whole machine's CPU time over a run, in % of all cores' time (from
@@ -161,6 +200,18 @@ impl MachineCpu {
             .unwrap_or_default()
     }
 
+    fn summary(&self) -> String {
+        format!(
+            "user {:.0}%, system {:.0}%, interrupts {:.0}% (loopback networking: in no process's CPU), iowait {:.0}%, stolen by the hypervisor {:.0}%, idle {:.0}%",
+            self.user_percent,
+            self.system_percent,
+            self.interrupts_percent,
+            self.iowait_percent,
+            self.steal_percent,
+            self.idle_percent
+        )
+    }
+
     fn between(before: &[u64], after: &[u64]) -> Self {
         if before.len() < 8 || after.len() < 8 {
             return MachineCpu::default();
@@ -180,6 +231,65 @@ impl MachineCpu {
             iowait_percent: pct(d[4]),
             interrupts_percent: pct(d[5] + d[6]),
             steal_percent: pct(d[7]),
+        }
+    }
+}
+
+/// What ran beside the services over a stretch of the run: PostgreSQL's
+/// own background work, and the whole machine's CPU.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Beside {
+    /// Autovacuum and autoanalyze runs on the services' tables that ended.
+    pub autovacuums: i64,
+    pub autoanalyzes: i64,
+    /// Checkpoints PostgreSQL began (timed or requested).
+    pub checkpoints: i64,
+    pub machine: MachineCpu,
+}
+
+/// The counters `Beside` is the difference of.
+struct BesideCounters {
+    autovacuums: i64,
+    autoanalyzes: i64,
+    checkpoints: i64,
+    machine: Vec<u64>,
+}
+
+impl BesideCounters {
+    async fn read(sys: &System) -> anyhow::Result<Self> {
+        let (mut autovacuums, mut autoanalyzes) = (0, 0);
+        for url in &sys.databases {
+            let mut db = PgConnection::connect(url).await?;
+            let (vacuums, analyzes): (i64, i64) = sqlx::query_as(
+                "SELECT COALESCE(sum(autovacuum_count), 0)::int8, \
+                        COALESCE(sum(autoanalyze_count), 0)::int8 FROM pg_stat_user_tables",
+            )
+            .fetch_one(&mut db)
+            .await?;
+            db.close().await?;
+            autovacuums += vacuums;
+            autoanalyzes += analyzes;
+        }
+        let mut admin = PgConnection::connect(&admin_url(&sys.infra.postgres)).await?;
+        let checkpoints: i64 =
+            sqlx::query_scalar("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter")
+                .fetch_one(&mut admin)
+                .await?;
+        admin.close().await?;
+        Ok(BesideCounters {
+            autovacuums,
+            autoanalyzes,
+            checkpoints,
+            machine: MachineCpu::ticks(),
+        })
+    }
+
+    fn minus(&self, before: &BesideCounters) -> Beside {
+        Beside {
+            autovacuums: self.autovacuums - before.autovacuums,
+            autoanalyzes: self.autoanalyzes - before.autoanalyzes,
+            checkpoints: self.checkpoints - before.checkpoints,
+            machine: MachineCpu::between(&before.machine, &self.machine),
         }
     }
 }
@@ -214,11 +324,14 @@ pub struct Report {
     pub open_loop_worst_per_second_ms: Vec<f64>,
     /// Per hop over the open loop's orders (PubAck means over the whole run).
     pub open_loop_hops: Vec<Hop>,
+    /// What ran beside the services while the open loop's orders ran
+    /// (statistics flushed by then; autovacuum's counts when a run ends).
+    pub open_loop_beside: Beside,
+    /// The open loop's cost per saga: its sagas in smaller batches than the
+    /// closed loop's.
+    pub open_loop_cost: Cost,
     pub alone: Percentiles,
     pub hops: Vec<Hop>,
-    /// With `statements`: per service, its statements' calls per saga over
-    /// the spread run, most frequent first.
-    pub statements: Vec<(String, Vec<(f64, String)>)>,
     /// R = spread sagas/s x 6 / C.
     pub headline_r: f64,
 }
@@ -342,9 +455,6 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
         "bench: closed loop, {} orders over {} SKUs...",
         settings.orders, settings.skus
     );
-    if settings.statements {
-        reset_statements(sys).await?;
-    }
     let zipf = Arc::new(Zipf::new(settings.skus));
     let (mut spread, spread_ids) = closed_loop(
         sys,
@@ -355,11 +465,6 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
     )
     .await?;
     let puback = publish_latencies(sys).await?;
-    let statements = if settings.statements {
-        statements_per_saga(sys, spread.orders).await?
-    } else {
-        Vec::new()
-    };
 
     eprintln!(
         "bench: closed loop, {} orders for one SKU...",
@@ -375,8 +480,13 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
         "bench: open loop at {rate:.0} orders/s for {} s...",
         settings.open_secs
     );
+    // The closed loop's reads through the APIs are counted once flushed.
+    tokio::time::sleep(STATS_FLUSH).await;
+    let (before, beside_before) = (Counters::read(sys).await?, BesideCounters::read(sys).await?);
     let open_ids = open_loop(sys, &watcher, rate, settings.open_secs, settings.skus).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let open_loop_beside = BesideCounters::read(sys).await?.minus(&beside_before);
+    quiet(sys).await?;
+    let open_loop_cost = Counters::read(sys).await?.minus(&before, open_ids.len());
 
     eprintln!("bench: {} orders one at a time...", settings.alone);
     let mut alone_ids = Vec::new();
@@ -420,9 +530,10 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
         open_loop,
         open_loop_worst_per_second_ms,
         open_loop_hops,
+        open_loop_beside,
+        open_loop_cost,
         alone,
         hops,
-        statements,
         headline_r,
     })
 }
@@ -453,6 +564,9 @@ async fn closed_loop(
     // counted by PostgreSQL's statistics only once its backends flush them.
     tokio::time::sleep(STATS_FLUSH).await;
     let before = Counters::read(sys).await?;
+    if settings.statements {
+        reset_statements(sys).await?;
+    }
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let machine_before = MachineCpu::ticks();
     let started = Instant::now();
@@ -494,6 +608,11 @@ async fn closed_loop(
     }
     quiet(sys).await?;
     let after = Counters::read(sys).await?;
+    let statements = if settings.statements {
+        statements_per_saga(sys, ids.len()).await?
+    } else {
+        Vec::new()
+    };
     // The order service marks COMPLETED after the last event: count from its database later.
     let completed = count_completed(sys, &ids).await?;
     let cost = after.minus(&before, completed.max(1));
@@ -507,6 +626,7 @@ async fn closed_loop(
         per_second,
         cost,
         machine,
+        statements,
     };
     Ok((run, ids))
 }
@@ -684,9 +804,9 @@ impl Counters {
     }
 }
 
-/// CPU seconds and peak RSS (MB) of each service, nats-server and PostgreSQL
+/// CPU seconds and peak RSS (MB) of each service, nats-server, PostgreSQL
 /// (the postmaster with its backends: their CPU summed, their private memory
-/// summed plus the shared memory once).
+/// summed plus the shared memory once) and the benchmark itself.
 fn process_use(sys: &System) -> Vec<(String, f64, f64)> {
     let mut found: Vec<(String, f64, f64)> = Vec::new();
     // A service's instances together: their CPU summed, the largest peak RSS.
@@ -722,6 +842,13 @@ fn process_use(sys: &System) -> Vec<(String, f64, f64)> {
         }
         found.push(("postgres".into(), cpu, (private_kb + shared_kb) / 1024.0));
     }
+    // The benchmark itself (its gRPC clients and watcher) shares the cores.
+    let own = std::process::id();
+    found.push((
+        "load".into(),
+        cpu_of(own).0,
+        status_kb(own, "VmHWM") / 1024.0,
+    ));
     found
 }
 
@@ -1106,20 +1233,7 @@ impl Report {
         let cost = &self.spread.cost;
         row(
             "services' PostgreSQL transactions per saga (spread)",
-            format!(
-                "{:.1}: {:.1} commits + {:.1} rollbacks ({})",
-                cost.transactions_per_saga,
-                cost.commits_per_saga,
-                cost.rollbacks_per_saga,
-                cost.per_service
-                    .iter()
-                    .map(|s| format!(
-                        "{} {:.1}+{:.1}",
-                        s.service, s.commits_per_saga, s.rollbacks_per_saga
-                    ))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            cost.transactions(),
         );
         row(
             "NATS per saga (spread)",
@@ -1130,29 +1244,12 @@ impl Report {
         );
         row(
             "CPU ms per saga, peak RSS (spread; a service's instances together, the largest RSS)",
-            cost.processes
-                .iter()
-                .map(|p| {
-                    format!(
-                        "{} {:.1} ms, {:.0} MB",
-                        p.process, p.cpu_ms_per_saga, p.peak_rss_mb
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join("; "),
+            cost.cpu(),
         );
         let m = &self.spread.machine;
         row(
             "the machine's CPU while the spread clients ran (all cores)",
-            format!(
-                "user {:.0}%, system {:.0}%, interrupts {:.0}% (loopback networking: in no process above), iowait {:.0}%, stolen by the hypervisor {:.0}%, idle {:.0}%",
-                m.user_percent,
-                m.system_percent,
-                m.interrupts_percent,
-                m.iowait_percent,
-                m.steal_percent,
-                m.idle_percent
-            ),
+            m.summary(),
         );
         row(
             "per hop (spread): commit -> PubAck mean; trigger -> reaction p50 / p99",
@@ -1184,6 +1281,25 @@ impl Report {
                 .join("; "),
         );
         row(
+            "services' PostgreSQL transactions per saga (open loop)",
+            self.open_loop_cost.transactions(),
+        );
+        row(
+            "CPU ms per saga, peak RSS (open loop)",
+            self.open_loop_cost.cpu(),
+        );
+        let b = &self.open_loop_beside;
+        row(
+            "beside the open loop",
+            format!(
+                "PostgreSQL: {} autovacuums, {} autoanalyzes, {} checkpoints; the machine: {}",
+                b.autovacuums,
+                b.autoanalyzes,
+                b.checkpoints,
+                b.machine.summary()
+            ),
+        );
+        row(
             "open loop: slowest order placed in each second, ms",
             self.open_loop_worst_per_second_ms
                 .iter()
@@ -1192,7 +1308,7 @@ impl Report {
                 .join(" "),
         );
         let mut table = format!("| measure | value |\n| --- | --- |\n{out}");
-        for (service, statements) in &self.statements {
+        for (service, statements) in &self.spread.statements {
             table.push_str(&format!("\n{service}: statements per saga (spread)\n"));
             for (per_saga, query) in statements {
                 table.push_str(&format!("  {per_saga:>6.2}  {query}\n"));
