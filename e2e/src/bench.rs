@@ -45,6 +45,8 @@ pub struct Settings {
     pub skus: usize,
     /// Seconds of open-loop arrivals.
     pub open_secs: f64,
+    /// The open loop's arrival rate, as a fraction of the spread peak.
+    pub open_at: f64,
     /// Orders placed one at a time on an idle system.
     pub alone: usize,
     /// Connections measuring C, and for how long.
@@ -475,7 +477,7 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
     let left = sys.stock(HOT).await?.available;
     let hot_oversold = left + hot.completed as u64 != settings.orders as u64;
 
-    let rate = (spread.sagas_per_sec / 2.0).max(1.0);
+    let rate = (spread.sagas_per_sec * settings.open_at).max(1.0);
     eprintln!(
         "bench: open loop at {rate:.0} orders/s for {} s...",
         settings.open_secs

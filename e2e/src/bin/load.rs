@@ -1,6 +1,6 @@
 //! The benchmark: in one run it measures C (this PostgreSQL's saga-step
 //! commit rate), the closed-loop peak over a spread catalogue and one hot
-//! SKU, latency under an open loop at half that peak and for one order
+//! SKU, latency under an open loop at half that peak (`--open-at`) and for one order
 //! alone, what each saga costs (transactions, messages, CPU, memory) and
 //! each hop's time; it prints a table and writes JSON and an SVG.
 //!
@@ -25,9 +25,12 @@ struct Args {
     /// SKUs of the spread catalogue (Zipf-distributed).
     #[arg(long, default_value_t = 1000)]
     skus: usize,
-    /// Seconds of open-loop arrivals at half the spread peak.
+    /// Seconds of open-loop arrivals.
     #[arg(long, default_value_t = 20.0)]
     open_secs: f64,
+    /// The open loop's arrival rate, as a fraction of the spread peak.
+    #[arg(long, default_value_t = 0.5)]
+    open_at: f64,
     /// Orders placed one at a time on an idle system.
     #[arg(long, default_value_t = 20)]
     alone: usize,
@@ -85,6 +88,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             orders: args.orders,
             skus: args.skus,
             open_secs: args.open_secs,
+            open_at: args.open_at,
             alone: args.alone,
             limit_clients: args.limit_clients,
             limit_secs: args.limit_secs,
