@@ -1,0 +1,90 @@
+//! The benchmark (`load`) runs end to end on a small load, and its report
+//! holds together: every order ended, the hot SKU was never oversold, and
+//! each loop's cost was counted on its own. Nothing here is timed: speed
+//! is what the benchmark measures, not what a test asserts.
+use e2e::bench::{Settings, run};
+use e2e::{Options, system};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_benchmark_runs_and_its_report_holds_together() {
+    let sys = system(Options::default()).await;
+    let settings = Settings {
+        instances: 1,
+        clients: 4,
+        orders: 40,
+        skus: 20,
+        open_secs: 2.0,
+        open_at: 0.5,
+        alone: 2,
+        limit_clients: 2,
+        limit_secs: 0.5,
+        statements: false,
+    };
+    let report = run(&sys, &settings).await.unwrap();
+
+    assert!(report.limit_commits_per_sec > 0.0 && report.limit_at_end_commits_per_sec > 0.0);
+    for closed in [&report.spread, &report.hot] {
+        assert_eq!(
+            (closed.orders, closed.completed),
+            (40, 40),
+            "{}",
+            closed.catalogue
+        );
+        assert!(closed.sagas_per_sec > 0.0);
+        assert_eq!(closed.latency.count, 40);
+    }
+    assert!(!report.hot_oversold);
+    assert_eq!(
+        report.open_loop.count,
+        (report.open_rate_per_sec * settings.open_secs).round() as usize,
+        "every order of the open loop ended and was timed"
+    );
+    assert_eq!(report.alone.count, 2);
+
+    // Each window counted its own sagas: PlaceOrder alone is one commit of
+    // the order service per saga, a happy saga publishes four events and
+    // each of the six deliveries is acknowledged.
+    for (window, cost) in [
+        ("spread", &report.spread.cost),
+        ("hot", &report.hot.cost),
+        ("open loop", &report.open_loop_cost),
+    ] {
+        assert!(
+            cost.per_service[0].commits_per_saga >= 1.0,
+            "{window}: {cost:?}"
+        );
+        assert!(
+            (cost.published_per_saga - 4.0).abs() < 0.01,
+            "{window}: {cost:?}"
+        );
+        assert!(
+            cost.deliveries_per_saga >= 6.0 && cost.acks_per_saga >= 6.0,
+            "{window}: {cost:?}"
+        );
+        let processes: Vec<&str> = cost.processes.iter().map(|p| p.process.as_str()).collect();
+        assert_eq!(
+            processes,
+            [
+                "order",
+                "inventory",
+                "shipping",
+                "notification",
+                "nats-server",
+                "postgres",
+                "load"
+            ],
+            "{window}"
+        );
+    }
+
+    let table = report.table();
+    for row in [
+        "services' PostgreSQL transactions per saga (open loop)",
+        "CPU ms per saga, peak RSS (open loop)",
+        "beside the open loop",
+    ] {
+        assert!(table.contains(row), "no row {row:?} in\n{table}");
+    }
+    assert!(report.svg().starts_with("<svg"));
+    serde_json::to_string(&report).unwrap();
+}
