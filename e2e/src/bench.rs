@@ -326,11 +326,13 @@ pub struct Report {
     pub open_loop_worst_per_second_ms: Vec<f64>,
     /// Per hop over the open loop's orders (PubAck means over the whole run).
     pub open_loop_hops: Vec<Hop>,
-    /// What ran beside the services while the open loop's orders ran
-    /// (statistics flushed by then; autovacuum's counts when a run ends).
+    /// What ran beside the services from the open loop's first order to
+    /// its last end (an autovacuum run counts once it has ended).
     pub open_loop_beside: Beside,
-    /// The open loop's cost per saga: its sagas in smaller batches than the
-    /// closed loop's.
+    /// The open loop's cost per saga, its sagas in smaller batches than the
+    /// closed loop's: counted from its first order until the outboxes are
+    /// quiet again, so the services' background work over that window is
+    /// in it too (a larger share the lower the rate).
     pub open_loop_cost: Cost,
     pub alone: Percentiles,
     pub hops: Vec<Hop>,
