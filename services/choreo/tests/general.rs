@@ -267,6 +267,17 @@ async fn start<H: Handler>(
     ))
 }
 
+/// The configuration of a trip service of run `run`, on database `db`: it
+/// provisions the run's own stream and sweeps its outbox every 100 ms.
+fn trip_config(nats_url: &str, db: &str, run: &str) -> Config {
+    let mut config = Config::new(nats_url, db);
+    config.provision_jetstream = true;
+    config.stream = format!("TRIP_{run}");
+    config.subject_prefix = format!("trip_{run}");
+    config.relay_poll_ms = 100;
+    config
+}
+
 /// The desk books `trips` (saga, destination), as the saga's owner would,
 /// once run `run`'s stream exists (a service provisions it).
 async fn book(js: &async_nats::jetstream::Context, run: &str, trips: &[(&str, &str)]) {
@@ -310,14 +321,7 @@ async fn a_two_step_choreography_of_its_own_runs_forward_and_compensates_in_reve
         .unwrap()
         .unwrap();
     let run = uuid::Uuid::new_v4().simple().to_string();
-    let config = |db: String| {
-        let mut config = Config::new(infra.nats.url(), &db);
-        config.provision_jetstream = true;
-        config.stream = format!("TRIP_{run}");
-        config.subject_prefix = format!("trip_{run}");
-        config.relay_poll_ms = 100;
-        config
-    };
+    let config = |db: String| trip_config(infra.nats.url(), &db, &run);
     let shutdown = CancellationToken::new();
     let hotels = start(
         "hotels",
@@ -435,14 +439,11 @@ async fn an_event_that_keeps_failing_retries_in_its_lane_only_on_its_first_deliv
         .unwrap()
         .unwrap();
     let run = uuid::Uuid::new_v4().simple().to_string();
-    let mut config = Config::new(
+    let config = trip_config(
         infra.nats.url(),
         &infra.postgres.fresh_database().await.unwrap(),
+        &run,
     );
-    config.provision_jetstream = true;
-    config.stream = format!("TRIP_{run}");
-    config.subject_prefix = format!("trip_{run}");
-    config.relay_poll_ms = 100;
     // One lane (the default): the failing trip and the good one share it.
     assert_eq!(config.consumer_batch_lanes, 1);
     let shutdown = CancellationToken::new();
