@@ -36,6 +36,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::choreography::Subscription;
+use crate::db::HeldConnection;
 use crate::envelope::{Envelope, Reject};
 use crate::handler::{Decode, HandleError, Handler};
 use crate::inbox::{Outcome, apply_decoded};
@@ -200,6 +201,8 @@ impl<H: Handler> Consumer<H> {
         mut rx: mpsc::Receiver<(jetstream::Message, Result<Envelope, Reject>)>,
         shutdown: CancellationToken,
     ) {
+        // Every event is a transaction: the lane keeps one connection for them all.
+        let mut db = HeldConnection::like(&self.pool);
         while let Some(first) = rx.recv().await {
             // What queued in the lane while it was busy goes in one batch.
             let mut batch = vec![first];
@@ -222,13 +225,14 @@ impl<H: Handler> Consumer<H> {
                 }
             }
             if ready.len() > 1 && self.handler.batches() {
-                self.apply_together(ready, &shutdown).await;
+                self.apply_together(&mut db, ready, &shutdown).await;
             } else {
                 for event in ready {
-                    self.apply_alone(event, &shutdown).await;
+                    self.apply_alone(&mut db, event, &shutdown).await;
                 }
             }
         }
+        db.close().await;
     }
 
     /// Steps 1 to 3: an event ready for the inbox step, or `None` when the
@@ -298,7 +302,12 @@ impl<H: Handler> Consumer<H> {
 
     /// Step 4 for several events in one transaction; if any of them fails,
     /// none is committed and each is applied on its own instead.
-    async fn apply_together(&self, events: Vec<Ready<H::Event>>, shutdown: &CancellationToken) {
+    async fn apply_together(
+        &self,
+        db: &mut HeldConnection,
+        events: Vec<Ready<H::Event>>,
+        shutdown: &CancellationToken,
+    ) {
         let batch = events
             .iter()
             .map(|e| crate::inbox::Batched {
@@ -307,14 +316,19 @@ impl<H: Handler> Consumer<H> {
                 span: e.span.clone(),
             })
             .collect();
-        match crate::inbox::apply_batch(
-            &self.pool,
-            self.handler.as_ref(),
-            &self.subscription.claims,
-            batch,
-        )
-        .await
-        {
+        let applied = match db.get().await {
+            Ok(conn) => {
+                crate::inbox::apply_batch(
+                    conn,
+                    self.handler.as_ref(),
+                    &self.subscription.claims,
+                    batch,
+                )
+                .await
+            }
+            Err(e) => Err(e.into()),
+        };
+        match applied {
             Ok(outcomes) => {
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
                 metrics::histogram!("saga_consumer_batch_events").record(events.len() as f64);
@@ -325,17 +339,23 @@ impl<H: Handler> Consumer<H> {
                 }
             }
             Err(e) => {
+                db.check().await;
                 self.stats.batch_fallbacks.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(error = %e, events = events.len(), "a batch failed; applying its events one at a time");
                 for event in events {
-                    self.apply_alone(event, shutdown).await;
+                    self.apply_alone(db, event, shutdown).await;
                 }
             }
         }
     }
 
     /// Step 4 for one event, retried in the lane, then nak'ed.
-    async fn apply_alone(&self, event: Ready<H::Event>, shutdown: &CancellationToken) {
+    async fn apply_alone(
+        &self,
+        db: &mut HeldConnection,
+        event: Ready<H::Event>,
+        shutdown: &CancellationToken,
+    ) {
         let Ready {
             message,
             envelope,
@@ -353,15 +373,20 @@ impl<H: Handler> Consumer<H> {
             let attempts = if delivered > 1 { 1 } else { IN_LANE_ATTEMPTS };
             let mut backoff = Duration::from_millis(50);
             for attempt in 1..=attempts {
-                match apply_decoded(
-                    &self.pool,
-                    self.handler.as_ref(),
-                    &self.subscription.claims,
-                    &envelope,
-                    typed.clone(),
-                )
-                .await
-                {
+                let applied = match db.get().await {
+                    Ok(conn) => {
+                        apply_decoded(
+                            conn,
+                            self.handler.as_ref(),
+                            &self.subscription.claims,
+                            &envelope,
+                            typed.clone(),
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e.into()),
+                };
+                match applied {
                     Ok(Outcome::Parked(reject)) => {
                         handled(&envelope, "parked");
                         return self.park(&message, &stream, stream_seq, &reject).await;
@@ -372,6 +397,7 @@ impl<H: Handler> Consumer<H> {
                         return;
                     }
                     Err(e) => {
+                        db.check().await;
                         self.stats.retries.fetch_add(1, Ordering::Relaxed);
                         handled(&envelope, "retried");
                         tracing::warn!(error = %e, attempt, "handling failed; will retry");

@@ -135,3 +135,85 @@ impl Wakeup {
         }
     }
 }
+
+/// How long a [`HeldConnection`] may sit unused before it is pinged first.
+const CHECK_AFTER_IDLE: Duration = Duration::from_secs(10);
+/// How long a ping or a connect of a [`HeldConnection`] may take.
+const HELD_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection one worker keeps for all its transactions, opened with a
+/// pool's options but outside it: a consumer's lane, whose every event is a
+/// transaction. The pool pings a connection when it is taken and again
+/// when it is given back, two round trips on top of the five of an event's
+/// transaction (BEGIN, inbox, effects, outbox, COMMIT) that a held one
+/// does without.
+///
+/// What the pool's pings are for stays: after a transaction on it failed
+/// ([`HeldConnection::check`]), and before its first use after an idle
+/// spell, the connection is pinged and dropped if it does not answer, so
+/// the next transaction opens a fresh one (after the database restarted,
+/// say).
+pub struct HeldConnection {
+    options: std::sync::Arc<PgConnectOptions>,
+    conn: Option<sqlx::PgConnection>,
+    last_used: tokio::time::Instant,
+}
+
+impl HeldConnection {
+    /// Opens connections like `pool` does (same server, same session
+    /// settings), on first use.
+    pub fn like(pool: &PgPool) -> Self {
+        HeldConnection {
+            options: pool.connect_options(),
+            conn: None,
+            last_used: tokio::time::Instant::now(),
+        }
+    }
+
+    /// The connection, opened if there is none.
+    pub async fn get(&mut self) -> Result<&mut sqlx::PgConnection, sqlx::Error> {
+        if self.last_used.elapsed() > CHECK_AFTER_IDLE {
+            self.check().await;
+        }
+        self.last_used = tokio::time::Instant::now();
+        let conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => {
+                let connect =
+                    <sqlx::PgConnection as sqlx::Connection>::connect_with(self.options.as_ref());
+                tokio::time::timeout(HELD_CONNECTION_TIMEOUT, connect)
+                    .await
+                    .map_err(|_| timed_out("connecting"))??
+            }
+        };
+        Ok(self.conn.insert(conn))
+    }
+
+    /// Keeps the connection if it answers a ping, drops it if not: after
+    /// a transaction on it failed. A transaction left open by the failure
+    /// is rolled back on the way.
+    pub async fn check(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            let ping = tokio::time::timeout(HELD_CONNECTION_TIMEOUT, sqlx::Connection::ping(conn));
+            if !matches!(ping.await, Ok(Ok(()))) {
+                tracing::debug!("held database connection does not answer; opening another");
+                self.conn = None;
+            }
+        }
+    }
+
+    /// Says goodbye to the server, if there is a connection.
+    pub async fn close(mut self) {
+        if let Some(conn) = self.conn.take() {
+            let _ =
+                tokio::time::timeout(HELD_CONNECTION_TIMEOUT, sqlx::Connection::close(conn)).await;
+        }
+    }
+}
+
+fn timed_out(what: &str) -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("{what} took longer than {HELD_CONNECTION_TIMEOUT:?}"),
+    ))
+}

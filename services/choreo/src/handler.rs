@@ -16,7 +16,7 @@ pub trait Handler: Send + Sync + 'static {
 
     async fn handle(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         envelope: &Envelope,
         event: Self::Event,
     ) -> Result<(), HandleError>;
@@ -37,7 +37,7 @@ pub trait Handler: Send + Sync + 'static {
     /// lock the shared rows they will touch, all in one order.
     async fn before_batch(
         &self,
-        _tx: &mut Tx,
+        _tx: &mut Tx<'_>,
         _events: &[(&Envelope, &Self::Event)],
     ) -> Result<(), HandleError> {
         Ok(())

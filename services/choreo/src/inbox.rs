@@ -2,7 +2,7 @@
 //! one transaction, or for a batch of events in one. The consumer runs it for
 //! every delivery; dead-letter replay runs the same step, so a replayed event
 //! is applied at most once.
-use sqlx::PgPool;
+use sqlx::{Acquire, Postgres};
 use tracing::Instrument;
 
 use crate::Tx;
@@ -53,21 +53,24 @@ fn refused_for_good(error: &sqlx::Error) -> bool {
 
 /// Decodes `envelope` for `handler` and runs the inbox step; an event the
 /// handler cannot read is [`Outcome::Parked`] without opening a transaction.
-pub async fn apply<H: Handler>(
-    pool: &PgPool,
+///
+/// `db` is where the transaction begins: a pool, or a connection its caller
+/// keeps across transactions ([`crate::db::HeldConnection`]).
+pub async fn apply<'c, H: Handler>(
+    db: impl Acquire<'c, Database = Postgres>,
     handler: &H,
     claims: &Claims,
     envelope: &Envelope,
 ) -> Result<Outcome, HandleError> {
     match H::Event::decode(envelope) {
-        Ok(event) => apply_decoded(pool, handler, claims, envelope, event).await,
+        Ok(event) => apply_decoded(db, handler, claims, envelope, event).await,
         Err(reject) => Ok(Outcome::Parked(reject)),
     }
 }
 
 /// The inbox step for an event already decoded.
-pub async fn apply_decoded<H: Handler>(
-    pool: &PgPool,
+pub async fn apply_decoded<'c, H: Handler>(
+    db: impl Acquire<'c, Database = Postgres>,
     handler: &H,
     claims: &Claims,
     envelope: &Envelope,
@@ -75,7 +78,7 @@ pub async fn apply_decoded<H: Handler>(
 ) -> Result<Outcome, HandleError> {
     after_commit_of(
         |outcome| matches!(outcome, Ok(Outcome::Applied)),
-        apply_in_tx(pool, handler, claims, envelope, event),
+        apply_in_tx(db, handler, claims, envelope, event),
     )
     .await
 }
@@ -94,20 +97,20 @@ pub struct Batched<'a, E> {
 /// the error comes back and nothing of the batch is committed: the caller
 /// then applies each event on its own with [`apply_decoded`], so one bad
 /// event is retried or parked without taking the others with it.
-pub async fn apply_batch<H: Handler>(
-    pool: &PgPool,
+pub async fn apply_batch<'c, H: Handler>(
+    db: impl Acquire<'c, Database = Postgres>,
     handler: &H,
     claims: &Claims,
     events: Vec<Batched<'_, H::Event>>,
 ) -> Result<Vec<Outcome>, HandleError> {
-    after_commit_of(Result::is_ok, batch_in_tx(pool, handler, claims, events)).await
+    after_commit_of(Result::is_ok, batch_in_tx(db, handler, claims, events)).await
 }
 
 /// [`apply_batch`] for events not yet decoded, as [`apply`] is to
 /// [`apply_decoded`]: each decoded for `handler`, none with a span of its
 /// own. One it cannot read fails the whole batch, as one to be parked does.
-pub async fn apply_as_batch<H: Handler, E: std::borrow::Borrow<Envelope>>(
-    pool: &PgPool,
+pub async fn apply_as_batch<'c, H: Handler, E: std::borrow::Borrow<Envelope>>(
+    db: impl Acquire<'c, Database = Postgres>,
     handler: &H,
     claims: &Claims,
     envelopes: &[E],
@@ -123,7 +126,7 @@ pub async fn apply_as_batch<H: Handler, E: std::borrow::Borrow<Envelope>>(
             })
         })
         .collect::<Result<Vec<_>, Reject>>()?;
-    apply_batch(pool, handler, claims, batch).await
+    apply_batch(db, handler, claims, batch).await
 }
 
 /// Runs `work`, which commits its own transaction, and once `committed`
@@ -151,7 +154,7 @@ async fn after_commit_of<T>(
 /// Records `envelope` in the inbox of the open `tx` and, if it was not
 /// there yet, runs its effects; whether it was new.
 async fn record_and_handle<H: Handler>(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     handler: &H,
     claims: &Claims,
     envelope: &Envelope,
@@ -167,7 +170,7 @@ async fn record_and_handle<H: Handler>(
 /// Runs the handler on a new event, then withdraws the barrier claims made
 /// for it that its handler did not take.
 async fn handle<H: Handler>(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     handler: &H,
     envelope: &Envelope,
     event: H::Event,
@@ -180,14 +183,14 @@ async fn handle<H: Handler>(
     Ok(())
 }
 
-async fn apply_in_tx<H: Handler>(
-    pool: &PgPool,
+async fn apply_in_tx<'c, H: Handler>(
+    db: impl Acquire<'c, Database = Postgres>,
     handler: &H,
     claims: &Claims,
     envelope: &Envelope,
     event: H::Event,
 ) -> Result<Outcome, HandleError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin().await?;
     match record_and_handle(&mut tx, handler, claims, envelope, event).await {
         Ok(true) => {
             tx.commit().await?;
@@ -211,13 +214,13 @@ async fn apply_in_tx<H: Handler>(
     }
 }
 
-async fn batch_in_tx<H: Handler>(
-    pool: &PgPool,
+async fn batch_in_tx<'c, H: Handler>(
+    db: impl Acquire<'c, Database = Postgres>,
     handler: &H,
     claims: &Claims,
     events: Vec<Batched<'_, H::Event>>,
 ) -> Result<Vec<Outcome>, HandleError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin().await?;
     let envelopes: Vec<&Envelope> = events.iter().map(|b| b.envelope).collect();
     let (fresh, claimed) = record_in_inbox(&mut tx, &envelopes, claims).await?;
     barrier::with_claims(claimed, handle_batch(tx, handler, events, fresh)).await
@@ -225,7 +228,7 @@ async fn batch_in_tx<H: Handler>(
 
 /// A batch's effects and commit, once its events are in the inbox.
 async fn handle_batch<H: Handler>(
-    mut tx: Tx,
+    mut tx: Tx<'_>,
     handler: &H,
     events: Vec<Batched<'_, H::Event>>,
     fresh: Vec<bool>,
@@ -272,7 +275,7 @@ async fn handle_batch<H: Handler>(
 /// that row through [`barrier`], as it would in a transaction of its own. A
 /// row that exists already is left alone, and the step asks the database.
 async fn record_in_inbox(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     envelopes: &[&Envelope],
     claims: &Claims,
 ) -> Result<(Vec<bool>, Vec<Claimed>), sqlx::Error> {

@@ -48,4 +48,4 @@ pub use outbox::Outbox;
 pub use runtime::{Ports, Service};
 
 /// The transaction a handler writes its effects and outgoing events in.
-pub type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
+pub type Tx<'c> = sqlx::Transaction<'c, sqlx::Postgres>;

@@ -55,7 +55,7 @@ pub trait CompensableStep: Send + Sync {
     /// Does the work for the saga of `envelope` (the trigger).
     async fn work(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         envelope: &Envelope,
         input: Self::Input,
     ) -> Result<Verdict<Self::Success, Self::Failure>, HandleError>;
@@ -64,7 +64,7 @@ pub trait CompensableStep: Send + Sync {
     /// compensation event, which carries `cause` on down the chain.
     async fn undo(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         envelope: &Envelope,
         undo: Undo,
         cause: String,
@@ -74,7 +74,7 @@ pub trait CompensableStep: Send + Sync {
 /// Runs the step's action for the saga of `envelope`, the step's trigger.
 pub async fn act<S: CompensableStep>(
     step: &S,
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     envelope: &Envelope,
     input: S::Input,
 ) -> Result<(), HandleError> {
@@ -104,7 +104,7 @@ pub async fn act<S: CompensableStep>(
 /// compensation event), passing `cause` on.
 pub async fn compensate<S: CompensableStep>(
     step: &S,
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     envelope: &Envelope,
     cause: String,
 ) -> Result<(), HandleError> {

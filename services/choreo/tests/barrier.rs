@@ -143,7 +143,7 @@ impl choreo::step::CompensableStep for Logged {
 
     async fn work(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         envelope: &Envelope,
         _go: Go,
     ) -> Result<choreo::step::Verdict<Ping, Ping>, HandleError> {
@@ -153,7 +153,7 @@ impl choreo::step::CompensableStep for Logged {
 
     async fn undo(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         envelope: &Envelope,
         undo: choreo::step::Undo,
         _cause: String,
@@ -163,7 +163,7 @@ impl choreo::step::CompensableStep for Logged {
     }
 }
 
-async fn log(tx: &mut Tx, saga: &str, what: &str) -> Result<(), sqlx::Error> {
+async fn log(tx: &mut Tx<'_>, saga: &str, what: &str) -> Result<(), sqlx::Error> {
     sqlx::query("INSERT INTO log (saga, what) VALUES ($1, $2)")
         .bind(saga)
         .bind(what)
@@ -178,7 +178,7 @@ impl Handler for Logged {
 
     async fn handle(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         envelope: &Envelope,
         event: GoOrBack,
     ) -> Result<(), HandleError> {

@@ -33,7 +33,12 @@ struct CountEffects;
 impl Handler for CountEffects {
     type Event = Tick;
 
-    async fn handle(&self, tx: &mut Tx, envelope: &Envelope, _: Tick) -> Result<(), HandleError> {
+    async fn handle(
+        &self,
+        tx: &mut Tx<'_>,
+        envelope: &Envelope,
+        _: Tick,
+    ) -> Result<(), HandleError> {
         sqlx::query(
             "INSERT INTO effects (event_id, applied, at) VALUES ($1, 1, clock_timestamp())
              ON CONFLICT (event_id) DO UPDATE SET applied = effects.applied + 1",

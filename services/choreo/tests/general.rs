@@ -124,7 +124,7 @@ impl CompensableStep for Hotels {
 
     async fn work(
         &self,
-        _tx: &mut Tx,
+        _tx: &mut Tx<'_>,
         _envelope: &Envelope,
         trip: TripBooked,
     ) -> Result<Verdict<HotelHeld, HotelRefused>, HandleError> {
@@ -135,7 +135,7 @@ impl CompensableStep for Hotels {
 
     async fn undo(
         &self,
-        _tx: &mut Tx,
+        _tx: &mut Tx<'_>,
         _envelope: &Envelope,
         _undo: Undo,
         cause: String,
@@ -150,7 +150,7 @@ impl Handler for Hotels {
 
     async fn handle(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         envelope: &Envelope,
         event: TripEvent,
     ) -> Result<(), HandleError> {
@@ -187,7 +187,7 @@ impl CompensableStep for Cars {
 
     async fn work(
         &self,
-        _tx: &mut Tx,
+        _tx: &mut Tx<'_>,
         _envelope: &Envelope,
         hotel: HotelHeld,
     ) -> Result<Verdict<CarHeld, CarRefused>, HandleError> {
@@ -204,7 +204,7 @@ impl CompensableStep for Cars {
 
     async fn undo(
         &self,
-        _tx: &mut Tx,
+        _tx: &mut Tx<'_>,
         _envelope: &Envelope,
         _undo: Undo,
         cause: String,
@@ -219,7 +219,7 @@ impl Handler for Cars {
 
     async fn handle(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         envelope: &Envelope,
         event: TripEvent,
     ) -> Result<(), HandleError> {
@@ -418,7 +418,7 @@ impl Handler for FailingHotels {
 
     async fn handle(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         envelope: &Envelope,
         event: TripEvent,
     ) -> Result<(), HandleError> {

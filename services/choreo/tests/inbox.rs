@@ -193,7 +193,12 @@ struct CountsAfterCommit {
 impl Handler for CountsAfterCommit {
     type Event = Ping;
 
-    async fn handle(&self, _tx: &mut Tx, event: &Envelope, _ping: Ping) -> Result<(), HandleError> {
+    async fn handle(
+        &self,
+        _tx: &mut Tx<'_>,
+        event: &Envelope,
+        _ping: Ping,
+    ) -> Result<(), HandleError> {
         let counted = self.counted.clone();
         inbox::after_commit(move || {
             counted.fetch_add(1, Ordering::SeqCst);
@@ -363,7 +368,7 @@ struct ViolatesAConstraint;
 impl Handler for ViolatesAConstraint {
     type Event = Ping;
 
-    async fn handle(&self, tx: &mut Tx, _: &Envelope, _: Ping) -> Result<(), HandleError> {
+    async fn handle(&self, tx: &mut Tx<'_>, _: &Envelope, _: Ping) -> Result<(), HandleError> {
         for _ in 0..2 {
             sqlx::query("INSERT INTO effects (event_id, applied) VALUES ('00000000-0000-0000-0000-000000000001', 1)")
                 .execute(&mut **tx)
@@ -476,7 +481,12 @@ struct RecordsOrder {
 impl Handler for RecordsOrder {
     type Event = Ping;
 
-    async fn handle(&self, tx: &mut Tx, event: &Envelope, ping: Ping) -> Result<(), HandleError> {
+    async fn handle(
+        &self,
+        tx: &mut Tx<'_>,
+        event: &Envelope,
+        ping: Ping,
+    ) -> Result<(), HandleError> {
         sqlx::query("INSERT INTO seen (saga, n) VALUES ($1, $2)")
             .bind(&event.saga_id)
             .bind(ping.n as i32)

@@ -42,7 +42,7 @@ impl Handler for RecordsTypes {
 
     async fn handle(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         envelope: &Envelope,
         _event: PingOrPong,
     ) -> Result<(), HandleError> {

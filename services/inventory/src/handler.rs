@@ -152,7 +152,7 @@ impl CompensableStep for InventoryHandler {
 
     async fn work(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         envelope: &Envelope,
         order: ev::OrderCreated,
     ) -> Result<Verdict<ev::InventoryReserved, ev::InventoryRejected>, HandleError> {
@@ -182,7 +182,7 @@ impl CompensableStep for InventoryHandler {
 
     async fn undo(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         envelope: &Envelope,
         undo: Undo,
         cause: String,
@@ -247,7 +247,7 @@ impl Handler for InventoryHandler {
 
     async fn handle(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         envelope: &Envelope,
         event: SagaEvent,
     ) -> Result<(), HandleError> {
@@ -268,7 +268,7 @@ impl Handler for InventoryHandler {
     /// (or a batch and a single order) never wait on each other in a circle.
     async fn before_batch(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         events: &[(&Envelope, &SagaEvent)],
     ) -> Result<(), HandleError> {
         let mut ordered: Vec<&str> = Vec::new();

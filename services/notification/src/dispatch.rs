@@ -45,11 +45,13 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut next_poll = tokio::time::Instant::now() + poll;
+    // Hand-overs come one after another, each a transaction: one connection for them all.
+    let mut db = choreo::db::HeldConnection::like(&pool);
     while !shutdown.is_cancelled() {
         let first = tokio::select! {
             id = queued.recv() => id,
             _ = tokio::time::sleep_until(next_poll) => None,
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
         };
         if let Some(first) = first {
             let mut ids = vec![first];
@@ -59,14 +61,20 @@ pub async fn run(
                     Err(_) => break,
                 }
             }
-            let sent = choreo::outbox::publish_after_commit(dispatch_these(
-                &pool,
-                &outbox,
-                sender.as_ref(),
-                &ids,
-            ))
-            .await;
+            let sent = match db.get().await {
+                Ok(conn) => {
+                    choreo::outbox::publish_after_commit(dispatch_these(
+                        conn,
+                        &outbox,
+                        sender.as_ref(),
+                        &ids,
+                    ))
+                    .await
+                }
+                Err(e) => Err(e),
+            };
             if let Err(e) = sent {
+                db.check().await;
                 tracing::warn!(error = %e, "dispatch failed; the poll will retry");
             }
             continue;
@@ -89,6 +97,7 @@ pub async fn run(
             Err(e) => tracing::warn!(error = %e, "dispatch failed; will retry"),
         }
     }
+    db.close().await;
 }
 
 /// How much the dispatcher does at once.
@@ -181,13 +190,13 @@ pub async fn dispatch(
 
 /// Sends the messages `ids` (those still pending and not taken by another
 /// round), the way [`dispatch`] sends due ones.
-pub async fn dispatch_these(
-    pool: &PgPool,
+pub async fn dispatch_these<'c>(
+    db: impl sqlx::Acquire<'c, Database = sqlx::Postgres>,
     outbox: &Outbox,
     sender: &dyn Sender,
     ids: &[Uuid],
 ) -> Result<Vec<Dispatched>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin().await?;
     let due: Vec<Due> = sqlx::query_as(
         "SELECT notification_id, order_id, kind, customer, recipient, body, cause, attempts
          FROM notifications
@@ -204,7 +213,7 @@ pub async fn dispatch_these(
 
 /// Sends the messages locked in `tx` and records each answer there, then commits.
 async fn send_and_record(
-    mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    mut tx: choreo::Tx<'_>,
     outbox: &Outbox,
     sender: &dyn Sender,
     due: Vec<Due>,

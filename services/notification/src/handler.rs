@@ -58,7 +58,7 @@ impl NotificationHandler {
     /// hands its id to the dispatcher when the transaction commits.
     async fn queue(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         envelope: &Envelope,
         message: Outgoing<'_>,
     ) -> Result<Uuid, HandleError> {
@@ -94,7 +94,7 @@ impl NotificationHandler {
     /// row's lock: the UPDATE waits for its commit, then finds it SENT.
     async fn withdraw_or_apologise(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         envelope: &Envelope,
     ) -> Result<bool, HandleError> {
         let order_id = contracts::order_id_of(envelope)?;
@@ -152,7 +152,7 @@ impl CompensableStep for NotificationHandler {
     /// writes `notification.sent` (or `.failed`) then.
     async fn work(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         envelope: &Envelope,
         shipment: ev::ShippingScheduled,
     ) -> Result<Verdict<ev::NotificationSent, ev::NotificationFailed>, HandleError> {
@@ -176,7 +176,7 @@ impl CompensableStep for NotificationHandler {
 
     async fn undo(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         envelope: &Envelope,
         undo: Undo,
         cause: String,
@@ -195,7 +195,7 @@ impl Handler for NotificationHandler {
 
     async fn handle(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         envelope: &Envelope,
         event: SagaEvent,
     ) -> Result<(), HandleError> {

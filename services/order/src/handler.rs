@@ -143,7 +143,7 @@ impl Handler for OrderHandler {
 
     async fn handle(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         envelope: &Envelope,
         event: SagaEvent,
     ) -> Result<(), HandleError> {
@@ -206,7 +206,7 @@ impl Handler for OrderHandler {
     /// orders, each a second's stall, before this).
     async fn before_batch(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         events: &[(&Envelope, &SagaEvent)],
     ) -> Result<(), HandleError> {
         // An unreadable id locks nothing here; its event is refused later.

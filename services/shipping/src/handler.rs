@@ -40,7 +40,7 @@ impl CompensableStep for ShippingHandler {
 
     async fn work(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         envelope: &Envelope,
         order: ev::InventoryReserved,
     ) -> Result<Verdict<ev::ShippingScheduled, ev::ShippingFailed>, HandleError> {
@@ -87,7 +87,7 @@ impl CompensableStep for ShippingHandler {
 
     async fn undo(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         envelope: &Envelope,
         undo: Undo,
         cause: String,
@@ -128,7 +128,7 @@ impl Handler for ShippingHandler {
 
     async fn handle(
         &self,
-        tx: &mut Tx,
+        tx: &mut Tx<'_>,
         envelope: &Envelope,
         event: SagaEvent,
     ) -> Result<(), HandleError> {

@@ -53,7 +53,12 @@ pub struct CountEffects {
 impl Handler for CountEffects {
     type Event = Ping;
 
-    async fn handle(&self, tx: &mut Tx, event: &Envelope, _ping: Ping) -> Result<(), HandleError> {
+    async fn handle(
+        &self,
+        tx: &mut Tx<'_>,
+        event: &Envelope,
+        _ping: Ping,
+    ) -> Result<(), HandleError> {
         sqlx::query(
             "INSERT INTO effects (event_id, applied) VALUES ($1, 1)
              ON CONFLICT (event_id) DO UPDATE SET applied = effects.applied + 1",
