@@ -636,3 +636,87 @@ async fn a_batch_applies_an_event_it_holds_twice_once_and_one_seen_before_not_at
         .unwrap();
     assert_eq!(seen, [1, 2, 3], "each effect once, in the batch's order");
 }
+
+/// Records which database session applied each event.
+struct RecordsSession;
+
+#[async_trait::async_trait]
+impl Handler for RecordsSession {
+    type Event = Ping;
+
+    async fn handle(&self, tx: &mut Tx<'_>, event: &Envelope, _: Ping) -> Result<(), HandleError> {
+        sqlx::query("INSERT INTO sessions (event_id, backend) VALUES ($1, pg_backend_pid())")
+            .bind(event.id())
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_keeps_one_connection_and_opens_another_when_the_database_drops_it() {
+    let s = setup().await;
+    sqlx::query("CREATE TABLE sessions (event_id UUID PRIMARY KEY, backend INT NOT NULL)")
+        .execute(&s.pool)
+        .await
+        .unwrap();
+    let sessions = |saga: &'static str| {
+        let pool = s.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i32>(
+                "SELECT DISTINCT backend FROM sessions JOIN choreo_inbox USING (event_id)
+                 WHERE saga_id LIKE $1",
+            )
+            .bind(format!("{saga}%"))
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    // One lane, one event per transaction.
+    let consumer = s.consume_batching(Arc::new(RecordsSession), 1, 1, "held");
+    let stats = consumer.stats.clone();
+    s.emit_with(10, |n| format!("before-{n}")).await;
+    s.relay_until_sent(s.relay(100), Duration::from_secs(10))
+        .await;
+    eventually("ten applied", Duration::from_secs(30), || async {
+        stats.applied.load(Ordering::SeqCst) == 10
+    })
+    .await;
+    let before = sessions("before").await;
+    assert_eq!(before.len(), 1, "ten transactions, one session: {before:?}");
+
+    // The database ends that session (as a restart or an administrator would).
+    let mut admin =
+        <sqlx::PgConnection as sqlx::Connection>::connect_with(&s.pool.connect_options())
+            .await
+            .unwrap();
+    let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(before[0])
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert!(ended);
+
+    s.emit_with(10, |n| format!("after-{n}")).await;
+    s.relay_until_sent(s.relay(100), Duration::from_secs(10))
+        .await;
+    eventually("ten more applied", Duration::from_secs(30), || async {
+        stats.applied.load(Ordering::SeqCst) == 20
+    })
+    .await;
+    consumer.stop().await;
+    let after = sessions("after").await;
+    assert_eq!(after.len(), 1, "one new session for the rest: {after:?}");
+    assert_ne!(after, before);
+    assert!(
+        stats.retries.load(Ordering::SeqCst) >= 1,
+        "the first one after failed once"
+    );
+    assert_eq!(stats.duplicates.load(Ordering::SeqCst), 0);
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions")
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+    assert_eq!(applied, 20);
+}
