@@ -316,8 +316,8 @@ impl<H: Handler> Consumer<H> {
                 span: e.span.clone(),
             })
             .collect();
-        let applied = match db.get().await {
-            Ok(conn) => {
+        let applied = db
+            .run(async |conn| {
                 crate::inbox::apply_batch(
                     conn,
                     self.handler.as_ref(),
@@ -325,9 +325,8 @@ impl<H: Handler> Consumer<H> {
                     batch,
                 )
                 .await
-            }
-            Err(e) => Err(e.into()),
-        };
+            })
+            .await;
         match applied {
             Ok(outcomes) => {
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
@@ -339,7 +338,6 @@ impl<H: Handler> Consumer<H> {
                 }
             }
             Err(e) => {
-                db.check().await;
                 self.stats.batch_fallbacks.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(error = %e, events = events.len(), "a batch failed; applying its events one at a time");
                 for event in events {
@@ -373,8 +371,8 @@ impl<H: Handler> Consumer<H> {
             let attempts = if delivered > 1 { 1 } else { IN_LANE_ATTEMPTS };
             let mut backoff = Duration::from_millis(50);
             for attempt in 1..=attempts {
-                let applied = match db.get().await {
-                    Ok(conn) => {
+                let applied = db
+                    .run(async |conn| {
                         apply_decoded(
                             conn,
                             self.handler.as_ref(),
@@ -383,9 +381,8 @@ impl<H: Handler> Consumer<H> {
                             typed.clone(),
                         )
                         .await
-                    }
-                    Err(e) => Err(e.into()),
-                };
+                    })
+                    .await;
                 match applied {
                     Ok(Outcome::Parked(reject)) => {
                         handled(&envelope, "parked");
@@ -397,7 +394,6 @@ impl<H: Handler> Consumer<H> {
                         return;
                     }
                     Err(e) => {
-                        db.check().await;
                         self.stats.retries.fetch_add(1, Ordering::Relaxed);
                         handled(&envelope, "retried");
                         tracing::warn!(error = %e, attempt, "handling failed; will retry");

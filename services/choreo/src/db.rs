@@ -149,7 +149,7 @@ const HELD_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// does without.
 ///
 /// What the pool's pings are for stays: after a transaction on it failed
-/// ([`HeldConnection::check`]), and before its first use after an idle
+/// ([`HeldConnection::run`]), and before its first use after an idle
 /// spell, the connection is pinged and dropped if it does not answer, so
 /// the next transaction opens a fresh one (after the database restarted,
 /// say).
@@ -170,8 +170,25 @@ impl HeldConnection {
         }
     }
 
+    /// Runs `work` (one transaction's) on the connection, opened first if
+    /// there is none. When it fails, the connection is checked before the
+    /// next transaction may use it.
+    pub async fn run<T, E: From<sqlx::Error>>(
+        &mut self,
+        work: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let result = match self.get().await {
+            Ok(conn) => work(conn).await,
+            Err(e) => Err(e.into()),
+        };
+        if result.is_err() {
+            self.check().await;
+        }
+        result
+    }
+
     /// The connection, opened if there is none.
-    pub async fn get(&mut self) -> Result<&mut sqlx::PgConnection, sqlx::Error> {
+    async fn get(&mut self) -> Result<&mut sqlx::PgConnection, sqlx::Error> {
         if self.last_used.elapsed() > CHECK_AFTER_IDLE {
             self.check().await;
         }
@@ -183,16 +200,21 @@ impl HeldConnection {
                     <sqlx::PgConnection as sqlx::Connection>::connect_with(self.options.as_ref());
                 tokio::time::timeout(HELD_CONNECTION_TIMEOUT, connect)
                     .await
-                    .map_err(|_| timed_out("connecting"))??
+                    .map_err(|_| {
+                        sqlx::Error::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("connecting took longer than {HELD_CONNECTION_TIMEOUT:?}"),
+                        ))
+                    })??
             }
         };
         Ok(self.conn.insert(conn))
     }
 
     /// Keeps the connection if it answers a ping, drops it if not: after
-    /// a transaction on it failed. A transaction left open by the failure
-    /// is rolled back on the way.
-    pub async fn check(&mut self) {
+    /// a transaction on it failed, or an idle spell. A transaction left
+    /// open by a failure is rolled back on the way.
+    async fn check(&mut self) {
         if let Some(conn) = self.conn.as_mut() {
             let ping = tokio::time::timeout(HELD_CONNECTION_TIMEOUT, sqlx::Connection::ping(conn));
             if !matches!(ping.await, Ok(Ok(()))) {
@@ -209,11 +231,4 @@ impl HeldConnection {
                 tokio::time::timeout(HELD_CONNECTION_TIMEOUT, sqlx::Connection::close(conn)).await;
         }
     }
-}
-
-fn timed_out(what: &str) -> sqlx::Error {
-    sqlx::Error::Io(std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!("{what} took longer than {HELD_CONNECTION_TIMEOUT:?}"),
-    ))
 }

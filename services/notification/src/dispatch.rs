@@ -61,8 +61,8 @@ pub async fn run(
                     Err(_) => break,
                 }
             }
-            let sent = match db.get().await {
-                Ok(conn) => {
+            let sent = db
+                .run(async |conn| {
                     choreo::outbox::publish_after_commit(dispatch_these(
                         conn,
                         &outbox,
@@ -70,11 +70,9 @@ pub async fn run(
                         &ids,
                     ))
                     .await
-                }
-                Err(e) => Err(e),
-            };
+                })
+                .await;
             if let Err(e) = sent {
-                db.check().await;
                 tracing::warn!(error = %e, "dispatch failed; the poll will retry");
             }
             continue;
