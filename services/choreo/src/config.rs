@@ -55,6 +55,11 @@ pub struct Config {
     /// fastest on two cores (docs/bench/round-2026-12-03-f.md).
     #[arg(long, env = "CONSUMER_BATCH_LANES", default_value_t = 1)]
     pub consumer_batch_lanes: usize,
+    /// How long a batching lane whose events come close together waits
+    /// after one arrived for more to share its transaction, in
+    /// microseconds (0: never waits; a quiet lane never does).
+    #[arg(long, env = "CONSUMER_LINGER_US", default_value_t = 0)]
+    pub consumer_linger_us: u64,
     /// Messages delivered and not yet acknowledged, at most.
     #[arg(long, env = "MAX_ACK_PENDING", default_value_t = 512)]
     pub max_ack_pending: i64,

@@ -22,10 +22,17 @@
 //! nothing of the batch is committed and each is applied on its own, so one
 //! bad event costs the others a second try, never their effects. An idle
 //! lane takes one event at a time: batches cost no latency.
+//!
+//! A lane whose events arrive closer together than its linger (on average,
+//! lately) waits up to that long after an event arrived for others to share
+//! its transaction; see [`Consumer::lingering`]. An event on a quiet lane
+//! never waits.
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
@@ -70,6 +77,8 @@ pub struct Consumer<H: Handler> {
     lanes: usize,
     /// Events applied in one transaction at most.
     batch: usize,
+    /// How long a busy lane waits after an event arrived for more to join it.
+    linger: Duration,
     stats: Arc<ConsumerStats>,
     stuck: Option<(Outbox, u64)>,
 }
@@ -83,6 +92,7 @@ impl<H: Handler> Consumer<H> {
             subscription,
             lanes: lanes.max(1),
             batch: 1,
+            linger: Duration::ZERO,
             stats: Arc::default(),
             stuck: None,
         }
@@ -110,6 +120,17 @@ impl<H: Handler> Consumer<H> {
         self
     }
 
+    /// When a batching lane's events have lately arrived less than twice
+    /// `linger` apart on average, it waits until `linger` after an event
+    /// arrived for more to share its transaction (or until the batch is
+    /// full). An event saves a transaction whenever another joins it; it
+    /// waits at most `linger`, and only while events keep coming. Zero: a
+    /// lane takes what has queued and never waits.
+    pub fn lingering(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+
     pub fn stats(&self) -> Arc<ConsumerStats> {
         self.stats.clone()
     }
@@ -121,7 +142,7 @@ impl<H: Handler> Consumer<H> {
         let mut senders = Vec::with_capacity(self.lanes);
         let this = Arc::new(self);
         for _ in 0..this.lanes {
-            let (tx, rx) = mpsc::channel::<(jetstream::Message, Result<Envelope, Reject>)>(32);
+            let (tx, rx) = mpsc::channel::<Arrived>(32);
             senders.push(tx);
             lanes.spawn(this.clone().lane(rx, shutdown.clone()));
         }
@@ -172,7 +193,12 @@ impl<H: Handler> Consumer<H> {
                         let mut hasher = DefaultHasher::new();
                         key.hash(&mut hasher);
                         let lane = (hasher.finish() % senders.len() as u64) as usize;
-                        if senders[lane].send((message, decoded)).await.is_err() {
+                        let arrived = Arrived {
+                            message,
+                            decoded,
+                            at: Instant::now(),
+                        };
+                        if senders[lane].send(arrived).await.is_err() {
                             break 'pull;
                         }
                     }
@@ -196,30 +222,56 @@ impl<H: Handler> Consumer<H> {
         lanes.wait().await;
     }
 
-    async fn lane(
-        self: Arc<Self>,
-        mut rx: mpsc::Receiver<(jetstream::Message, Result<Envelope, Reject>)>,
-        shutdown: CancellationToken,
-    ) {
+    async fn lane(self: Arc<Self>, mut rx: mpsc::Receiver<Arrived>, shutdown: CancellationToken) {
         // Every event is a transaction: the lane keeps one connection for them all.
         let mut db = HeldConnection::like(&self.pool);
+        let linger = if self.batch > 1 && self.handler.batches() {
+            self.linger
+        } else {
+            Duration::ZERO
+        };
+        let mut pace = Pace::default();
         while let Some(first) = rx.recv().await {
+            pace.arrived(first.at);
             // What queued in the lane while it was busy goes in one batch.
             let mut batch = vec![first];
             while batch.len() < self.batch {
                 match rx.try_recv() {
-                    Ok(next) => batch.push(next),
+                    Ok(next) => {
+                        pace.arrived(next.at);
+                        batch.push(next);
+                    }
                     Err(_) => break,
                 }
             }
+            // On a busy lane, what arrives within the linger joins it too.
+            if !linger.is_zero() && pace.closer_than(linger * 2) {
+                let until = batch[0].at + linger;
+                while batch.len() < self.batch {
+                    let next = tokio::select! {
+                        next = tokio::time::timeout_at(until, rx.recv()) => next,
+                        _ = shutdown.cancelled() => break,
+                    };
+                    match next {
+                        Ok(Some(next)) => {
+                            pace.arrived(next.at);
+                            batch.push(next);
+                        }
+                        _ => break,
+                    }
+                }
+            }
             if shutdown.is_cancelled() {
-                for (message, _) in batch {
-                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                for arrived in batch {
+                    let _ = arrived.message.ack_with(AckKind::Nak(None)).await;
                 }
                 continue;
             }
             let mut ready = Vec::with_capacity(batch.len());
-            for (message, decoded) in batch {
+            for Arrived {
+                message, decoded, ..
+            } in batch
+            {
                 if let Some(event) = self.check(message, decoded).await {
                     ready.push(event);
                 }
@@ -503,6 +555,45 @@ impl<H: Handler> Consumer<H> {
                     .await;
             }
         }
+    }
+}
+
+/// A message on its way to a lane, with when the puller received it.
+struct Arrived {
+    message: jetstream::Message,
+    decoded: Result<Envelope, Reject>,
+    at: Instant,
+}
+
+/// How far apart a lane's events have lately arrived: a moving average of
+/// the gaps, each weighing a fifth. A gap longer than a second counts as one
+/// second, so an idle spell makes the lane quiet without swamping the average.
+#[derive(Debug)]
+struct Pace {
+    last: Option<Instant>,
+    mean_gap_secs: f64,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Pace {
+            last: None,
+            mean_gap_secs: 1.0,
+        }
+    }
+}
+
+impl Pace {
+    fn arrived(&mut self, at: Instant) {
+        if let Some(last) = self.last {
+            let gap = at.saturating_duration_since(last).as_secs_f64().min(1.0);
+            self.mean_gap_secs += (gap - self.mean_gap_secs) / 5.0;
+        }
+        self.last = Some(at);
+    }
+
+    fn closer_than(&self, gap: Duration) -> bool {
+        self.mean_gap_secs < gap.as_secs_f64()
     }
 }
 

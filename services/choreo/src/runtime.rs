@@ -217,6 +217,7 @@ impl Service {
             config.consumer_lanes,
         )
         .batching(config.consumer_batch, config.consumer_batch_lanes)
+        .lingering(Duration::from_micros(config.consumer_linger_us))
         .report_stuck(context.outbox.clone(), config.stuck_after_deliveries);
         tasks.spawn(consumer_loop.run(source, shutdown.clone()));
         tasks.spawn(crate::relay::sample_backlog(

@@ -720,3 +720,59 @@ async fn a_lane_keeps_one_connection_and_opens_another_when_the_database_drops_i
         .unwrap();
     assert_eq!(applied, 20);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_lane_waits_a_moment_for_more_events_and_a_quiet_one_does_not() {
+    let s = setup().await;
+    let handler = Arc::new(CountEffects {
+        delay: Duration::ZERO,
+    });
+    let consumer = s.consume_lingering(handler, Duration::from_millis(100), "lingers");
+    let stats = consumer.stats.clone();
+    let applied = |n: u64| {
+        let stats = stats.clone();
+        async move { stats.applied.load(Ordering::SeqCst) == n }
+    };
+
+    // The consumer is pulling: nothing queues from here on.
+    let first = Envelope::new("test", "first", None, &Ping { n: 0 });
+    s.publish_raw("test.ping", first.encode_to_vec()).await;
+    eventually("the first applied", Duration::from_secs(30), || applied(1)).await;
+    assert_eq!(stats.batches.load(Ordering::SeqCst), 0);
+
+    // An event every 20 ms, each applied long before the next arrives: once
+    // the lane has seen a few, it waits up to 100 ms for more to join.
+    let mut every = tokio::time::interval(Duration::from_millis(20));
+    for n in 0..50 {
+        every.tick().await;
+        let env = Envelope::new("test", &format!("busy-{n}"), None, &Ping { n });
+        s.publish_raw("test.ping", env.encode_to_vec()).await;
+    }
+    eventually("fifty more applied", Duration::from_secs(30), || {
+        applied(51)
+    })
+    .await;
+    let batches = stats.batches.load(Ordering::SeqCst);
+    assert!(
+        batches >= 3,
+        "a busy lane shares its transactions: {batches} batches"
+    );
+
+    // After a quiet second, an event is applied as it comes: the next one,
+    // 30 ms behind it, does not find it still waiting.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for n in 0..2 {
+        let env = Envelope::new("test", &format!("quiet-{n}"), None, &Ping { n });
+        s.publish_raw("test.ping", env.encode_to_vec()).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    eventually("two more applied", Duration::from_secs(30), || applied(53)).await;
+    consumer.stop().await;
+    assert_eq!(
+        stats.batches.load(Ordering::SeqCst),
+        batches,
+        "a quiet lane does not wait"
+    );
+    assert_eq!(stats.duplicates.load(Ordering::SeqCst), 0);
+    assert_eq!(s.effect_counts().await, vec![1; 53], "each effect once");
+}

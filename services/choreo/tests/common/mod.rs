@@ -258,9 +258,32 @@ impl Setup {
         batch: usize,
         durable: &str,
     ) -> RunningConsumer {
-        let subscription = Subscription::of(&[Ping::EVENT_TYPE]);
-        let consumer =
-            Consumer::new(self.pool.clone(), handler, subscription, lanes).batching(batch, lanes);
+        self.run_consumer(
+            Consumer::new(self.pool.clone(), handler, Self::pings(), lanes).batching(batch, lanes),
+            durable,
+        )
+    }
+
+    /// One batching lane that waits up to `linger` for more events when they come close together.
+    pub fn consume_lingering<H: Handler>(
+        &self,
+        handler: Arc<H>,
+        linger: Duration,
+        durable: &str,
+    ) -> RunningConsumer {
+        self.run_consumer(
+            Consumer::new(self.pool.clone(), handler, Self::pings(), 1)
+                .batching(self.config.consumer_batch, 1)
+                .lingering(linger),
+            durable,
+        )
+    }
+
+    fn pings() -> Subscription {
+        Subscription::of(&[Ping::EVENT_TYPE])
+    }
+
+    fn run_consumer<H: Handler>(&self, consumer: Consumer<H>, durable: &str) -> RunningConsumer {
         let stats = consumer.stats();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(consumer.run(self.source(durable), shutdown.clone()));
@@ -276,7 +299,7 @@ impl Setup {
             self.js.clone(),
             self.config.clone(),
             durable,
-            Subscription::of(&[Ping::EVENT_TYPE]),
+            Self::pings(),
         )
     }
 
