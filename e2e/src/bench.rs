@@ -47,6 +47,9 @@ pub struct Settings {
     pub open_secs: f64,
     /// The open loop's arrival rate, as a fraction of the spread peak.
     pub open_at: f64,
+    /// Or a fixed arrival rate, in orders/s, whatever the peak (to set
+    /// runs of different code side by side at the same load).
+    pub open_rate: Option<f64>,
     /// Orders placed one at a time on an idle system.
     pub alone: usize,
     /// Connections measuring C, and for how long.
@@ -479,7 +482,10 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
     let left = sys.stock(HOT).await?.available;
     let hot_oversold = left + hot.completed as u64 != settings.orders as u64;
 
-    let rate = (spread.sagas_per_sec * settings.open_at).max(1.0);
+    let rate = settings
+        .open_rate
+        .unwrap_or(spread.sagas_per_sec * settings.open_at)
+        .max(1.0);
     eprintln!(
         "bench: open loop at {rate:.0} orders/s for {} s...",
         settings.open_secs

@@ -15,6 +15,7 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
         skus: 20,
         open_secs: 2.0,
         open_at: 0.5,
+        open_rate: None,
         alone: 2,
         limit_clients: 2,
         limit_secs: 0.5,

@@ -31,6 +31,10 @@ struct Args {
     /// The open loop's arrival rate, as a fraction of the spread peak.
     #[arg(long, default_value_t = 0.5)]
     open_at: f64,
+    /// Or a fixed open-loop arrival rate in orders/s, whatever the peak (to
+    /// compare runs at the same load).
+    #[arg(long)]
+    open_rate: Option<f64>,
     /// Orders placed one at a time on an idle system.
     #[arg(long, default_value_t = 20)]
     alone: usize,
@@ -89,6 +93,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             skus: args.skus,
             open_secs: args.open_secs,
             open_at: args.open_at,
+            open_rate: args.open_rate,
             alone: args.alone,
             limit_clients: args.limit_clients,
             limit_secs: args.limit_secs,
