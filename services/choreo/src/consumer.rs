@@ -23,21 +23,21 @@
 //! bad event costs the others a second try, never their effects. An idle
 //! lane takes one event at a time: batches cost no latency.
 //!
-//! A lane whose events arrive closer together than its linger (on average,
-//! lately) waits up to that long after an event arrived for others to share
-//! its transaction; see [`Consumer::lingering`]. An event on a quiet lane
+//! A lane can be told to linger ([`Consumer::lingering`], off as shipped):
+//! while its events have lately arrived less than twice the linger apart
+//! (on average), it waits until the linger has passed since an event arrived
+//! for others to share that event's transaction. An event on a quiet lane
 //! never waits.
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
