@@ -120,10 +120,13 @@ async fn consumer_shutdown_mid_batch_loses_nothing_and_doubles_nothing() {
         let env = Envelope::new("test", &format!("saga-{}", i % 40), None, &Ping { n: i });
         s.publish_raw("test.ping", env.encode_to_vec()).await;
     }
+    // Slow enough, and in batches small enough, that the 300 cannot all be
+    // applied between the poll that sees 100 and the stop: at most 8 lanes x
+    // 4 events are in flight when it comes, and the rest take 0.75 s.
     let handler = Arc::new(CountEffects {
-        delay: Duration::from_millis(5),
+        delay: Duration::from_millis(20),
     });
-    let first = s.consume(handler.clone(), 8, "stop");
+    let first = s.consume_batching(handler.clone(), 8, 4, "stop");
     let stats = first.stats.clone();
     eventually("a third handled", Duration::from_secs(30), || async {
         stats.applied.load(Ordering::SeqCst) >= 100
