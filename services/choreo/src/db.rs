@@ -11,6 +11,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 /// connections for ever.
 pub const STATEMENT_TIMEOUT: &str = "30s";
 pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "60s";
+/// Longest a worker waits for a database connection: a pooled one, or a
+/// [`HeldConnection`]'s connect or ping.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A pool for `url`, retrying until the database answers or `give_up` passes.
 pub async fn connect(url: &str, give_up: Duration) -> anyhow::Result<PgPool> {
@@ -31,7 +34,7 @@ pub async fn connect_sized(url: &str, give_up: Duration, size: u32) -> anyhow::R
     loop {
         let attempt = PgPoolOptions::new()
             .max_connections(size)
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(CONNECTION_TIMEOUT)
             .connect_with(options.clone())
             .await;
         match attempt {
@@ -138,8 +141,6 @@ impl Wakeup {
 
 /// How long a [`HeldConnection`] may sit unused before it is pinged first.
 const CHECK_AFTER_IDLE: Duration = Duration::from_secs(10);
-/// How long a ping or a connect of a [`HeldConnection`] may take.
-const HELD_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A connection one worker keeps for all its transactions, opened with a
 /// pool's options but outside it: a consumer's lane, whose every event is a
@@ -198,12 +199,12 @@ impl HeldConnection {
             None => {
                 let connect =
                     <sqlx::PgConnection as sqlx::Connection>::connect_with(self.options.as_ref());
-                tokio::time::timeout(HELD_CONNECTION_TIMEOUT, connect)
+                tokio::time::timeout(CONNECTION_TIMEOUT, connect)
                     .await
                     .map_err(|_| {
                         sqlx::Error::Io(std::io::Error::new(
                             std::io::ErrorKind::TimedOut,
-                            format!("connecting took longer than {HELD_CONNECTION_TIMEOUT:?}"),
+                            format!("connecting took longer than {CONNECTION_TIMEOUT:?}"),
                         ))
                     })??
             }
@@ -216,7 +217,7 @@ impl HeldConnection {
     /// open by a failure is rolled back on the way.
     async fn check(&mut self) {
         if let Some(conn) = self.conn.as_mut() {
-            let ping = tokio::time::timeout(HELD_CONNECTION_TIMEOUT, sqlx::Connection::ping(conn));
+            let ping = tokio::time::timeout(CONNECTION_TIMEOUT, sqlx::Connection::ping(conn));
             if !matches!(ping.await, Ok(Ok(()))) {
                 tracing::debug!("held database connection does not answer; opening another");
                 self.conn = None;
@@ -227,8 +228,7 @@ impl HeldConnection {
     /// Says goodbye to the server, if there is a connection.
     pub async fn close(mut self) {
         if let Some(conn) = self.conn.take() {
-            let _ =
-                tokio::time::timeout(HELD_CONNECTION_TIMEOUT, sqlx::Connection::close(conn)).await;
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, sqlx::Connection::close(conn)).await;
         }
     }
 }
