@@ -9,6 +9,7 @@ use crate::Tx;
 use crate::barrier::{self, Claim, Claimed, Claims};
 use crate::envelope::{Envelope, Reject};
 use crate::handler::{Decode, HandleError, Handler};
+use crate::outbox;
 
 /// What happened to one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,7 +79,7 @@ pub async fn apply_decoded<'c, H: Handler>(
 ) -> Result<Outcome, HandleError> {
     after_commit_of(
         |outcome| matches!(outcome, Ok(Outcome::Applied)),
-        apply_in_tx(db, handler, claims, envelope, event),
+        outbox::at_end_of(apply_in_tx(db, handler, claims, envelope, event)),
     )
     .await
 }
@@ -103,7 +104,11 @@ pub async fn apply_batch<'c, H: Handler>(
     claims: &Claims,
     events: Vec<Batched<'_, H::Event>>,
 ) -> Result<Vec<Outcome>, HandleError> {
-    after_commit_of(Result::is_ok, batch_in_tx(db, handler, claims, events)).await
+    after_commit_of(
+        Result::is_ok,
+        outbox::at_end_of(batch_in_tx(db, handler, claims, events)),
+    )
+    .await
 }
 
 /// [`apply_batch`] for events not yet decoded, as [`apply`] is to
@@ -136,7 +141,7 @@ async fn after_commit_of<T>(
     work: impl Future<Output = T>,
 ) -> T {
     let ((result, after), written) =
-        crate::outbox::capture(AFTER_COMMIT.scope(Default::default(), async {
+        outbox::capture(AFTER_COMMIT.scope(Default::default(), async {
             let result = work.await;
             (result, AFTER_COMMIT.with(|queue| queue.take()))
         }))
@@ -193,6 +198,7 @@ async fn apply_in_tx<'c, H: Handler>(
     let mut tx = db.begin().await?;
     match record_and_handle(&mut tx, handler, claims, envelope, event).await {
         Ok(true) => {
+            outbox::write_at_end(&mut tx).await?;
             tx.commit().await?;
             Ok(Outcome::Applied)
         }
@@ -262,6 +268,7 @@ async fn handle_batch<H: Handler>(
             Outcome::Duplicate
         });
     }
+    outbox::write_at_end(&mut tx).await?;
     tx.commit().await?;
     Ok(outcomes)
 }

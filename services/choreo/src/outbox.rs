@@ -165,39 +165,161 @@ impl Outbox {
         tx: &mut PgConnection,
         envelope: &Envelope,
     ) -> Result<(), sqlx::Error> {
-        let mut row = Row {
+        insert_all(tx, &[(self, envelope)]).await
+    }
+
+    /// Inserts already built envelopes in one statement, in their order:
+    /// for work that writes several events in one transaction.
+    pub async fn insert_all(
+        &self,
+        tx: &mut PgConnection,
+        envelopes: &[Envelope],
+    ) -> Result<(), sqlx::Error> {
+        if envelopes.is_empty() {
+            return Ok(());
+        }
+        let events: Vec<(&Outbox, &Envelope)> = envelopes.iter().map(|e| (self, e)).collect();
+        insert_all(tx, &events).await
+    }
+
+    /// Writes a new event as [`Outbox::emit`] does, except inside the inbox
+    /// step: there it is written just before the step's transaction commits,
+    /// in one statement with every other event its batch writes this way.
+    /// For the last write of an event's effects (a step's outcome), never
+    /// inside a savepoint that may still roll back: the event would stay.
+    pub(crate) async fn emit_at_end<P: EventPayload>(
+        &self,
+        tx: &mut PgConnection,
+        saga_id: &str,
+        cause: Option<&Envelope>,
+        payload: &P,
+    ) -> Result<(), sqlx::Error> {
+        let envelope = self.envelope(saga_id, cause, payload);
+        let mut envelope = Some(envelope);
+        let _ = AT_END.try_with(|at_end| {
+            if let Some(envelope) = envelope.take() {
+                at_end.borrow_mut().push((self.clone(), envelope));
+            }
+        });
+        match envelope {
+            Some(envelope) => self.insert(tx, &envelope).await,
+            None => Ok(()),
+        }
+    }
+}
+
+tokio::task_local! {
+    /// The events [`Outbox::emit_at_end`] left for the end of the inbox
+    /// step's transaction.
+    static AT_END: RefCell<Vec<(Outbox, Envelope)>>;
+}
+
+/// Runs `work`, one attempt of the inbox step's transaction, in which
+/// [`Outbox::emit_at_end`] leaves its events for [`write_at_end`].
+pub(crate) async fn at_end_of<T>(work: impl Future<Output = T>) -> T {
+    AT_END.scope(RefCell::new(Vec::new()), work).await
+}
+
+/// Writes the events [`Outbox::emit_at_end`] left so far into `tx`, in one
+/// statement: the inbox step calls it just before it commits.
+pub(crate) async fn write_at_end(tx: &mut PgConnection) -> Result<(), sqlx::Error> {
+    let events = AT_END.try_with(|at_end| at_end.take()).unwrap_or_default();
+    if events.is_empty() {
+        return Ok(());
+    }
+    let events: Vec<(&Outbox, &Envelope)> = events.iter().map(|(o, e)| (o, e)).collect();
+    insert_all(tx, &events).await
+}
+
+/// Inserts `events` into the outbox of the open `tx` in one statement, in
+/// their order (their seqs ascend in it), and hands the rows of outboxes
+/// that publish after commit to [`capture`].
+async fn insert_all(
+    tx: &mut PgConnection,
+    events: &[(&Outbox, &Envelope)],
+) -> Result<(), sqlx::Error> {
+    let mut rows: Vec<Row> = events
+        .iter()
+        .map(|(outbox, envelope)| Row {
             seq: 0,
             event_id: envelope.id(),
             saga_id: envelope.saga_id.clone(),
-            subject: format!("{}.{}", self.subject_prefix, envelope.event_type),
+            subject: format!("{}.{}", outbox.subject_prefix, envelope.event_type),
             payload: envelope.encode_to_vec(),
             traceparent: envelope.traceparent.clone(),
-        };
-        // Without a publisher the relay publishes every row, woken at commit
-        // by the NOTIFY. With one, nobody waits for it: no NOTIFY, which would
-        // serialize this commit with every other notifying one; the row's seq
-        // comes back, for marking it sent once it is published.
-        let insert = if self.publisher.is_some() {
-            "INSERT INTO choreo_outbox (event_id, subject, event_type, saga_id, payload, traceparent)
-             VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq"
-        } else {
+        })
+        .collect();
+    // Without a publisher the relay publishes every row, woken at commit
+    // by the NOTIFY. With one, nobody waits for it: no NOTIFY, which would
+    // serialize this commit with every other notifying one; the rows' seqs
+    // come back, for marking them sent once they are published.
+    let notify = events.iter().any(|(outbox, _)| outbox.publisher.is_none());
+    let seqs: Vec<i64> = if let [(_, envelope)] = events {
+        let row = &rows[0];
+        sqlx::query_scalar(if notify {
             "WITH written AS (
                  INSERT INTO choreo_outbox (event_id, subject, event_type, saga_id, payload, traceparent)
                  VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq)
              SELECT seq FROM written, pg_notify('choreo_outbox', '')"
-        };
-        row.seq = sqlx::query_scalar(insert)
-            .bind(row.event_id)
-            .bind(&row.subject)
-            .bind(&envelope.event_type)
-            .bind(&row.saga_id)
-            .bind(&row.payload)
-            .bind(&row.traceparent)
-            .fetch_one(tx)
-            .await?;
-        if let Some(publisher) = &self.publisher {
+        } else {
+            "INSERT INTO choreo_outbox (event_id, subject, event_type, saga_id, payload, traceparent)
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq"
+        })
+        .bind(row.event_id)
+        .bind(&row.subject)
+        .bind(&envelope.event_type)
+        .bind(&row.saga_id)
+        .bind(&row.payload)
+        .bind(&row.traceparent)
+        .fetch_all(&mut *tx)
+        .await?
+    } else {
+        // Sorted by their place in the arrays before the insert numbers
+        // them, so a saga's events keep their order in the outbox.
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.event_id).collect();
+        let subjects: Vec<&str> = rows.iter().map(|r| r.subject.as_str()).collect();
+        let types: Vec<&str> = events.iter().map(|(_, e)| e.event_type.as_str()).collect();
+        let sagas: Vec<&str> = rows.iter().map(|r| r.saga_id.as_str()).collect();
+        let payloads: Vec<&[u8]> = rows.iter().map(|r| r.payload.as_slice()).collect();
+        let traceparents: Vec<&str> = rows.iter().map(|r| r.traceparent.as_str()).collect();
+        let mut written: Vec<(i64, Uuid)> = sqlx::query_as(if notify {
+            "WITH written AS (
+                 INSERT INTO choreo_outbox (event_id, subject, event_type, saga_id, payload, traceparent)
+                 SELECT event_id, subject, event_type, saga_id, payload, traceparent
+                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[])
+                     WITH ORDINALITY AS e (event_id, subject, event_type, saga_id, payload, traceparent, n)
+                 ORDER BY n
+                 RETURNING seq, event_id)
+             SELECT seq, event_id FROM written, pg_notify('choreo_outbox', '')"
+        } else {
+            "INSERT INTO choreo_outbox (event_id, subject, event_type, saga_id, payload, traceparent)
+             SELECT event_id, subject, event_type, saga_id, payload, traceparent
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[])
+                 WITH ORDINALITY AS e (event_id, subject, event_type, saga_id, payload, traceparent, n)
+             ORDER BY n
+             RETURNING seq, event_id"
+        })
+        .bind(&ids)
+        .bind(&subjects)
+        .bind(&types)
+        .bind(&sagas)
+        .bind(&payloads)
+        .bind(&traceparents)
+        .fetch_all(&mut *tx)
+        .await?;
+        let by_id: std::collections::HashMap<Uuid, i64> =
+            written.drain(..).map(|(seq, id)| (id, seq)).collect();
+        ids.iter()
+            .map(|id| by_id.get(id).copied().unwrap_or(0))
+            .collect()
+    };
+    for (row, seq) in rows.iter_mut().zip(seqs) {
+        row.seq = seq;
+    }
+    for ((outbox, _), row) in events.iter().zip(rows) {
+        if let Some(publisher) = &outbox.publisher {
             let _ = WRITTEN.try_with(|written| written.borrow_mut().push((publisher.clone(), row)));
         }
-        Ok(())
     }
+    Ok(())
 }

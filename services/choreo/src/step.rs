@@ -86,13 +86,13 @@ pub async fn act<S: CompensableStep>(
     match step.work(tx, envelope, input).await? {
         Verdict::Succeeded(success) => {
             step.outbox()
-                .emit(tx, saga, Some(envelope), &success)
+                .emit_at_end(tx, saga, Some(envelope), &success)
                 .await?;
         }
         Verdict::Failed(failure) => {
             tracing::info!(step = S::NAME, "step failed");
             step.outbox()
-                .emit(tx, saga, Some(envelope), &failure)
+                .emit_at_end(tx, saga, Some(envelope), &failure)
                 .await?;
         }
         Verdict::Later => {}
@@ -122,7 +122,7 @@ pub async fn compensate<S: CompensableStep>(
     let compensated = step.undo(tx, envelope, undo, cause).await?;
     tracing::info!(step = S::NAME, ?undo, "step compensated");
     step.outbox()
-        .emit(tx, saga, Some(envelope), &compensated)
+        .emit_at_end(tx, saga, Some(envelope), &compensated)
         .await?;
     Ok(())
 }

@@ -248,12 +248,31 @@ async fn send_and_record(
     }))
     .await;
     let mut outcomes = Vec::with_capacity(due.len());
+    let mut sent = Vec::new();
+    let mut events = Vec::new();
     for ((message, (span, cause)), answer) in due.iter().zip(&spans).zip(answers) {
-        let outcome = record(&mut tx, outbox, sender, message, cause.as_ref(), answer)
+        let (outcome, event) = record(&mut tx, outbox, sender, message, cause.as_ref(), answer)
             .instrument(span.clone())
             .await?;
+        if outcome == Dispatched::Sent {
+            sent.push(message.notification_id);
+        }
+        events.extend(event);
         outcomes.push(outcome);
     }
+    // The usual answer, sent, is marked for all at once, and the events
+    // written in one statement.
+    if !sent.is_empty() {
+        sqlx::query(
+            "UPDATE notifications SET status = $2, sent_at = now(), attempts = attempts + 1, last_error = NULL
+             WHERE notification_id = ANY($1)",
+        )
+        .bind(&sent)
+        .bind(Status::Sent)
+        .execute(&mut *tx)
+        .await?;
+    }
+    outbox.insert_all(&mut tx, &events).await?;
     tx.commit().await?;
     for (message, outcome) in due.iter().zip(&outcomes) {
         metrics::counter!("notifications_total", "kind" => message.kind.as_str(), "outcome" => outcome.label())
@@ -262,8 +281,9 @@ async fn send_and_record(
     Ok(outcomes)
 }
 
-/// Marks one message by the provider's answer, and writes the saga event a
-/// confirmation's answer calls for.
+/// Marks one message by the provider's answer (a sent one is left to the
+/// caller, which marks all of them at once), and builds the saga event a
+/// confirmation's answer calls for, for the caller to write.
 async fn record(
     tx: &mut PgConnection,
     outbox: &Outbox,
@@ -271,30 +291,22 @@ async fn record(
     message: &Due,
     cause: Option<&Envelope>,
     answer: Result<(), SendError>,
-) -> Result<Dispatched, sqlx::Error> {
+) -> Result<(Dispatched, Option<Envelope>), sqlx::Error> {
     let id = message.notification_id;
     let order_id = message.order_id;
     let saga_id = order_id.to_string();
     let confirmation = message.kind == Kind::Confirmation;
     Ok(match answer {
         Ok(()) => {
-            sqlx::query(
-                "UPDATE notifications SET status = $2, sent_at = now(), attempts = attempts + 1, last_error = NULL
-                 WHERE notification_id = $1",
-            )
-            .bind(id)
-            .bind(Status::Sent)
-            .execute(&mut *tx)
-            .await?;
-            if confirmation {
+            let sent = confirmation.then(|| {
                 let sent = ev::NotificationSent {
                     notification_id: id.to_string(),
                     channel: sender.channel().to_owned(),
                 };
-                outbox.emit(tx, &saga_id, cause, &sent).await?;
-            }
+                outbox.envelope(&saga_id, cause, &sent)
+            });
             tracing::info!("notification sent");
-            Dispatched::Sent
+            (Dispatched::Sent, sent)
         }
         Err(SendError::Undeliverable(why)) => {
             let why = scrubbed(&why, &message.recipient);
@@ -308,13 +320,14 @@ async fn record(
             .bind(Status::Failed)
             .execute(&mut *tx)
             .await?;
-            if confirmation {
+            let failed = if confirmation {
                 let failed = record_failure(tx, order_id, reason.clone()).await?;
-                outbox.emit(tx, &saga_id, cause, &failed).await?;
+                Some(outbox.envelope(&saga_id, cause, &failed))
             } else {
                 tracing::info!(%reason, "cancellation notice undeliverable");
-            }
-            Dispatched::Failed(reason)
+                None
+            };
+            (Dispatched::Failed(reason), failed)
         }
         Err(SendError::Unavailable(why)) => {
             let why = scrubbed(&why, &message.recipient);
@@ -331,7 +344,7 @@ async fn record(
             .execute(&mut *tx)
             .await?;
             tracing::warn!(error = %why, retry_in = ?wait, "notification deferred");
-            Dispatched::Deferred(why)
+            (Dispatched::Deferred(why), None)
         }
     })
 }

@@ -315,6 +315,7 @@ async fn one_batch_records_each_answer_on_its_own() {
         "ada@example.com",
         "bo@nowhere.invalid",
         "greylisted@example.com",
+        "cy@example.com",
     ];
     let orders: Vec<String> = contacts
         .iter()
@@ -325,17 +326,25 @@ async fn one_batch_records_each_answer_on_its_own() {
     }
     let provider = Provider::default();
     let outcomes = dispatch(&pool, &outbox(), &provider, 10).await.unwrap();
-    assert_eq!(outcomes.len(), 3);
+    assert_eq!(outcomes.len(), 4);
     assert_eq!(outcomes[0], Dispatched::Sent);
     assert!(matches!(&outcomes[1], Dispatched::Failed(r) if r.contains("bounced")));
     assert!(matches!(&outcomes[2], Dispatched::Deferred(_)));
-    assert_eq!(
-        types(&emitted(&pool, &orders[0]).await),
-        ["notification.sent"]
-    );
+    assert_eq!(outcomes[3], Dispatched::Sent);
+    for sent in [&orders[0], &orders[3]] {
+        assert_eq!(types(&emitted(&pool, sent).await), ["notification.sent"]);
+        assert_eq!(
+            statuses(&pool, sent).await,
+            [("CONFIRMATION".into(), "SENT".into())]
+        );
+    }
     assert_eq!(
         types(&emitted(&pool, &orders[1]).await),
         ["notification.failed"]
+    );
+    assert_eq!(
+        statuses(&pool, &orders[1]).await,
+        [("CONFIRMATION".into(), "FAILED".into())]
     );
     assert!(emitted(&pool, &orders[2]).await.is_empty());
     assert_eq!(
