@@ -130,6 +130,10 @@ impl Outbox {
     }
 
     /// Inserts a new event for `saga_id`, caused by `cause`, into the open transaction `tx`.
+    ///
+    /// Written at once. In a handler that also runs a compensable step
+    /// ([`crate::step`]), it lands before the step's event whichever came
+    /// first: the inbox step writes the steps' events at its end.
     pub async fn emit<P: EventPayload>(
         &self,
         tx: &mut PgConnection,
