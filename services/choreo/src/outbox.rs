@@ -179,9 +179,6 @@ impl Outbox {
         tx: &mut PgConnection,
         envelopes: &[Envelope],
     ) -> Result<(), sqlx::Error> {
-        if envelopes.is_empty() {
-            return Ok(());
-        }
         let events: Vec<(&Outbox, &Envelope)> = envelopes.iter().map(|e| (self, e)).collect();
         insert_all(tx, &events).await
     }
@@ -199,16 +196,11 @@ impl Outbox {
         payload: &P,
     ) -> Result<(), sqlx::Error> {
         let envelope = self.envelope(saga_id, cause, payload);
-        let mut envelope = Some(envelope);
-        let _ = AT_END.try_with(|at_end| {
-            if let Some(envelope) = envelope.take() {
-                at_end.borrow_mut().push((self.clone(), envelope));
-            }
-        });
-        match envelope {
-            Some(envelope) => self.insert(tx, &envelope).await,
-            None => Ok(()),
+        if AT_END.try_with(|_| ()).is_err() {
+            return self.insert(tx, &envelope).await;
         }
+        AT_END.with(|at_end| at_end.borrow_mut().push((self.clone(), envelope)));
+        Ok(())
     }
 }
 
@@ -228,20 +220,20 @@ pub(crate) async fn at_end_of<T>(work: impl Future<Output = T>) -> T {
 /// statement: the inbox step calls it just before it commits.
 pub(crate) async fn write_at_end(tx: &mut PgConnection) -> Result<(), sqlx::Error> {
     let events = AT_END.try_with(|at_end| at_end.take()).unwrap_or_default();
-    if events.is_empty() {
-        return Ok(());
-    }
     let events: Vec<(&Outbox, &Envelope)> = events.iter().map(|(o, e)| (o, e)).collect();
     insert_all(tx, &events).await
 }
 
 /// Inserts `events` into the outbox of the open `tx` in one statement, in
 /// their order (their seqs ascend in it), and hands the rows of outboxes
-/// that publish after commit to [`capture`].
+/// that publish after commit to [`capture`]. No events, no statement.
 async fn insert_all(
     tx: &mut PgConnection,
     events: &[(&Outbox, &Envelope)],
 ) -> Result<(), sqlx::Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
     let mut rows: Vec<Row> = events
         .iter()
         .map(|(outbox, envelope)| Row {
@@ -286,7 +278,7 @@ async fn insert_all(
         let sagas: Vec<&str> = rows.iter().map(|r| r.saga_id.as_str()).collect();
         let payloads: Vec<&[u8]> = rows.iter().map(|r| r.payload.as_slice()).collect();
         let traceparents: Vec<&str> = rows.iter().map(|r| r.traceparent.as_str()).collect();
-        let mut written: Vec<(i64, Uuid)> = sqlx::query_as(if notify {
+        let written: Vec<(i64, Uuid)> = sqlx::query_as(if notify {
             "WITH written AS (
                  INSERT INTO choreo_outbox (event_id, subject, event_type, saga_id, payload, traceparent)
                  SELECT event_id, subject, event_type, saga_id, payload, traceparent
@@ -312,7 +304,7 @@ async fn insert_all(
         .fetch_all(&mut *tx)
         .await?;
         let by_id: std::collections::HashMap<Uuid, i64> =
-            written.drain(..).map(|(seq, id)| (id, seq)).collect();
+            written.into_iter().map(|(seq, id)| (id, seq)).collect();
         ids.iter()
             .map(|id| by_id.get(id).copied().unwrap_or(0))
             .collect()
