@@ -23,6 +23,16 @@
 //! bad event costs the others a second try, never their effects. An idle
 //! lane takes one event at a time: batches cost no latency.
 //!
+//! Every instance of a service pulls from the same durable consumer. Where
+//! the consumer pulls by priority ([`crate::provision::PULL_GROUP`]), the
+//! instance whose relay leads pulls first and the others behind it: one
+//! instance takes every event while it keeps up, so batches stay as large as
+//! a lone instance's; the others take what it leaves when it falls behind,
+//! and everything the moment it is gone (its pull goes with its connection).
+//! When leadership moves, an instance pulls again at its new place and hands
+//! on what the old pull had brought; a message still on its way to the old
+//! pull comes again after the ack wait.
+//!
 //! A lane can be told to linger ([`Consumer::lingering`], off as shipped):
 //! while its events have lately arrived less than twice the linger apart
 //! (on average), it waits until the linger has passed since an event arrived
@@ -64,11 +74,17 @@ pub struct ConsumerStats {
     pub batches: AtomicU64,
     /// Batches that failed and were applied one event at a time instead.
     pub batch_fallbacks: AtomicU64,
+    /// The priority the open pull asks for (0 first): `None` before the
+    /// first pull, or for a consumer without a priority group.
+    pub pulling_at: std::sync::Mutex<Option<usize>>,
 }
 
 const IN_LANE_ATTEMPTS: u32 = 5;
 /// Idle heartbeat of a pull request; a pull request lives five of them.
 const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+/// How long a starting instance waits to learn whether its relay leads
+/// before it pulls (behind the others) anyway.
+const LEADERSHIP_WAIT: Duration = Duration::from_secs(2);
 
 pub struct Consumer<H: Handler> {
     pool: PgPool,
@@ -81,6 +97,61 @@ pub struct Consumer<H: Handler> {
     linger: Duration,
     stats: Arc<ConsumerStats>,
     stuck: Option<(Outbox, u64)>,
+    /// Whether this instance leads (its relay's [`crate::relay::Relay::leadership`]).
+    preferred: Option<tokio::sync::watch::Receiver<Option<bool>>>,
+}
+
+/// Opens the pull stream of `consumer`, in [`crate::provision::PULL_GROUP`]
+/// at `priority` when it pulls by priority.
+async fn pull(
+    consumer: &jetstream::consumer::PullConsumer,
+    priority: Option<usize>,
+) -> Result<jetstream::consumer::pull::Stream, jetstream::consumer::StreamError> {
+    // Short heartbeats: after a consumer leader change on a cluster the open
+    // pull request is gone, and two missed heartbeats are how the client
+    // finds out and asks the new leader.
+    let stream = consumer
+        .stream()
+        .heartbeat(PULL_HEARTBEAT)
+        .expires(PULL_HEARTBEAT * 5);
+    match priority {
+        Some(priority) => {
+            stream
+                .group(crate::provision::PULL_GROUP)
+                .priority(priority)
+                .messages()
+                .await
+        }
+        None => stream.messages().await,
+    }
+}
+
+/// Resolves when `preferred` changes; never without one, or once its relay is gone.
+async fn changed(preferred: Option<&mut tokio::sync::watch::Receiver<Option<bool>>>) {
+    if let Some(preferred) = preferred
+        && preferred.changed().await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
+}
+
+/// Hands `message` to its saga's lane; false once the lanes are gone.
+async fn route(senders: &[mpsc::Sender<Arrived>], message: jetstream::Message) -> bool {
+    let decoded = Envelope::from_bytes(&message.payload);
+    let key = match &decoded {
+        Ok(env) => env.saga_id.as_str(),
+        Err(_) => message.subject.as_str(),
+    };
+    let mut hasher = DefaultHasher::new();
+    key.hash(&mut hasher);
+    let lane = (hasher.finish() % senders.len() as u64) as usize;
+    let arrived = Arrived {
+        message,
+        decoded,
+        at: Instant::now(),
+    };
+    senders[lane].send(arrived).await.is_ok()
 }
 
 impl<H: Handler> Consumer<H> {
@@ -95,6 +166,7 @@ impl<H: Handler> Consumer<H> {
             linger: Duration::ZERO,
             stats: Arc::default(),
             stuck: None,
+            preferred: None,
         }
     }
 
@@ -131,6 +203,15 @@ impl<H: Handler> Consumer<H> {
         self
     }
 
+    /// Pull ahead of the service's other instances while `leading` says
+    /// this one leads, behind them otherwise (when the durable consumer
+    /// pulls by priority: [`crate::provision::PULL_GROUP`]). Without it, an
+    /// instance pulls at the front, level with any other.
+    pub fn preferred_while(mut self, leading: tokio::sync::watch::Receiver<Option<bool>>) -> Self {
+        self.preferred = Some(leading);
+        self
+    }
+
     pub fn stats(&self) -> Arc<ConsumerStats> {
         self.stats.clone()
     }
@@ -146,6 +227,7 @@ impl<H: Handler> Consumer<H> {
             senders.push(tx);
             lanes.spawn(this.clone().lane(rx, shutdown.clone()));
         }
+        let mut preferred = this.preferred.clone();
         'pull: while !shutdown.is_cancelled() {
             let consumer = match source.get().await {
                 Ok(consumer) => consumer,
@@ -157,17 +239,12 @@ impl<H: Handler> Consumer<H> {
                     }
                 }
             };
-            // Short heartbeats: after a consumer leader change on a cluster
-            // the open pull request is gone, and two missed heartbeats are
-            // how the client finds out and asks the new leader.
-            let pulled = consumer
-                .stream()
-                .heartbeat(PULL_HEARTBEAT)
-                .expires(PULL_HEARTBEAT * 5)
-                .messages()
-                .await;
-            let mut messages = match pulled {
-                Ok(messages) => messages,
+            let mut priority = this.pull_priority(&consumer, preferred.as_mut()).await;
+            let mut messages = match pull(&consumer, priority).await {
+                Ok(messages) => {
+                    *this.stats.pulling_at.lock().unwrap() = priority;
+                    messages
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot pull messages yet; retrying");
                     tokio::select! {
@@ -180,25 +257,38 @@ impl<H: Handler> Consumer<H> {
             loop {
                 let next = tokio::select! {
                     next = messages.next() => next,
+                    // This instance began or stopped leading: pull again at
+                    // its new place.
+                    () = changed(preferred.as_mut()), if priority.is_some() => {
+                        let now = this.pull_priority(&consumer, preferred.as_mut()).await;
+                        if now == priority {
+                            continue;
+                        }
+                        let Ok(again) = pull(&consumer, now).await else {
+                            continue 'pull;
+                        };
+                        // What the old pull was sent before the broker saw
+                        // the new one is here once a round trip is: hand it
+                        // on. Anything later comes again after the ack wait.
+                        let _ = source.client().flush().await;
+                        while let Some(Some(Ok(message))) =
+                            futures::FutureExt::now_or_never(messages.next())
+                        {
+                            if !route(&senders, message).await {
+                                break 'pull;
+                            }
+                        }
+                        tracing::info!(from = ?priority, to = ?now, "pulling at a new priority");
+                        (messages, priority) = (again, now);
+                        *this.stats.pulling_at.lock().unwrap() = priority;
+                        continue;
+                    }
                     _ = shutdown.cancelled() => break 'pull,
                 };
                 match next {
                     Some(Ok(message)) => {
                         failures = 0;
-                        let decoded = Envelope::from_bytes(&message.payload);
-                        let key = match &decoded {
-                            Ok(env) => env.saga_id.as_str(),
-                            Err(_) => message.subject.as_str(),
-                        };
-                        let mut hasher = DefaultHasher::new();
-                        key.hash(&mut hasher);
-                        let lane = (hasher.finish() % senders.len() as u64) as usize;
-                        let arrived = Arrived {
-                            message,
-                            decoded,
-                            at: Instant::now(),
-                        };
-                        if senders[lane].send(arrived).await.is_err() {
+                        if !route(&senders, message).await {
                             break 'pull;
                         }
                     }
@@ -220,6 +310,27 @@ impl<H: Handler> Consumer<H> {
         drop(senders);
         lanes.close();
         lanes.wait().await;
+    }
+
+    /// The priority this instance pulls at: `None` when the consumer pulls
+    /// without a group (provisioned before priorities, or a test's own),
+    /// 0 while this instance's relay leads or when nothing says who leads,
+    /// 1 otherwise. At start it waits a moment for the relay's first try
+    /// for the lock, so an instance starts in its place.
+    async fn pull_priority(
+        &self,
+        consumer: &jetstream::consumer::PullConsumer,
+        preferred: Option<&mut tokio::sync::watch::Receiver<Option<bool>>>,
+    ) -> Option<usize> {
+        if !crate::provision::pulls_by_priority(consumer) {
+            return None;
+        }
+        let Some(preferred) = preferred else {
+            return Some(0);
+        };
+        let _ = tokio::time::timeout(LEADERSHIP_WAIT, preferred.wait_for(Option::is_some)).await;
+        let leads = *preferred.borrow_and_update() == Some(true);
+        Some(if leads { 0 } else { 1 })
     }
 
     async fn lane(self: Arc<Self>, mut rx: mpsc::Receiver<Arrived>, shutdown: CancellationToken) {

@@ -15,7 +15,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::consumer::{DeliverPolicy, PriorityPolicy, pull};
 use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, stream};
 
@@ -36,6 +36,11 @@ pub struct ConsumerSource {
 }
 
 impl ConsumerSource {
+    /// The NATS connection the consumer pulls on.
+    pub fn client(&self) -> async_nats::Client {
+        self.js.client()
+    }
+
     /// The durable consumer `durable` (the service's name) over `subscription`.
     pub fn new(
         js: jetstream::Context,
@@ -203,6 +208,27 @@ pub async fn ensure_stream(
     Ok(stream)
 }
 
+/// The priority group every instance of a service pulls its durable
+/// consumer in. The consumer's policy is `prioritized` (nats-server 2.12+):
+/// a message goes to the waiting pull with the lowest priority number, and
+/// among equals in turn. The instance whose relay leads pulls at 0, the
+/// others at 1 ([`crate::consumer::Consumer::preferred_while`]), so one
+/// instance takes every event while it keeps up, in batches as large as a
+/// lone instance's, and the others take what it leaves: the overflow when
+/// it falls behind, everything the moment it is gone.
+pub const PULL_GROUP: &str = "instances";
+
+/// Whether `consumer` pulls in [`PULL_GROUP`] by priority (a consumer
+/// provisioned before it did pulls without a group, every instance in turn).
+pub fn pulls_by_priority(consumer: &jetstream::consumer::PullConsumer) -> bool {
+    let config = &consumer.cached_info().config;
+    config.priority_policy == PriorityPolicy::Prioritized
+        && config
+            .priority_groups
+            .iter()
+            .any(|group| group == PULL_GROUP)
+}
+
 /// The durable pull consumer named `durable`, filtering exactly the subjects
 /// of `subscription`: created if missing, left as it is if its filter is
 /// ours, updated in place when we consume fewer subjects, and recreated from
@@ -235,6 +261,8 @@ pub async fn ensure_consumer(
         max_ack_pending: config.max_ack_pending,
         max_deliver: -1,
         metadata: metadata(durable),
+        priority_groups: vec![PULL_GROUP.to_owned()],
+        priority_policy: PriorityPolicy::Prioritized,
         ..Default::default()
     };
     let create = |deliver_policy| async move {

@@ -99,6 +99,10 @@ pub struct Relay {
     /// stream says it does not allow them.
     atomic: Arc<AtomicBool>,
     stats: Arc<RelayStats>,
+    /// Whether this relay leads: `None` until its first try for the lock
+    /// has answered. The consumer of the same instance pulls first while
+    /// it leads ([`crate::consumer::Consumer::preferred_while`]).
+    leading: Arc<tokio::sync::watch::Sender<Option<bool>>>,
 }
 
 /// Publishes the rows a transaction wrote right after it committed, and has
@@ -417,7 +421,14 @@ impl Relay {
             grace: Duration::ZERO,
             atomic: Arc::new(AtomicBool::new(true)),
             stats: Arc::default(),
+            leading: Arc::new(tokio::sync::watch::channel(None).0),
         }
+    }
+
+    /// Whether this relay leads its database's outbox: `None` until its
+    /// first try for the leader lock has answered, then each change.
+    pub fn leadership(&self) -> tokio::sync::watch::Receiver<Option<bool>> {
+        self.leading.subscribe()
     }
 
     /// Sends every row on its own, never as an atomic batch (for a stream
@@ -468,6 +479,11 @@ impl Relay {
             if locked {
                 break;
             }
+            self.leading.send_if_modified(|leading| {
+                let changed = *leading != Some(false);
+                *leading = Some(false);
+                changed
+            });
             tokio::select! {
                 _ = tokio::time::sleep(self.poll * 2) => {}
                 _ = shutdown.cancelled() => return Ok(()),
@@ -475,8 +491,10 @@ impl Relay {
         }
         tracing::info!("relay is the leader for this database");
         self.stats.leader.store(true, Ordering::SeqCst);
+        self.leading.send_replace(Some(true));
         let result = self.relay_as_leader(&mut conn, shutdown).await;
         self.stats.leader.store(false, Ordering::SeqCst);
+        self.leading.send_replace(Some(false));
         let _ = conn.close().await; // closing the session releases the lock
         result
     }

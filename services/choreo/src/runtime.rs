@@ -200,6 +200,7 @@ impl Service {
             Duration::from_millis(config.relay_poll_ms),
         )
         .sweeping_after(sweep_after);
+        let leadership = relay.leadership();
         tasks.spawn(relay.run(shutdown.clone()));
         // Every service also serves its dead letters, replayed through its own handler.
         let dead_letters =
@@ -218,7 +219,8 @@ impl Service {
         )
         .batching(config.consumer_batch, config.consumer_batch_lanes)
         .lingering(Duration::from_micros(config.consumer_linger_us))
-        .report_stuck(context.outbox.clone(), config.stuck_after_deliveries);
+        .report_stuck(context.outbox.clone(), config.stuck_after_deliveries)
+        .preferred_while(leadership);
         tasks.spawn(consumer_loop.run(source, shutdown.clone()));
         tasks.spawn(crate::relay::sample_backlog(
             pool.clone(),

@@ -201,3 +201,35 @@ async fn provisioning_is_idempotent() {
             .unwrap();
     assert_eq!(info.config.duplicate_window, s.config.duplicate_window());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_made_before_priorities_gets_them_in_place() {
+    let s = setup().await;
+    // As an earlier version provisioned it: no priority group.
+    let subjects = Subscription::of(&[Ping::EVENT_TYPE]).subjects(&s.config.subject_prefix);
+    s.stream
+        .create_consumer(pull::Config {
+            durable_name: Some("old".to_owned()),
+            filter_subjects: subjects,
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for n in 0..3 {
+        let ping = Envelope::new("test", "saga", None, &Ping { n });
+        s.publish_raw("test.ping", ping.encode_to_vec()).await;
+    }
+    let consumer = s.consumer("old").await;
+    assert!(choreo::provision::pulls_by_priority(&consumer));
+    let mut consumer = consumer;
+    let info = consumer.info().await.unwrap();
+    assert_eq!(
+        info.config.priority_policy,
+        jetstream::consumer::PriorityPolicy::Prioritized
+    );
+    assert_eq!(
+        info.num_pending, 3,
+        "the update kept the consumer's position"
+    );
+}

@@ -279,6 +279,23 @@ impl Setup {
         )
     }
 
+    /// [`Setup::consume`] with one lane, pulling ahead of the durable's
+    /// other consumers while `leading` says so (as a service instance
+    /// whose relay leads).
+    pub fn consume_preferred<H: Handler>(
+        &self,
+        handler: Arc<H>,
+        leading: tokio::sync::watch::Receiver<Option<bool>>,
+        durable: &str,
+    ) -> RunningConsumer {
+        self.run_consumer(
+            Consumer::new(self.pool.clone(), handler, Self::pings(), 1)
+                .batching(self.config.consumer_batch, 1)
+                .preferred_while(leading),
+            durable,
+        )
+    }
+
     fn pings() -> Subscription {
         Subscription::of(&[Ping::EVENT_TYPE])
     }

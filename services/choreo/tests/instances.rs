@@ -1,0 +1,100 @@
+//! Two instances of a service on one durable consumer, against a real
+//! nats-server and PostgreSQL: the one whose relay leads takes every event
+//! while it keeps up, the other takes over at once when it stops leading or
+//! is gone, and no event is applied twice or waits for a redelivery.
+mod common;
+
+use common::*;
+use tokio::sync::watch;
+
+/// Commits `n` pings and publishes them.
+async fn publish(s: &Setup, n: u32) {
+    s.emit(n).await;
+    s.relay_until_sent(s.relay(1000), Duration::from_secs(20))
+        .await;
+}
+
+async fn applied_once(s: &Setup, n: usize) {
+    eventually(
+        &format!("{n} events applied"),
+        Duration::from_secs(20),
+        || async { s.effect_counts().await.len() == n },
+    )
+    .await;
+    assert!(
+        s.effect_counts().await.iter().all(|&applied| applied == 1),
+        "an event was applied twice"
+    );
+}
+
+async fn pulling_at(what: &str, consumer: &RunningConsumer, priority: usize) {
+    eventually(what, Duration::from_secs(20), || async {
+        *consumer.stats.pulling_at.lock().unwrap() == Some(priority)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leading_instance_takes_every_event_and_the_other_takes_over() {
+    let s = setup().await;
+    let handler = Arc::new(CountEffects {
+        delay: Duration::ZERO,
+    });
+    let (a_leads, a_leading) = watch::channel(Some(true));
+    let (b_leads, b_leading) = watch::channel(Some(false));
+    let a = s.consume_preferred(handler.clone(), a_leading, "svc");
+    let b = s.consume_preferred(handler.clone(), b_leading, "svc");
+    pulling_at("a pulls first", &a, 0).await;
+    pulling_at("b pulls behind it", &b, 1).await;
+    let consumer = s.consumer("svc").await;
+    assert!(choreo::provision::pulls_by_priority(&consumer));
+
+    // While a leads and keeps up, every event is its own.
+    publish(&s, 40).await;
+    applied_once(&s, 40).await;
+    assert_eq!(a.stats.applied.load(Ordering::SeqCst), 40);
+    assert_eq!(b.stats.applied.load(Ordering::SeqCst), 0);
+
+    // Leadership moves to b: both pull again, each at its new place.
+    a_leads.send(Some(false)).unwrap();
+    b_leads.send(Some(true)).unwrap();
+    pulling_at("a pulls behind", &a, 1).await;
+    pulling_at("b pulls first", &b, 0).await;
+    publish(&s, 40).await;
+    applied_once(&s, 80).await;
+    assert_eq!(a.stats.applied.load(Ordering::SeqCst), 40);
+    assert_eq!(b.stats.applied.load(Ordering::SeqCst), 40);
+
+    // b is gone: a, pulling behind it, gets the events at once, not after
+    // their ack wait.
+    b.stop().await;
+    publish(&s, 40).await;
+    applied_once(&s, 120).await;
+    assert_eq!(a.stats.applied.load(Ordering::SeqCst), 80);
+    assert_eq!(
+        a.stats.redeliveries.load(Ordering::SeqCst),
+        0,
+        "an event waited for its redelivery"
+    );
+    a.stop().await;
+    drop((a_leads, b_leads));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_that_nobody_ranks_take_turns() {
+    let s = setup().await;
+    let handler = Arc::new(CountEffects {
+        delay: Duration::from_millis(20),
+    });
+    // Two consumers without a relay to rank them pull at the same place.
+    let a = s.consume(handler.clone(), 1, "svc");
+    let b = s.consume(handler.clone(), 1, "svc");
+    pulling_at("a pulls", &a, 0).await;
+    pulling_at("b pulls", &b, 0).await;
+    publish(&s, 40).await;
+    applied_once(&s, 40).await;
+    assert!(a.stats.applied.load(Ordering::SeqCst) > 0);
+    assert!(b.stats.applied.load(Ordering::SeqCst) > 0);
+    a.stop().await;
+    b.stop().await;
+}
