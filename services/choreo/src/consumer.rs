@@ -242,7 +242,11 @@ impl<H: Handler> Consumer<H> {
             let mut priority = this.pull_priority(&consumer, preferred.as_mut()).await;
             let mut messages = match pull(&consumer, priority).await {
                 Ok(messages) => {
-                    *this.stats.pulling_at.lock().unwrap() = priority;
+                    tracing::info!(
+                        ?priority,
+                        "pulling events (priority 0 first; none: all instances in turn)"
+                    );
+                    this.pulling_at(priority);
                     messages
                 }
                 Err(e) => {
@@ -280,7 +284,7 @@ impl<H: Handler> Consumer<H> {
                         }
                         tracing::info!(from = ?priority, to = ?now, "pulling at a new priority");
                         (messages, priority) = (again, now);
-                        *this.stats.pulling_at.lock().unwrap() = priority;
+                        this.pulling_at(priority);
                         continue;
                     }
                     _ = shutdown.cancelled() => break 'pull,
@@ -331,6 +335,15 @@ impl<H: Handler> Consumer<H> {
         let _ = tokio::time::timeout(LEADERSHIP_WAIT, preferred.wait_for(Option::is_some)).await;
         let leads = *preferred.borrow_and_update() == Some(true);
         Some(if leads { 0 } else { 1 })
+    }
+
+    /// Records the priority the open pull asks for (also as the gauge
+    /// `saga_consumer_pull_priority`, absent without a priority group).
+    fn pulling_at(&self, priority: Option<usize>) {
+        *self.stats.pulling_at.lock().unwrap() = priority;
+        if let Some(priority) = priority {
+            metrics::gauge!("saga_consumer_pull_priority").set(priority as f64);
+        }
     }
 
     async fn lane(self: Arc<Self>, mut rx: mpsc::Receiver<Arrived>, shutdown: CancellationToken) {
