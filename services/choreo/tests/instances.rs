@@ -1,7 +1,8 @@
 //! Two instances of a service on one durable consumer, against a real
 //! nats-server and PostgreSQL: the one whose relay leads takes every event
 //! while it keeps up, the other takes over at once when it stops leading or
-//! is gone, and no event is applied twice or waits for a redelivery.
+//! is gone, takes what it leaves when it falls behind, and no event is
+//! applied twice or waits for a redelivery.
 mod common;
 
 use common::*;
@@ -95,6 +96,31 @@ async fn instances_that_nobody_ranks_take_turns() {
     applied_once(&s, 40).await;
     assert!(a.stats.applied.load(Ordering::SeqCst) > 0);
     assert!(b.stats.applied.load(Ordering::SeqCst) > 0);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_other_instance_takes_what_the_leading_one_leaves_when_it_falls_behind() {
+    let s = setup().await;
+    // 10 ms per event: the leading instance cannot keep up with 500 at once.
+    let handler = Arc::new(CountEffects {
+        delay: Duration::from_millis(10),
+    });
+    let (_a_leads, a_leading) = watch::channel(Some(true));
+    let (_b_leads, b_leading) = watch::channel(Some(false));
+    let a = s.consume_preferred(handler.clone(), a_leading, "svc");
+    let b = s.consume_preferred(handler.clone(), b_leading, "svc");
+    pulling_at("a pulls first", &a, 0).await;
+    pulling_at("b pulls behind it", &b, 1).await;
+    publish(&s, 500).await;
+    applied_once(&s, 500).await;
+    let (by_a, by_b) = (
+        a.stats.applied.load(Ordering::SeqCst),
+        b.stats.applied.load(Ordering::SeqCst),
+    );
+    assert_eq!(by_a + by_b, 500);
+    assert!(by_a > 0 && by_b > 0, "a applied {by_a}, b {by_b}");
     a.stop().await;
     b.stop().await;
 }
