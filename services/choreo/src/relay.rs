@@ -67,8 +67,6 @@ const MAX_ATOMIC_BATCH: usize = 1000;
 pub struct RelayStats {
     /// Outbox rows this relay published and saw acknowledged.
     pub published: AtomicU64,
-    /// Whether this relay holds the leader lock right now.
-    pub leader: AtomicBool,
 }
 
 /// The result of one publish round.
@@ -99,9 +97,9 @@ pub struct Relay {
     /// stream says it does not allow them.
     atomic: Arc<AtomicBool>,
     stats: Arc<RelayStats>,
-    /// Whether this relay leads: `None` until its first try for the lock
-    /// has answered. The consumer of the same instance pulls first while
-    /// it leads ([`crate::consumer::Consumer::preferred_while`]).
+    /// Whether this relay holds the leader lock: `None` until its first
+    /// try for it has answered. The consumer of the same instance pulls
+    /// first while it leads ([`crate::consumer::Consumer::preferred_while`]).
     leading: Arc<tokio::sync::watch::Sender<Option<bool>>>,
 }
 
@@ -490,10 +488,8 @@ impl Relay {
             }
         }
         tracing::info!("relay is the leader for this database");
-        self.stats.leader.store(true, Ordering::SeqCst);
         self.leading.send_replace(Some(true));
         let result = self.relay_as_leader(&mut conn, shutdown).await;
-        self.stats.leader.store(false, Ordering::SeqCst);
         self.leading.send_replace(Some(false));
         let _ = conn.close().await; // closing the session releases the lock
         result

@@ -35,18 +35,31 @@ async fn pulling_at(what: &str, consumer: &RunningConsumer, priority: usize) {
     .await;
 }
 
+/// Two instances on durable `svc`: a, whose relay leads, and b, whose does
+/// not, each with the sender that moves its leadership; once both pull.
+async fn leader_and_standby(
+    s: &Setup,
+    handler: Arc<CountEffects>,
+) -> (
+    (RunningConsumer, watch::Sender<Option<bool>>),
+    (RunningConsumer, watch::Sender<Option<bool>>),
+) {
+    let (a_leads, a_leading) = watch::channel(Some(true));
+    let (b_leads, b_leading) = watch::channel(Some(false));
+    let a = s.consume_preferred(handler.clone(), a_leading, "svc");
+    let b = s.consume_preferred(handler, b_leading, "svc");
+    pulling_at("a pulls first", &a, 0).await;
+    pulling_at("b pulls behind it", &b, 1).await;
+    ((a, a_leads), (b, b_leads))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leading_instance_takes_every_event_and_the_other_takes_over() {
     let s = setup().await;
     let handler = Arc::new(CountEffects {
         delay: Duration::ZERO,
     });
-    let (a_leads, a_leading) = watch::channel(Some(true));
-    let (b_leads, b_leading) = watch::channel(Some(false));
-    let a = s.consume_preferred(handler.clone(), a_leading, "svc");
-    let b = s.consume_preferred(handler.clone(), b_leading, "svc");
-    pulling_at("a pulls first", &a, 0).await;
-    pulling_at("b pulls behind it", &b, 1).await;
+    let ((a, a_leads), (b, b_leads)) = leader_and_standby(&s, handler).await;
     let consumer = s.consumer("svc").await;
     assert!(choreo::provision::pulls_by_priority(&consumer));
 
@@ -107,12 +120,7 @@ async fn the_other_instance_takes_what_the_leading_one_leaves_when_it_falls_behi
     let handler = Arc::new(CountEffects {
         delay: Duration::from_millis(10),
     });
-    let (_a_leads, a_leading) = watch::channel(Some(true));
-    let (_b_leads, b_leading) = watch::channel(Some(false));
-    let a = s.consume_preferred(handler.clone(), a_leading, "svc");
-    let b = s.consume_preferred(handler.clone(), b_leading, "svc");
-    pulling_at("a pulls first", &a, 0).await;
-    pulling_at("b pulls behind it", &b, 1).await;
+    let ((a, _a_leads), (b, _b_leads)) = leader_and_standby(&s, handler).await;
     publish(&s, 500).await;
     applied_once(&s, 500).await;
     let (by_a, by_b) = (

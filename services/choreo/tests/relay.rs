@@ -64,6 +64,7 @@ async fn two_relays_publish_each_row_once_and_only_one_leads() {
     let shutdown = CancellationToken::new();
     let (a, b) = (s.relay(32), s.relay(32));
     let (stats_a, stats_b) = (a.stats(), b.stats());
+    let (leads_a, leads_b) = (a.leadership(), b.leadership());
     let tasks = [
         tokio::spawn(a.run(shutdown.clone())),
         tokio::spawn(b.run(shutdown.clone())),
@@ -71,7 +72,7 @@ async fn two_relays_publish_each_row_once_and_only_one_leads() {
     for _ in 0..10 {
         s.emit(30).await;
         assert!(
-            !(stats_a.leader.load(Ordering::SeqCst) && stats_b.leader.load(Ordering::SeqCst)),
+            !(*leads_a.borrow() == Some(true) && *leads_b.borrow() == Some(true)),
             "two leaders at once"
         );
         tokio::time::sleep(Duration::from_millis(30)).await;
