@@ -1,8 +1,11 @@
 //! What a service writes: a [`Handler`] for its typed events. The platform
 //! decodes each consumed event once (through [`Decode`]) and hands the typed
 //! value over inside the inbox transaction.
+use tracing::Instrument;
+
 use crate::Tx;
 use crate::envelope::{Envelope, Reject};
+use crate::inbox::Batched;
 
 /// A service's reaction to the events it consumes. Business rules only: write
 /// rows and outgoing events into `tx`; the platform commits and acks.
@@ -40,6 +43,31 @@ pub trait Handler: Send + Sync + 'static {
         _tx: &mut Tx<'_>,
         _events: &[(&Envelope, &Self::Event)],
     ) -> Result<(), HandleError> {
+        Ok(())
+    }
+
+    /// The effects of a batch's new events (in delivery order; duplicates
+    /// left out), after [`Handler::before_batch`]: [`Handler::handle`] for
+    /// each, in its span. A handler that can write a whole batch in fewer
+    /// statements than one per event does it here.
+    ///
+    /// Not called for a batch in which a compensable step claimed a barrier
+    /// row ([`crate::step`]): the platform then runs [`Handler::handle`]
+    /// for each event itself, and withdraws each event's untaken claims
+    /// before the next event runs.
+    async fn handle_all(
+        &self,
+        tx: &mut Tx<'_>,
+        events: Vec<Batched<'_, Self::Event>>,
+    ) -> Result<(), HandleError> {
+        for Batched {
+            envelope,
+            event,
+            span,
+        } in events
+        {
+            self.handle(tx, envelope, event).instrument(span).await?;
+        }
         Ok(())
     }
 }

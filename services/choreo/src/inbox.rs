@@ -229,15 +229,24 @@ async fn batch_in_tx<'c, H: Handler>(
     let mut tx = db.begin().await?;
     let envelopes: Vec<&Envelope> = events.iter().map(|b| b.envelope).collect();
     let (fresh, claimed) = record_in_inbox(&mut tx, &envelopes, claims).await?;
-    barrier::with_claims(claimed, handle_batch(tx, handler, events, fresh)).await
+    let one_by_one = !claimed.is_empty();
+    barrier::with_claims(
+        claimed,
+        handle_batch(tx, handler, events, fresh, one_by_one),
+    )
+    .await
 }
 
-/// A batch's effects and commit, once its events are in the inbox.
+/// A batch's effects and commit, once its events are in the inbox: the
+/// handler's [`Handler::handle_all`], or, where the batch made barrier
+/// claims (`one_by_one`), each event's effects and then the withdrawal of
+/// its untaken claims, one event after the other.
 async fn handle_batch<H: Handler>(
     mut tx: Tx<'_>,
     handler: &H,
     events: Vec<Batched<'_, H::Event>>,
     fresh: Vec<bool>,
+    one_by_one: bool,
 ) -> Result<Vec<Outcome>, HandleError> {
     let new_events: Vec<(&Envelope, &H::Event)> = events
         .iter()
@@ -246,27 +255,32 @@ async fn handle_batch<H: Handler>(
         .map(|(b, _)| (b.envelope, &b.event))
         .collect();
     handler.before_batch(&mut tx, &new_events).await?;
-    let mut outcomes = Vec::with_capacity(events.len());
-    for (
-        Batched {
+    let outcomes = fresh
+        .iter()
+        .map(|fresh| match fresh {
+            true => Outcome::Applied,
+            false => Outcome::Duplicate,
+        })
+        .collect();
+    let new_events: Vec<Batched<'_, H::Event>> = events
+        .into_iter()
+        .zip(fresh)
+        .filter_map(|(batched, fresh)| fresh.then_some(batched))
+        .collect();
+    // On error the transaction is dropped, and with it rolled back.
+    if one_by_one {
+        for Batched {
             envelope,
             event,
             span,
-        },
-        fresh,
-    ) in events.into_iter().zip(fresh)
-    {
-        if fresh {
-            // On error the transaction is dropped, and with it rolled back.
+        } in new_events
+        {
             handle(&mut tx, handler, envelope, event)
                 .instrument(span)
                 .await?;
         }
-        outcomes.push(if fresh {
-            Outcome::Applied
-        } else {
-            Outcome::Duplicate
-        });
+    } else {
+        handler.handle_all(&mut tx, new_events).await?;
     }
     outbox::write_at_end(&mut tx).await?;
     tx.commit().await?;

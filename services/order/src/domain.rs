@@ -52,6 +52,12 @@ impl Status {
         }
     }
 
+    /// Reaching it is forward progress that gives the order a new deadline
+    /// for the next step.
+    pub fn restarts_deadline(self) -> bool {
+        matches!(self, Status::Reserved | Status::Scheduled)
+    }
+
     pub fn is_terminal(self) -> bool {
         matches!(self, Status::Completed | Status::Cancelled)
     }

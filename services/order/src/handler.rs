@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use choreo::choreography;
+use choreo::inbox::Batched;
 use choreo::{Envelope, HandleError, Handler, Outbox, Reject, Tx};
 use contracts::SagaEvent;
 use contracts::events::v1 as ev;
@@ -137,6 +138,101 @@ fn meaning(envelope: &Envelope, event: &SagaEvent) -> Meaning {
     }
 }
 
+/// What one event does to its order's row, held in memory for the rest of
+/// its transaction: the status change it makes, if any. A move keeps the
+/// first reason the order heard and clears a stuck mark; an event that does
+/// not move the order may still bring the reason, or mark its saga stuck.
+fn hear(order: &mut store::Heard, meaning: Meaning) -> Option<Status> {
+    match meaning.status {
+        Some(next) if order.status.may_become(next) => {
+            tracing::info!(
+                from = order.status.as_str(),
+                to = next.as_str(),
+                "order moved"
+            );
+            if order.reason.is_empty() {
+                order.reason = meaning.reason.unwrap_or_default();
+            }
+            order.stuck.clear();
+            order.status = next;
+            order.changes += 1;
+            order.deadline_pushed |= next.restarts_deadline();
+            order.moved = true;
+            order.touched = true;
+            Some(next)
+        }
+        other => {
+            if let Some(ignored) = other.filter(|next| *next != order.status) {
+                tracing::info!(
+                    status = order.status.as_str(),
+                    ignored = ignored.as_str(),
+                    "late event does not move the order"
+                );
+            }
+            if let Some(reason) = meaning.reason.filter(|_| order.reason.is_empty()) {
+                order.reason = reason;
+                order.touched = true;
+            }
+            if let Some(stuck) = meaning.stuck.filter(|_| !order.status.is_terminal()) {
+                tracing::error!(%stuck, "saga stuck");
+                order.stuck = stuck;
+                order.touched = true;
+            }
+            None
+        }
+    }
+}
+
+impl OrderHandler {
+    /// The effects of one transaction's events, in delivery order, in two
+    /// statements whatever their number: lock and read their orders' rows
+    /// (all in order id order, so two instances hearing the same orders in
+    /// opposite orders never wait on each other in a circle), then write
+    /// what the events did to them ([`store::write_heard`]).
+    async fn hear_all(
+        &self,
+        tx: &mut Tx<'_>,
+        events: &[(&Envelope, &SagaEvent, &tracing::Span)],
+    ) -> Result<(), HandleError> {
+        let ids = events
+            .iter()
+            .map(|(envelope, _, _)| {
+                Uuid::parse_str(&envelope.saga_id).map_err(|_| {
+                    Reject::Malformed(format!("saga id {:?} is not an order id", envelope.saga_id))
+                })
+            })
+            .collect::<Result<Vec<Uuid>, Reject>>()?;
+        let mut orders = store::lock_heard(tx, &ids).await?;
+        let mut changes = Vec::new();
+        let mut timeline = Vec::with_capacity(events.len());
+        for ((envelope, event, span), id) in events.iter().zip(ids) {
+            let Some(order) = orders.get_mut(&id) else {
+                return Err(Reject::Malformed(format!(
+                    "order {id} does not exist in this order service"
+                ))
+                .into());
+            };
+            let meaning = meaning(envelope, event);
+            let detail = meaning.detail.clone();
+            if let Some(status) = span.in_scope(|| hear(order, meaning)) {
+                changes.push(store::Change {
+                    order_id: id,
+                    seq: order.changes,
+                    status,
+                    reason: order.reason.clone(),
+                });
+            }
+            timeline.push(store::Line {
+                order_id: id,
+                event: envelope,
+                detail,
+            });
+        }
+        store::write_heard(tx, &orders, &changes, &timeline, self.deadline).await?;
+        Ok(())
+    }
+}
+
 #[async_trait::async_trait]
 impl Handler for OrderHandler {
     type Event = SagaEvent;
@@ -147,78 +243,20 @@ impl Handler for OrderHandler {
         envelope: &Envelope,
         event: SagaEvent,
     ) -> Result<(), HandleError> {
-        let id = Uuid::parse_str(&envelope.saga_id).map_err(|_| {
-            Reject::Malformed(format!("saga id {:?} is not an order id", envelope.saga_id))
-        })?;
-        let meaning = meaning(envelope, &event);
-        // Usually the event moves the order on: one statement does it all.
-        if let Some(next) = meaning.status
-            && store::record_event_and_move(
-                tx,
-                id,
-                envelope,
-                &meaning.detail,
-                next,
-                meaning.reason.as_deref(),
-                self.deadline,
-            )
-            .await?
-        {
-            tracing::info!(to = next.as_str(), "order moved");
-            return Ok(());
-        }
-        let Some(status) = store::record_event(tx, id, envelope, &meaning.detail).await? else {
-            return Err(Reject::Malformed(format!(
-                "order {id} does not exist in this order service"
-            ))
-            .into());
-        };
-        match meaning.status {
-            Some(next) if status.may_become(next) => {
-                store::set_status(tx, id, next, meaning.reason.as_deref(), self.deadline).await?;
-                tracing::info!(from = status.as_str(), to = next.as_str(), "order moved");
-            }
-            other => {
-                if let Some(ignored) = other.filter(|next| *next != status) {
-                    tracing::info!(
-                        status = status.as_str(),
-                        ignored = ignored.as_str(),
-                        "late event does not move the order"
-                    );
-                }
-                if let Some(reason) = &meaning.reason {
-                    store::keep_first_reason(tx, id, reason).await?;
-                }
-                if let Some(stuck) = meaning.stuck.as_deref().filter(|_| !status.is_terminal()) {
-                    tracing::error!(%stuck, "saga stuck");
-                    store::mark_stuck(tx, id, stuck).await?;
-                }
-            }
-        }
-        Ok(())
+        self.hear_all(tx, &[(envelope, &event, &tracing::Span::none())])
+            .await
     }
 
-    /// Two instances of this service take one order's events side by side
-    /// (the order hears every step's event, and the next step's can arrive
-    /// before the last one is applied). A batch locks the rows of all its
-    /// orders first, in order id order, so two batches never wait on each
-    /// other in a circle (measured with two instances: 8 deadlocks in 2000
-    /// orders, each a second's stall, before this).
-    async fn before_batch(
+    /// A batch's events in the same two statements as one event's.
+    async fn handle_all(
         &self,
         tx: &mut Tx<'_>,
-        events: &[(&Envelope, &SagaEvent)],
+        events: Vec<Batched<'_, SagaEvent>>,
     ) -> Result<(), HandleError> {
-        // An unreadable id locks nothing here; its event is refused later.
-        let mut ids: Vec<Uuid> = events
+        let events: Vec<_> = events
             .iter()
-            .filter_map(|(envelope, _)| contracts::order_id_of(envelope).ok())
+            .map(|b| (b.envelope, &b.event, &b.span))
             .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        if ids.len() > 1 {
-            store::lock_in_order(tx, &ids).await?;
-        }
-        Ok(())
+        self.hear_all(tx, &events).await
     }
 }

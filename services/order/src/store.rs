@@ -1,11 +1,12 @@
 //! Reading and writing the order service's tables. Every write takes the
 //! caller's transaction, so state, status history and outbox rows commit together.
+use std::collections::HashMap;
 use std::time::Duration;
 
 use choreo::Envelope;
 use choreo::grpc::timestamp;
 use contracts::order::v1 as api;
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{FromRow, PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::domain::{NewOrder, Status};
@@ -107,8 +108,12 @@ pub async fn lock(tx: &mut PgConnection, id: Uuid) -> Result<Option<Status>, sql
         .await
 }
 
-/// Moves the order to `status`; `reason` is kept only if the order has none yet.
-/// Forward progress pushes the deadline out by `deadline`.
+/// Moves the order to `status`; `reason` is kept only if the order has none
+/// yet. Forward progress pushes the deadline out by `deadline`. One
+/// statement: the move, its place in the status history (for WatchOrder)
+/// and, if anybody watches the order, the notification that wakes the
+/// watches (see `watch`: the row lock orders it against a watch that starts
+/// at the same moment).
 pub async fn set_status(
     tx: &mut PgConnection,
     id: Uuid,
@@ -116,70 +121,15 @@ pub async fn set_status(
     reason: Option<&str>,
     deadline: Duration,
 ) -> Result<(), sqlx::Error> {
-    let moved = move_status(tx, id, &Status::ALL, status, reason, deadline, None).await?;
-    moved.then_some(()).ok_or(sqlx::Error::RowNotFound)
-}
-
-/// Moves the order to `status` if it is in a status that may become it
-/// ([`Status::may_become`]), and in the same statement adds `event` to its
-/// timeline: the usual case of an event that moves an order, in one
-/// statement instead of [`record_event`] and [`set_status`]. `false`, with
-/// nothing written, when the order is not in such a status (or does not
-/// exist): the caller then records the event as [`record_event`] does.
-pub async fn record_event_and_move(
-    tx: &mut PgConnection,
-    id: Uuid,
-    event: &Envelope,
-    detail: &str,
-    status: Status,
-    reason: Option<&str>,
-    deadline: Duration,
-) -> Result<bool, sqlx::Error> {
-    let from: Vec<Status> = Status::ALL
-        .into_iter()
-        .filter(|from| from.may_become(status))
-        .collect();
-    move_status(
-        tx,
-        id,
-        &from,
-        status,
-        reason,
-        deadline,
-        Some((event, detail)),
-    )
-    .await
-}
-
-/// The one statement behind [`set_status`] and [`record_event_and_move`]:
-/// the move (if the order is in one of `from`), its place in the status
-/// history (for WatchOrder), the event on the timeline if one is given and,
-/// if anybody watches the order, the notification that wakes the watches
-/// (see `watch`: the row lock orders it against a watch that starts at the
-/// same moment). Whether the order moved.
-async fn move_status(
-    tx: &mut PgConnection,
-    id: Uuid,
-    from: &[Status],
-    status: Status,
-    reason: Option<&str>,
-    deadline: Duration,
-    event: Option<(&Envelope, &str)>,
-) -> Result<bool, sqlx::Error> {
-    let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
-    let moved = sqlx::query(
+    sqlx::query(
         "WITH moved AS (
              UPDATE orders SET status = $2, reason = CASE WHEN reason = '' THEN COALESCE($3, '') ELSE reason END, stuck = '', updated_at = now(),
-                    deadline_at = CASE WHEN $2 IN ('RESERVED', 'SCHEDULED') THEN now() + make_interval(secs => $4) ELSE deadline_at END,
+                    deadline_at = CASE WHEN $6 THEN now() + make_interval(secs => $4) ELSE deadline_at END,
                     changes = changes + 1
-             WHERE order_id = $1 AND status = ANY($6::text[]) RETURNING changes, reason, watchers),
+             WHERE order_id = $1 RETURNING changes, reason, watchers),
          changed AS (
              INSERT INTO order_status_changes (order_id, seq, status, reason)
-             SELECT $1, changes, $2, reason FROM moved),
-         recorded AS (
-             INSERT INTO order_timeline (event_id, order_id, event_type, producer, occurred_at, detail, causation_id)
-             SELECT $7, $1, $8, $9, $10, $11, $12 FROM moved WHERE $7::uuid IS NOT NULL
-             ON CONFLICT (event_id) DO NOTHING)
+             SELECT $1, changes, $2, reason FROM moved)
          SELECT (SELECT pg_notify($5, $1::text) WHERE moved.watchers > 0) FROM moved",
     )
     .bind(id)
@@ -187,25 +137,130 @@ async fn move_status(
     .bind(reason)
     .bind(deadline.as_secs_f64())
     .bind(crate::watch::CHANNEL)
-    .bind(&from)
-    .bind(event.map(|(e, _)| e.id()))
-    .bind(event.map(|(e, _)| e.event_type.as_str()))
-    .bind(event.map(|(e, _)| e.producer.as_str()))
-    .bind(event.map(|(e, _)| e.occurred_at()))
-    .bind(event.map(|(_, detail)| detail))
-    .bind(event.and_then(|(e, _)| Uuid::parse_str(&e.causation_id).ok()))
+    .bind(status.restarts_deadline())
     .fetch_optional(&mut *tx)
-    .await?;
-    Ok(moved.is_some())
+    .await?
+    .map(|_| ())
+    .ok_or(sqlx::Error::RowNotFound)
 }
 
-/// Locks the rows of orders `ids` for the rest of the transaction, in
-/// order id order (PostgreSQL sorts before it locks).
-pub async fn lock_in_order(tx: &mut PgConnection, ids: &[Uuid]) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT 1 FROM orders WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE")
-        .bind(ids)
-        .execute(tx)
-        .await?;
+/// An order's row as the events of one transaction find it, locked, and as
+/// they leave it: [`write_heard`] writes back what they changed.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Heard {
+    pub status: Status,
+    /// Why it is being compensated ('' while nobody said).
+    pub reason: String,
+    /// Why its saga is stuck ('' when it is not).
+    pub stuck: String,
+    /// How many status changes it has had (the last one's seq).
+    pub changes: i32,
+    /// How many watches follow it: a move notifies them.
+    pub watchers: i32,
+    /// The events changed the row.
+    #[sqlx(skip)]
+    pub touched: bool,
+    /// They moved it, to a status with a deadline of its own.
+    #[sqlx(skip)]
+    pub deadline_pushed: bool,
+    /// They moved it.
+    #[sqlx(skip)]
+    pub moved: bool,
+}
+
+/// Locks the rows of orders `ids` for the rest of the transaction, in order
+/// id order (PostgreSQL sorts before it locks, so two transactions that
+/// hear the same orders never wait on each other in a circle), and reads
+/// them. An order that does not exist is missing from the map.
+pub async fn lock_heard(
+    tx: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, Heard>, sqlx::Error> {
+    let rows: Vec<(Uuid, Heard)> = sqlx::query(
+        "SELECT order_id, status, reason, stuck, changes, watchers FROM orders
+         WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE",
+    )
+    .bind(ids)
+    .try_map(|row: sqlx::postgres::PgRow| Ok((row.try_get("order_id")?, Heard::from_row(&row)?)))
+    .fetch_all(tx)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// A status change an event made, for the order's history.
+pub struct Change {
+    pub order_id: Uuid,
+    pub seq: i32,
+    pub status: Status,
+    pub reason: String,
+}
+
+/// An event's line on its order's timeline.
+pub struct Line<'a> {
+    pub order_id: Uuid,
+    pub event: &'a Envelope,
+    pub detail: String,
+}
+
+/// Writes what a transaction's events did to their orders, in one
+/// statement: each changed row ([`Heard`]), the status changes in order,
+/// every event's line on the timeline (once per event id), and a
+/// notification for each order that moved while somebody watches it.
+pub async fn write_heard(
+    tx: &mut PgConnection,
+    orders: &HashMap<Uuid, Heard>,
+    changes: &[Change],
+    timeline: &[Line<'_>],
+    deadline: Duration,
+) -> Result<(), sqlx::Error> {
+    let touched: Vec<(&Uuid, &Heard)> = orders.iter().filter(|(_, o)| o.touched).collect();
+    let causes: Vec<Option<Uuid>> = timeline
+        .iter()
+        .map(|l| Uuid::parse_str(&l.event.causation_id).ok())
+        .collect();
+    let watched: Vec<Uuid> = orders
+        .iter()
+        .filter(|(_, o)| o.moved && o.watchers > 0)
+        .map(|(id, _)| *id)
+        .collect();
+    sqlx::query(
+        "WITH updated AS (
+             UPDATE orders SET status = o.status, reason = o.reason, stuck = o.stuck, changes = o.changes, updated_at = now(),
+                    deadline_at = CASE WHEN o.deadline_pushed THEN now() + make_interval(secs => $7) ELSE orders.deadline_at END
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::bool[])
+                 AS o (order_id, status, reason, stuck, changes, deadline_pushed)
+             WHERE orders.order_id = o.order_id),
+         changed AS (
+             INSERT INTO order_status_changes (order_id, seq, status, reason)
+             SELECT * FROM unnest($8::uuid[], $9::int[], $10::text[], $11::text[])),
+         recorded AS (
+             INSERT INTO order_timeline (event_id, order_id, event_type, producer, occurred_at, detail, causation_id)
+             SELECT * FROM unnest($12::uuid[], $13::uuid[], $14::text[], $15::text[], $16::timestamptz[], $17::text[], $18::uuid[])
+             ON CONFLICT (event_id) DO NOTHING)
+         SELECT pg_notify($19, id::text) FROM unnest($20::uuid[]) AS id",
+    )
+    .bind(touched.iter().map(|(id, _)| **id).collect::<Vec<_>>())
+    .bind(touched.iter().map(|(_, o)| o.status.as_str()).collect::<Vec<_>>())
+    .bind(touched.iter().map(|(_, o)| o.reason.as_str()).collect::<Vec<_>>())
+    .bind(touched.iter().map(|(_, o)| o.stuck.as_str()).collect::<Vec<_>>())
+    .bind(touched.iter().map(|(_, o)| o.changes).collect::<Vec<_>>())
+    .bind(touched.iter().map(|(_, o)| o.deadline_pushed).collect::<Vec<_>>())
+    .bind(deadline.as_secs_f64())
+    .bind(changes.iter().map(|c| c.order_id).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| c.seq).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| c.status.as_str()).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| c.reason.as_str()).collect::<Vec<_>>())
+    .bind(timeline.iter().map(|l| l.event.id()).collect::<Vec<_>>())
+    .bind(timeline.iter().map(|l| l.order_id).collect::<Vec<_>>())
+    .bind(timeline.iter().map(|l| l.event.event_type.as_str()).collect::<Vec<_>>())
+    .bind(timeline.iter().map(|l| l.event.producer.as_str()).collect::<Vec<_>>())
+    .bind(timeline.iter().map(|l| l.event.occurred_at()).collect::<Vec<_>>())
+    .bind(timeline.iter().map(|l| l.detail.as_str()).collect::<Vec<_>>())
+    .bind(causes)
+    .bind(crate::watch::CHANNEL)
+    .bind(watched)
+    .execute(tx)
+    .await?;
     Ok(())
 }
 
@@ -223,32 +278,6 @@ pub async fn count_watch(pool: &PgPool, id: Uuid, by: i32) -> Result<bool, sqlx:
             .rows_affected()
             == 1,
     )
-}
-
-/// Records that a service keeps failing on one of the order's events.
-pub async fn mark_stuck(tx: &mut PgConnection, id: Uuid, stuck: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE orders SET stuck = $2, updated_at = now() WHERE order_id = $1")
-        .bind(id)
-        .bind(stuck)
-        .execute(tx)
-        .await?;
-    Ok(())
-}
-
-/// Records why the order is being compensated, unless it already knows.
-pub async fn keep_first_reason(
-    tx: &mut PgConnection,
-    id: Uuid,
-    reason: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE orders SET reason = $2, updated_at = now() WHERE order_id = $1 AND reason = ''",
-    )
-    .bind(id)
-    .bind(reason)
-    .execute(tx)
-    .await?;
-    Ok(())
 }
 
 /// Adds `event` to the order's timeline (once per event id), locking the

@@ -355,3 +355,120 @@ async fn batches_hearing_the_same_orders_in_opposite_orders_never_deadlock() {
         }
     }
 }
+
+/// Everything the order service keeps of an order that events can change:
+/// its row, its status history and its timeline.
+async fn kept(
+    pool: &PgPool,
+    id: uuid::Uuid,
+) -> (
+    String,
+    String,
+    String,
+    i32,
+    Vec<(i32, String, String)>,
+    Vec<(String, String)>,
+) {
+    let (status, reason, stuck, changes): (String, String, String, i32) =
+        sqlx::query_as("SELECT status, reason, stuck, changes FROM orders WHERE order_id = $1")
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    let history = sqlx::query_as(
+        "SELECT seq, status, reason FROM order_status_changes WHERE order_id = $1 ORDER BY seq",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let timeline = sqlx::query_as(
+        "SELECT event_type, detail FROM order_timeline WHERE order_id = $1 ORDER BY occurred_at, event_id",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    (status, reason, stuck, changes, history, timeline)
+}
+
+/// An order's whole unhappy life: forward twice, a failure with its reason,
+/// a saga reported stuck, the compensation that ends it, and a late event.
+fn a_whole_life(id: uuid::Uuid) -> Vec<Envelope> {
+    let stuck = choreo::proto::Stuck {
+        service: "inventory".into(),
+        event_type: "notification.failed".into(),
+        error: "database away".into(),
+        deliveries: 5,
+        ..Default::default()
+    };
+    vec![
+        event(id, reserved()),
+        event(id, ev::ShippingScheduled::default()),
+        event(
+            id,
+            ev::NotificationFailed {
+                reason: "no address".into(),
+            },
+        ),
+        Envelope::new("inventory", &id.to_string(), None, &stuck),
+        event(
+            id,
+            ev::InventoryReleased {
+                cause: "notification: no address".into(),
+                ..Default::default()
+            },
+        ),
+        event(id, ev::NotificationSent::default()),
+    ]
+}
+
+/// The order service applies a batch in two statements, its events' effects
+/// worked out in memory in between: what it leaves must be what the same
+/// events leave applied one by one, field for field, also when the batch
+/// mixes several orders' events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_leaves_its_orders_as_its_events_one_by_one_would() {
+    let (_pg, pool) = database().await;
+    let h = OrderHandler {
+        deadline: Duration::from_secs(30),
+    };
+    let claims = choreo::barrier::Claims::new();
+    let (alone, batched, beside) = (place(&pool).await, place(&pool).await, place(&pool).await);
+    for (n, envelope) in a_whole_life(alone).iter().enumerate() {
+        assert_eq!(
+            apply(&pool, &h, &claims, envelope).await.unwrap(),
+            Outcome::Applied
+        );
+        if n == 3 {
+            let (status, _, stuck, ..) = kept(&pool, alone).await;
+            assert_eq!(status, "CANCELLING");
+            assert!(stuck.contains("database away"), "marked stuck: {stuck:?}");
+        }
+    }
+    // The batch interleaves another order's whole life with this one's.
+    let batch: Vec<Envelope> = a_whole_life(batched)
+        .into_iter()
+        .zip(a_whole_life(beside))
+        .flat_map(|(a, b)| [a, b])
+        .collect();
+    let outcomes = choreo::inbox::apply_as_batch(&pool, &h, &claims, &batch)
+        .await
+        .expect("the batch applies");
+    assert_eq!(outcomes, vec![Outcome::Applied; 12]);
+    let one_by_one = kept(&pool, alone).await;
+    assert_eq!(one_by_one.0, "CANCELLED");
+    assert_eq!(one_by_one.1, "notification: no address");
+    assert_eq!(
+        one_by_one.2, "",
+        "the compensation that ended it cleared the stuck mark"
+    );
+    assert_eq!(
+        one_by_one.3, 5,
+        "placed, reserved, scheduled, cancelling, cancelled"
+    );
+    assert_eq!(one_by_one.5.len(), 7, "placed and the six events");
+    for id in [batched, beside] {
+        assert_eq!(kept(&pool, id).await, one_by_one);
+    }
+}
