@@ -108,12 +108,8 @@ pub async fn lock(tx: &mut PgConnection, id: Uuid) -> Result<Option<Status>, sql
         .await
 }
 
-/// Moves the order to `status`; `reason` is kept only if the order has none
-/// yet. Forward progress pushes the deadline out by `deadline`. One
-/// statement: the move, its place in the status history (for WatchOrder)
-/// and, if anybody watches the order, the notification that wakes the
-/// watches (see `watch`: the row lock orders it against a watch that starts
-/// at the same moment).
+/// Moves the order to `status`; `reason` is kept only if the order has none yet.
+/// Forward progress pushes the deadline out by `deadline`.
 pub async fn set_status(
     tx: &mut PgConnection,
     id: Uuid,
@@ -121,15 +117,70 @@ pub async fn set_status(
     reason: Option<&str>,
     deadline: Duration,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    let moved = move_status(tx, id, &Status::ALL, status, reason, deadline, None).await?;
+    moved.then_some(()).ok_or(sqlx::Error::RowNotFound)
+}
+
+/// Moves the order to `status` if it is in a status that may become it
+/// ([`Status::may_become`]), and in the same statement adds `event` to its
+/// timeline: the usual case of an event that moves an order, in one
+/// statement, where [`lock_heard`] and [`write_heard`] take two. `false`,
+/// with nothing written, when the order is not in such a status (or does
+/// not exist): the caller then takes those two.
+pub async fn record_event_and_move(
+    tx: &mut PgConnection,
+    id: Uuid,
+    event: &Envelope,
+    detail: &str,
+    status: Status,
+    reason: Option<&str>,
+    deadline: Duration,
+) -> Result<bool, sqlx::Error> {
+    let from: Vec<Status> = Status::ALL
+        .into_iter()
+        .filter(|from| from.may_become(status))
+        .collect();
+    move_status(
+        tx,
+        id,
+        &from,
+        status,
+        reason,
+        deadline,
+        Some((event, detail)),
+    )
+    .await
+}
+
+/// The one statement behind [`set_status`] and [`record_event_and_move`]:
+/// the move (if the order is in one of `from`), its place in the status
+/// history (for WatchOrder), the event on the timeline if one is given and,
+/// if anybody watches the order, the notification that wakes the watches
+/// (see `watch`: the row lock orders it against a watch that starts at the
+/// same moment). Whether the order moved.
+async fn move_status(
+    tx: &mut PgConnection,
+    id: Uuid,
+    from: &[Status],
+    status: Status,
+    reason: Option<&str>,
+    deadline: Duration,
+    event: Option<(&Envelope, &str)>,
+) -> Result<bool, sqlx::Error> {
+    let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+    let moved = sqlx::query(
         "WITH moved AS (
              UPDATE orders SET status = $2, reason = CASE WHEN reason = '' THEN COALESCE($3, '') ELSE reason END, stuck = '', updated_at = now(),
-                    deadline_at = CASE WHEN $6 THEN now() + make_interval(secs => $4) ELSE deadline_at END,
+                    deadline_at = CASE WHEN $13 THEN now() + make_interval(secs => $4) ELSE deadline_at END,
                     changes = changes + 1
-             WHERE order_id = $1 RETURNING changes, reason, watchers),
+             WHERE order_id = $1 AND status = ANY($6::text[]) RETURNING changes, reason, watchers),
          changed AS (
              INSERT INTO order_status_changes (order_id, seq, status, reason)
-             SELECT $1, changes, $2, reason FROM moved)
+             SELECT $1, changes, $2, reason FROM moved),
+         recorded AS (
+             INSERT INTO order_timeline (event_id, order_id, event_type, producer, occurred_at, detail, causation_id)
+             SELECT $7, $1, $8, $9, $10, $11, $12 FROM moved WHERE $7::uuid IS NOT NULL
+             ON CONFLICT (event_id) DO NOTHING)
          SELECT (SELECT pg_notify($5, $1::text) WHERE moved.watchers > 0) FROM moved",
     )
     .bind(id)
@@ -137,11 +188,17 @@ pub async fn set_status(
     .bind(reason)
     .bind(deadline.as_secs_f64())
     .bind(crate::watch::CHANNEL)
+    .bind(&from)
+    .bind(event.map(|(e, _)| e.id()))
+    .bind(event.map(|(e, _)| e.event_type.as_str()))
+    .bind(event.map(|(e, _)| e.producer.as_str()))
+    .bind(event.map(|(e, _)| e.occurred_at()))
+    .bind(event.map(|(_, detail)| detail))
+    .bind(event.and_then(|(e, _)| Uuid::parse_str(&e.causation_id).ok()))
     .bind(status.restarts_deadline())
     .fetch_optional(&mut *tx)
-    .await?
-    .map(|_| ())
-    .ok_or(sqlx::Error::RowNotFound)
+    .await?;
+    Ok(moved.is_some())
 }
 
 /// An order's row as the events of one transaction find it, locked, and as

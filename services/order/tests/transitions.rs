@@ -424,9 +424,10 @@ fn a_whole_life(id: uuid::Uuid) -> Vec<Envelope> {
 }
 
 /// The order service applies a batch in two statements, its events' effects
-/// worked out in memory in between: what it leaves must be what the same
-/// events leave applied one by one, field for field, also when the batch
-/// mixes several orders' events.
+/// worked out in memory in between; an event alone that moves its order
+/// takes one statement that moves it in SQL. What a batch leaves must be
+/// what the same events leave applied one by one, field for field, also
+/// when the batch mixes several orders' events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_leaves_its_orders_as_its_events_one_by_one_would() {
     let (_pg, pool) = database().await;
