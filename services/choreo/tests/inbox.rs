@@ -472,7 +472,10 @@ async fn an_event_on_the_wrong_subject_or_from_the_wrong_producer_is_parked_as_f
 
 /// Records each ping it applies in `seen`, in the order applied; refuses
 /// ping `reject` for good (after writing, so its rollback shows), fails ping
-/// `flaky` once, and counts its after-commit work.
+/// `flaky` once, and counts its after-commit work. Each effect takes 2 ms,
+/// so a lane's events queue behind the one it applies even on a loaded
+/// machine (the test's batches must form; they did not once in CI, with the
+/// lanes keeping up with the pull one event at a time).
 struct RecordsOrder {
     reject: u32,
     flaky: u32,
@@ -495,6 +498,7 @@ impl Handler for RecordsOrder {
             .bind(ping.n as i32)
             .execute(&mut **tx)
             .await?;
+        tokio::time::sleep(Duration::from_millis(2)).await;
         if ping.n == self.reject {
             return Err(Reject::Invalid(format!("ping {} is refused", ping.n)).into());
         }
