@@ -194,20 +194,24 @@ impl OrderHandler {
     async fn hear_all(
         &self,
         tx: &mut Tx<'_>,
-        events: &[(&Envelope, &SagaEvent, &tracing::Span)],
+        events: &[Batched<'_, SagaEvent>],
     ) -> Result<(), HandleError> {
         let ids = events
             .iter()
-            .map(|(envelope, _, _)| {
-                Uuid::parse_str(&envelope.saga_id).map_err(|_| {
-                    Reject::Malformed(format!("saga id {:?} is not an order id", envelope.saga_id))
-                })
-            })
+            .map(|Batched { envelope, .. }| contracts::order_id_of(envelope))
             .collect::<Result<Vec<Uuid>, Reject>>()?;
         let mut orders = store::lock_heard(tx, &ids).await?;
         let mut changes = Vec::new();
         let mut timeline = Vec::with_capacity(events.len());
-        for ((envelope, event, span), id) in events.iter().zip(ids) {
+        for (
+            Batched {
+                envelope,
+                event,
+                span,
+            },
+            id,
+        ) in events.iter().zip(ids)
+        {
             let Some(order) = orders.get_mut(&id) else {
                 return Err(Reject::Malformed(format!(
                     "order {id} does not exist in this order service"
@@ -247,7 +251,7 @@ impl Handler for OrderHandler {
     ) -> Result<(), HandleError> {
         // An event alone that moves its order, the usual case below full
         // load: one statement, not [`OrderHandler::hear_all`]'s two.
-        if let Ok(id) = Uuid::parse_str(&envelope.saga_id) {
+        if let Ok(id) = contracts::order_id_of(envelope) {
             let meaning = meaning(envelope, &event);
             if let Some(next) = meaning.status
                 && store::record_event_and_move(
@@ -265,8 +269,16 @@ impl Handler for OrderHandler {
                 return Ok(());
             }
         }
-        self.hear_all(tx, &[(envelope, &event, &tracing::Span::none())])
-            .await
+        let span = tracing::Span::none();
+        self.hear_all(
+            tx,
+            &[Batched {
+                envelope,
+                event,
+                span,
+            }],
+        )
+        .await
     }
 
     /// A batch's events in the same two statements as one event's.
@@ -275,10 +287,6 @@ impl Handler for OrderHandler {
         tx: &mut Tx<'_>,
         events: Vec<Batched<'_, SagaEvent>>,
     ) -> Result<(), HandleError> {
-        let events: Vec<_> = events
-            .iter()
-            .map(|b| (b.envelope, &b.event, &b.span))
-            .collect();
         self.hear_all(tx, &events).await
     }
 }
