@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use choreo::inbox::{Outcome, apply};
-use choreo::{Envelope, EventPayload};
+use choreo::{Envelope, EventPayload, HandleError};
 use contracts::events::v1 as ev;
 use order::handler::OrderHandler;
 use sqlx::PgPool;
@@ -206,22 +206,79 @@ async fn late_events_never_revive_a_cancelled_order_and_the_first_reason_stays()
     );
 }
 
+/// What the order service keeps of an order id in the tables beside `orders`
+/// (its lines, status changes and timeline): rows of each. Nothing but the
+/// service's statements keeps these from naming an order that does not
+/// exist (the tables have no foreign keys: each check cost a trigger).
+async fn rows_beside(pool: &PgPool, id: uuid::Uuid) -> i64 {
+    sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM order_lines WHERE order_id = $1)
+              + (SELECT count(*) FROM order_status_changes WHERE order_id = $1)
+              + (SELECT count(*) FROM order_timeline WHERE order_id = $1)",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_for_an_unknown_order_is_parked_not_dropped() {
     let (_pg, pool) = database().await;
     let h = OrderHandler {
         deadline: Duration::from_secs(30),
     };
-    let outcome = apply(
-        &pool,
-        &h,
-        &Default::default(),
-        &event(uuid::Uuid::now_v7(), ev::NotificationSent::default()),
-    )
-    .await
-    .unwrap();
+    let claims = choreo::barrier::Claims::new();
+    let parked = |outcome: &Outcome| matches!(outcome, Outcome::Parked(reason) if reason.to_string().contains("does not exist"));
+    // Alone: an event that would move an order, and one that would not
+    // (a stuck report).
+    for payload in [
+        event(uuid::Uuid::now_v7(), ev::NotificationSent::default()),
+        a_whole_life(uuid::Uuid::now_v7()).swap_remove(3),
+    ] {
+        let outcome = apply(&pool, &h, &claims, &payload).await.unwrap();
+        assert!(parked(&outcome), "{outcome:?}");
+    }
+    // In a batch, between two known orders' events: the batch fails as a
+    // whole and writes nothing; the consumer then applies its events one by
+    // one, and that one is parked.
+    let (a, unknown, b) = (place(&pool).await, uuid::Uuid::now_v7(), place(&pool).await);
+    let batch = [
+        event(a, reserved()),
+        event(unknown, reserved()),
+        event(b, reserved()),
+    ];
+    let failed = choreo::inbox::apply_as_batch(&pool, &h, &claims, &batch).await;
     assert!(
-        matches!(outcome, choreo::inbox::Outcome::Parked(reason) if reason.to_string().contains("does not exist"))
+        matches!(&failed, Err(HandleError::Reject(reason)) if reason.to_string().contains("does not exist")),
+        "{failed:?}"
+    );
+    for id in [a, b] {
+        assert_eq!(
+            status(&pool, id).await.0,
+            "PENDING",
+            "the failed batch wrote nothing"
+        );
+    }
+    let mut outcomes = Vec::new();
+    for envelope in &batch {
+        outcomes.push(apply(&pool, &h, &claims, envelope).await.unwrap());
+    }
+    assert_eq!(outcomes[0], Outcome::Applied);
+    assert!(parked(&outcomes[1]), "{:?}", outcomes[1]);
+    assert_eq!(outcomes[2], Outcome::Applied);
+    for id in [a, b] {
+        assert_eq!(status(&pool, id).await.0, "RESERVED");
+    }
+    assert_eq!(
+        rows_beside(&pool, unknown).await,
+        0,
+        "nothing written for an order that does not exist"
+    );
+    assert_eq!(
+        rows_beside(&pool, a).await,
+        5,
+        "a line, two changes, two timeline events"
     );
 }
 
