@@ -26,21 +26,28 @@ pub struct InventoryHandler {
     pub config: Config,
 }
 
-/// Why an order cannot be held, or `None` when every line was taken.
-/// Lines are taken in SKU order so two orders never wait on each other's rows.
+/// Why an order of several lines cannot be held, or `None` when every line
+/// was taken. Lines are taken in SKU order so two orders never wait on each
+/// other's rows, under a savepoint: all lines or none.
 async fn take(
     tx: &mut PgConnection,
     lines: &[ev::OrderLine],
 ) -> Result<Option<String>, sqlx::Error> {
     let mut sorted: Vec<&ev::OrderLine> = lines.iter().collect();
     sorted.sort_by(|a, b| a.sku.cmp(&b.sku));
-    if let [line] = sorted[..] {
-        // One line is taken or not: no savepoint needed (two statements fewer).
-        return take_line(tx, line).await;
-    }
-    let mut attempt = tx.begin().await?; // a savepoint: all lines or none
+    let mut attempt = tx.begin().await?;
     for line in sorted {
-        if let Some(refusal) = take_line(&mut attempt, line).await? {
+        let taken = sqlx::query(
+            "UPDATE stock SET available = available - $2, reserved = reserved + $2
+             WHERE sku = $1 AND available >= $2",
+        )
+        .bind(&line.sku)
+        .bind(line.quantity as i64)
+        .execute(&mut *attempt)
+        .await?
+        .rows_affected();
+        if taken == 0 {
+            let refusal = refusal(&mut attempt, line).await?;
             attempt.rollback().await?;
             return Ok(Some(refusal));
         }
@@ -49,35 +56,49 @@ async fn take(
     Ok(None)
 }
 
-/// Takes one line's quantity from its SKU's stock; why not, when it cannot.
-async fn take_line(
+/// Takes an order's one line from its SKU's stock and records the order's
+/// reservation as held, with that line, in one statement; whether it could
+/// (nothing is written when it could not). The SKU's row, which every order
+/// of that product waits for, is locked from here to the commit, as when
+/// it is taken last.
+async fn take_and_hold_one(
     tx: &mut PgConnection,
+    order_id: Uuid,
     line: &ev::OrderLine,
-) -> Result<Option<String>, sqlx::Error> {
-    let taken = sqlx::query(
-        "UPDATE stock SET available = available - $2, reserved = reserved + $2
-         WHERE sku = $1 AND available >= $2",
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH taken AS (
+             UPDATE stock SET available = available - $4, reserved = reserved + $4
+             WHERE sku = $3 AND available >= $4 RETURNING sku),
+         held AS (
+             INSERT INTO reservations (order_id, status, reason) SELECT $1, $2, '' FROM taken
+             ON CONFLICT (order_id) DO UPDATE SET status = $2, reason = '', updated_at = now()
+             RETURNING order_id),
+         line AS (
+             INSERT INTO reservation_lines (order_id, sku, quantity) SELECT order_id, $3, $4 FROM held)
+         SELECT EXISTS (SELECT FROM taken)",
     )
+    .bind(order_id)
+    .bind(ReservationStatus::Held)
     .bind(&line.sku)
     .bind(line.quantity as i64)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if taken == 0 {
-        let available: Option<i64> =
-            sqlx::query_scalar("SELECT available FROM stock WHERE sku = $1")
-                .bind(&line.sku)
-                .fetch_optional(&mut *tx)
-                .await?;
-        return Ok(Some(match available {
-            None => format!("unknown SKU {}", line.sku),
-            Some(n) => format!(
-                "not enough stock of {} ({n} available, {} ordered)",
-                line.sku, line.quantity
-            ),
-        }));
-    }
-    Ok(None)
+    .fetch_one(tx)
+    .await
+}
+
+/// Why `line` cannot be taken from its SKU's stock.
+async fn refusal(tx: &mut PgConnection, line: &ev::OrderLine) -> Result<String, sqlx::Error> {
+    let available: Option<i64> = sqlx::query_scalar("SELECT available FROM stock WHERE sku = $1")
+        .bind(&line.sku)
+        .fetch_optional(tx)
+        .await?;
+    Ok(match available {
+        None => format!("unknown SKU {}", line.sku),
+        Some(n) => format!(
+            "not enough stock of {} ({n} available, {} ordered)",
+            line.sku, line.quantity
+        ),
+    })
 }
 
 async fn record(
@@ -162,13 +183,28 @@ impl CompensableStep for InventoryHandler {
             record(tx, order_id, ReservationStatus::Rejected, &reason).await?;
             return Ok(Verdict::Failed(ev::InventoryRejected { reason }));
         }
-        // The reservation is written first and the stock taken last, so the
-        // SKUs' rows (which every order of those SKUs waits for) stay locked
-        // only through the outbox insert and the commit.
-        hold(tx, order_id, &order.lines).await?;
-        if let Some(reason) = take(tx, &order.lines).await? {
+        let refused = if let [line] = &order.lines[..] {
+            // One line: taken and held in one statement, or nothing written.
+            if take_and_hold_one(tx, order_id, line).await? {
+                None
+            } else {
+                let reason = refusal(tx, line).await?;
+                record(tx, order_id, ReservationStatus::Rejected, &reason).await?;
+                Some(reason)
+            }
+        } else {
+            // The reservation is written first and the stock taken last, so
+            // the SKUs' rows (which every order of those SKUs waits for) stay
+            // locked only through the outbox insert and the commit.
+            hold(tx, order_id, &order.lines).await?;
+            let refused = take(tx, &order.lines).await?;
+            if let Some(reason) = &refused {
+                refuse(tx, order_id, reason).await?;
+            }
+            refused
+        };
+        if let Some(reason) = refused {
             tracing::info!(%reason, "reservation rejected");
-            refuse(tx, order_id, &reason).await?;
             return Ok(Verdict::Failed(ev::InventoryRejected { reason }));
         }
         tracing::info!(lines = order.lines.len(), "stock reserved");

@@ -124,6 +124,26 @@ async fn all_lines_or_none_and_a_redelivered_order_takes_stock_once() {
     assert_eq!(emitted(&pool, &fourth).await, ["inventory.rejected"]);
     assert_eq!(reservation(&pool, &third).await, ("HELD".into(), 1));
     assert_eq!(reservation(&pool, &fourth).await, ("REJECTED".into(), 0));
+    // A product nobody stocks: refused, and the reason says which.
+    let fifth = uuid::Uuid::now_v7().to_string();
+    apply(&pool, &h, &claims(), &created(&fifth, &[("NOPE", 1)]))
+        .await
+        .unwrap();
+    assert_eq!(reservation(&pool, &fifth).await, ("REJECTED".into(), 0));
+    let reasons: Vec<String> = sqlx::query_scalar(
+        "SELECT reason FROM reservations WHERE order_id = ANY($1::uuid[]) ORDER BY order_id",
+    )
+    .bind([&fourth, &fifth])
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        reasons,
+        [
+            "not enough stock of BOOK (0 available, 1 ordered)",
+            "unknown SKU NOPE"
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
