@@ -8,6 +8,10 @@
 //! 2. Closed loop: clients that wait for their order's saga to end before
 //!    placing the next, over a spread catalogue (Zipf over many SKUs) and a
 //!    flash sale (every order for one SKU; stock is checked for overselling).
+//!    The spread catalogue runs once for each number of clients asked for,
+//!    and its peak is the run with the most sagas/s: more sagas in flight
+//!    make larger batches, so the peak is found, not assumed. The flash
+//!    sale runs with the peak's clients.
 //! 3. Open loop: orders arriving at a fixed rate, half the spread peak;
 //!    latency placed -> COMPLETED. And one order at a time on an idle system.
 //! 4. Cost per completed saga: the services' own PostgreSQL commits and
@@ -37,8 +41,10 @@ use crate::{OrderStatus, SERVICES, System, order_request};
 pub struct Settings {
     /// Instances of each service (for the report; the caller starts them).
     pub instances: usize,
-    /// Closed-loop clients, each with one order in flight.
-    pub clients: usize,
+    /// The numbers of closed-loop clients (each with one order in flight)
+    /// the spread catalogue runs with, in turn; the hot SKU runs with the
+    /// one that gave the peak.
+    pub clients: Vec<usize>,
     /// Orders per closed-loop catalogue.
     pub orders: usize,
     /// SKUs of the spread catalogue (Zipf, s = 1).
@@ -155,6 +161,8 @@ impl Cost {
 #[derive(Debug, Clone, Serialize)]
 pub struct ClosedLoop {
     pub catalogue: String,
+    /// Clients, each with one order in flight.
+    pub clients: usize,
     pub orders: usize,
     pub completed: usize,
     pub seconds: f64,
@@ -318,6 +326,9 @@ pub struct Report {
     /// C measured again once every other measurement is done: on a shared
     /// machine its speed can move during a run, and the two show by how much.
     pub limit_at_end_commits_per_sec: f64,
+    /// The spread catalogue at each number of clients asked for, in turn.
+    pub spread_by_clients: Vec<ByClients>,
+    /// The spread catalogue's peak: the run above with the most sagas/s.
     pub spread: ClosedLoop,
     pub hot: ClosedLoop,
     pub hot_oversold: bool,
@@ -341,6 +352,15 @@ pub struct Report {
     pub hops: Vec<Hop>,
     /// R = spread sagas/s x 6 / C.
     pub headline_r: f64,
+}
+
+/// One run of the spread catalogue's closed loop, at one number of clients.
+#[derive(Debug, Clone, Serialize)]
+pub struct ByClients {
+    pub clients: usize,
+    pub sagas_per_sec: f64,
+    pub latency: Percentiles,
+    pub transactions_per_saga: f64,
 }
 
 /// Sagas whose last event has been seen, and who waits for which.
@@ -458,27 +478,48 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
     eprintln!("bench: measuring C, the saga-step commit rate of this PostgreSQL...");
     let limit = measure_limit().await?;
 
-    eprintln!(
-        "bench: closed loop, {} orders over {} SKUs...",
-        settings.orders, settings.skus
-    );
     let zipf = Arc::new(Zipf::new(settings.skus));
-    let (mut spread, spread_ids) = closed_loop(
-        sys,
-        &watcher,
-        settings,
-        &format!("{} SKUs (Zipf)", settings.skus),
-        move || sku(zipf.sample()),
-    )
-    .await?;
+    let mut spread_tried = Vec::new();
+    for &clients in &settings.clients {
+        eprintln!(
+            "bench: closed loop, {} orders over {} SKUs, {clients} clients...",
+            settings.orders, settings.skus
+        );
+        let zipf = zipf.clone();
+        spread_tried.push(
+            closed_loop(
+                sys,
+                &watcher,
+                settings,
+                clients,
+                &format!("{} SKUs (Zipf)", settings.skus),
+                move || sku(zipf.sample()),
+            )
+            .await?,
+        );
+    }
+    let peak = spread_tried
+        .iter()
+        .enumerate()
+        .max_by(|(_, a), (_, b)| a.0.sagas_per_sec.total_cmp(&b.0.sagas_per_sec))
+        .map(|(i, _)| i)
+        .ok_or_else(|| anyhow::anyhow!("no closed-loop clients given"))?;
+    let (mut spread, spread_ids) = spread_tried[peak].clone();
     let puback = publish_latencies(sys).await?;
 
     eprintln!(
-        "bench: closed loop, {} orders for one SKU...",
-        settings.orders
+        "bench: closed loop, {} orders for one SKU, {} clients...",
+        settings.orders, spread.clients
     );
-    let (mut hot, hot_ids) =
-        closed_loop(sys, &watcher, settings, "one hot SKU", || HOT.to_owned()).await?;
+    let (mut hot, hot_ids) = closed_loop(
+        sys,
+        &watcher,
+        settings,
+        spread.clients,
+        "one hot SKU",
+        || HOT.to_owned(),
+    )
+    .await?;
     let left = sys.stock(HOT).await?.available;
     let hot_oversold = left + hot.completed as u64 != settings.orders as u64;
 
@@ -516,6 +557,15 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
     let open_loop = Percentiles::of(completion_ms(&mut order_db, &open_ids).await?);
     let alone = Percentiles::of(completion_ms(&mut order_db, &alone_ids).await?);
     spread.latency = Percentiles::of(completion_ms(&mut order_db, &spread_ids).await?);
+    let mut spread_by_clients = Vec::new();
+    for (run, ids) in spread_tried {
+        spread_by_clients.push(ByClients {
+            clients: run.clients,
+            sagas_per_sec: run.sagas_per_sec,
+            latency: Percentiles::of(completion_ms(&mut order_db, &ids).await?),
+            transactions_per_saga: run.cost.transactions_per_saga,
+        });
+    }
     hot.latency = Percentiles::of(completion_ms(&mut order_db, &hot_ids).await?);
     let open_loop_worst_per_second_ms = worst_per_second_ms(&mut order_db, &open_ids).await?;
     let open_loop_hops = hops(&mut order_db, &open_ids, publish_latencies(sys).await?).await?;
@@ -533,6 +583,7 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
         settings: format!("{settings:?}"),
         limit_commits_per_sec: limit,
         limit_at_end_commits_per_sec: limit_at_end,
+        spread_by_clients,
         spread,
         hot,
         hot_oversold,
@@ -566,6 +617,7 @@ async fn closed_loop(
     sys: &System,
     watcher: &EndWatcher,
     settings: &Settings,
+    clients: usize,
     catalogue: &str,
     pick: impl Fn() -> String + Send + Sync + 'static,
 ) -> anyhow::Result<(ClosedLoop, Vec<String>)> {
@@ -581,8 +633,8 @@ async fn closed_loop(
     let machine_before = MachineCpu::ticks();
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..settings.clients {
-        let (next, pick, clients, watcher, total) = (
+    for _ in 0..clients {
+        let (next, pick, api, watcher, total) = (
             next.clone(),
             pick.clone(),
             sys.clients.clone(),
@@ -592,7 +644,7 @@ async fn closed_loop(
         tasks.push(tokio::spawn(async move {
             let mut ids = Vec::new();
             while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
-                let id = clients.place(request(&pick())).await?.order_id;
+                let id = api.place(request(&pick())).await?.order_id;
                 watcher.wait(&id).await?;
                 ids.push(id);
             }
@@ -628,6 +680,7 @@ async fn closed_loop(
     let cost = after.minus(&before, completed.max(1));
     let run = ClosedLoop {
         catalogue: catalogue.to_owned(),
+        clients,
         orders: ids.len(),
         completed,
         seconds,
@@ -1199,12 +1252,29 @@ impl Report {
                 )
             ),
         );
+        row(
+            &format!(
+                "closed loop, {}, by clients: completed sagas/s; placed -> COMPLETED p50 / p99",
+                self.spread.catalogue
+            ),
+            self.spread_by_clients
+                .iter()
+                .map(|run| {
+                    format!(
+                        "{} clients {:.1}/s, {:.0} / {:.0} ms",
+                        run.clients, run.sagas_per_sec, run.latency.p50_ms, run.latency.p99_ms
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        );
         for run in [&self.spread, &self.hot] {
             row(
                 &format!("closed loop, {}: completed sagas/s", run.catalogue),
                 format!(
-                    "{:.1} ({} orders, {} completed, {:.1} s); placed -> COMPLETED p50 {:.0} ms, p99 {:.0} ms",
+                    "{:.1} ({} clients, {} orders, {} completed, {:.1} s); placed -> COMPLETED p50 {:.0} ms, p99 {:.0} ms",
                     run.sagas_per_sec,
+                    run.clients,
                     run.orders,
                     run.completed,
                     run.seconds,

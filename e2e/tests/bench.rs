@@ -10,7 +10,7 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
     let sys = system(Options::default()).await;
     let settings = Settings {
         instances: 1,
-        clients: 4,
+        clients: vec![2, 4],
         orders: 40,
         skus: 20,
         open_secs: 2.0,
@@ -35,6 +35,23 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
         assert_eq!(closed.latency.count, 40);
     }
     assert!(!report.hot_oversold);
+    // The spread catalogue ran once per number of clients; its peak is the
+    // fastest of them, and the hot SKU ran with the peak's clients.
+    let tried: Vec<usize> = report.spread_by_clients.iter().map(|r| r.clients).collect();
+    assert_eq!(tried, [2, 4]);
+    for run in &report.spread_by_clients {
+        assert_eq!(run.latency.count, 40, "{run:?}");
+        assert!(run.sagas_per_sec <= report.spread.sagas_per_sec, "{run:?}");
+    }
+    assert!(
+        report
+            .spread_by_clients
+            .iter()
+            .any(|r| (r.clients, r.sagas_per_sec)
+                == (report.spread.clients, report.spread.sagas_per_sec)),
+        "the peak is one of the runs"
+    );
+    assert_eq!(report.hot.clients, report.spread.clients);
     assert_eq!(
         report.open_loop.count,
         (report.open_rate_per_sec * settings.open_secs).round() as usize,
@@ -83,6 +100,7 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
         "services' PostgreSQL transactions per saga (open loop)",
         "CPU ms per saga, peak RSS (open loop)",
         "beside the open loop",
+        "by clients",
     ] {
         assert!(table.contains(row), "no row {row:?} in\n{table}");
     }

@@ -1,6 +1,6 @@
 //! The benchmark: in one run it measures C (this PostgreSQL's saga-step
-//! commit rate), the closed-loop peak over a spread catalogue and one hot
-//! SKU, latency under an open loop at half that peak (`--open-at`) and for one order
+//! commit rate), the closed-loop peak over a spread catalogue (at each
+//! number of clients given, `--clients`) and one hot SKU, latency under an open loop at half that peak (`--open-at`) and for one order
 //! alone, what each saga costs (transactions, messages, CPU, memory) and
 //! each hop's time; it prints a table and writes JSON and an SVG.
 //!
@@ -16,9 +16,11 @@ use e2e::{Options, System};
 #[derive(Parser)]
 #[command(about = "Measure what the saga costs and how fast it goes, in one run")]
 struct Args {
-    /// Closed-loop clients, each with one order in flight.
-    #[arg(long, default_value_t = 32)]
-    clients: usize,
+    /// Closed-loop clients, each with one order in flight: the spread
+    /// catalogue runs with each number in turn, and its peak is the run
+    /// with the most sagas/s (the hot SKU and the drain use the peak's).
+    #[arg(long, value_delimiter = ',', default_values_t = [32, 64, 128, 256])]
+    clients: Vec<usize>,
     /// Orders per closed-loop catalogue.
     #[arg(long, default_value_t = 2000)]
     orders: usize,
@@ -88,7 +90,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         &sys,
         &Settings {
             instances: args.instances,
-            clients: args.clients,
+            clients: args.clients.clone(),
             orders: args.orders,
             skus: args.skus,
             open_secs: args.open_secs,
@@ -104,7 +106,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     println!("{}", report.table());
     if args.drain > 0 {
         sys.scale_to(1)?;
-        let drained = e2e::bench::drain(&mut sys, args.drain, args.clients).await?;
+        let drained = e2e::bench::drain(&mut sys, args.drain, report.spread.clients).await?;
         println!("{}", drained.line());
         std::fs::create_dir_all(&args.out)?;
         std::fs::write(
