@@ -769,6 +769,15 @@ fn metric(text: &str, name: &str) -> f64 {
         .fold(0.0, |total, value| total + value)
 }
 
+/// Atomic batches a service's relay and publisher have had stored, and
+/// refused, since it started.
+fn atomic_batch_counts(metrics: &str) -> (f64, f64) {
+    (
+        metric(metrics, "saga_relay_atomic_batches_total"),
+        metric(metrics, "saga_relay_atomic_batches_refused_total"),
+    )
+}
+
 /// Mean commit-to-PubAck of each service so far, in ms.
 async fn publish_latencies(sys: &System) -> anyhow::Result<Vec<f64>> {
     let mut means = Vec::new();
@@ -1552,6 +1561,8 @@ pub async fn drain(sys: &mut System, orders: usize, clients: usize) -> anyhow::R
         .pid()
         .ok_or_else(|| anyhow::anyhow!("the order service is not running"))?;
     let mut order_db = PgConnection::connect(&sys.databases[0]).await?;
+    // The counters run from the service's start: count the drain's own.
+    let batches_before = atomic_batch_counts(&sys.metrics("order").await?);
     tokio::task::block_in_place(|| sys.infra.nats.kill())?;
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
@@ -1597,9 +1608,9 @@ pub async fn drain(sys: &mut System, orders: usize, clients: usize) -> anyhow::R
         );
     }
     let drain_seconds = back.elapsed().as_secs_f64();
-    let order_metrics = sys.metrics("order").await?;
-    let atomic_batches = metric(&order_metrics, "saga_relay_atomic_batches_total");
-    let atomic_batches_refused = metric(&order_metrics, "saga_relay_atomic_batches_refused_total");
+    let batches_after = atomic_batch_counts(&sys.metrics("order").await?);
+    let atomic_batches = batches_after.0 - batches_before.0;
+    let atomic_batches_refused = batches_after.1 - batches_before.1;
     let stream_taken = stream_messages(sys).await? - stream_at_start.unwrap_or_default();
     Ok(Drain {
         orders,

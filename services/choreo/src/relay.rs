@@ -114,6 +114,9 @@ pub struct Publisher {
     /// PubAck timeout, so past this many the rows are left to the relay
     /// instead of piling up in memory.
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Whether a transaction's several rows go as one atomic batch; cleared
+    /// for good when the stream says it does not allow them.
+    atomic: Arc<AtomicBool>,
 }
 
 /// Publishes right after commit that may wait on the broker at once.
@@ -126,7 +129,15 @@ impl Publisher {
             js,
             marks,
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)),
+            atomic: Arc::new(AtomicBool::new(true)),
         }
+    }
+
+    /// Sends every row on its own, never as an atomic batch (for a stream
+    /// without `allow_atomic`, or to compare).
+    pub fn row_by_row(self) -> Self {
+        self.atomic.store(false, Ordering::SeqCst);
+        self
     }
 
     /// Whether both send to the same place (the same service's outbox).
@@ -143,6 +154,12 @@ impl Publisher {
     /// acknowledged, keeps a saga's events in order (one connection, one
     /// order into the stream) without holding the caller, a consumer lane,
     /// through the broker's fsync: the lane goes on to its next event.
+    ///
+    /// Several rows (a batch's transaction) go as one atomic batch, which
+    /// the broker stores with one fsync instead of one per row: at the
+    /// closed loop's peak, the stream's fsyncs are what the sagas wait on.
+    /// A batch refused as a whole (one of its rows already stored, when the
+    /// relay swept it first) is left to the relay, like any row that fails.
     pub async fn publish(&self, rows: Vec<crate::outbox::Row>) {
         let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
             tracing::debug!(
@@ -151,11 +168,23 @@ impl Publisher {
             );
             return;
         };
-        let sending = send_rows(&self.js, rows).await;
-        let marks = self.marks.clone();
+        let atomically =
+            (2..=MAX_ATOMIC_BATCH).contains(&rows.len()) && self.atomic.load(Ordering::Relaxed);
+        let sending = if atomically {
+            send_atomically(&self.js, rows).await
+        } else {
+            send_rows(&self.js, rows).await
+        };
+        let (marks, atomic) = (self.marks.clone(), self.atomic.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let round = sending.acknowledged().await;
+            if round.batch_refused == Some(ErrorCode::ATOMIC_PUBLISH_DISABLED) {
+                tracing::warn!(
+                    "the stream does not allow atomic batches (allow_atomic): rows go one by one after commit, an fsync each"
+                );
+                atomic.store(false, Ordering::Relaxed);
+            }
             if let Some(error) = &round.error {
                 tracing::debug!(%error, "publishing after commit failed; the relay will send it");
             }

@@ -391,3 +391,137 @@ async fn rows_committed_while_nats_is_away_are_left_to_the_relay_not_to_the_clie
     shutdown.cancel();
     marker.await.unwrap();
 }
+
+/// Emits `n` events of sagas `saga-{first}..` in one transaction through
+/// `outbox` and publishes them right after the commit, as a service does.
+async fn commit_and_publish(s: &Setup, outbox: &choreo::outbox::Outbox, first: u32, n: u32) {
+    let (_, written) = choreo::outbox::capture(async {
+        let mut tx = s.pool.begin().await.unwrap();
+        for i in first..first + n {
+            outbox
+                .emit(&mut tx, &format!("saga-{i}"), None, &Ping { n: i })
+                .await
+                .unwrap();
+        }
+        tx.commit().await.unwrap();
+    })
+    .await;
+    written.publish().await;
+}
+
+/// The rows of one transaction go right after its commit as one atomic
+/// batch (one fsync of the broker's for all of them), a lone row as a plain
+/// publish; both are marked sent once acknowledged. A batch the broker
+/// refuses (one of its rows stored already) is left whole to the relay,
+/// which sends it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transactions_rows_go_after_commit_as_one_atomic_batch_and_a_refused_one_to_the_relay() {
+    let s = setup().await;
+    let (marks, acked) = tokio::sync::mpsc::unbounded_channel();
+    let shutdown = CancellationToken::new();
+    let marker = tokio::spawn(choreo::relay::mark_sent_in_batches(
+        s.pool.clone(),
+        acked,
+        Duration::from_millis(5),
+        shutdown.clone(),
+    ));
+    let outbox = s
+        .outbox()
+        .publishing_through(choreo::relay::Publisher::new(s.js.clone(), marks));
+
+    commit_and_publish(&s, &outbox, 0, 12).await;
+    commit_and_publish(&s, &outbox, 12, 1).await;
+    eventually("every row marked sent", Duration::from_secs(10), || async {
+        s.unsent().await == 0
+    })
+    .await;
+    let events = s.stream_events().await;
+    assert_eq!(events.len(), 13);
+    let batch = events[0].1.clone();
+    assert!(batch.is_some(), "the twelve rows went as an atomic batch");
+    assert!(
+        events[..12].iter().all(|(_, b)| *b == batch),
+        "all twelve in the same batch: {events:?}"
+    );
+    assert_eq!(events[12].1, None, "a lone row goes as a plain publish");
+
+    // A relay that crashed after its PubAck stored the first row of the
+    // next transaction and marked nothing: the publisher's batch holding
+    // that row is refused whole, and the relay sends the rest, once.
+    let crashed = s.relay(1).row_by_row();
+    let (_, written) = choreo::outbox::capture(async {
+        let mut tx = s.pool.begin().await.unwrap();
+        for i in 13..18 {
+            outbox
+                .emit(&mut tx, &format!("saga-{i}"), None, &Ping { n: i })
+                .await
+                .unwrap();
+        }
+        tx.commit().await.unwrap();
+    })
+    .await;
+    let mut conn = s.pool.acquire().await.unwrap();
+    assert_eq!(crashed.publish(&mut conn).await.unwrap().acked.len(), 1);
+    drop(conn);
+    written.publish().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        s.stream_messages().await,
+        14,
+        "the refused batch stored nothing"
+    );
+    assert_eq!(s.unsent().await, 5, "its rows are left to the relay");
+    s.relay_until_sent(s.relay(256), Duration::from_secs(30))
+        .await;
+    assert_eq!(s.stream_messages().await, 18, "each row once");
+
+    shutdown.cancel();
+    marker.await.unwrap();
+}
+
+/// On a stream without atomic batches, the publisher's first batch is
+/// refused and left to the relay; from then on it sends row by row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_stream_without_atomic_batches_the_publisher_goes_row_by_row() {
+    let mut s = setup().await;
+    s.config.stream = format!("{}N", s.config.stream);
+    s.config.subject_prefix = format!("{}n", s.config.subject_prefix);
+    s.js.create_stream(jetstream::stream::Config {
+        name: s.config.stream.clone(),
+        subjects: vec![s.config.all_events_subject()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (marks, acked) = tokio::sync::mpsc::unbounded_channel();
+    let shutdown = CancellationToken::new();
+    let marker = tokio::spawn(choreo::relay::mark_sent_in_batches(
+        s.pool.clone(),
+        acked,
+        Duration::from_millis(5),
+        shutdown.clone(),
+    ));
+    let outbox = s
+        .outbox()
+        .publishing_through(choreo::relay::Publisher::new(s.js.clone(), marks));
+
+    commit_and_publish(&s, &outbox, 0, 5).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(s.stream_messages().await, 0, "the atomic batch was refused");
+    assert_eq!(s.unsent().await, 5);
+    commit_and_publish(&s, &outbox, 5, 5).await;
+    eventually(
+        "the second transaction's rows sent",
+        Duration::from_secs(10),
+        || async { s.unsent().await == 5 },
+    )
+    .await;
+    assert_eq!(s.stream_messages().await, 5);
+    s.relay_until_sent(s.relay(256), Duration::from_secs(30))
+        .await;
+    assert_eq!(s.stream_messages().await, 10);
+    assert!(s.stream_events().await.iter().all(|(_, b)| b.is_none()));
+
+    shutdown.cancel();
+    marker.await.unwrap();
+}
