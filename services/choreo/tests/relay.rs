@@ -409,9 +409,9 @@ async fn commit_and_publish(s: &Setup, outbox: &choreo::outbox::Outbox, first: u
     written.publish().await;
 }
 
-/// The rows of one transaction go right after its commit as one atomic
-/// batch (one fsync of the broker's for all of them), a lone row as a plain
-/// publish; both are marked sent once acknowledged. A batch the broker
+/// The many rows of one transaction go right after its commit as one
+/// atomic batch (one fsync of the broker's for all of them), a few as plain
+/// publishes; both are marked sent once acknowledged. A batch the broker
 /// refuses (one of its rows stored already) is left whole to the relay,
 /// which sends it once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -431,19 +431,23 @@ async fn a_transactions_rows_go_after_commit_as_one_atomic_batch_and_a_refused_o
 
     commit_and_publish(&s, &outbox, 0, 12).await;
     commit_and_publish(&s, &outbox, 12, 1).await;
+    commit_and_publish(&s, &outbox, 13, 3).await;
     eventually("every row marked sent", Duration::from_secs(10), || async {
         s.unsent().await == 0
     })
     .await;
     let events = s.stream_events().await;
-    assert_eq!(events.len(), 13);
+    assert_eq!(events.len(), 16);
     let batch = events[0].1.clone();
     assert!(batch.is_some(), "the twelve rows went as an atomic batch");
     assert!(
         events[..12].iter().all(|(_, b)| *b == batch),
         "all twelve in the same batch: {events:?}"
     );
-    assert_eq!(events[12].1, None, "a lone row goes as a plain publish");
+    assert!(
+        events[12..].iter().all(|(_, b)| b.is_none()),
+        "a lone row, and a few, go as plain publishes: {events:?}"
+    );
 
     // A relay that crashed after its PubAck stored the first row of the
     // next transaction and marked nothing: the publisher's batch holding
@@ -451,7 +455,7 @@ async fn a_transactions_rows_go_after_commit_as_one_atomic_batch_and_a_refused_o
     let crashed = s.relay(1).row_by_row();
     let (_, written) = choreo::outbox::capture(async {
         let mut tx = s.pool.begin().await.unwrap();
-        for i in 13..18 {
+        for i in 16..26 {
             outbox
                 .emit(&mut tx, &format!("saga-{i}"), None, &Ping { n: i })
                 .await
@@ -467,13 +471,13 @@ async fn a_transactions_rows_go_after_commit_as_one_atomic_batch_and_a_refused_o
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         s.stream_messages().await,
-        14,
+        17,
         "the refused batch stored nothing"
     );
-    assert_eq!(s.unsent().await, 5, "its rows are left to the relay");
+    assert_eq!(s.unsent().await, 10, "its rows are left to the relay");
     s.relay_until_sent(s.relay(256), Duration::from_secs(30))
         .await;
-    assert_eq!(s.stream_messages().await, 18, "each row once");
+    assert_eq!(s.stream_messages().await, 26, "each row once");
 
     shutdown.cancel();
     marker.await.unwrap();
@@ -505,21 +509,21 @@ async fn on_a_stream_without_atomic_batches_the_publisher_goes_row_by_row() {
         .outbox()
         .publishing_through(choreo::relay::Publisher::new(s.js.clone(), marks));
 
-    commit_and_publish(&s, &outbox, 0, 5).await;
+    commit_and_publish(&s, &outbox, 0, 10).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(s.stream_messages().await, 0, "the atomic batch was refused");
-    assert_eq!(s.unsent().await, 5);
-    commit_and_publish(&s, &outbox, 5, 5).await;
+    assert_eq!(s.unsent().await, 10);
+    commit_and_publish(&s, &outbox, 10, 10).await;
     eventually(
         "the second transaction's rows sent",
         Duration::from_secs(10),
-        || async { s.unsent().await == 5 },
+        || async { s.unsent().await == 10 },
     )
     .await;
-    assert_eq!(s.stream_messages().await, 5);
+    assert_eq!(s.stream_messages().await, 10);
     s.relay_until_sent(s.relay(256), Duration::from_secs(30))
         .await;
-    assert_eq!(s.stream_messages().await, 10);
+    assert_eq!(s.stream_messages().await, 20);
     assert!(s.stream_events().await.iter().all(|(_, b)| b.is_none()));
 
     shutdown.cancel();
