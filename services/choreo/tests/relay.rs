@@ -300,12 +300,12 @@ async fn atomic_batches_of_other_sagas_are_out_together_and_a_refused_one_follow
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_a_stream_without_atomic_batches_the_relay_goes_row_by_row_and_setup_allows_them() {
+/// A setup whose stream was made as an older version made it: without
+/// atomic batches.
+async fn setup_without_atomic_batches() -> Setup {
     let mut s = setup().await;
     s.config.stream = format!("{}N", s.config.stream);
     s.config.subject_prefix = format!("{}n", s.config.subject_prefix);
-    // A stream as an older version made it.
     s.js.create_stream(jetstream::stream::Config {
         name: s.config.stream.clone(),
         subjects: vec![s.config.all_events_subject()],
@@ -313,6 +313,12 @@ async fn on_a_stream_without_atomic_batches_the_relay_goes_row_by_row_and_setup_
     })
     .await
     .unwrap();
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_stream_without_atomic_batches_the_relay_goes_row_by_row_and_setup_allows_them() {
+    let s = setup_without_atomic_batches().await;
     let sent = s.emit(50).await;
     s.relay_until_sent(s.relay(16), Duration::from_secs(30))
         .await;
@@ -339,17 +345,7 @@ async fn on_a_stream_without_atomic_batches_the_relay_goes_row_by_row_and_setup_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_committed_while_nats_is_away_are_left_to_the_relay_not_to_the_clients_buffer() {
     let mut s = setup_own().await;
-    let (marks, acked) = tokio::sync::mpsc::unbounded_channel();
-    let shutdown = CancellationToken::new();
-    let marker = tokio::spawn(choreo::relay::mark_sent_in_batches(
-        s.pool.clone(),
-        acked,
-        Duration::from_millis(5),
-        shutdown.clone(),
-    ));
-    let outbox = s
-        .outbox()
-        .publishing_through(choreo::relay::Publisher::new(s.js.clone(), marks));
+    let (outbox, shutdown, marker) = publishing_outbox(&s);
     let connected =
         |s: &Setup| s.js.client().connection_state() == async_nats::connection::State::Connected;
 
@@ -360,17 +356,7 @@ async fn rows_committed_while_nats_is_away_are_left_to_the_relay_not_to_the_clie
         || async { !connected(&s) },
     )
     .await;
-    let (_, written) = choreo::outbox::capture(async {
-        let mut tx = s.pool.begin().await.unwrap();
-        for i in 0..20 {
-            outbox
-                .emit(&mut tx, &format!("saga-{i}"), None, &Ping { n: i })
-                .await
-                .unwrap();
-        }
-        tx.commit().await.unwrap();
-    })
-    .await;
+    let written = commit_rows(&s, &outbox, 0..20).await;
     written.publish().await;
     s.infra.nats.restart().unwrap();
     eventually("the client back", Duration::from_secs(30), || async {
@@ -392,31 +378,16 @@ async fn rows_committed_while_nats_is_away_are_left_to_the_relay_not_to_the_clie
     marker.await.unwrap();
 }
 
-/// Emits `n` events of sagas `saga-{first}..` in one transaction through
-/// `outbox` and publishes them right after the commit, as a service does.
-async fn commit_and_publish(s: &Setup, outbox: &choreo::outbox::Outbox, first: u32, n: u32) {
-    let (_, written) = choreo::outbox::capture(async {
-        let mut tx = s.pool.begin().await.unwrap();
-        for i in first..first + n {
-            outbox
-                .emit(&mut tx, &format!("saga-{i}"), None, &Ping { n: i })
-                .await
-                .unwrap();
-        }
-        tx.commit().await.unwrap();
-    })
-    .await;
-    written.publish().await;
-}
-
-/// The many rows of one transaction go right after its commit as one
-/// atomic batch (one fsync of the broker's for all of them), a few as plain
-/// publishes; both are marked sent once acknowledged. A batch the broker
-/// refuses (one of its rows stored already) is left whole to the relay,
-/// which sends it once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_transactions_rows_go_after_commit_as_one_atomic_batch_and_a_refused_one_to_the_relay() {
-    let s = setup().await;
+/// An outbox that publishes right after commit, as a service's does, and
+/// the marker that marks its acknowledged rows sent (cancel the token,
+/// then await the marker).
+fn publishing_outbox(
+    s: &Setup,
+) -> (
+    choreo::outbox::Outbox,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
     let (marks, acked) = tokio::sync::mpsc::unbounded_channel();
     let shutdown = CancellationToken::new();
     let marker = tokio::spawn(choreo::relay::mark_sent_in_batches(
@@ -428,6 +399,47 @@ async fn a_transactions_rows_go_after_commit_as_one_atomic_batch_and_a_refused_o
     let outbox = s
         .outbox()
         .publishing_through(choreo::relay::Publisher::new(s.js.clone(), marks));
+    (outbox, shutdown, marker)
+}
+
+/// Emits one event for each saga `saga-{i}`, i in `sagas`, in one
+/// transaction through `outbox`, and returns the rows to publish.
+async fn commit_rows(
+    s: &Setup,
+    outbox: &choreo::outbox::Outbox,
+    sagas: std::ops::Range<u32>,
+) -> choreo::outbox::Written {
+    let (_, written) = choreo::outbox::capture(async {
+        let mut tx = s.pool.begin().await.unwrap();
+        for i in sagas {
+            outbox
+                .emit(&mut tx, &format!("saga-{i}"), None, &Ping { n: i })
+                .await
+                .unwrap();
+        }
+        tx.commit().await.unwrap();
+    })
+    .await;
+    written
+}
+
+/// [`commit_rows`], published right after the commit, as a service does.
+async fn commit_and_publish(s: &Setup, outbox: &choreo::outbox::Outbox, first: u32, n: u32) {
+    commit_rows(s, outbox, first..first + n)
+        .await
+        .publish()
+        .await;
+}
+
+/// The many rows of one transaction go right after its commit as one
+/// atomic batch (one fsync of the broker's for all of them), a few as plain
+/// publishes; both are marked sent once acknowledged. A batch the broker
+/// refuses (one of its rows stored already) is left whole to the relay,
+/// which sends it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transactions_rows_go_after_commit_as_one_atomic_batch_and_a_refused_one_to_the_relay() {
+    let s = setup().await;
+    let (outbox, shutdown, marker) = publishing_outbox(&s);
 
     commit_and_publish(&s, &outbox, 0, 12).await;
     commit_and_publish(&s, &outbox, 12, 1).await;
@@ -453,17 +465,7 @@ async fn a_transactions_rows_go_after_commit_as_one_atomic_batch_and_a_refused_o
     // next transaction and marked nothing: the publisher's batch holding
     // that row is refused whole, and the relay sends the rest, once.
     let crashed = s.relay(1).row_by_row();
-    let (_, written) = choreo::outbox::capture(async {
-        let mut tx = s.pool.begin().await.unwrap();
-        for i in 16..26 {
-            outbox
-                .emit(&mut tx, &format!("saga-{i}"), None, &Ping { n: i })
-                .await
-                .unwrap();
-        }
-        tx.commit().await.unwrap();
-    })
-    .await;
+    let written = commit_rows(&s, &outbox, 16..26).await;
     let mut conn = s.pool.acquire().await.unwrap();
     assert_eq!(crashed.publish(&mut conn).await.unwrap().acked.len(), 1);
     drop(conn);
@@ -487,27 +489,8 @@ async fn a_transactions_rows_go_after_commit_as_one_atomic_batch_and_a_refused_o
 /// refused and left to the relay; from then on it sends row by row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_stream_without_atomic_batches_the_publisher_goes_row_by_row() {
-    let mut s = setup().await;
-    s.config.stream = format!("{}N", s.config.stream);
-    s.config.subject_prefix = format!("{}n", s.config.subject_prefix);
-    s.js.create_stream(jetstream::stream::Config {
-        name: s.config.stream.clone(),
-        subjects: vec![s.config.all_events_subject()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let (marks, acked) = tokio::sync::mpsc::unbounded_channel();
-    let shutdown = CancellationToken::new();
-    let marker = tokio::spawn(choreo::relay::mark_sent_in_batches(
-        s.pool.clone(),
-        acked,
-        Duration::from_millis(5),
-        shutdown.clone(),
-    ));
-    let outbox = s
-        .outbox()
-        .publishing_through(choreo::relay::Publisher::new(s.js.clone(), marks));
+    let s = setup_without_atomic_batches().await;
+    let (outbox, shutdown, marker) = publishing_outbox(&s);
 
     commit_and_publish(&s, &outbox, 0, 10).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
