@@ -1,8 +1,9 @@
 //! The benchmark: in one run it measures C (this PostgreSQL's saga-step
 //! commit rate), the closed-loop peak over a spread catalogue (at each
-//! number of clients given, `--clients`) and one hot SKU, latency under an open loop at half that peak (`--open-at`) and for one order
-//! alone, what each saga costs (transactions, messages, CPU, memory) and
-//! each hop's time; it prints a table and writes JSON and an SVG.
+//! number of clients given, `--clients`) and one hot SKU, latency under an
+//! open loop at half that peak (`--open-at`) and for one order alone, what
+//! each saga costs (transactions, messages, CPU, memory) and each hop's
+//! time; it prints a table and writes JSON and an SVG.
 //!
 //! cargo build --release --workspace --bins && target/release/load
 //!

@@ -1,6 +1,6 @@
 //! Publishes committed outbox rows to JetStream: right after their commit
 //! (the [`Publisher`], used by the code that committed them: a
-//! transaction's several rows as one atomic batch), and as the sweeper of
+//! transaction's eight rows or more as one atomic batch), and as the sweeper of
 //! whatever is still unsent after a grace period (the [`Relay`]).
 //!
 //! One relay per service database is active at a time: it holds a session
@@ -115,7 +115,7 @@ pub struct Publisher {
     /// PubAck timeout, so past this many the rows are left to the relay
     /// instead of piling up in memory.
     in_flight: Arc<tokio::sync::Semaphore>,
-    /// Whether a transaction's several rows go as one atomic batch; cleared
+    /// Whether a transaction's many rows go as one atomic batch; cleared
     /// for good when the stream says it does not allow them.
     atomic: Arc<AtomicBool>,
 }
@@ -139,13 +139,6 @@ impl Publisher {
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)),
             atomic: Arc::new(AtomicBool::new(true)),
         }
-    }
-
-    /// Sends every row on its own, never as an atomic batch (for a stream
-    /// without `allow_atomic`, or to compare).
-    pub fn row_by_row(self) -> Self {
-        self.atomic.store(false, Ordering::SeqCst);
-        self
     }
 
     /// Whether both send to the same place (the same service's outbox).
