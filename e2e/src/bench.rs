@@ -504,7 +504,7 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
         .max_by(|(_, a), (_, b)| a.0.sagas_per_sec.total_cmp(&b.0.sagas_per_sec))
         .map(|(i, _)| i)
         .ok_or_else(|| anyhow::anyhow!("no closed-loop clients given"))?;
-    let (mut spread, spread_ids) = spread_tried[peak].clone();
+    let mut spread = spread_tried[peak].0.clone();
     let puback = publish_latencies(sys).await?;
 
     eprintln!(
@@ -556,20 +556,20 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
     let mut order_db = PgConnection::connect(&sys.databases[0]).await?;
     let open_loop = Percentiles::of(completion_ms(&mut order_db, &open_ids).await?);
     let alone = Percentiles::of(completion_ms(&mut order_db, &alone_ids).await?);
-    spread.latency = Percentiles::of(completion_ms(&mut order_db, &spread_ids).await?);
     let mut spread_by_clients = Vec::new();
-    for (run, ids) in spread_tried {
+    for (run, ids) in &spread_tried {
         spread_by_clients.push(ByClients {
             clients: run.clients,
             sagas_per_sec: run.sagas_per_sec,
-            latency: Percentiles::of(completion_ms(&mut order_db, &ids).await?),
+            latency: Percentiles::of(completion_ms(&mut order_db, ids).await?),
             transactions_per_saga: run.cost.transactions_per_saga,
         });
     }
+    spread.latency = spread_by_clients[peak].latency.clone();
     hot.latency = Percentiles::of(completion_ms(&mut order_db, &hot_ids).await?);
     let open_loop_worst_per_second_ms = worst_per_second_ms(&mut order_db, &open_ids).await?;
     let open_loop_hops = hops(&mut order_db, &open_ids, publish_latencies(sys).await?).await?;
-    let hops = hops(&mut order_db, &spread_ids, puback).await?;
+    let hops = hops(&mut order_db, &spread_tried[peak].1, puback).await?;
     let headline_r = spread.sagas_per_sec * 6.0 / limit;
     Ok(Report {
         machine: machine(),
