@@ -148,7 +148,7 @@ async fn after_commit_of<T>(
         .await;
     if committed(&result) {
         // Committed: the events it wrote go out now, not at the relay's next sweep.
-        written.publish().await;
+        written.publish();
         for f in after {
             f();
         }

@@ -62,10 +62,10 @@ tokio::task_local! {
 pub struct Written(Vec<(Publisher, Row)>);
 
 impl Written {
-    /// Sends the rows now, in order, and returns; their PubAcks are awaited
-    /// apart and the acknowledged rows marked sent ([`Publisher::publish`]).
-    /// A row that fails stays unsent for the relay.
-    pub async fn publish(self) {
+    /// Queues the rows, in order, to be sent at once and returns; their
+    /// PubAcks are awaited apart and the acknowledged rows marked sent
+    /// ([`Publisher::publish`]). A row that fails stays unsent for the relay.
+    pub fn publish(self) {
         let mut by_publisher: Vec<(Publisher, Vec<Row>)> = Vec::new();
         for (publisher, row) in self.0 {
             match by_publisher.iter_mut().find(|(p, _)| p.same_as(&publisher)) {
@@ -74,12 +74,8 @@ impl Written {
             }
         }
         for (publisher, rows) in by_publisher {
-            publisher.publish(rows).await;
+            publisher.publish(rows);
         }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 }
 
@@ -96,14 +92,14 @@ pub async fn capture<T>(work: impl Future<Output = T>) -> (T, Written) {
 }
 
 /// [`capture`] for work that returns `Ok` only after its commit (a gRPC
-/// method, a background sweep): publishes what it wrote when it succeeded,
-/// in a task of its own, so the caller never waits on the broker (while
-/// NATS is away even handing a message to the client can take its whole
-/// timeout; the relay sweeps).
+/// method, a background sweep): publishes what it wrote when it succeeded.
+/// The rows queue for the publisher's own task, so the caller never waits
+/// on the broker (while NATS is away even handing a message to the client
+/// can take its whole timeout; the relay sweeps).
 pub async fn publish_after_commit<T, E>(work: impl Future<Output = Result<T, E>>) -> Result<T, E> {
     let (result, written) = capture(work).await;
-    if result.is_ok() && !written.is_empty() {
-        tokio::spawn(written.publish());
+    if result.is_ok() {
+        written.publish();
     }
     result
 }

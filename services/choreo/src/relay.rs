@@ -1,6 +1,7 @@
 //! Publishes committed outbox rows to JetStream: right after their commit
-//! (the [`Publisher`], used by the code that committed them: a
-//! transaction's eight rows or more as one atomic batch), and as the sweeper of
+//! (the [`Publisher`], used by the code that committed them: the rows of
+//! the transactions that commit while its earlier sends are out go
+//! together, eight or more as one atomic batch), and as the sweeper of
 //! whatever is still unsent after a grace period (the [`Relay`]).
 //!
 //! One relay per service database is active at a time: it holds a session
@@ -107,38 +108,48 @@ pub struct Relay {
 /// Publishes the rows a transaction wrote right after it committed, and has
 /// the acknowledged ones marked sent in batches (one UPDATE for many rows,
 /// by [`mark_sent_in_batches`]). Every instance of a service has one.
+///
+/// The rows queue, in commit order, for one sending task of the
+/// publisher's own, which keeps at most [`SENDS_IN_FLIGHT`] sends waiting
+/// on their PubAcks. While those are out, the rows of the transactions that
+/// commit meanwhile gather in the queue, and the next send takes them all:
+/// the broker's group commit. On a quiet system nothing waits, and each
+/// transaction's rows go the moment they are queued; at the peak, where
+/// the stream's fsyncs are what the sagas wait on, many transactions' rows
+/// go as one atomic batch, stored with one fsync.
 #[derive(Clone)]
 pub struct Publisher {
-    js: jetstream::Context,
+    queue: tokio::sync::mpsc::Sender<Vec<crate::outbox::Row>>,
     marks: tokio::sync::mpsc::UnboundedSender<i64>,
-    /// Publishes in flight at once: while NATS is away each waits out its
-    /// PubAck timeout, so past this many the rows are left to the relay
-    /// instead of piling up in memory.
-    in_flight: Arc<tokio::sync::Semaphore>,
-    /// Whether a transaction's many rows go as one atomic batch; cleared
-    /// for good when the stream says it does not allow them.
-    atomic: Arc<AtomicBool>,
 }
 
-/// The fewest rows of one transaction that go after commit as an atomic
-/// batch. Measured (`load`, alternating runs): atomic batches of every
-/// size raised the closed loop's peak by 11-27% but cost the open loop at
-/// 250 orders/s, where transactions hold 1-3 rows, a third more of
-/// nats-server's CPU and 35-40 ms of p99; so small ones go row by row.
+/// The fewest rows of one send that go after commit as an atomic batch.
+/// Measured (`load`, alternating runs): atomic batches of every size
+/// raised the closed loop's peak by 11-27% but cost the open loop at 250
+/// orders/s, where a send holds 1-3 rows, a third more of nats-server's CPU
+/// and 35-40 ms of p99; so small ones go row by row.
 const ATOMIC_AFTER_COMMIT_FROM: usize = 8;
 
-/// Publishes right after commit that may wait on the broker at once.
-const MAX_PUBLISHES_IN_FLIGHT: usize = 512;
+/// A publisher's sends whose PubAcks may still be coming. The stream
+/// stores what it is sent one publish or atomic batch at a time, an fsync
+/// each, so more sends out at once would only queue inside the broker;
+/// queued here instead, the rows of many transactions go as one batch.
+/// (Four services, each with this many, keep the stream busy; the
+/// broker's own ceiling is 50 atomic batches in flight per stream.)
+const SENDS_IN_FLIGHT: usize = 4;
+
+/// Transactions whose rows may wait in a publisher's queue: past this many
+/// (NATS away or stalled, every send waiting out its PubAck timeout) the
+/// rows are left to the relay instead of piling up in memory.
+const QUEUED_TRANSACTIONS: usize = 512;
 
 impl Publisher {
-    /// A publisher on `js` whose acknowledged rows' seqs go to `marks`.
+    /// A publisher on `js` whose acknowledged rows' seqs go to `marks`. Its
+    /// sending task runs until the last clone of it is dropped.
     pub fn new(js: jetstream::Context, marks: tokio::sync::mpsc::UnboundedSender<i64>) -> Self {
-        Publisher {
-            js,
-            marks,
-            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)),
-            atomic: Arc::new(AtomicBool::new(true)),
-        }
+        let (queue, queued) = tokio::sync::mpsc::channel(QUEUED_TRANSACTIONS);
+        tokio::spawn(send_in_turn(js, queued, marks.clone()));
+        Publisher { queue, marks }
     }
 
     /// Whether both send to the same place (the same service's outbox).
@@ -146,38 +157,65 @@ impl Publisher {
         self.marks.same_channel(&other.marks)
     }
 
-    /// Sends `rows` to the broker in order and returns; their PubAcks are
-    /// awaited in a task of its own, and the acknowledged rows queued to be
-    /// marked sent. The rest stay unsent for the relay (as do all of them
-    /// when too many publishes are already waiting on the broker).
-    ///
-    /// Returning once the rows are on the connection, not once they are
-    /// acknowledged, keeps a saga's events in order (one connection, one
-    /// order into the stream) without holding the caller, a consumer lane,
-    /// through the broker's fsync: the lane goes on to its next event.
-    ///
-    /// Many rows (a large batch's transaction, from
-    /// [`ATOMIC_AFTER_COMMIT_FROM`]) go as one atomic batch, which the broker
-    /// stores with one fsync instead of one per row: at the closed loop's
-    /// peak, the stream's fsyncs are what the sagas wait on. A batch refused
-    /// as a whole (one of its rows already stored, when the relay swept it
-    /// first) is left to the relay, like any row that fails.
-    pub async fn publish(&self, rows: Vec<crate::outbox::Row>) {
-        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+    /// Queues `rows`, committed, to be sent in order, and returns at once:
+    /// the caller, a consumer lane, goes on to its next event without
+    /// waiting on the broker. One queue and one sending task keep a
+    /// service's events in their commit order into the stream. With the
+    /// queue full, the rows stay unsent for the relay.
+    pub fn publish(&self, rows: Vec<crate::outbox::Row>) {
+        if let Err(full) = self.queue.try_send(rows) {
             tracing::debug!(
-                rows = rows.len(),
-                "too many publishes waiting on NATS; the relay will send these"
+                rows = full.into_inner().len(),
+                "too many rows waiting on NATS; the relay will send these"
             );
-            return;
+        }
+    }
+}
+
+/// The publisher's sending task: takes whatever rows have queued (up to
+/// [`MAX_ATOMIC_BATCH`]) whenever one of its [`SENDS_IN_FLIGHT`] is free,
+/// sends them (from [`ATOMIC_AFTER_COMMIT_FROM`] rows as one atomic batch,
+/// fewer row by row), and awaits their PubAcks in a task of its own, which
+/// queues the acknowledged rows to be marked sent. A batch refused as a
+/// whole (one of its rows already stored, when the relay swept it first) is
+/// left to the relay, like any row that fails. On a stream without
+/// `allow_atomic` it goes row by row for good.
+async fn send_in_turn(
+    js: jetstream::Context,
+    mut queued: tokio::sync::mpsc::Receiver<Vec<crate::outbox::Row>>,
+    marks: tokio::sync::mpsc::UnboundedSender<i64>,
+) {
+    let sends = Arc::new(tokio::sync::Semaphore::new(SENDS_IN_FLIGHT));
+    let atomic = Arc::new(AtomicBool::new(true));
+    let mut next: Option<Vec<crate::outbox::Row>> = None;
+    loop {
+        let permit = sends
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let mut rows = match next.take() {
+            Some(rows) => rows,
+            None => match queued.recv().await {
+                Some(rows) => rows,
+                None => return,
+            },
         };
+        while let Ok(more) = queued.try_recv() {
+            if rows.len() + more.len() > MAX_ATOMIC_BATCH {
+                next = Some(more);
+                break;
+            }
+            rows.extend(more);
+        }
         let atomically = (ATOMIC_AFTER_COMMIT_FROM..=MAX_ATOMIC_BATCH).contains(&rows.len())
-            && self.atomic.load(Ordering::Relaxed);
+            && atomic.load(Ordering::Relaxed);
         let sending = if atomically {
-            send_atomically(&self.js, rows).await
+            send_atomically(&js, rows).await
         } else {
-            send_rows(&self.js, rows).await
+            send_rows(&js, rows).await
         };
-        let (marks, atomic) = (self.marks.clone(), self.atomic.clone());
+        let (marks, atomic) = (marks.clone(), atomic.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let round = sending.acknowledged().await;

@@ -357,7 +357,7 @@ async fn rows_committed_while_nats_is_away_are_left_to_the_relay_not_to_the_clie
     )
     .await;
     let written = commit_rows(&s, &outbox, 0..20).await;
-    written.publish().await;
+    written.publish();
     s.infra.nats.restart().unwrap();
     eventually("the client back", Duration::from_secs(30), || async {
         connected(&s)
@@ -425,10 +425,7 @@ async fn commit_rows(
 
 /// [`commit_rows`], published right after the commit, as a service does.
 async fn commit_and_publish(s: &Setup, outbox: &choreo::outbox::Outbox, first: u32, n: u32) {
-    commit_rows(s, outbox, first..first + n)
-        .await
-        .publish()
-        .await;
+    commit_rows(s, outbox, first..first + n).await.publish();
 }
 
 /// The many rows of one transaction go right after its commit as one
@@ -469,7 +466,7 @@ async fn a_transactions_rows_go_after_commit_as_one_atomic_batch_and_a_refused_o
     let mut conn = s.pool.acquire().await.unwrap();
     assert_eq!(crashed.publish(&mut conn).await.unwrap().acked.len(), 1);
     drop(conn);
-    written.publish().await;
+    written.publish();
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         s.stream_messages().await,
@@ -480,6 +477,50 @@ async fn a_transactions_rows_go_after_commit_as_one_atomic_batch_and_a_refused_o
     s.relay_until_sent(s.relay(256), Duration::from_secs(30))
         .await;
     assert_eq!(s.stream_messages().await, 26, "each row once");
+
+    shutdown.cancel();
+    marker.await.unwrap();
+}
+
+/// The rows of transactions that queue for the publisher together (their
+/// commits came while its sends were out, or before its task came round)
+/// go together, in commit order: eight or more as one atomic batch, one
+/// fsync of the broker's for all of them, though no transaction wrote
+/// eight.
+#[tokio::test]
+async fn the_rows_of_transactions_that_queue_together_go_as_one_atomic_batch_in_commit_order() {
+    let s = setup().await;
+    let (outbox, shutdown, marker) = publishing_outbox(&s);
+    let mut committed = Vec::new();
+    for t in 0..4 {
+        committed.push(commit_rows(&s, &outbox, t * 3..t * 3 + 3).await);
+    }
+    // On this one-thread runtime the publisher's task runs only at the next
+    // await: all four transactions' rows are queued when it does.
+    for written in committed {
+        written.publish();
+    }
+    eventually("every row marked sent", Duration::from_secs(10), || async {
+        s.unsent().await == 0
+    })
+    .await;
+    let events = s.stream_events().await;
+    let batch = events[0].1.clone();
+    assert!(
+        batch.is_some() && events.iter().all(|(_, b)| *b == batch),
+        "the four transactions' rows went as one atomic batch: {events:?}"
+    );
+    let in_commit_order: Vec<String> =
+        sqlx::query_scalar::<_, uuid::Uuid>("SELECT event_id FROM choreo_outbox ORDER BY seq")
+            .fetch_all(&s.pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(uuid::Uuid::to_string)
+            .collect();
+    let ids: Vec<String> = events.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), 12);
+    assert_eq!(ids, in_commit_order, "in commit order");
 
     shutdown.cancel();
     marker.await.unwrap();
