@@ -222,12 +222,25 @@ pub fn parse_order_id(text: &str) -> Result<uuid::Uuid, String> {
 }
 
 /// A client's bad value as an error message shows it: at most a short prefix,
-/// so a huge value never comes back huge.
+/// so a huge value never comes back huge: at most 40 characters, and fewer
+/// where their escaped form would pass 120 bytes (a character can escape
+/// to ten, `\u{10ffff}`).
 pub fn quote(value: &str) -> String {
     const SHOWN: usize = 40;
-    match value.char_indices().nth(SHOWN) {
-        None => format!("{value:?}"),
-        Some((cut, _)) => format!("{:?}… ({} bytes)", &value[..cut], value.len()),
+    const SHOWN_BYTES: usize = 120;
+    let mut cut = value
+        .char_indices()
+        .nth(SHOWN)
+        .map_or(value.len(), |(i, _)| i);
+    let mut shown = format!("{:?}", &value[..cut]);
+    while shown.len() > SHOWN_BYTES {
+        cut = value[..cut].char_indices().last().map_or(0, |(i, _)| i);
+        shown = format!("{:?}", &value[..cut]);
+    }
+    if cut == value.len() {
+        shown
+    } else {
+        format!("{shown}… ({} bytes)", value.len())
     }
 }
 

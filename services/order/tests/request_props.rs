@@ -65,3 +65,16 @@ proptest! {
         }
     }
 }
+
+/// Found by the property above: forty characters that each escape to nine
+/// bytes made a reason of 380.
+#[test]
+fn a_value_of_few_characters_with_long_escapes_comes_back_short() {
+    let value = "\u{3347a}".repeat(40);
+    for reason in [
+        contracts::parse_order_id(&value).unwrap_err(),
+        contracts::check_sku(&value).unwrap_err(),
+    ] {
+        assert!(reason.len() < 300, "{} bytes: {reason}", reason.len());
+    }
+}
