@@ -338,7 +338,7 @@ pub struct Report {
     /// comes from a stall shows as a few bad seconds, one from queueing as
     /// many.
     pub open_loop_worst_per_second_ms: Vec<f64>,
-    /// Per hop over the open loop's orders (PubAck means over the whole run).
+    /// Per hop over the open loop's orders (PubAck means over the open loop).
     pub open_loop_hops: Vec<Hop>,
     /// What ran beside the services from the open loop's first order to
     /// its last end (an autovacuum run counts once it has ended).
@@ -349,6 +349,8 @@ pub struct Report {
     /// in it too (a larger share the lower the rate).
     pub open_loop_cost: Cost,
     pub alone: Percentiles,
+    /// Per hop over the orders placed one at a time.
+    pub alone_hops: Vec<Hop>,
     pub hops: Vec<Hop>,
     /// R = spread sagas/s x 6 / C.
     pub headline_r: f64,
@@ -505,7 +507,7 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
         .map(|(i, _)| i)
         .ok_or_else(|| anyhow::anyhow!("no closed-loop clients given"))?;
     let mut spread = spread_tried[peak].0.clone();
-    let puback = publish_latencies(sys).await?;
+    let puback = publish_latencies(sys, None).await?;
 
     eprintln!(
         "bench: closed loop, {} orders for one SKU, {} clients...",
@@ -534,12 +536,15 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
     // The closed loop's reads through the APIs are counted once flushed.
     tokio::time::sleep(STATS_FLUSH).await;
     let (before, beside_before) = (Counters::read(sys).await?, BesideCounters::read(sys).await?);
+    let puback_before_open = publish_totals(sys).await?;
     let open_ids = open_loop(sys, &watcher, rate, settings.open_secs, settings.skus).await?;
     let open_loop_beside = BesideCounters::read(sys).await?.minus(&beside_before);
     quiet(sys).await?;
+    let open_loop_puback = publish_latencies(sys, Some(&puback_before_open)).await?;
     let open_loop_cost = Counters::read(sys).await?.minus(&before, open_ids.len());
 
     eprintln!("bench: {} orders one at a time...", settings.alone);
+    let puback_before_alone = publish_totals(sys).await?;
     let mut alone_ids = Vec::new();
     for _ in 0..settings.alone {
         let id = sys.place(request(&sku(0))).await?.order_id;
@@ -548,6 +553,7 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let alone_puback = publish_latencies(sys, Some(&puback_before_alone)).await?;
 
     eprintln!("bench: measuring C again...");
     let limit_at_end = measure_limit().await?;
@@ -568,7 +574,8 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
     spread.latency = spread_by_clients[peak].latency.clone();
     hot.latency = Percentiles::of(completion_ms(&mut order_db, &hot_ids).await?);
     let open_loop_worst_per_second_ms = worst_per_second_ms(&mut order_db, &open_ids).await?;
-    let open_loop_hops = hops(&mut order_db, &open_ids, publish_latencies(sys).await?).await?;
+    let open_loop_hops = hops(&mut order_db, &open_ids, open_loop_puback).await?;
+    let alone_hops = hops(&mut order_db, &alone_ids, alone_puback).await?;
     let hops = hops(&mut order_db, &spread_tried[peak].1, puback).await?;
     let headline_r = spread.sagas_per_sec * 6.0 / limit;
     Ok(Report {
@@ -594,6 +601,7 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
         open_loop_beside,
         open_loop_cost,
         alone,
+        alone_hops,
         hops,
         headline_r,
     })
@@ -779,19 +787,40 @@ fn atomic_batch_counts(metrics: &str) -> (f64, f64) {
 }
 
 /// Mean commit-to-PubAck of each service so far, in ms.
-async fn publish_latencies(sys: &System) -> anyhow::Result<Vec<f64>> {
-    let mut means = Vec::new();
+/// Each service's commit-to-PubAck sum (seconds) and count so far.
+async fn publish_totals(sys: &System) -> anyhow::Result<Vec<(f64, f64)>> {
+    let mut totals = Vec::new();
     for service in SERVICES {
         let text = sys.metrics(service).await?;
-        let sum = metric(&text, "saga_publish_latency_seconds_sum");
-        let count = metric(&text, "saga_publish_latency_seconds_count");
-        means.push(if count > 0.0 {
-            sum / count * 1000.0
-        } else {
-            0.0
-        });
+        totals.push((
+            metric(&text, "saga_publish_latency_seconds_sum"),
+            metric(&text, "saga_publish_latency_seconds_count"),
+        ));
     }
-    Ok(means)
+    Ok(totals)
+}
+
+/// Each service's mean commit-to-PubAck in ms since `before`
+/// ([`publish_totals`]), or over the whole run without it.
+async fn publish_latencies(
+    sys: &System,
+    before: Option<&[(f64, f64)]>,
+) -> anyhow::Result<Vec<f64>> {
+    let now = publish_totals(sys).await?;
+    Ok(now
+        .iter()
+        .enumerate()
+        .map(|(i, (sum, count))| {
+            let (sum_before, count_before) =
+                before.and_then(|b| b.get(i)).copied().unwrap_or((0.0, 0.0));
+            let count = count - count_before;
+            if count > 0.0 {
+                (sum - sum_before) / count * 1000.0
+            } else {
+                0.0
+            }
+        })
+        .collect())
 }
 
 /// What the counters said at one moment.
@@ -1067,6 +1096,22 @@ async fn hops(
     Ok(result)
 }
 
+/// One line for a table: each hop's commit -> PubAck and trigger -> reaction.
+fn per_hop(hops: &[Hop]) -> String {
+    hops.iter()
+        .map(|h| {
+            format!(
+                "{} {:.1} ms; {:.0} / {:.0} ms",
+                h.service,
+                h.commit_to_puback_ms,
+                h.trigger_to_reaction.p50_ms,
+                h.trigger_to_reaction.p99_ms
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 async fn reset_statements(sys: &System) -> anyhow::Result<()> {
     for url in &sys.databases {
         let mut db = PgConnection::connect(url).await?;
@@ -1340,35 +1385,16 @@ impl Report {
             "the machine's CPU while the spread clients ran (all cores)",
             m.summary(),
         );
-        row(
-            "per hop (spread): commit -> PubAck mean; trigger -> reaction p50 / p99",
-            self.hops
-                .iter()
-                .map(|h| {
-                    format!(
-                        "{} {:.1} ms; {:.0} / {:.0} ms",
-                        h.service,
-                        h.commit_to_puback_ms,
-                        h.trigger_to_reaction.p50_ms,
-                        h.trigger_to_reaction.p99_ms
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join("; "),
-        );
-        row(
-            "per hop (open loop): trigger -> reaction p50 / p99",
-            self.open_loop_hops
-                .iter()
-                .map(|h| {
-                    format!(
-                        "{} {:.0} / {:.0} ms",
-                        h.service, h.trigger_to_reaction.p50_ms, h.trigger_to_reaction.p99_ms
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join("; "),
-        );
+        for (name, hops) in [
+            ("spread", &self.hops),
+            ("open loop", &self.open_loop_hops),
+            ("alone", &self.alone_hops),
+        ] {
+            row(
+                &format!("per hop ({name}): commit -> PubAck mean; trigger -> reaction p50 / p99"),
+                per_hop(hops),
+            );
+        }
         row(
             "services' PostgreSQL transactions per saga (open loop)",
             self.open_loop_cost.transactions(),

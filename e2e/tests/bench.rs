@@ -95,8 +95,31 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
         );
     }
 
+    // Each loop's hops are its own orders' (every step of every saga seen
+    // in the order's timeline), and each commit -> PubAck is a mean over
+    // that loop's publishes only: every service published in each.
+    for (window, hops, sagas) in [
+        ("spread", &report.hops, 40),
+        ("open loop", &report.open_loop_hops, report.open_loop.count),
+        ("alone", &report.alone_hops, 2),
+    ] {
+        let services: Vec<&str> = hops.iter().map(|h| h.service.as_str()).collect();
+        assert_eq!(
+            services,
+            ["order", "inventory", "shipping", "notification"],
+            "{window}"
+        );
+        for hop in hops {
+            assert_eq!(hop.trigger_to_reaction.count, sagas, "{window}: {hop:?}");
+            assert!(hop.commit_to_puback_ms > 0.0, "{window}: {hop:?}");
+        }
+    }
+
     let table = report.table();
     for row in [
+        "per hop (spread)",
+        "per hop (open loop)",
+        "per hop (alone)",
         "services' PostgreSQL transactions per saga (open loop)",
         "CPU ms per saga, peak RSS (open loop)",
         "beside the open loop",
