@@ -19,6 +19,7 @@ pub struct OrderApi {
     pub pool: PgPool,
     pub outbox: Outbox,
     pub deadline: Duration,
+    pub placer: crate::placer::Placer,
     pub watches: crate::watch::Watches,
 }
 
@@ -58,32 +59,27 @@ impl OrderApi {
         };
         let created = self.outbox.envelope(&id.to_string(), None, &payload);
         let detail = handler::detail(&SagaEvent::OrderCreated(payload));
-        let mut tx = self.pool.begin().await?;
-        // The answer is the order as this transaction wrote it: no read back.
-        let placed = store::insert(&mut tx, id, &order, self.deadline, &created, &detail).await?;
-        let id = if let Some(placed) = placed {
-            self.outbox.insert(&mut tx, &created).await?;
-            tx.commit().await?;
+        let (key, fingerprint) = (order.idempotency_key.clone(), order.fingerprint());
+        // The answer is the order as its transaction wrote it: no read back.
+        if let Some(placed) = self.placer.place(id, order, created, detail).await? {
             tracing::Span::current().record("order_id", tracing::field::display(id));
             tracing::info!("order placed");
             return Ok(api::PlaceOrderResponse {
                 order: Some(placed),
                 created: true,
             });
-        } else {
-            // The key was used before (or by a concurrent request that won): same order, nothing new.
-            let (existing, fingerprint) = store::find_by_key(&mut tx, &order.idempotency_key)
-                .await?
-                .ok_or_else(|| ApiError::Internal("idempotency key vanished".into()))?;
-            tx.rollback().await?;
-            if fingerprint != order.fingerprint() {
-                return Err(ApiError::AlreadyExists(format!(
-                    "idempotency_key {:?} was already used for order {existing} with different contents; use a new key for a new order",
-                    order.idempotency_key
-                )));
-            }
-            existing
-        };
+        }
+        // The key was used before (or by a concurrent request that won): same order, nothing new.
+        let mut tx = self.pool.begin().await?;
+        let (id, used_for) = store::find_by_key(&mut tx, &key)
+            .await?
+            .ok_or_else(|| ApiError::Internal("idempotency key vanished".into()))?;
+        tx.rollback().await?;
+        if used_for != fingerprint {
+            return Err(ApiError::AlreadyExists(format!(
+                "idempotency_key {key:?} was already used for order {id} with different contents; use a new key for a new order"
+            )));
+        }
         tracing::Span::current().record("order_id", tracing::field::display(id));
         Ok(api::PlaceOrderResponse {
             order: Some(self.load(id).await?),
@@ -208,8 +204,7 @@ impl OrderService for OrderApi {
         &self,
         request: Request<api::PlaceOrderRequest>,
     ) -> Result<Response<api::PlaceOrderResponse>, GrpcStatus> {
-        let placed = choreo::outbox::publish_after_commit(self.place(request.into_inner()));
-        Ok(Response::new(placed.await?))
+        Ok(Response::new(self.place(request.into_inner()).await?))
     }
 
     async fn get_order(

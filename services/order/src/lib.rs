@@ -5,6 +5,7 @@ pub mod domain;
 pub mod gauges;
 pub mod grpc;
 pub mod handler;
+pub mod placer;
 pub mod store;
 pub mod watch;
 
@@ -62,6 +63,7 @@ pub fn parts(context: &Context, rules: Rules) -> Parts<handler::OrderHandler> {
         pool: context.api_pool.clone(),
         outbox: context.outbox.clone(),
         deadline,
+        placer: placer::Placer::new(context.api_pool.clone(), context.outbox.clone(), deadline),
         watches,
     };
     Parts {

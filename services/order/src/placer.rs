@@ -1,0 +1,166 @@
+//! PlaceOrder's writes, grouped: the orders placed while a transaction
+//! runs share the next one (a group commit, as a consumer lane's batch).
+//!
+//! Each order is written as it would be alone (its row, lines, first status
+//! change, timeline line and `order.created` in the outbox), in arrival
+//! order, and the group commits once; its events go out after that commit,
+//! together. An order alone, on a quiet service, goes at once. If the
+//! group's transaction fails, each of its orders is written again in a
+//! transaction of its own, so one that cannot be written costs the others a
+//! second try, never their order.
+use std::sync::Arc;
+
+use choreo::grpc::ApiError;
+use choreo::{Envelope, Outbox};
+use contracts::order::v1 as api;
+use sqlx::PgPool;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::domain::NewOrder;
+use crate::store;
+
+/// Orders written in one transaction at most.
+const MAX_GROUP: usize = 64;
+/// Group transactions that may run at once: while they run, the next
+/// group gathers.
+const TRANSACTIONS_AT_ONCE: usize = 2;
+/// Orders that may wait for a transaction (then PlaceOrder waits to queue).
+const QUEUED: usize = 1024;
+
+/// One order to write, and where its outcome goes: the order as written,
+/// or `None` when its idempotency key was taken (nothing written).
+struct Placement {
+    id: Uuid,
+    order: NewOrder,
+    created: Envelope,
+    detail: String,
+    written: oneshot::Sender<Result<Option<api::Order>, ApiError>>,
+}
+
+/// Writes new orders in groups (see the module). Cloned, it queues to the
+/// same writer, which runs until the last clone is dropped.
+#[derive(Clone)]
+pub struct Placer {
+    queue: mpsc::Sender<Placement>,
+}
+
+impl Placer {
+    pub fn new(pool: PgPool, outbox: Outbox, deadline: std::time::Duration) -> Self {
+        let (queue, queued) = mpsc::channel(QUEUED);
+        tokio::spawn(write_in_groups(pool, outbox, deadline, queued));
+        Placer { queue }
+    }
+
+    /// Writes `order` (id `id`, placed with `created`) and returns it as
+    /// written once committed, its `order.created` on its way to NATS; or
+    /// `None` when its idempotency key was used before.
+    pub async fn place(
+        &self,
+        id: Uuid,
+        order: NewOrder,
+        created: Envelope,
+        detail: String,
+    ) -> Result<Option<api::Order>, ApiError> {
+        let (written, outcome) = oneshot::channel();
+        let placement = Placement {
+            id,
+            order,
+            created,
+            detail,
+            written,
+        };
+        self.queue
+            .send(placement)
+            .await
+            .map_err(|_| ApiError::Unavailable("the order service is shutting down".into()))?;
+        outcome
+            .await
+            .map_err(|_| ApiError::Internal("the order writer stopped".into()))?
+    }
+}
+
+async fn write_in_groups(
+    pool: PgPool,
+    outbox: Outbox,
+    deadline: std::time::Duration,
+    mut queued: mpsc::Receiver<Placement>,
+) {
+    let transactions = Arc::new(Semaphore::new(TRANSACTIONS_AT_ONCE));
+    loop {
+        let permit = transactions
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let Some(first) = queued.recv().await else {
+            return;
+        };
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match queued.try_recv() {
+                Ok(more) => group.push(more),
+                Err(_) => break,
+            }
+        }
+        let (pool, outbox) = (pool.clone(), outbox.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            write_group(&pool, &outbox, deadline, group).await;
+        });
+    }
+}
+
+/// Writes `group` in one transaction and tells each its outcome; if that
+/// transaction fails, writes each in a transaction of its own.
+async fn write_group(
+    pool: &PgPool,
+    outbox: &Outbox,
+    deadline: std::time::Duration,
+    group: Vec<Placement>,
+) {
+    if group.len() > 1 {
+        let together = choreo::outbox::publish_after_commit(write(
+            pool,
+            outbox,
+            deadline,
+            group.iter().collect(),
+        ))
+        .await;
+        if let Ok(outcomes) = together {
+            for (placement, outcome) in group.into_iter().zip(outcomes) {
+                let _ = placement.written.send(Ok(outcome));
+            }
+            return;
+        }
+    }
+    for placement in group {
+        let outcome =
+            choreo::outbox::publish_after_commit(write(pool, outbox, deadline, vec![&placement]))
+                .await
+                .map(|mut outcomes| outcomes.pop().flatten());
+        let _ = placement.written.send(outcome);
+    }
+}
+
+/// Writes `placements` in one transaction, in order: each order as
+/// written, or `None` where its key was taken.
+async fn write(
+    pool: &PgPool,
+    outbox: &Outbox,
+    deadline: std::time::Duration,
+    placements: Vec<&Placement>,
+) -> Result<Vec<Option<api::Order>>, ApiError> {
+    let mut tx = pool.begin().await?;
+    let mut outcomes = Vec::with_capacity(placements.len());
+    for p in placements {
+        let placed =
+            store::insert(&mut tx, p.id, &p.order, deadline, &p.created, &p.detail).await?;
+        if placed.is_some() {
+            outbox.insert(&mut tx, &p.created).await?;
+        }
+        outcomes.push(placed);
+    }
+    tx.commit().await?;
+    Ok(outcomes)
+}
