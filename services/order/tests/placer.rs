@@ -20,6 +20,15 @@ async fn database() -> (harness::Postgres, PgPool) {
     (pg, pool)
 }
 
+/// A placer writing to `pool`, its rows left to a relay (none runs here).
+fn placer(pool: &PgPool) -> Placer {
+    Placer::new(
+        pool.clone(),
+        Outbox::new("order", "saga"),
+        Duration::from_secs(30),
+    )
+}
+
 /// An order of `quantity` books under `key`, and its `order.created`.
 fn order(key: &str, quantity: u32) -> (Uuid, NewOrder, Envelope) {
     let id = Uuid::now_v7();
@@ -74,11 +83,7 @@ async fn written(pool: &PgPool) -> (i64, i64, i64) {
 #[tokio::test(flavor = "current_thread")]
 async fn orders_placed_together_share_one_transaction_each_as_written_alone() {
     let (_pg, pool) = database().await;
-    let placer = Placer::new(
-        pool.clone(),
-        Outbox::new("order", "saga"),
-        Duration::from_secs(30),
-    );
+    let placer = placer(&pool);
     let orders: Vec<_> = (0..20).map(|i| order(&format!("key-{i}"), 1)).collect();
     let ids: Vec<Uuid> = orders.iter().map(|(id, _, _)| *id).collect();
 
@@ -101,11 +106,7 @@ async fn orders_placed_together_share_one_transaction_each_as_written_alone() {
 #[tokio::test(flavor = "current_thread")]
 async fn an_order_that_cannot_be_written_fails_alone_and_the_others_are_placed() {
     let (_pg, pool) = database().await;
-    let placer = Placer::new(
-        pool.clone(),
-        Outbox::new("order", "saga"),
-        Duration::from_secs(30),
-    );
+    let placer = placer(&pool);
     // A quantity of 0 passes no validation; the database refuses it.
     let orders = vec![order("a", 1), order("b", 0), order("c", 1)];
 
@@ -125,11 +126,7 @@ async fn an_order_that_cannot_be_written_fails_alone_and_the_others_are_placed()
 #[tokio::test(flavor = "current_thread")]
 async fn a_key_used_twice_in_one_group_places_one_order() {
     let (_pg, pool) = database().await;
-    let placer = Placer::new(
-        pool.clone(),
-        Outbox::new("order", "saga"),
-        Duration::from_secs(30),
-    );
+    let placer = placer(&pool);
 
     let outcomes = place_together(&placer, vec![order("same", 1), order("same", 1)]).await;
 
