@@ -786,7 +786,6 @@ fn atomic_batch_counts(metrics: &str) -> (f64, f64) {
     )
 }
 
-/// Mean commit-to-PubAck of each service so far, in ms.
 /// Each service's commit-to-PubAck sum (seconds) and count so far.
 async fn publish_totals(sys: &System) -> anyhow::Result<Vec<(f64, f64)>> {
     let mut totals = Vec::new();
