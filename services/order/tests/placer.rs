@@ -2,23 +2,17 @@
 //! together share one transaction, each written as it would be alone; one
 //! that cannot be written fails alone; a key used twice in one group
 //! places one order.
+mod common;
+
 use std::time::Duration;
 
 use choreo::{Envelope, Outbox};
+use common::database;
 use contracts::events::v1 as ev;
 use order::domain::NewOrder;
 use order::placer::Placer;
 use sqlx::PgPool;
 use uuid::Uuid;
-
-async fn database() -> (harness::Postgres, PgPool) {
-    let (pg, url) = harness::fresh_database().await.unwrap();
-    let migrations = sqlx::migrate!("../../migrations/order");
-    let pool = choreo::db::open(&url, Duration::from_secs(10), &migrations)
-        .await
-        .unwrap();
-    (pg, pool)
-}
 
 /// A placer writing to `pool`, its rows left to a relay (none runs here).
 fn placer(pool: &PgPool) -> Placer {

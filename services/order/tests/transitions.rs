@@ -1,21 +1,15 @@
 //! The order's reactions to saga events against a real PostgreSQL, applied
 //! through the platform's inbox step as the consumer applies them.
+mod common;
+
 use std::time::Duration;
 
 use choreo::inbox::{Outcome, apply};
 use choreo::{Envelope, EventPayload, HandleError};
+use common::database;
 use contracts::events::v1 as ev;
 use order::handler::OrderHandler;
 use sqlx::PgPool;
-
-async fn database() -> (harness::Postgres, PgPool) {
-    let (pg, url) = harness::fresh_database().await.unwrap();
-    let migrations = sqlx::migrate!("../../migrations/order");
-    let pool = choreo::db::open(&url, Duration::from_secs(10), &migrations)
-        .await
-        .unwrap();
-    (pg, pool)
-}
 
 async fn place(pool: &PgPool) -> uuid::Uuid {
     let id = uuid::Uuid::now_v7();
