@@ -8,8 +8,18 @@
 //! group's transaction fails, each of its orders is written again in a
 //! transaction of its own, so one that cannot be written costs the others a
 //! second try, never their order.
-use std::sync::Arc;
+//!
+//! The transactions run on connections the writer keeps
+//! ([`choreo::db::HeldConnection`], as a consumer's lane does): a pooled
+//! connection is pinged when taken and again when given back, two round
+//! trips on top of the four of an order alone (BEGIN, the order, its
+//! outbox row, COMMIT). A held connection is checked after a failure
+//! instead of before each use, so an order alone whose transaction failed
+//! is also written again, once: on a connection the database dropped (it
+//! restarted), the second try runs on a fresh one.
+use std::sync::{Arc, Mutex};
 
+use choreo::db::HeldConnection;
 use choreo::grpc::ApiError;
 use choreo::{Envelope, Outbox};
 use contracts::order::v1 as api;
@@ -87,6 +97,9 @@ async fn write_in_groups(
     mut queued: mpsc::Receiver<Placement>,
 ) {
     let transactions = Arc::new(Semaphore::new(TRANSACTIONS_AT_ONCE));
+    // One per transaction at once; a connection lost with its task (a
+    // panic) is replaced by a new one, opened on first use.
+    let connections: Arc<Mutex<Vec<HeldConnection>>> = Arc::default();
     loop {
         let permit = transactions
             .clone()
@@ -103,40 +116,41 @@ async fn write_in_groups(
                 Err(_) => break,
             }
         }
-        let (pool, outbox) = (pool.clone(), outbox.clone());
+        let mut db = connections
+            .lock()
+            .expect("the connections' lock")
+            .pop()
+            .unwrap_or_else(|| HeldConnection::like(&pool));
+        let (connections, outbox) = (connections.clone(), outbox.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            write_group(&pool, &outbox, deadline, group).await;
+            write_group(&mut db, &outbox, deadline, group).await;
+            connections.lock().expect("the connections' lock").push(db);
         });
     }
 }
 
 /// Writes `group` in one transaction and tells each its outcome; if that
-/// transaction fails, writes each in a transaction of its own.
+/// transaction fails, writes each in a transaction of its own (a group of
+/// one too: see the module).
 async fn write_group(
-    pool: &PgPool,
+    db: &mut HeldConnection,
     outbox: &Outbox,
     deadline: std::time::Duration,
     group: Vec<Placement>,
 ) {
-    if group.len() > 1 {
-        let together = choreo::outbox::publish_after_commit(write(
-            pool,
-            outbox,
-            deadline,
-            group.iter().collect(),
-        ))
-        .await;
-        if let Ok(outcomes) = together {
-            for (placement, outcome) in group.into_iter().zip(outcomes) {
-                let _ = placement.written.send(Ok(outcome));
-            }
-            return;
+    let together =
+        choreo::outbox::publish_after_commit(write(db, outbox, deadline, group.iter().collect()))
+            .await;
+    if let Ok(outcomes) = together {
+        for (placement, outcome) in group.into_iter().zip(outcomes) {
+            let _ = placement.written.send(Ok(outcome));
         }
+        return;
     }
     for placement in group {
         let outcome =
-            choreo::outbox::publish_after_commit(write(pool, outbox, deadline, vec![&placement]))
+            choreo::outbox::publish_after_commit(write(db, outbox, deadline, vec![&placement]))
                 .await
                 .map(|mut outcomes| outcomes.pop().flatten());
         let _ = placement.written.send(outcome);
@@ -146,21 +160,24 @@ async fn write_group(
 /// Writes `placements` in one transaction, in order: each order as
 /// written, or `None` where its key was taken.
 async fn write(
-    pool: &PgPool,
+    db: &mut HeldConnection,
     outbox: &Outbox,
     deadline: std::time::Duration,
     placements: Vec<&Placement>,
 ) -> Result<Vec<Option<api::Order>>, ApiError> {
-    let mut tx = pool.begin().await?;
-    let mut outcomes = Vec::with_capacity(placements.len());
-    for p in placements {
-        let placed =
-            store::insert(&mut tx, p.id, &p.order, deadline, &p.created, &p.detail).await?;
-        if placed.is_some() {
-            outbox.insert(&mut tx, &p.created).await?;
+    db.run(async |conn| {
+        let mut tx = sqlx::Connection::begin(conn).await?;
+        let mut outcomes = Vec::with_capacity(placements.len());
+        for p in placements {
+            let placed =
+                store::insert(&mut tx, p.id, &p.order, deadline, &p.created, &p.detail).await?;
+            if placed.is_some() {
+                outbox.insert(&mut tx, &p.created).await?;
+            }
+            outcomes.push(placed);
         }
-        outcomes.push(placed);
-    }
-    tx.commit().await?;
-    Ok(outcomes)
+        tx.commit().await?;
+        Ok(outcomes)
+    })
+    .await
 }

@@ -1,7 +1,8 @@
 //! PlaceOrder's grouped writes against a real PostgreSQL: orders placed
 //! together share one transaction, each written as it would be alone; one
 //! that cannot be written fails alone; a key used twice in one group
-//! places one order.
+//! places one order; the writer keeps its own connections, and one the
+//! database dropped costs no order.
 mod common;
 
 use std::time::Duration;
@@ -127,4 +128,62 @@ async fn a_key_used_twice_in_one_group_places_one_order() {
     assert!(outcomes[0].as_ref().unwrap().is_some());
     assert!(outcomes[1].as_ref().unwrap().is_none(), "the key was taken");
     assert_eq!(written(&pool).await, (1, 1, 1));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_writer_keeps_its_own_connections_not_the_pools() {
+    let (_pg, pool) = database().await;
+    // A pool of one connection, taken: a writer that took its connections
+    // from the pool would wait for it (and time out here).
+    let small = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(pool.connect_options().as_ref().clone())
+        .await
+        .unwrap();
+    let _taken = small.acquire().await.unwrap();
+    let placer = placer(&small);
+
+    let (id, new, created) = order("own", 1);
+    let placed = tokio::time::timeout(
+        Duration::from_secs(5),
+        placer.place(id, new, created, "placed".into()),
+    )
+    .await
+    .expect("placed without a connection of the pool")
+    .unwrap();
+
+    assert!(placed.is_some());
+    assert_eq!(written(&pool).await, (1, 1, 1));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_order_placed_after_the_database_dropped_the_writers_connection_is_placed() {
+    let (_pg, pool) = database().await;
+    let placer = placer(&pool);
+    let (id, new, created) = order("before", 1);
+    placer
+        .place(id, new, created, "placed".into())
+        .await
+        .unwrap()
+        .unwrap();
+    // The database drops every other connection to it (as a restart would):
+    // the writer's held one among them.
+    let dropped: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE datname = current_database() AND pid <> pg_backend_pid()) AS t",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(dropped >= 1, "the writer's connection was open");
+
+    let (id, new, created) = order("after", 1);
+    let placed = placer.place(id, new, created, "placed".into()).await;
+
+    assert!(
+        placed.unwrap().is_some(),
+        "written again on a fresh connection"
+    );
+    let (orders, _, outbox) = written(&pool).await;
+    assert_eq!((orders, outbox), (2, 2));
 }
