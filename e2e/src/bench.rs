@@ -56,6 +56,10 @@ pub struct Settings {
     /// Or a fixed arrival rate, in orders/s, whatever the peak (to set
     /// runs of different code side by side at the same load).
     pub open_rate: Option<f64>,
+    /// Lighter open loops run first, each for `open_secs`, as fractions of
+    /// the main one's rate: how the latency grows with the load, and up to
+    /// which rate p99 stays within [`P99_WITHIN_MS`].
+    pub sweep_at: Vec<f64>,
     /// Orders placed one at a time on an idle system.
     pub alone: usize,
     /// Connections measuring C, and for how long.
@@ -67,7 +71,7 @@ pub struct Settings {
     pub statements: bool,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Percentiles {
     pub count: usize,
     pub p50_ms: f64,
@@ -307,6 +311,34 @@ impl BesideCounters {
     }
 }
 
+/// The p99 the benchmark reports the highest open-loop rate within.
+pub const P99_WITHIN_MS: f64 = 50.0;
+
+/// One open loop: its rate, its latency, and what a saga cost in it.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenLoop {
+    pub rate_per_sec: f64,
+    /// Placed -> COMPLETED.
+    pub latency: Percentiles,
+    /// The services' PostgreSQL transactions per saga.
+    pub transactions_per_saga: f64,
+    /// CPU of the services, nats-server and PostgreSQL per saga (not the
+    /// benchmark's own).
+    pub system_cpu_ms_per_saga: f64,
+    /// The whole machine's idle time while the orders arrived.
+    pub idle_percent: f64,
+}
+
+/// The counted side of an open loop, its latency read at the end.
+struct OpenLoopRun {
+    rate: f64,
+    ids: Vec<String>,
+    cost: Cost,
+    beside: Beside,
+    /// Each service's mean commit -> PubAck over the loop.
+    puback: Vec<f64>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Hop {
     pub service: String,
@@ -334,6 +366,12 @@ pub struct Report {
     pub hot_oversold: bool,
     pub open_rate_per_sec: f64,
     pub open_loop: Percentiles,
+    /// Every open loop run, the lighter ones (`sweep_at`) and the main
+    /// one, by rate.
+    pub open_loops: Vec<OpenLoop>,
+    /// The highest of those rates whose p99 was within [`P99_WITHIN_MS`]
+    /// (none if no rate's was).
+    pub p99_within_50ms_up_to_per_sec: Option<f64>,
     /// The open loop's slowest order placed in each second: a tail that
     /// comes from a stall shows as a few bad seconds, one from queueing as
     /// many.
@@ -529,19 +567,13 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
         .open_rate
         .unwrap_or(spread.sagas_per_sec * settings.open_at)
         .max(1.0);
-    eprintln!(
-        "bench: open loop at {rate:.0} orders/s for {} s...",
-        settings.open_secs
-    );
     // The closed loop's reads through the APIs are counted once flushed.
     tokio::time::sleep(STATS_FLUSH).await;
-    let (before, beside_before) = (Counters::read(sys).await?, BesideCounters::read(sys).await?);
-    let puback_before_open = publish_totals(sys).await?;
-    let open_ids = open_loop(sys, &watcher, rate, settings.open_secs, settings.skus).await?;
-    let open_loop_beside = BesideCounters::read(sys).await?.minus(&beside_before);
-    quiet(sys).await?;
-    let open_loop_puback = publish_latencies(sys, Some(&puback_before_open)).await?;
-    let open_loop_cost = Counters::read(sys).await?.minus(&before, open_ids.len());
+    let mut open_runs = Vec::new();
+    for fraction in &settings.sweep_at {
+        open_runs.push(measured_open_loop(sys, &watcher, settings, rate * fraction).await?);
+    }
+    let main_open = measured_open_loop(sys, &watcher, settings, rate).await?;
 
     eprintln!("bench: {} orders one at a time...", settings.alone);
     let puback_before_alone = publish_totals(sys).await?;
@@ -560,7 +592,30 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
 
     // Everything is counted; now the order database may be read.
     let mut order_db = PgConnection::connect(&sys.databases[0]).await?;
-    let open_loop = Percentiles::of(completion_ms(&mut order_db, &open_ids).await?);
+    let open_ids = &main_open.ids;
+    let open_loop = Percentiles::of(completion_ms(&mut order_db, open_ids).await?);
+    let mut open_loops = Vec::new();
+    for run in open_runs.iter().chain([&main_open]) {
+        open_loops.push(OpenLoop {
+            rate_per_sec: run.rate,
+            latency: Percentiles::of(completion_ms(&mut order_db, &run.ids).await?),
+            transactions_per_saga: run.cost.transactions_per_saga,
+            system_cpu_ms_per_saga: run
+                .cost
+                .processes
+                .iter()
+                .filter(|p| p.process != "load")
+                .map(|p| p.cpu_ms_per_saga)
+                .sum(),
+            idle_percent: run.beside.machine.idle_percent,
+        });
+    }
+    open_loops.sort_by(|a, b| a.rate_per_sec.total_cmp(&b.rate_per_sec));
+    let p99_within_50ms_up_to_per_sec = open_loops
+        .iter()
+        .filter(|run| run.latency.p99_ms <= P99_WITHIN_MS)
+        .map(|run| run.rate_per_sec)
+        .max_by(f64::total_cmp);
     let alone = Percentiles::of(completion_ms(&mut order_db, &alone_ids).await?);
     let mut spread_by_clients = Vec::new();
     for (run, ids) in &spread_tried {
@@ -573,8 +628,8 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
     }
     spread.latency = spread_by_clients[peak].latency.clone();
     hot.latency = Percentiles::of(completion_ms(&mut order_db, &hot_ids).await?);
-    let open_loop_worst_per_second_ms = worst_per_second_ms(&mut order_db, &open_ids).await?;
-    let open_loop_hops = hops(&mut order_db, &open_ids, open_loop_puback).await?;
+    let open_loop_worst_per_second_ms = worst_per_second_ms(&mut order_db, open_ids).await?;
+    let open_loop_hops = hops(&mut order_db, open_ids, main_open.puback).await?;
     let alone_hops = hops(&mut order_db, &alone_ids, alone_puback).await?;
     let hops = hops(&mut order_db, &spread_tried[peak].1, puback).await?;
     let headline_r = spread.sagas_per_sec * 6.0 / limit;
@@ -596,10 +651,12 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
         hot_oversold,
         open_rate_per_sec: rate,
         open_loop,
+        open_loops,
+        p99_within_50ms_up_to_per_sec,
         open_loop_worst_per_second_ms,
         open_loop_hops,
-        open_loop_beside,
-        open_loop_cost,
+        open_loop_beside: main_open.beside,
+        open_loop_cost: main_open.cost,
         alone,
         alone_hops,
         hops,
@@ -711,6 +768,36 @@ async fn count_completed(sys: &System, ids: &[String]) -> anyhow::Result<usize> 
         }
     }
     Ok(completed)
+}
+
+/// An open loop at `rate` for `settings.open_secs`, counted from its first
+/// order until the outboxes are quiet again (its latency is read later,
+/// from the order database).
+async fn measured_open_loop(
+    sys: &System,
+    watcher: &EndWatcher,
+    settings: &Settings,
+    rate: f64,
+) -> anyhow::Result<OpenLoopRun> {
+    let rate = rate.max(1.0);
+    eprintln!(
+        "bench: open loop at {rate:.0} orders/s for {} s...",
+        settings.open_secs
+    );
+    let (before, beside_before) = (Counters::read(sys).await?, BesideCounters::read(sys).await?);
+    let puback_before = publish_totals(sys).await?;
+    let ids = open_loop(sys, watcher, rate, settings.open_secs, settings.skus).await?;
+    let beside = BesideCounters::read(sys).await?.minus(&beside_before);
+    quiet(sys).await?;
+    let puback = publish_latencies(sys, Some(&puback_before)).await?;
+    let cost = Counters::read(sys).await?.minus(&before, ids.len());
+    Ok(OpenLoopRun {
+        rate,
+        ids,
+        cost,
+        beside,
+        puback,
+    })
 }
 
 /// Orders arriving at `rate` per second for `secs`, whatever the system does.
@@ -1358,6 +1445,34 @@ impl Report {
                 self.open_rate_per_sec
             ),
             percentiles(&self.open_loop),
+        );
+        row(
+            "open loops by rate: placed -> COMPLETED p50 / p99; transactions and CPU ms (services, NATS, PostgreSQL) per saga; the machine idle",
+            self.open_loops
+                .iter()
+                .map(|run| {
+                    format!(
+                        "{:.0}/s: {:.0} / {:.0} ms, {:.1} tx, {:.1} ms, {:.0}% idle",
+                        run.rate_per_sec,
+                        run.latency.p50_ms,
+                        run.latency.p99_ms,
+                        run.transactions_per_saga,
+                        run.system_cpu_ms_per_saga,
+                        run.idle_percent
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        );
+        row(
+            &format!("highest open-loop rate run with p99 <= {P99_WITHIN_MS:.0} ms"),
+            match self.p99_within_50ms_up_to_per_sec {
+                Some(rate) => format!(
+                    "{rate:.0}/s ({:.0}% of the spread peak)",
+                    rate * 100.0 / self.spread.sagas_per_sec
+                ),
+                None => "none of the rates run".into(),
+            },
         );
         row(
             "one order alone: placed -> COMPLETED",

@@ -16,6 +16,7 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
         open_secs: 2.0,
         open_at: 0.5,
         open_rate: None,
+        sweep_at: vec![0.25],
         alone: 2,
         limit_clients: 2,
         limit_secs: 0.5,
@@ -58,6 +59,30 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
         "every order of the open loop ended and was timed"
     );
     assert_eq!(report.alone.count, 2);
+    // The lighter open loop ran first, at a quarter of the main one's
+    // rate; both are listed by rate, each with its own orders and cost.
+    let rates: Vec<f64> = report.open_loops.iter().map(|r| r.rate_per_sec).collect();
+    let quarter = (report.open_rate_per_sec * 0.25).max(1.0);
+    assert_eq!(rates, [quarter, report.open_rate_per_sec]);
+    for run in &report.open_loops {
+        assert_eq!(
+            run.latency.count,
+            (run.rate_per_sec * settings.open_secs).round() as usize,
+            "{run:?}"
+        );
+        assert!(
+            run.transactions_per_saga >= 1.0 && run.system_cpu_ms_per_saga > 0.0,
+            "{run:?}"
+        );
+    }
+    assert_eq!(report.open_loops[1].latency, report.open_loop);
+    let within = report
+        .open_loops
+        .iter()
+        .filter(|r| r.latency.p99_ms <= e2e::bench::P99_WITHIN_MS)
+        .map(|r| r.rate_per_sec)
+        .reduce(f64::max);
+    assert_eq!(report.p99_within_50ms_up_to_per_sec, within);
 
     // Each window counted its own sagas: PlaceOrder alone is one commit of
     // the order service per saga, a happy saga publishes four events and
@@ -124,6 +149,8 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
         "CPU ms per saga, peak RSS (open loop)",
         "beside the open loop",
         "by clients",
+        "open loops by rate",
+        "highest open-loop rate run with p99 <= 50 ms",
     ] {
         assert!(table.contains(row), "no row {row:?} in\n{table}");
     }

@@ -38,6 +38,11 @@ struct Args {
     /// compare runs at the same load).
     #[arg(long)]
     open_rate: Option<f64>,
+    /// Lighter open loops run first, as fractions of the open loop's rate
+    /// (each for --open-secs): the latency at each load, and the highest
+    /// rate whose p99 stays within 50 ms. Empty (`--sweep-at ''`): none.
+    #[arg(long, value_delimiter = ',', default_values_t = [0.1, 0.25])]
+    sweep_at: Vec<f64>,
     /// Orders placed one at a time on an idle system.
     #[arg(long, default_value_t = 20)]
     alone: usize,
@@ -97,6 +102,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             open_secs: args.open_secs,
             open_at: args.open_at,
             open_rate: args.open_rate,
+            sweep_at: args.sweep_at.clone(),
             alone: args.alone,
             limit_clients: args.limit_clients,
             limit_secs: args.limit_secs,
