@@ -783,3 +783,80 @@ async fn a_busy_lane_waits_a_moment_for_more_events_and_a_quiet_one_does_not() {
     assert_eq!(stats.duplicates.load(Ordering::SeqCst), 0);
     assert_eq!(s.effect_counts().await, vec![1; 53], "each effect once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observed_events_wait_for_one_that_asks_for_a_reaction_and_share_its_transaction() {
+    let s = setup().await;
+    // Mysteries are only observed, and may wait a minute; pings ask for a reaction.
+    let consumer = s.consume_observing(
+        Arc::new(CountBoth),
+        &[Mystery::EVENT_TYPE],
+        Duration::from_secs(60),
+        "observing",
+    );
+    let stats = consumer.stats.clone();
+    let applied = |n: u64| {
+        let stats = stats.clone();
+        async move { stats.applied.load(Ordering::SeqCst) == n }
+    };
+
+    // A ping never waits.
+    let ping = Envelope::new("test", "ping-0", None, &Ping { n: 0 });
+    s.publish_raw("test.ping", ping.encode_to_vec()).await;
+    eventually("the ping applied", Duration::from_secs(30), || applied(1)).await;
+
+    // Observed events wait...
+    for n in 0..3 {
+        let seen = Envelope::new("test", &format!("seen-{n}"), None, &Mystery {});
+        s.publish_raw("test.mystery", seen.encode_to_vec()).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        stats.applied.load(Ordering::SeqCst),
+        1,
+        "the mysteries wait"
+    );
+
+    // ...until a ping comes: it goes at once and takes them along, in one
+    // transaction (long before their minute is out).
+    let ping = Envelope::new("test", "ping-1", None, &Ping { n: 1 });
+    s.publish_raw("test.ping", ping.encode_to_vec()).await;
+    eventually("all five applied", Duration::from_secs(30), || applied(5)).await;
+    consumer.stop().await;
+    assert_eq!(stats.batches.load(Ordering::SeqCst), 1, "one transaction");
+    assert_eq!(s.effect_counts().await, vec![1; 5], "each effect once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observed_events_with_no_reaction_coming_go_together_after_the_wait() {
+    let s = setup().await;
+    let consumer = s.consume_observing(
+        Arc::new(CountBoth),
+        &[Mystery::EVENT_TYPE],
+        Duration::from_millis(300),
+        "observing-alone",
+    );
+    let stats = consumer.stats.clone();
+    let applied = |n: u64| {
+        let stats = stats.clone();
+        async move { stats.applied.load(Ordering::SeqCst) == n }
+    };
+    // The consumer is pulling once the first is applied (alone, after the
+    // wait): nothing queues from here on.
+    let first = Envelope::new("test", "first", None, &Mystery {});
+    s.publish_raw("test.mystery", first.encode_to_vec()).await;
+    eventually("the first applied", Duration::from_secs(30), || applied(1)).await;
+
+    // Three, 20 ms apart: each would be applied as it came; they wait, and
+    // go together.
+    for n in 0..3 {
+        let seen = Envelope::new("test", &format!("seen-{n}"), None, &Mystery {});
+        s.publish_raw("test.mystery", seen.encode_to_vec()).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eventually("the three applied", Duration::from_secs(30), || applied(4)).await;
+    consumer.stop().await;
+    assert_eq!(stats.batches.load(Ordering::SeqCst), 1, "one transaction");
+    assert_eq!(s.effect_counts().await, vec![1; 4]);
+}
