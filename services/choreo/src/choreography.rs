@@ -132,10 +132,6 @@ pub struct Subscription {
     /// The barrier row each type claims: the types that trigger the
     /// service's steps or ask for their compensation.
     pub claims: crate::barrier::Claims,
-    /// The types the service only observes ([`Role::Observe`]): read for a
-    /// record, never answered, so they may wait a moment to share a
-    /// transaction ([`crate::consumer::Consumer::observed_may_wait`]).
-    pub observed: std::collections::BTreeSet<String>,
 }
 
 impl Subscription {
@@ -145,7 +141,6 @@ impl Subscription {
             event_types: event_types.iter().map(|t| (*t).to_owned()).collect(),
             producers: BTreeMap::new(),
             claims: BTreeMap::new(),
-            observed: Default::default(),
         }
     }
 
@@ -229,12 +224,6 @@ impl Choreography {
             types.push(STUCK);
         }
         let mut subscription = Subscription::of(&types);
-        subscription.observed = self
-            .events
-            .iter()
-            .filter(|e| e.consumers.contains(&(service, Role::Observe)))
-            .map(|e| e.name.to_owned())
-            .collect();
         for event_type in &types {
             let producers = match self.event(event_type) {
                 Some(event) => vec![event.producer.to_owned()],

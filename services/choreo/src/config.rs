@@ -60,12 +60,6 @@ pub struct Config {
     /// microseconds (0: never waits; a quiet lane never does).
     #[arg(long, env = "CONSUMER_LINGER_US", default_value_t = 0)]
     pub consumer_linger_us: u64,
-    /// How long events the service only observes (a timeline's) may wait
-    /// for one that asks for a reaction, to share its transaction, in
-    /// milliseconds (0: never wait). What a reader of the record sees
-    /// comes at most this much later; no saga waits.
-    #[arg(long, env = "OBSERVED_WAIT_MS", default_value_t = 50)]
-    pub observed_wait_ms: u64,
     /// Messages delivered and not yet acknowledged, at most.
     #[arg(long, env = "MAX_ACK_PENDING", default_value_t = 512)]
     pub max_ack_pending: i64,

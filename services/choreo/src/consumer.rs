@@ -38,16 +38,6 @@
 //! (on average), it waits until the linger has passed since an event arrived
 //! for others to share that event's transaction. An event on a quiet lane
 //! never waits.
-//!
-//! Events the service only observes ([`Subscription::observed`]: read for a
-//! record, never answered) may wait ([`Consumer::observed_may_wait`]): a
-//! batch of nothing but those waits, up to that long after its first
-//! arrived, for more; the first event that asks for a reaction ends the
-//! wait and takes them into its transaction. The order service observes
-//! two events of every saga and reacts to one; that way they mostly share
-//! one commit at any load, where otherwise they would need one each until
-//! the load is high enough for its lane to fall behind. Nothing that
-//! answers an event waits, so no saga does.
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -105,8 +95,6 @@ pub struct Consumer<H: Handler> {
     batch: usize,
     /// How long a busy lane waits after an event arrived for more to join it.
     linger: Duration,
-    /// How long a batch of observed events only waits for more.
-    observed_wait: Duration,
     stats: Arc<ConsumerStats>,
     stuck: Option<(Outbox, u64)>,
     /// Whether this instance leads (its relay's [`crate::relay::Relay::leadership`]).
@@ -176,7 +164,6 @@ impl<H: Handler> Consumer<H> {
             lanes: lanes.max(1),
             batch: 1,
             linger: Duration::ZERO,
-            observed_wait: Duration::ZERO,
             stats: Arc::default(),
             stuck: None,
             preferred: None,
@@ -213,15 +200,6 @@ impl<H: Handler> Consumer<H> {
     /// lane takes what has queued and never waits.
     pub fn lingering(mut self, linger: Duration) -> Self {
         self.linger = linger;
-        self
-    }
-
-    /// Let a batch of nothing but observed events ([`Subscription::observed`])
-    /// wait up to `wait` after its first arrived for more events, until one
-    /// that asks for a reaction comes (or the batch is full); zero: they
-    /// never wait. Only where events are applied in batches.
-    pub fn observed_may_wait(mut self, wait: Duration) -> Self {
-        self.observed_wait = wait;
         self
     }
 
@@ -371,10 +349,10 @@ impl<H: Handler> Consumer<H> {
     async fn lane(self: Arc<Self>, mut rx: mpsc::Receiver<Arrived>, shutdown: CancellationToken) {
         // Every event is a transaction: the lane keeps one connection for them all.
         let mut db = HeldConnection::like(&self.pool);
-        let (linger, observed_wait) = if self.batch > 1 && self.handler.batches() {
-            (self.linger, self.observed_wait)
+        let linger = if self.batch > 1 && self.handler.batches() {
+            self.linger
         } else {
-            (Duration::ZERO, Duration::ZERO)
+            Duration::ZERO
         };
         let mut pace = Pace::default();
         while let Some(first) = rx.recv().await {
@@ -407,23 +385,6 @@ impl<H: Handler> Consumer<H> {
                     }
                 }
             }
-            // Observed events only: they wait for one that asks for a reaction.
-            if !observed_wait.is_zero() && batch.iter().all(|a| self.observed(a)) {
-                let until = batch[0].at + observed_wait;
-                while batch.len() < self.batch {
-                    let next = tokio::select! {
-                        next = tokio::time::timeout_at(until, rx.recv()) => next,
-                        _ = shutdown.cancelled() => break,
-                    };
-                    let Ok(Some(next)) = next else { break };
-                    pace.arrived(next.at);
-                    let reacts = !self.observed(&next);
-                    batch.push(next);
-                    if reacts {
-                        break;
-                    }
-                }
-            }
             if shutdown.is_cancelled() {
                 for arrived in batch {
                     let _ = arrived.message.ack_with(AckKind::Nak(None)).await;
@@ -448,15 +409,6 @@ impl<H: Handler> Consumer<H> {
             }
         }
         db.close().await;
-    }
-
-    /// Whether `arrived` is an event the service only observes (one that
-    /// cannot be read is not: it is parked at once).
-    fn observed(&self, arrived: &Arrived) -> bool {
-        arrived
-            .decoded
-            .as_ref()
-            .is_ok_and(|env| self.subscription.observed.contains(&env.event_type))
     }
 
     /// Steps 1 to 3: an event ready for the inbox step, or `None` when the

@@ -219,7 +219,6 @@ impl Service {
         )
         .batching(config.consumer_batch, config.consumer_batch_lanes)
         .lingering(Duration::from_micros(config.consumer_linger_us))
-        .observed_may_wait(Duration::from_millis(config.observed_wait_ms))
         .report_stuck(context.outbox.clone(), config.stuck_after_deliveries)
         .preferred_while(leadership);
         tasks.spawn(consumer_loop.run(source, shutdown.clone()));

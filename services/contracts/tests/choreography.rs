@@ -151,30 +151,6 @@ fn subscriptions_come_from_the_declaration() {
         "its own it records as it writes them"
     );
     assert!(order.iter().any(|t| t == "choreo.stuck"));
-    // What may wait for company: the events a service only observes. The
-    // order observes the steps' progress and the compensations on the way
-    // back; the ends, and everything another service answers, go at once.
-    let observed = |s| {
-        CHOREOGRAPHY
-            .subscription(s)
-            .observed
-            .into_iter()
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(
-        observed("order"),
-        [
-            "inventory.reserved",
-            "notification.cancelled",
-            "notification.failed",
-            "shipping.cancelled",
-            "shipping.failed",
-            "shipping.scheduled"
-        ]
-    );
-    for service in ["inventory", "shipping", "notification"] {
-        assert!(observed(service).is_empty(), "{service}");
-    }
     assert_eq!(
         CHOREOGRAPHY.subscription("inventory").subjects("saga"),
         [

@@ -44,45 +44,6 @@ impl EventPayload for Mystery {
     const SCHEMA_VERSION: u32 = 1;
 }
 
-/// A ping or a mystery: what [`CountBoth`] reads.
-#[derive(Clone)]
-pub enum PingOrMystery {
-    Ping(Ping),
-    Mystery,
-}
-impl Decode for PingOrMystery {
-    fn decode(envelope: &Envelope) -> Result<Self, Reject> {
-        match envelope.event_type.as_str() {
-            Mystery::EVENT_TYPE => envelope.payload::<Mystery>().map(|_| Self::Mystery),
-            _ => envelope.payload().map(Self::Ping),
-        }
-    }
-}
-
-/// Counts each event's effect, pings and mysteries alike.
-pub struct CountBoth;
-
-#[async_trait::async_trait]
-impl Handler for CountBoth {
-    type Event = PingOrMystery;
-
-    async fn handle(
-        &self,
-        tx: &mut Tx<'_>,
-        event: &Envelope,
-        _read: PingOrMystery,
-    ) -> Result<(), HandleError> {
-        sqlx::query(
-            "INSERT INTO effects (event_id, applied) VALUES ($1, 1)
-             ON CONFLICT (event_id) DO UPDATE SET applied = effects.applied + 1",
-        )
-        .bind(event.id())
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
-    }
-}
-
 /// Counts how many times each event's effect was applied.
 pub struct CountEffects {
     pub delay: Duration,
@@ -337,36 +298,6 @@ impl Setup {
 
     fn pings() -> Subscription {
         Subscription::of(&[Ping::EVENT_TYPE])
-    }
-
-    /// One batching lane reading pings and mysteries, of which `observed`
-    /// are only observed and may wait up to `wait` for company.
-    pub fn consume_observing<H: Handler>(
-        &self,
-        handler: Arc<H>,
-        observed: &[&str],
-        wait: Duration,
-        durable: &str,
-    ) -> RunningConsumer {
-        let mut subscription = Subscription::of(&[Ping::EVENT_TYPE, Mystery::EVENT_TYPE]);
-        subscription.observed = observed.iter().map(|t| (*t).to_owned()).collect();
-        let consumer = Consumer::new(self.pool.clone(), handler, subscription.clone(), 1)
-            .batching(self.config.consumer_batch, 1)
-            .observed_may_wait(wait);
-        let stats = consumer.stats();
-        let shutdown = CancellationToken::new();
-        let source = choreo::provision::ConsumerSource::new(
-            self.js.clone(),
-            self.config.clone(),
-            durable,
-            subscription,
-        );
-        let task = tokio::spawn(consumer.run(source, shutdown.clone()));
-        RunningConsumer {
-            stats,
-            shutdown,
-            task,
-        }
     }
 
     fn run_consumer<H: Handler>(&self, consumer: Consumer<H>, durable: &str) -> RunningConsumer {
