@@ -40,8 +40,8 @@ struct Args {
     open_rate: Option<f64>,
     /// Lighter open loops run first, as fractions of the open loop's rate
     /// (each for --open-secs): the latency at each load, and the highest
-    /// rate whose p99 stays within 50 ms. Empty (`--sweep-at ''`): none.
-    #[arg(long, value_delimiter = ',', default_values_t = [0.1, 0.25])]
+    /// rate whose p99 stays within 50 ms. `--sweep-at` with no value: none.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_values_t = [0.1, 0.25])]
     sweep_at: Vec<f64>,
     /// Orders placed one at a time on an idle system.
     #[arg(long, default_value_t = 20)]
@@ -129,4 +129,22 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     std::fs::write(args.out.join("bench.svg"), report.svg())?;
     eprintln!("wrote {0}/bench.json and {0}/bench.svg", args.out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sweep_runs_by_default_at_a_tenth_and_a_quarter_and_can_be_left_out() {
+        let sweep = |args: &[&str]| {
+            Args::try_parse_from(std::iter::once("load").chain(args.iter().copied()))
+                .unwrap()
+                .sweep_at
+        };
+        assert_eq!(sweep(&[]), [0.1, 0.25]);
+        assert_eq!(sweep(&["--sweep-at", "0.2,0.3"]), [0.2, 0.3]);
+        assert!(sweep(&["--sweep-at"]).is_empty());
+        assert!(sweep(&["--sweep-at", "--orders", "10"]).is_empty());
+    }
 }
