@@ -475,7 +475,10 @@ async fn an_event_on_the_wrong_subject_or_from_the_wrong_producer_is_parked_as_f
 /// `flaky` once, and counts its after-commit work. Each effect takes 2 ms,
 /// so a lane's events queue behind the one it applies even on a loaded
 /// machine (the test's batches must form; they did not once in CI, with the
-/// lanes keeping up with the pull one event at a time).
+/// lanes keeping up with the pull one event at a time). The ping of the
+/// same saga just before each bad one (so on its lane) takes 300 ms: the bad
+/// one finds a queue behind it and goes in a batch, never alone (once in CI
+/// the refused one came to an idle lane, and no batch failed for it).
 struct RecordsOrder {
     reject: u32,
     flaky: u32,
@@ -499,6 +502,9 @@ impl Handler for RecordsOrder {
             .execute(&mut **tx)
             .await?;
         tokio::time::sleep(Duration::from_millis(2)).await;
+        if ping.n + SAGAS == self.reject || ping.n + SAGAS == self.flaky {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
         if ping.n == self.reject {
             return Err(Reject::Invalid(format!("ping {} is refused", ping.n)).into());
         }
@@ -513,6 +519,9 @@ impl Handler for RecordsOrder {
     }
 }
 
+/// The sagas the batch test's pings are spread over (ping n is saga n % 25's).
+const SAGAS: u32 = 25;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_events_are_applied_in_batches_in_order_and_one_bad_event_costs_the_others_nothing()
 {
@@ -524,7 +533,7 @@ async fn queued_events_are_applied_in_batches_in_order_and_one_bad_event_costs_t
     // Queued before the consumer starts: every lane finds a backlog.
     let total = 400u32;
     for n in 0..total {
-        let env = Envelope::new("test", &format!("saga-{}", n % 25), None, &Ping { n });
+        let env = Envelope::new("test", &format!("saga-{}", n % SAGAS), None, &Ping { n });
         s.publish_raw("test.ping", env.encode_to_vec()).await;
     }
     // One ping already applied: its redelivery in a batch is a duplicate.
