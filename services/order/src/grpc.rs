@@ -70,11 +70,9 @@ impl OrderApi {
             });
         }
         // The key was used before (or by a concurrent request that won): same order, nothing new.
-        let mut tx = self.pool.begin().await?;
-        let (id, used_for) = store::find_by_key(&mut tx, &key)
+        let (id, used_for) = store::find_by_key(&mut *self.pool.acquire().await?, &key)
             .await?
             .ok_or_else(|| ApiError::Internal("idempotency key vanished".into()))?;
-        tx.rollback().await?;
         if used_for != fingerprint {
             return Err(ApiError::AlreadyExists(format!(
                 "idempotency_key {key:?} was already used for order {id} with different contents; use a new key for a new order"
