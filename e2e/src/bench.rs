@@ -593,7 +593,6 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
     // Everything is counted; now the order database may be read.
     let mut order_db = PgConnection::connect(&sys.databases[0]).await?;
     let open_ids = &main_open.ids;
-    let open_loop = Percentiles::of(completion_ms(&mut order_db, open_ids).await?);
     let mut open_loops = Vec::new();
     for run in open_runs.iter().chain([&main_open]) {
         open_loops.push(OpenLoop {
@@ -610,6 +609,12 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
             idle_percent: run.beside.machine.idle_percent,
         });
     }
+    // The main open loop's row is the last one made.
+    let open_loop = open_loops
+        .last()
+        .expect("the main open loop ran")
+        .latency
+        .clone();
     open_loops.sort_by(|a, b| a.rate_per_sec.total_cmp(&b.rate_per_sec));
     let p99_within_50ms_up_to_per_sec = open_loops
         .iter()
