@@ -56,7 +56,7 @@ use crate::choreography::Subscription;
 use crate::db::HeldConnection;
 use crate::envelope::{Envelope, Reject};
 use crate::handler::{Decode, HandleError, Handler};
-use crate::inbox::{Outcome, apply_decoded};
+use crate::inbox::{Outcome, apply_alone_or_in_tx};
 use crate::outbox::Outbox;
 use crate::provision::ConsumerSource;
 
@@ -549,7 +549,7 @@ impl<H: Handler> Consumer<H> {
             for attempt in 1..=attempts {
                 let applied = db
                     .run(async |conn| {
-                        apply_decoded(
+                        apply_alone_or_in_tx(
                             conn,
                             self.handler.as_ref(),
                             &self.subscription.claims,

@@ -1,6 +1,9 @@
 //! What a service writes: a [`Handler`] for its typed events. The platform
 //! decodes each consumed event once (through [`Decode`]) and hands the typed
 //! value over inside the inbox transaction.
+use sqlx::Arguments;
+use sqlx::Postgres;
+use sqlx::postgres::PgArguments;
 use tracing::Instrument;
 
 use crate::Tx;
@@ -46,6 +49,18 @@ pub trait Handler: Send + Sync + 'static {
         Ok(())
     }
 
+    /// The whole effect of `event`, when it is one statement that writes no
+    /// events and makes no barrier claim: the platform then applies an event
+    /// that comes alone as that statement and its inbox insert together, one
+    /// statement outside any transaction (PostgreSQL makes it atomic), in
+    /// place of BEGIN, the inbox insert, [`Handler::handle`] and COMMIT: one
+    /// round trip, not four. If the effect does not hold, nothing of it is
+    /// written and the event goes through [`Handler::handle`] in a
+    /// transaction as usual. `None` (the default): always that way.
+    fn effect_alone(&self, _envelope: &Envelope, _event: &Self::Event) -> Option<Effect> {
+        None
+    }
+
     /// The effects of a batch's new events (in delivery order; duplicates
     /// left out), after [`Handler::before_batch`]: [`Handler::handle`] for
     /// each, in its span. A handler that can write a whole batch in fewer
@@ -71,6 +86,95 @@ pub trait Handler: Send + Sync + 'static {
         Ok(())
     }
 }
+
+/// An event's whole effect as one statement ([`Handler::effect_alone`]):
+/// common table expressions that write (`moved AS (UPDATE ... RETURNING
+/// ...), ...`, their placeholders numbered from `$1` in [`Effect::bind`]
+/// order) and a query over them that returns a row if, and only if, the
+/// effect held (`SELECT ... FROM moved`). Every row of that query is
+/// computed, so a function it calls (`pg_notify`, say) runs once per row.
+pub struct Effect {
+    ctes: &'static str,
+    held: &'static str,
+    arguments: PgArguments,
+    unbound: Option<String>,
+}
+
+impl Effect {
+    pub fn new(ctes: &'static str, held: &'static str) -> Self {
+        Effect {
+            ctes,
+            held,
+            arguments: PgArguments::default(),
+            unbound: None,
+        }
+    }
+
+    /// The value of the next placeholder.
+    pub fn bind<'q, T>(mut self, value: T) -> Self
+    where
+        T: sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres> + 'q,
+    {
+        if let Err(e) = self.arguments.add(value)
+            && self.unbound.is_none()
+        {
+            self.unbound = Some(e.to_string());
+        }
+        self
+    }
+
+    /// Runs the effect's statement on its own, in the caller's transaction
+    /// (no inbox): whether it held.
+    pub async fn run(self, conn: &mut sqlx::PgConnection) -> Result<bool, sqlx::Error> {
+        if let Some(e) = self.unbound {
+            return Err(sqlx::Error::Encode(e.into()));
+        }
+        let sql = format!(
+            "WITH {} SELECT count(*) > 0 FROM ({}) AS held",
+            self.ctes, self.held
+        );
+        sqlx::query_scalar_with(sqlx::AssertSqlSafe(sql), self.arguments)
+            .fetch_one(conn)
+            .await
+    }
+
+    /// The statement that records `envelope` in the inbox and has this
+    /// effect, all or nothing, with its arguments: it fails with
+    /// [`SEEN_BEFORE`] or [`DID_NOT_HOLD`], writing nothing, when the
+    /// event is not new or the effect does not hold.
+    pub(crate) fn with_inbox(
+        mut self,
+        envelope: &Envelope,
+    ) -> Result<(String, PgArguments), sqlx::Error> {
+        self = self
+            .bind(envelope.id())
+            .bind(envelope.event_type.clone())
+            .bind(envelope.saga_id.clone());
+        if let Some(e) = self.unbound {
+            return Err(sqlx::Error::Encode(e.into()));
+        }
+        let n = self.arguments.len();
+        let sql = format!(
+            "WITH {ctes},
+             choreo_fresh AS (
+                 INSERT INTO choreo_inbox (event_id, event_type, saga_id) VALUES (${id}, ${ty}, ${saga})
+                 ON CONFLICT (event_id) DO NOTHING RETURNING event_id)
+             SELECT choreo_applied_alone(EXISTS (SELECT FROM choreo_fresh), count(*) > 0)
+             FROM ({held}) AS choreo_held",
+            ctes = self.ctes,
+            held = self.held,
+            id = n - 2,
+            ty = n - 1,
+            saga = n,
+        );
+        Ok((sql, self.arguments))
+    }
+}
+
+/// The SQLSTATE of an [`Effect`] whose event is in the inbox already.
+pub(crate) const SEEN_BEFORE: &str = "CH001";
+/// The SQLSTATE of an [`Effect`] that did not hold.
+pub(crate) const DID_NOT_HOLD: &str = "CH002";
 
 /// The decode table of a set of events: event type and schema version to a
 /// typed payload. An unknown type or version is a [`Reject`].

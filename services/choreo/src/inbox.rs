@@ -77,11 +77,74 @@ pub async fn apply_decoded<'c, H: Handler>(
     envelope: &Envelope,
     event: H::Event,
 ) -> Result<Outcome, HandleError> {
+    in_tx(db, handler, claims, envelope, event).await
+}
+
+/// [`apply_decoded`] on a connection, trying the event's
+/// [`Handler::effect_alone`] first: how the consumer applies an event that
+/// comes alone. An event whose step claims a barrier row, or whose effect
+/// does not hold, goes through its transaction.
+pub async fn apply_alone_or_in_tx<H: Handler>(
+    conn: &mut sqlx::PgConnection,
+    handler: &H,
+    claims: &Claims,
+    envelope: &Envelope,
+    event: H::Event,
+) -> Result<Outcome, HandleError> {
+    let effect = match claims.get(&envelope.event_type) {
+        None => handler.effect_alone(envelope, &event),
+        Some(_) => None,
+    };
+    if let Some(effect) = effect {
+        match apply_alone(conn, effect, envelope).await {
+            Ok(Some(outcome)) => return Ok(outcome),
+            Ok(None) => {}
+            // Nothing was written: the transaction meets the same error, if
+            // it lasts, and says what it means (retried, or parked).
+            Err(e) => {
+                tracing::debug!(error = %e, "the effect alone failed; applying the event in a transaction")
+            }
+        }
+    }
+    in_tx(conn, handler, claims, envelope, event).await
+}
+
+/// The inbox step in a transaction, and what follows its commit.
+async fn in_tx<'c, H: Handler>(
+    db: impl Acquire<'c, Database = Postgres>,
+    handler: &H,
+    claims: &Claims,
+    envelope: &Envelope,
+    event: H::Event,
+) -> Result<Outcome, HandleError> {
     after_commit_of(
         |outcome| matches!(outcome, Ok(Outcome::Applied)),
         outbox::at_end_of(apply_in_tx(db, handler, claims, envelope, event)),
     )
     .await
+}
+
+/// Records `envelope` in the inbox and has `effect` in one statement, outside
+/// any transaction: [`Outcome::Applied`], [`Outcome::Duplicate`] (nothing
+/// written), or `None` when the effect did not hold (nothing written either).
+async fn apply_alone(
+    conn: &mut sqlx::PgConnection,
+    effect: crate::handler::Effect,
+    envelope: &Envelope,
+) -> Result<Option<Outcome>, sqlx::Error> {
+    let (sql, arguments) = effect.with_inbox(envelope)?;
+    let applied = sqlx::query_with(sqlx::AssertSqlSafe(sql), arguments)
+        .execute(conn)
+        .await;
+    let code = match &applied {
+        Ok(_) => return Ok(Some(Outcome::Applied)),
+        Err(e) => e.as_database_error().and_then(|e| e.code()),
+    };
+    match code.as_deref() {
+        Some(crate::handler::SEEN_BEFORE) => Ok(Some(Outcome::Duplicate)),
+        Some(crate::handler::DID_NOT_HOLD) => Ok(None),
+        _ => applied.map(|_| None),
+    }
 }
 
 /// One event of a batch, with the span its effects run in.

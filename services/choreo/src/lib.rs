@@ -43,7 +43,7 @@ pub const DESCRIPTOR_SET: &[u8] =
 pub use choreography::Choreography;
 pub use config::Config;
 pub use envelope::{Envelope, EventPayload, Reject};
-pub use handler::{Decode, HandleError, Handler};
+pub use handler::{Decode, Effect, HandleError, Handler};
 pub use outbox::Outbox;
 pub use runtime::{Ports, Service};
 

@@ -281,6 +281,22 @@ impl Handler for OrderHandler {
         .await
     }
 
+    /// An event that moves its order (each step's success and failure, the
+    /// usual case) is applied with its inbox insert as one statement, when it
+    /// comes alone: the move, its status history, its timeline line.
+    fn effect_alone(&self, envelope: &Envelope, event: &SagaEvent) -> Option<choreo::Effect> {
+        let id = contracts::order_id_of(envelope).ok()?;
+        let meaning = meaning(envelope, event);
+        Some(store::event_and_move_effect(
+            id,
+            envelope,
+            &meaning.detail,
+            meaning.status?,
+            meaning.reason.as_deref(),
+            self.deadline,
+        ))
+    }
+
     /// A batch's events in the same two statements as one event's.
     async fn handle_all(
         &self,

@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use choreo::Envelope;
 use choreo::grpc::timestamp;
+use choreo::{Effect, Envelope};
 use contracts::order::v1 as api;
 use sqlx::{FromRow, PgConnection, PgPool, Row};
 use uuid::Uuid;
@@ -167,9 +167,40 @@ async fn move_status(
     deadline: Duration,
     event: Option<(&Envelope, &str)>,
 ) -> Result<bool, sqlx::Error> {
+    move_effect(id, from, status, reason, deadline, event)
+        .run(tx)
+        .await
+}
+
+/// [`record_event_and_move`] as an [`Effect`], for the platform to run
+/// together with the event's inbox insert in one statement.
+pub fn event_and_move_effect(
+    id: Uuid,
+    event: &Envelope,
+    detail: &str,
+    status: Status,
+    reason: Option<&str>,
+    deadline: Duration,
+) -> Effect {
+    let from: Vec<Status> = Status::ALL
+        .into_iter()
+        .filter(|from| from.may_become(status))
+        .collect();
+    move_effect(id, &from, status, reason, deadline, Some((event, detail)))
+}
+
+/// The statement of [`move_status`], as an [`Effect`].
+fn move_effect(
+    id: Uuid,
+    from: &[Status],
+    status: Status,
+    reason: Option<&str>,
+    deadline: Duration,
+    event: Option<(&Envelope, &str)>,
+) -> Effect {
     let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
-    let moved = sqlx::query(
-        "WITH moved AS (
+    Effect::new(
+        "moved AS (
              UPDATE orders SET status = $2, reason = CASE WHEN reason = '' THEN COALESCE($3, '') ELSE reason END, stuck = '', updated_at = now(),
                     deadline_at = CASE WHEN $13 THEN now() + make_interval(secs => $4) ELSE deadline_at END,
                     changes = changes + 1
@@ -180,15 +211,15 @@ async fn move_status(
          recorded AS (
              INSERT INTO order_timeline (event_id, order_id, event_type, producer, occurred_at, detail, causation_id)
              SELECT $7, $1, $8, $9, $10, $11, $12 FROM moved WHERE $7::uuid IS NOT NULL
-             ON CONFLICT (event_id) DO NOTHING)
-         SELECT (SELECT pg_notify($5, $1::text) WHERE moved.watchers > 0) FROM moved",
+             ON CONFLICT (event_id) DO NOTHING)",
+        "SELECT (SELECT pg_notify($5, $1::text) WHERE moved.watchers > 0) FROM moved",
     )
     .bind(id)
     .bind(status)
     .bind(reason)
     .bind(deadline.as_secs_f64())
     .bind(crate::watch::CHANNEL)
-    .bind(&from)
+    .bind(from)
     .bind(event.map(|(e, _)| e.id()))
     .bind(event.map(|(e, _)| e.event_type.as_str()))
     .bind(event.map(|(e, _)| e.producer.as_str()))
@@ -196,9 +227,6 @@ async fn move_status(
     .bind(event.map(|(_, detail)| detail))
     .bind(event.and_then(|(e, _)| Uuid::parse_str(&e.causation_id).ok()))
     .bind(status.restarts_deadline())
-    .fetch_optional(&mut *tx)
-    .await?;
-    Ok(moved.is_some())
 }
 
 /// An order's row as the events of one transaction find it, locked, and as
