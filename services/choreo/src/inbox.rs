@@ -77,7 +77,11 @@ pub async fn apply_decoded<'c, H: Handler>(
     envelope: &Envelope,
     event: H::Event,
 ) -> Result<Outcome, HandleError> {
-    in_tx(db, handler, claims, envelope, event).await
+    after_commit_of(
+        |outcome| matches!(outcome, Ok(Outcome::Applied)),
+        outbox::at_end_of(apply_in_tx(db, handler, claims, envelope, event)),
+    )
+    .await
 }
 
 /// [`apply_decoded`] on a connection, trying the event's
@@ -106,22 +110,7 @@ pub async fn apply_alone_or_in_tx<H: Handler>(
             }
         }
     }
-    in_tx(conn, handler, claims, envelope, event).await
-}
-
-/// The inbox step in a transaction, and what follows its commit.
-async fn in_tx<'c, H: Handler>(
-    db: impl Acquire<'c, Database = Postgres>,
-    handler: &H,
-    claims: &Claims,
-    envelope: &Envelope,
-    event: H::Event,
-) -> Result<Outcome, HandleError> {
-    after_commit_of(
-        |outcome| matches!(outcome, Ok(Outcome::Applied)),
-        outbox::at_end_of(apply_in_tx(db, handler, claims, envelope, event)),
-    )
-    .await
+    apply_decoded(conn, handler, claims, envelope, event).await
 }
 
 /// Records `envelope` in the inbox and has `effect` in one statement, outside

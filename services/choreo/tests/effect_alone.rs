@@ -39,7 +39,7 @@ impl Handler for EvenAlone {
                 "SELECT FROM written WHERE $2",
             )
             .bind(envelope.id())
-            .bind(ping.n % 2 == 0),
+            .bind(ping.n.is_multiple_of(2)),
         )
     }
 }

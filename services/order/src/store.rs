@@ -136,20 +136,9 @@ pub async fn record_event_and_move(
     reason: Option<&str>,
     deadline: Duration,
 ) -> Result<bool, sqlx::Error> {
-    let from: Vec<Status> = Status::ALL
-        .into_iter()
-        .filter(|from| from.may_become(status))
-        .collect();
-    move_status(
-        tx,
-        id,
-        &from,
-        status,
-        reason,
-        deadline,
-        Some((event, detail)),
-    )
-    .await
+    event_and_move_effect(id, event, detail, status, reason, deadline)
+        .run(tx)
+        .await
 }
 
 /// The one statement behind [`set_status`] and [`record_event_and_move`]:
