@@ -250,25 +250,8 @@ impl Handler for OrderHandler {
         event: SagaEvent,
     ) -> Result<(), HandleError> {
         // An event alone that moves its order, the usual case below full
-        // load: one statement, not [`OrderHandler::hear_all`]'s two.
-        if let Ok(id) = contracts::order_id_of(envelope) {
-            let meaning = meaning(envelope, &event);
-            if let Some(next) = meaning.status
-                && store::record_event_and_move(
-                    tx,
-                    id,
-                    envelope,
-                    &meaning.detail,
-                    next,
-                    meaning.reason.as_deref(),
-                    self.deadline,
-                )
-                .await?
-            {
-                tracing::info!(to = next.as_str(), "order moved");
-                return Ok(());
-            }
-        }
+        // load, came as one statement ([`Handler::effect_alone`]); here are
+        // the others, a replayed dead letter, and a move that did not hold.
         let span = tracing::Span::none();
         self.hear_all(
             tx,

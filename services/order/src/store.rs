@@ -121,27 +121,7 @@ pub async fn set_status(
     moved.then_some(()).ok_or(sqlx::Error::RowNotFound)
 }
 
-/// Moves the order to `status` if it is in a status that may become it
-/// ([`Status::may_become`]), and in the same statement adds `event` to its
-/// timeline: the usual case of an event that moves an order, in one
-/// statement, where [`lock_heard`] and [`write_heard`] take two. `false`,
-/// with nothing written, when the order is not in such a status (or does
-/// not exist): the caller then takes those two.
-pub async fn record_event_and_move(
-    tx: &mut PgConnection,
-    id: Uuid,
-    event: &Envelope,
-    detail: &str,
-    status: Status,
-    reason: Option<&str>,
-    deadline: Duration,
-) -> Result<bool, sqlx::Error> {
-    event_and_move_effect(id, event, detail, status, reason, deadline)
-        .run(tx)
-        .await
-}
-
-/// The one statement behind [`set_status`] and [`record_event_and_move`]:
+/// The one statement behind [`set_status`] and [`event_and_move_effect`]:
 /// the move (if the order is in one of `from`), its place in the status
 /// history (for WatchOrder), the event on the timeline if one is given and,
 /// if anybody watches the order, the notification that wakes the watches
@@ -161,8 +141,13 @@ async fn move_status(
         .await
 }
 
-/// [`record_event_and_move`] as an [`Effect`], for the platform to run
-/// together with the event's inbox insert in one statement.
+/// Moves the order to `status` if it is in a status that may become it
+/// ([`Status::may_become`]), and in the same statement adds `event` to its
+/// timeline: the usual case of an event that moves an order, as an
+/// [`Effect`] the platform runs together with the event's inbox insert, in
+/// one statement where [`lock_heard`] and [`write_heard`] take two. It does
+/// not hold, and writes nothing, when the order is not in such a status (or
+/// does not exist): the event then goes through those two.
 pub fn event_and_move_effect(
     id: Uuid,
     event: &Envelope,
