@@ -117,28 +117,10 @@ pub async fn set_status(
     reason: Option<&str>,
     deadline: Duration,
 ) -> Result<(), sqlx::Error> {
-    let moved = move_status(tx, id, &Status::ALL, status, reason, deadline, None).await?;
-    moved.then_some(()).ok_or(sqlx::Error::RowNotFound)
-}
-
-/// The one statement behind [`set_status`] and [`event_and_move_effect`]:
-/// the move (if the order is in one of `from`), its place in the status
-/// history (for WatchOrder), the event on the timeline if one is given and,
-/// if anybody watches the order, the notification that wakes the watches
-/// (see `watch`: the row lock orders it against a watch that starts at the
-/// same moment). Whether the order moved.
-async fn move_status(
-    tx: &mut PgConnection,
-    id: Uuid,
-    from: &[Status],
-    status: Status,
-    reason: Option<&str>,
-    deadline: Duration,
-    event: Option<(&Envelope, &str)>,
-) -> Result<bool, sqlx::Error> {
-    move_effect(id, from, status, reason, deadline, event)
+    let moved = move_effect(id, &Status::ALL, status, reason, deadline, None)
         .run(tx)
-        .await
+        .await?;
+    moved.then_some(()).ok_or(sqlx::Error::RowNotFound)
 }
 
 /// Moves the order to `status` if it is in a status that may become it
@@ -163,7 +145,12 @@ pub fn event_and_move_effect(
     move_effect(id, &from, status, reason, deadline, Some((event, detail)))
 }
 
-/// The statement of [`move_status`], as an [`Effect`].
+/// The one statement behind [`set_status`] and [`event_and_move_effect`]:
+/// the move (if the order is in one of `from`), its place in the status
+/// history (for WatchOrder), the event on the timeline if one is given and,
+/// if anybody watches the order, the notification that wakes the watches
+/// (see `watch`: the row lock orders it against a watch that starts at the
+/// same moment). It holds if the order moved.
 fn move_effect(
     id: Uuid,
     from: &[Status],
