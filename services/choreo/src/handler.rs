@@ -126,16 +126,19 @@ impl Effect {
     /// Runs the effect's statement on its own, in the caller's transaction
     /// (no inbox): whether it held.
     pub async fn run(self, conn: &mut sqlx::PgConnection) -> Result<bool, sqlx::Error> {
-        if let Some(e) = self.unbound {
-            return Err(sqlx::Error::Encode(e.into()));
-        }
-        let sql = format!(
-            "WITH {} SELECT count(*) > 0 FROM ({}) AS held",
-            self.ctes, self.held
-        );
-        sqlx::query_scalar_with(sqlx::AssertSqlSafe(sql), self.arguments)
+        let (ctes, held, arguments) = self.bound()?;
+        let sql = format!("WITH {ctes} SELECT count(*) > 0 FROM ({held}) AS held");
+        sqlx::query_scalar_with(sqlx::AssertSqlSafe(sql), arguments)
             .fetch_one(conn)
             .await
+    }
+
+    /// Its parts, once every value bound could be encoded.
+    fn bound(self) -> Result<(&'static str, &'static str, PgArguments), sqlx::Error> {
+        match self.unbound {
+            Some(e) => Err(sqlx::Error::Encode(e.into())),
+            None => Ok((self.ctes, self.held, self.arguments)),
+        }
     }
 
     /// The statement that records `envelope` in the inbox and has this
@@ -143,17 +146,15 @@ impl Effect {
     /// [`SEEN_BEFORE`] or [`DID_NOT_HOLD`], writing nothing, when the
     /// event is not new or the effect does not hold.
     pub(crate) fn with_inbox(
-        mut self,
+        self,
         envelope: &Envelope,
     ) -> Result<(String, PgArguments), sqlx::Error> {
-        self = self
+        let (ctes, held, arguments) = self
             .bind(envelope.id())
-            .bind(envelope.event_type.clone())
-            .bind(envelope.saga_id.clone());
-        if let Some(e) = self.unbound {
-            return Err(sqlx::Error::Encode(e.into()));
-        }
-        let n = self.arguments.len();
+            .bind(envelope.event_type.as_str())
+            .bind(envelope.saga_id.as_str())
+            .bound()?;
+        let n = arguments.len();
         let sql = format!(
             "WITH {ctes},
              choreo_fresh AS (
@@ -161,13 +162,11 @@ impl Effect {
                  ON CONFLICT (event_id) DO NOTHING RETURNING event_id)
              SELECT choreo_applied_alone(EXISTS (SELECT FROM choreo_fresh), count(*) > 0)
              FROM ({held}) AS choreo_held",
-            ctes = self.ctes,
-            held = self.held,
             id = n - 2,
             ty = n - 1,
             saga = n,
         );
-        Ok((sql, self.arguments))
+        Ok((sql, arguments))
     }
 }
 

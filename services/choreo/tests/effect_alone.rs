@@ -44,6 +44,15 @@ impl Handler for EvenAlone {
     }
 }
 
+/// Applies `envelope` as the consumer applies an event that comes alone.
+async fn apply_alone(s: &Setup, claims: &barrier::Claims, envelope: &Envelope) -> Outcome {
+    let mut conn = s.pool.acquire().await.unwrap();
+    let ping = <Ping as Decode>::decode(envelope).unwrap();
+    inbox::apply_alone_or_in_tx(&mut conn, &EvenAlone, claims, envelope, ping)
+        .await
+        .unwrap()
+}
+
 async fn inbox_rows(s: &Setup, envelope: &Envelope) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM choreo_inbox WHERE event_id = $1")
         .bind(envelope.id())
@@ -55,19 +64,9 @@ async fn inbox_rows(s: &Setup, envelope: &Envelope) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_alone_is_applied_as_one_statement_once() {
     let s = setup().await;
-    let mut conn = s.pool.acquire().await.unwrap();
     let even = Envelope::new("test", "saga-1", None, &Ping { n: 2 });
     for expected in [Outcome::Applied, Outcome::Duplicate] {
-        let outcome = inbox::apply_alone_or_in_tx(
-            &mut conn,
-            &EvenAlone,
-            &Default::default(),
-            &even,
-            Ping { n: 2 },
-        )
-        .await
-        .unwrap();
-        assert_eq!(outcome, expected);
+        assert_eq!(apply_alone(&s, &Default::default(), &even).await, expected);
     }
     assert_eq!(
         s.effect_counts().await,
@@ -80,18 +79,11 @@ async fn an_event_alone_is_applied_as_one_statement_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_effect_that_does_not_hold_writes_nothing_and_its_event_goes_through_its_transaction() {
     let s = setup().await;
-    let mut conn = s.pool.acquire().await.unwrap();
     let odd = Envelope::new("test", "saga-1", None, &Ping { n: 3 });
-    let outcome = inbox::apply_alone_or_in_tx(
-        &mut conn,
-        &EvenAlone,
-        &Default::default(),
-        &odd,
-        Ping { n: 3 },
-    )
-    .await
-    .unwrap();
-    assert_eq!(outcome, Outcome::Applied);
+    assert_eq!(
+        apply_alone(&s, &Default::default(), &odd).await,
+        Outcome::Applied
+    );
     assert_eq!(
         s.effect_counts().await,
         vec![100],
@@ -103,15 +95,11 @@ async fn an_effect_that_does_not_hold_writes_nothing_and_its_event_goes_through_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_whose_step_claims_a_barrier_row_goes_through_its_transaction() {
     let s = setup().await;
-    let mut conn = s.pool.acquire().await.unwrap();
     let even = Envelope::new("test", "saga-1", None, &Ping { n: 4 });
     let claims = [(even.event_type.clone(), Claim::Action("ping"))]
         .into_iter()
         .collect();
-    let outcome = inbox::apply_alone_or_in_tx(&mut conn, &EvenAlone, &claims, &even, Ping { n: 4 })
-        .await
-        .unwrap();
-    assert_eq!(outcome, Outcome::Applied);
+    assert_eq!(apply_alone(&s, &claims, &even).await, Outcome::Applied);
     assert_eq!(s.effect_counts().await, vec![100]);
 }
 
