@@ -18,7 +18,7 @@
 //!    rollbacks (`pg_stat_database`; the benchmark reads nothing from the
 //!    services' databases while it counts), NATS messages, deliveries and
 //!    acks, and each process's CPU seconds and peak memory.
-//! 5. Per hop: commit to PubAck per service (its metrics), and, per step,
+//! 5. Per hop: send to PubAck per service (its metrics), and, per step,
 //!    from the event that triggers it to the event it writes (timelines).
 //! 6. The headline R = completed sagas/s x 6 / C (six state changes a saga).
 //!
@@ -335,14 +335,16 @@ struct OpenLoopRun {
     ids: Vec<String>,
     cost: Cost,
     beside: Beside,
-    /// Each service's mean commit -> PubAck over the loop.
+    /// Each service's mean send -> PubAck over the loop.
     puback: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Hop {
     pub service: String,
-    /// Mean time from the outbox commit to the PubAck, over the spread run.
+    /// Mean time from the publisher's send to the PubAck, over the spread
+    /// run (the name is older: a row waiting for a free send after its
+    /// commit is not in it).
     pub commit_to_puback_ms: f64,
     /// From the event that triggers the service's work to the event it writes.
     pub trigger_to_reaction: Percentiles,
@@ -878,7 +880,7 @@ fn atomic_batch_counts(metrics: &str) -> (f64, f64) {
     )
 }
 
-/// Each service's commit-to-PubAck sum (seconds) and count so far.
+/// Each service's send-to-PubAck sum (seconds) and count so far.
 async fn publish_totals(sys: &System) -> anyhow::Result<Vec<(f64, f64)>> {
     let mut totals = Vec::new();
     for service in SERVICES {
@@ -891,7 +893,7 @@ async fn publish_totals(sys: &System) -> anyhow::Result<Vec<(f64, f64)>> {
     Ok(totals)
 }
 
-/// Each service's mean commit-to-PubAck in ms since `before`
+/// Each service's mean send-to-PubAck in ms since `before`
 /// ([`publish_totals`]), or over the whole run without it.
 async fn publish_latencies(
     sys: &System,
@@ -1133,7 +1135,7 @@ async fn worst_per_second_ms(db: &mut PgConnection, ids: &[String]) -> anyhow::R
 }
 
 /// Per step: from the event that triggers it to the event its service writes,
-/// from the order's timeline; and each service's commit-to-PubAck.
+/// from the order's timeline; and each service's send-to-PubAck.
 async fn hops(
     db: &mut PgConnection,
     ids: &[String],
@@ -1187,7 +1189,7 @@ async fn hops(
     Ok(result)
 }
 
-/// One line for a table: each hop's commit -> PubAck and trigger -> reaction.
+/// One line for a table: each hop's send -> PubAck and trigger -> reaction.
 fn per_hop(hops: &[Hop]) -> String {
     hops.iter()
         .map(|h| {
@@ -1519,7 +1521,7 @@ impl Report {
             ("alone", &self.alone_hops),
         ] {
             row(
-                &format!("per hop ({name}): commit -> PubAck mean; trigger -> reaction p50 / p99"),
+                &format!("per hop ({name}): send -> PubAck mean; trigger -> reaction p50 / p99"),
                 per_hop(hops),
             );
         }

@@ -121,7 +121,7 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
     }
 
     // Each loop's hops are its own orders' (every step of every saga seen
-    // in the order's timeline), and each commit -> PubAck is a mean over
+    // in the order's timeline), and each send -> PubAck is a mean over
     // that loop's publishes only: every service published in each.
     for (window, hops, sagas) in [
         ("spread", &report.hops, 40),
