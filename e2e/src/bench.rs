@@ -335,8 +335,8 @@ struct OpenLoopRun {
     ids: Vec<String>,
     cost: Cost,
     beside: Beside,
-    /// Each service's mean send -> PubAck over the loop.
-    puback: Vec<f64>,
+    /// Each service's send -> PubAck over the loop.
+    puback: Vec<PubAckWait>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -346,6 +346,10 @@ pub struct Hop {
     /// run (the name is older: a row waiting for a free send after its
     /// commit is not in it).
     pub commit_to_puback_ms: f64,
+    /// The p99 of the same wait, as the upper bound of the histogram bucket
+    /// it falls in (`saga_publish_latency_seconds`); none without sends, or
+    /// when it is above the last bucket.
+    pub send_to_puback_p99_at_most_ms: Option<f64>,
     /// From the event that triggers the service's work to the event it writes.
     pub trigger_to_reaction: Percentiles,
 }
@@ -880,38 +884,98 @@ fn atomic_batch_counts(metrics: &str) -> (f64, f64) {
     )
 }
 
-/// Each service's send-to-PubAck sum (seconds) and count so far.
-async fn publish_totals(sys: &System) -> anyhow::Result<Vec<(f64, f64)>> {
+/// Each service's send-to-PubAck histogram so far.
+async fn publish_totals(sys: &System) -> anyhow::Result<Vec<PublishHistogram>> {
     let mut totals = Vec::new();
     for service in SERVICES {
         let text = sys.metrics(service).await?;
-        totals.push((
-            metric(&text, "saga_publish_latency_seconds_sum"),
-            metric(&text, "saga_publish_latency_seconds_count"),
-        ));
+        totals.push(PublishHistogram::read(&text));
     }
     Ok(totals)
 }
 
-/// Each service's mean send-to-PubAck in ms since `before`
-/// ([`publish_totals`]), or over the whole run without it.
+/// A service's `saga_publish_latency_seconds` as its metrics said it.
+#[derive(Debug, Clone, Default)]
+struct PublishHistogram {
+    sum: f64,
+    count: f64,
+    /// (upper bound in seconds, sends within it), cumulative, by bound.
+    buckets: Vec<(f64, f64)>,
+}
+
+impl PublishHistogram {
+    fn read(text: &str) -> Self {
+        let name = "saga_publish_latency_seconds";
+        let buckets = text
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(name)?.strip_prefix("_bucket{")?;
+                let le = rest.split("le=\"").nth(1)?.split('"').next()?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, l.rsplit(' ').next()?.parse().ok()?))
+            })
+            .collect();
+        PublishHistogram {
+            sum: metric(text, &format!("{name}_sum")),
+            count: metric(text, &format!("{name}_count")),
+            buckets,
+        }
+    }
+
+    /// The sends after `before`: its counts taken from these.
+    fn since(&self, before: &PublishHistogram) -> PubAckWait {
+        let count = self.count - before.count;
+        if count <= 0.0 {
+            return PubAckWait::default();
+        }
+        let within = |bound: f64| {
+            let of = |h: &PublishHistogram| {
+                h.buckets
+                    .iter()
+                    .find(|(le, _)| *le == bound)
+                    .map_or(0.0, |(_, n)| *n)
+            };
+            of(self) - of(before)
+        };
+        let p99_at_most_ms = self
+            .buckets
+            .iter()
+            .map(|(le, _)| *le)
+            .find(|le| within(*le) >= count * 0.99)
+            .filter(|le| le.is_finite())
+            .map(|le| (le * 10_000.0).round() / 10.0);
+        PubAckWait {
+            mean_ms: (self.sum - before.sum) / count * 1000.0,
+            p99_at_most_ms,
+        }
+    }
+}
+
+/// A service's wait from send to PubAck over a window.
+#[derive(Debug, Clone, Default)]
+struct PubAckWait {
+    mean_ms: f64,
+    /// The upper bound of the bucket its p99 falls in.
+    p99_at_most_ms: Option<f64>,
+}
+
+/// Each service's send-to-PubAck since `before` ([`publish_totals`]), or
+/// over the whole run without it.
 async fn publish_latencies(
     sys: &System,
-    before: Option<&[(f64, f64)]>,
-) -> anyhow::Result<Vec<f64>> {
+    before: Option<&[PublishHistogram]>,
+) -> anyhow::Result<Vec<PubAckWait>> {
     let now = publish_totals(sys).await?;
     Ok(now
         .iter()
         .enumerate()
-        .map(|(i, (sum, count))| {
-            let (sum_before, count_before) =
-                before.and_then(|b| b.get(i)).copied().unwrap_or((0.0, 0.0));
-            let count = count - count_before;
-            if count > 0.0 {
-                (sum - sum_before) / count * 1000.0
-            } else {
-                0.0
-            }
+        .map(|(i, histogram)| {
+            let zero = PublishHistogram::default();
+            histogram.since(before.and_then(|b| b.get(i)).unwrap_or(&zero))
         })
         .collect())
 }
@@ -1139,7 +1203,7 @@ async fn worst_per_second_ms(db: &mut PgConnection, ids: &[String]) -> anyhow::R
 async fn hops(
     db: &mut PgConnection,
     ids: &[String],
-    puback_ms: Vec<f64>,
+    puback: Vec<PubAckWait>,
 ) -> anyhow::Result<Vec<Hop>> {
     let ids: Vec<uuid::Uuid> = ids.iter().filter_map(|i| i.parse().ok()).collect();
     let mut result = Vec::new();
@@ -1180,9 +1244,11 @@ async fn hops(
                 .await?
             }
         };
+        let wait = puback.get(i).cloned().unwrap_or_default();
         result.push(Hop {
             service: service.to_owned(),
-            commit_to_puback_ms: puback_ms.get(i).copied().unwrap_or(0.0),
+            commit_to_puback_ms: wait.mean_ms,
+            send_to_puback_p99_at_most_ms: wait.p99_at_most_ms,
             trigger_to_reaction: Percentiles::of(rows.into_iter().map(|r| r.0).collect()),
         });
     }
@@ -1193,8 +1259,12 @@ async fn hops(
 fn per_hop(hops: &[Hop]) -> String {
     hops.iter()
         .map(|h| {
+            let p99 = match h.send_to_puback_p99_at_most_ms {
+                Some(bound) => format!("p99 <= {bound} ms"),
+                None => "p99 -".to_owned(),
+            };
             format!(
-                "{} {:.1} ms; {:.0} / {:.0} ms",
+                "{} {:.1} ms, {p99}; {:.0} / {:.0} ms",
                 h.service,
                 h.commit_to_puback_ms,
                 h.trigger_to_reaction.p50_ms,
@@ -1521,7 +1591,9 @@ impl Report {
             ("alone", &self.alone_hops),
         ] {
             row(
-                &format!("per hop ({name}): send -> PubAck mean; trigger -> reaction p50 / p99"),
+                &format!(
+                    "per hop ({name}): send -> PubAck mean, p99 (bucket bound); trigger -> reaction p50 / p99"
+                ),
                 per_hop(hops),
             );
         }

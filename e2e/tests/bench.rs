@@ -121,8 +121,8 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
     }
 
     // Each loop's hops are its own orders' (every step of every saga seen
-    // in the order's timeline), and each send -> PubAck is a mean over
-    // that loop's publishes only: every service published in each.
+    // in the order's timeline), and each send -> PubAck (its mean and its
+    // p99) is over that loop's publishes only: every service published in each.
     for (window, hops, sagas) in [
         ("spread", &report.hops, 40),
         ("open loop", &report.open_loop_hops, report.open_loop.count),
@@ -137,6 +137,16 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
         for hop in hops {
             assert_eq!(hop.trigger_to_reaction.count, sagas, "{window}: {hop:?}");
             assert!(hop.commit_to_puback_ms > 0.0, "{window}: {hop:?}");
+            // Its tail comes from the services' histogram: a bucket's bound.
+            let p99 = hop
+                .send_to_puback_p99_at_most_ms
+                .unwrap_or_else(|| panic!("{window}: no p99 in {hop:?}"));
+            assert!(
+                choreo::telemetry::PUBLISH_LATENCY_BUCKETS
+                    .iter()
+                    .any(|bound| (bound * 1000.0 - p99).abs() < 1e-6),
+                "{window}: {hop:?}"
+            );
         }
     }
 

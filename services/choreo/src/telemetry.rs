@@ -86,10 +86,22 @@ fn tracer_provider(service: &str, endpoint: &str) -> anyhow::Result<SdkTracerPro
         .build())
 }
 
+/// The buckets, in seconds, of `saga_publish_latency_seconds` (send to
+/// PubAck): a histogram, so its tail can be read over any window and summed
+/// over instances, from a lone event's fraction of a millisecond to a
+/// broker that is away.
+pub const PUBLISH_LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+];
+
 /// Serves Prometheus metrics on `addr` (GET /metrics).
 pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("saga_publish_latency_seconds".to_owned()),
+            &PUBLISH_LATENCY_BUCKETS,
+        )?
         .install()?;
     tracing::info!(%addr, "Prometheus metrics listening");
     Ok(())
