@@ -95,9 +95,10 @@ pub async fn apply_alone_or_in_tx<H: Handler>(
     envelope: &Envelope,
     event: H::Event,
 ) -> Result<Outcome, HandleError> {
-    let effect = match claims.get(&envelope.event_type) {
-        None => handler.effect_alone(envelope, &event),
-        Some(_) => None,
+    let effect = if claims.contains_key(&envelope.event_type) {
+        None
+    } else {
+        handler.effect_alone(envelope, &event)
     };
     if let Some(effect) = effect {
         match apply_alone(conn, effect, envelope).await {
@@ -122,17 +123,21 @@ async fn apply_alone(
     envelope: &Envelope,
 ) -> Result<Option<Outcome>, sqlx::Error> {
     let (sql, arguments) = effect.with_inbox(envelope)?;
-    let applied = sqlx::query_with(sqlx::AssertSqlSafe(sql), arguments)
+    let error = match sqlx::query_with(sqlx::AssertSqlSafe(sql), arguments)
         .execute(conn)
-        .await;
-    let code = match &applied {
+        .await
+    {
         Ok(_) => return Ok(Some(Outcome::Applied)),
-        Err(e) => e.as_database_error().and_then(|e| e.code()),
+        Err(error) => error,
     };
+    let code = error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .map(|code| code.into_owned());
     match code.as_deref() {
         Some(crate::handler::SEEN_BEFORE) => Ok(Some(Outcome::Duplicate)),
         Some(crate::handler::DID_NOT_HOLD) => Ok(None),
-        _ => applied.map(|_| None),
+        _ => Err(error),
     }
 }
 
