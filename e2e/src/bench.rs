@@ -1008,7 +1008,7 @@ impl Counters {
         }
         admin.close().await?;
         let counts = sys.consumer_counts().await?;
-        let published = stream_messages(sys).await?;
+        let published = sys.stream_messages().await?;
         Ok(Counters {
             transactions,
             published,
@@ -1821,7 +1821,7 @@ pub async fn drain(sys: &mut System, orders: usize, clients: usize) -> anyhow::R
         order_rss_mb_peak = order_rss_mb_peak.max(status_kb(order_pid, "VmRSS") / 1024.0);
         if stream_at_start.is_none() {
             // Once the restarted server answers.
-            stream_at_start = stream_messages(sys).await.ok();
+            stream_at_start = sys.stream_messages().await.ok();
         }
         let left = unsent(&mut order_db).await?;
         if back.elapsed().as_secs() as usize >= unsent_each_second.len() {
@@ -1839,7 +1839,7 @@ pub async fn drain(sys: &mut System, orders: usize, clients: usize) -> anyhow::R
     let batches_after = atomic_batch_counts(&sys.metrics("order").await?);
     let atomic_batches = batches_after.0 - batches_before.0;
     let atomic_batches_refused = batches_after.1 - batches_before.1;
-    let stream_taken = stream_messages(sys).await? - stream_at_start.unwrap_or_default();
+    let stream_taken = sys.stream_messages().await? - stream_at_start.unwrap_or_default();
     Ok(Drain {
         orders,
         placed_per_sec,
@@ -1875,20 +1875,6 @@ impl Drain {
                 .join(" ")
         )
     }
-}
-
-/// Messages in the saga stream now.
-async fn stream_messages(sys: &System) -> anyhow::Result<u64> {
-    let js = async_nats::jetstream::new(
-        choreo::runtime::connect_once(sys.infra.nats.url(), "bench", None).await?,
-    );
-    Ok(js
-        .get_stream(&sys.stream)
-        .await?
-        .info()
-        .await?
-        .state
-        .messages)
 }
 
 /// Outbox rows not yet published.

@@ -153,7 +153,8 @@ pub enum Fault {
         service: &'static str,
         span: Duration,
     },
-    /// SIGKILL the node that leads the saga stream, restart it after `pause`.
+    /// SIGKILL the node that leads the stream of the order service's events
+    /// (where every saga starts), restart it after `pause`.
     KillStreamLeader {
         pause: Duration,
     },
@@ -480,10 +481,11 @@ async fn inject(
         Fault::KillStreamLeader { pause } => {
             // Right after another fault the stream may still be electing one.
             let js = jetstream_at(sys.infra.nats.url()).await;
+            let stream = choreo::provision::stream_name(&sys.stream, "order");
             let mut leader = None;
             for _ in 0..20 {
                 if let Some(js) = &js {
-                    leader = stream_cluster(js, &sys.stream, Duration::from_secs(2))
+                    leader = stream_cluster(js, &stream, Duration::from_secs(2))
                         .await
                         .and_then(|c| c.leader);
                 }
@@ -497,7 +499,7 @@ async fn inject(
                 .as_deref()
                 .and_then(|name| cluster.index_of(name))
                 .unwrap_or(0);
-            eprintln!("chaos:        stream leader is {leader:?}: killing node {node}");
+            eprintln!("chaos:        {stream}'s leader is {leader:?}: killing node {node}");
             tokio::task::block_in_place(|| cluster.kill(node))?;
             tokio::time::sleep(*pause).await;
             tokio::task::block_in_place(|| cluster.restart(node))?;
@@ -518,7 +520,7 @@ async fn inject(
     Ok(())
 }
 
-/// Waits (up to 60 s) until the saga stream has a leader and both other
+/// Waits (up to 60 s) until every saga stream has a leader and both other
 /// replicas are current: a cluster profile takes down one node at a time,
 /// and a node restarted a moment ago that has not caught up yet would make
 /// the next fault a loss of two. Returns how long it waited.
@@ -527,14 +529,18 @@ async fn wait_for_a_whole_cluster(sys: &System) -> Duration {
     let Some(js) = jetstream_at(sys.infra.nats.url()).await else {
         return started.elapsed();
     };
+    let streams = sys.stream_names();
     while started.elapsed() < Duration::from_secs(60) {
-        let whole = stream_cluster(&js, &sys.stream, Duration::from_secs(2))
-            .await
-            .is_some_and(|cluster| {
-                cluster.leader.is_some()
-                    && cluster.replicas.len() == 2
-                    && cluster.replicas.iter().all(|r| r.current && !r.offline)
-            });
+        let mut whole = true;
+        for stream in &streams {
+            whole &= stream_cluster(&js, stream, Duration::from_secs(2))
+                .await
+                .is_some_and(|cluster| {
+                    cluster.leader.is_some()
+                        && cluster.replicas.len() == 2
+                        && cluster.replicas.iter().all(|r| r.current && !r.offline)
+                });
+        }
         if whole {
             break;
         }
@@ -578,19 +584,19 @@ async fn stream_cluster(
 }
 
 /// What the samplers saw while faults ran: events applied over time (the
-/// order service's timeline rows) and the stream's leader.
+/// order service's timeline rows) and each stream's leader, as it changed.
 #[derive(Default)]
 struct Samples {
     applied: Vec<(Instant, i64)>,
-    leaders: Vec<Option<String>>,
+    leaders: BTreeMap<String, Vec<Option<String>>>,
 }
 
 /// Samples every 100 ms until `stop`: the order database's timeline count
-/// and, on a cluster, the stream's leader.
+/// and, on a cluster, every stream's leader.
 async fn sample(
     order_db: String,
     nats_url: String,
-    stream: String,
+    streams: Vec<String>,
     cluster: bool,
     stop: tokio_util::sync::CancellationToken,
 ) -> Samples {
@@ -618,11 +624,14 @@ async fn sample(
         if let Some(js) = &js
             && tick.is_multiple_of(3)
         {
-            let leader = stream_cluster(js, &stream, Duration::from_millis(500))
-                .await
-                .and_then(|c| c.leader);
-            if samples.leaders.last() != Some(&leader) {
-                samples.leaders.push(leader);
+            for stream in &streams {
+                let leader = stream_cluster(js, stream, Duration::from_millis(500))
+                    .await
+                    .and_then(|c| c.leader);
+                let seen = samples.leaders.entry(stream.clone()).or_default();
+                if seen.last() != Some(&leader) {
+                    seen.push(leader);
+                }
             }
         }
         tick += 1;
@@ -786,7 +795,7 @@ pub async fn run(profile: Profile) -> anyhow::Result<Report> {
     let sampler = tokio::spawn(sample(
         sys.databases[0].clone(),
         sys.infra.nats.url().to_owned(),
-        sys.stream.clone(),
+        sys.stream_names(),
         profile.cluster,
         stop_sampling.clone(),
     ));
@@ -838,12 +847,17 @@ pub async fn run(profile: Profile) -> anyhow::Result<Report> {
     let samples = sampler.await?;
     report.leader_changes = samples
         .leaders
-        .iter()
-        .flatten()
-        .collect::<Vec<_>>()
-        .windows(2)
-        .filter(|w| w[0] != w[1])
-        .count();
+        .values()
+        .map(|leaders| {
+            leaders
+                .iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .windows(2)
+                .filter(|w| w[0] != w[1])
+                .count()
+        })
+        .sum();
     report.longest_stall = longest_stall(&samples, &fault_times);
     check(&sys, &databases, &placed, &mut report).await?;
     for instance in &mut sys.extra_instances {

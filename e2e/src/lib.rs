@@ -133,7 +133,8 @@ pub struct System {
     /// run until the system is dropped or scaled back.
     pub extra_instances: Vec<ServiceProcess>,
     pub ports: Vec<u16>,
-    /// JetStream stream of this run (STREAM).
+    /// What this run's JetStream streams are named after (STREAM): see
+    /// [`System::stream_names`].
     pub stream: String,
     /// Subject prefix of this run (SUBJECT_PREFIX): an event goes to `<prefix>.<event type>`.
     pub subject_prefix: String,
@@ -215,18 +216,48 @@ async fn channel(addr: &str, ca: Option<&[u8]>, timeout: Duration) -> anyhow::Re
 }
 
 impl System {
-    /// Deliveries and acks of each service's durable consumer so far, in
-    /// [`SERVICES`] order: (deliveries, acks), redeliveries included.
+    /// The names of this run's streams: one per producing service and one
+    /// for the stuck reports ([`choreo::provision::streams`]).
+    pub fn stream_names(&self) -> Vec<String> {
+        choreo::provision::streams(&contracts::CHOREOGRAPHY, &self.stream, &self.subject_prefix)
+            .into_iter()
+            .map(|s| s.name)
+            .collect()
+    }
+
+    /// Messages in all of this run's streams now.
+    pub async fn stream_messages(&self) -> anyhow::Result<u64> {
+        let js = async_nats::jetstream::new(nats_client(self.infra.nats.url()).await?);
+        let mut messages = 0;
+        for name in self.stream_names() {
+            messages += js.get_stream(&name).await?.info().await?.state.messages;
+        }
+        Ok(messages)
+    }
+
+    /// Deliveries and acks of each service's durable consumers so far
+    /// (summed over the streams it reads), in [`SERVICES`] order:
+    /// (deliveries, acks), redeliveries included.
     pub async fn consumer_counts(&self) -> anyhow::Result<Vec<(u64, u64)>> {
         let js = async_nats::jetstream::new(nats_client(self.infra.nats.url()).await?);
-        let stream = js.get_stream(&self.stream).await?;
         let mut counts = Vec::new();
         for service in SERVICES {
-            let info = stream.consumer_info(service).await?;
-            counts.push((
-                info.delivered.consumer_sequence,
-                info.ack_floor.consumer_sequence,
-            ));
+            let (mut delivered, mut acked) = (0, 0);
+            for (spec, _) in choreo::provision::sources_of(
+                &contracts::CHOREOGRAPHY,
+                service,
+                &self.stream,
+                &self.subject_prefix,
+            ) {
+                let info = js
+                    .get_stream(&spec.name)
+                    .await?
+                    .consumer_info(service)
+                    .await?;
+                delivered += info.delivered.consumer_sequence;
+                acked += info.ack_floor.consumer_sequence;
+            }
+            counts.push((delivered, acked));
         }
         Ok(counts)
     }
@@ -266,14 +297,16 @@ impl System {
         Ok(listed.dead_letters)
     }
 
-    /// Message `seq` of the saga stream as it is stored (subject and raw bytes).
+    /// Message `seq` of the stream of `producer`'s events as it is stored
+    /// (subject and raw bytes).
     pub async fn stream_message(
         &self,
+        producer: &str,
         seq: u64,
     ) -> anyhow::Result<async_nats::jetstream::message::StreamMessage> {
         let client = nats_client(self.infra.nats.url()).await?;
         let message = async_nats::jetstream::new(client)
-            .get_stream(&self.stream)
+            .get_stream(choreo::provision::stream_name(&self.stream, producer))
             .await?
             .get_raw_message(seq)
             .await?;

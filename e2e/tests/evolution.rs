@@ -1,5 +1,6 @@
 //! Rolling out a new event: services that do not consume a type never read it,
-//! so a new type needs no redeploy of the others; a consumed type at a version
+//! so a new type (in a new producer's stream, which the new version's setup
+//! step makes) needs no redeploy of the others; a consumed type at a version
 //! a service cannot read is parked there with the reason.
 use std::time::Duration;
 
@@ -25,6 +26,25 @@ async fn a_new_event_type_is_read_by_nobody_and_an_unknown_version_is_parked_whe
         .await
         .expect("system starts");
     sys.set_stock("BOOK", 100).await.unwrap();
+    // The new version's setup step makes the new producer's stream.
+    let admin = async_nats::jetstream::new(
+        choreo::runtime::connect_once(sys.infra.nats.url(), "setup", None)
+            .await
+            .unwrap(),
+    );
+    let mut config = choreo::Config::defaults();
+    (config.stream, config.subject_prefix) = (sys.stream.clone(), sys.subject_prefix.clone());
+    let loyalty = choreo::provision::StreamSpec {
+        name: choreo::provision::stream_name(&sys.stream, "loyalty"),
+        subjects: vec![format!(
+            "{}.{}",
+            sys.subject_prefix,
+            PointsAwarded::EVENT_TYPE
+        )],
+    };
+    choreo::provision::ensure_stream(&admin, &config, &loyalty, "setup")
+        .await
+        .unwrap();
     let mut placed = Vec::new();
     for i in 0..10 {
         let order = sys
@@ -93,6 +113,8 @@ async fn a_new_event_type_is_read_by_nobody_and_an_unknown_version_is_parked_whe
             "{service} parked something"
         );
     }
+    let mut loyalty = admin.get_stream(&loyalty.name).await.unwrap();
+    assert_eq!(loyalty.info().await.unwrap().state.messages, 10);
     let order_parked = sys.dead_letters("order").await.unwrap();
     assert!(
         order_parked.iter().all(|d| !d.subject.contains("loyalty")),

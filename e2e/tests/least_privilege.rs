@@ -3,8 +3,9 @@
 //!
 //! NATS (deploy/nats.conf, the four services running as their own users):
 //! nobody connects without a login, a service user cannot publish another
-//! service's event, read the stream's events, pull from another's consumer,
-//! or change the stream; only the admin can.
+//! service's event, read the events off the wire, look at a stream it does
+//! not read, pull from another's consumer, or change a stream; only the
+//! admin can.
 //!
 //! PostgreSQL (deploy/postgres-init.sql): each service's role reaches its
 //! own database only, with its password, and is no superuser.
@@ -46,16 +47,22 @@ async fn next_error(errors: &mut mpsc::UnboundedReceiver<String>) -> String {
         .expect("the connection is open")
 }
 
-async fn messages_in(js: &jetstream::Context, stream: &str) -> u64 {
-    let mut stream = js.get_stream(stream).await.unwrap();
-    stream.info().await.unwrap().state.messages
+/// Messages in all of `streams`.
+async fn messages_in(js: &jetstream::Context, streams: &[String]) -> u64 {
+    let mut messages = 0;
+    for name in streams {
+        let mut stream = js.get_stream(name).await.unwrap();
+        messages += stream.info().await.unwrap().state.messages;
+    }
+    messages
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_service_user_may_do_its_own_part_and_nothing_else() {
     let sys = system(Options::default()).await;
     let url = sys.infra.nats.client_url();
-    let stream_name = sys.stream.clone();
+    let streams = sys.stream_names();
+    let stream_of = |producer: &str| choreo::provision::stream_name(&sys.stream, producer);
     let subject = |event: &str| format!("{}.{event}", sys.subject_prefix);
 
     // No login, or a wrong one: refused at connect.
@@ -95,7 +102,7 @@ async fn each_service_user_may_do_its_own_part_and_nothing_else() {
             .await
             .unwrap(),
     );
-    let sent_before = messages_in(&admin, &stream_name).await;
+    let sent_before = messages_in(&admin, &streams).await;
 
     let (inventory, mut errors) = login(&url, "inventory", &harness::password("inventory"))
         .await
@@ -125,7 +132,7 @@ async fn each_service_user_may_do_its_own_part_and_nothing_else() {
         said.to_lowercase().contains("permissions violation") && said.contains("notification.sent"),
         "{said}"
     );
-    let stream = admin.get_stream(&stream_name).await.unwrap();
+    let stream = admin.get_stream(stream_of("notification")).await.unwrap();
     assert!(
         stream
             .get_last_raw_message_by_subject(&subject("notification.sent"))
@@ -147,9 +154,19 @@ async fn each_service_user_may_do_its_own_part_and_nothing_else() {
         "{said}"
     );
 
-    // ... nor pull from another service's consumer ...
+    // ... nor look at a stream it does not read (notification's events) ...
+    let unread = inventory_js.get_stream(stream_of("notification")).await;
+    assert!(
+        unread.is_err(),
+        "inventory does not read notification's stream"
+    );
+    let said = next_error(&mut errors).await;
+    assert!(said.contains("STREAM.INFO"), "{said}");
+
+    // ... nor pull from another service's consumer on a stream it reads
+    // (order reads shipping's events too) ...
     let other = inventory_js
-        .get_stream(&stream_name)
+        .get_stream(stream_of("shipping"))
         .await
         .unwrap()
         .get_consumer::<jetstream::consumer::pull::Config>("order")
@@ -158,16 +175,16 @@ async fn each_service_user_may_do_its_own_part_and_nothing_else() {
     let said = next_error(&mut errors).await;
     assert!(said.contains("CONSUMER.INFO"), "{said}");
 
-    // ... nor delete or change the stream.
-    let deleted = inventory_js.delete_stream(&stream_name).await;
-    assert!(deleted.is_err(), "a service user cannot delete the stream");
+    // ... nor delete or change a stream, its own included.
+    let deleted = inventory_js.delete_stream(stream_of("inventory")).await;
+    assert!(deleted.is_err(), "a service user cannot delete a stream");
     let said = next_error(&mut errors).await;
     assert!(
         said.to_lowercase().contains("permissions violation") && said.contains("STREAM.DELETE"),
         "{said}"
     );
     let purged = inventory_js
-        .get_stream(&stream_name)
+        .get_stream(stream_of("order"))
         .await
         .unwrap()
         .purge()
@@ -182,8 +199,8 @@ async fn each_service_user_may_do_its_own_part_and_nothing_else() {
         .await;
     assert!(created.is_err(), "a service user cannot create a stream");
 
-    // The stream is whole: everything before, plus inventory's own publish.
-    let after = messages_in(&admin, &stream_name).await;
+    // The streams are whole: everything before, plus inventory's own publish.
+    let after = messages_in(&admin, &streams).await;
     assert_eq!(after, sent_before + 1);
     assert!(admin.get_stream("EVERYTHING").await.is_err());
 }

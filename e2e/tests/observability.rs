@@ -81,12 +81,13 @@ async fn metrics_agree_with_what_happened() {
         .await;
     assert!(bad.is_err());
 
-    // Inject a duplicate: the first event of the stream again, under a new message id.
+    // Inject a duplicate: the first event of the order service's stream
+    // again, under a new message id.
     let client = choreo::runtime::connect_once(sys.infra.nats.url(), "test", None)
         .await
         .unwrap();
     let js = async_nats::jetstream::new(client);
-    let first = sys.stream_message(1).await.unwrap();
+    let first = sys.stream_message("order", 1).await.unwrap();
     assert!(first.subject.ends_with("order.created"));
     js.send_publish(
         first.subject.to_string(),

@@ -1,8 +1,9 @@
 //! Who may do what on NATS, derived from the choreography: one user per
 //! service, allowed to publish exactly the events it produces (and the
-//! platform's stuck reports), to read the stream's info and pull from and ack
-//! its own durable consumer, and to receive replies under its own inbox
-//! prefix. Creating or changing the stream and the consumers is the admin's.
+//! platform's stuck reports), to read the info of each stream it reads and
+//! pull from and ack its own durable consumer there, and to receive replies
+//! under its own inbox prefix. Creating or changing the streams and the
+//! consumers is the admin's.
 //!
 //! The users block is written into deploy/nats.conf between markers
 //! (`cargo run -p contracts --bin saga-generate`); a test fails when it is
@@ -26,8 +27,9 @@ pub fn password_variable(user: &str) -> String {
     format!("NATS_{}_PASSWORD", user.to_ascii_uppercase())
 }
 
-/// The subjects service `service` may publish to, for stream `stream` whose
-/// events go to `<prefix>.<event type>`.
+/// The subjects service `service` may publish to, for the streams named
+/// from `stream` ([`crate::provision::streams`]) whose events go to
+/// `<prefix>.<event type>`.
 pub fn publish_allowed(
     choreography: &Choreography,
     service: &str,
@@ -41,12 +43,15 @@ pub fn publish_allowed(
         .map(|e| format!("{prefix}.{}", e.name))
         .collect();
     subjects.push(format!("{prefix}.{STUCK}"));
-    subjects.extend([
-        format!("$JS.API.STREAM.INFO.{stream}"),
-        format!("$JS.API.CONSUMER.INFO.{stream}.{service}"),
-        format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{service}"),
-        format!("$JS.ACK.{stream}.{service}.>"),
-    ]);
+    for (read, _) in crate::provision::sources_of(choreography, service, stream, prefix) {
+        let read = read.name;
+        subjects.extend([
+            format!("$JS.API.STREAM.INFO.{read}"),
+            format!("$JS.API.CONSUMER.INFO.{read}.{service}"),
+            format!("$JS.API.CONSUMER.MSG.NEXT.{read}.{service}"),
+            format!("$JS.ACK.{read}.{service}.>"),
+        ]);
+    }
     subjects
 }
 
@@ -74,7 +79,7 @@ pub fn nats_users(choreography: &Choreography, stream: &str, prefix: &str) -> St
     for service in choreography.services() {
         let _ = writeln!(
             out,
-            "    # {service}: publishes its own events, pulls from and acks its own consumer."
+            "    # {service}: publishes its own events, pulls from and acks its own consumers."
         );
         let _ = writeln!(
             out,

@@ -28,7 +28,9 @@ pub struct Config {
     /// Address the gRPC API listens on [default: 127.0.0.1 and the service's own port].
     #[arg(long, env = "GRPC_ADDR")]
     pub grpc_addr: Option<SocketAddr>,
-    /// JetStream stream holding every saga event.
+    /// What the JetStream streams are named after: `<STREAM>_<PRODUCER>`
+    /// holds each producing service's events (`SAGA_ORDER`, ...), and
+    /// `<STREAM>_STUCK` the platform's stuck reports.
     #[arg(long, env = "STREAM", default_value = "SAGA")]
     pub stream: String,
     /// Subject prefix of the stream; an event goes to `<prefix>.<event type>`.

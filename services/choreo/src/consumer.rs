@@ -23,7 +23,12 @@
 //! bad event costs the others a second try, never their effects. An idle
 //! lane takes one event at a time: batches cost no latency.
 //!
-//! Every instance of a service pulls from the same durable consumer. Where
+//! A service reads each producer's events from that producer's stream, with
+//! a durable consumer there ([`crate::provision::sources_of`]); a pull loop
+//! per consumer hands every message to the same lanes, so the lanes, the
+//! inbox and the barrier see one flow whatever stream an event came from.
+//!
+//! Every instance of a service pulls from the same durable consumers. Where
 //! the consumer pulls by priority ([`crate::provision::PULL_GROUP`]), the
 //! instance whose relay leads pulls first and the others behind it: one
 //! instance takes every event while it keeps up, so batches stay as large as
@@ -216,9 +221,11 @@ impl<H: Handler> Consumer<H> {
         self.stats.clone()
     }
 
-    /// Pulls and handles messages until `shutdown`; then finishes the message
-    /// each lane is on and hands the rest back to JetStream (nak).
-    pub async fn run(self, source: ConsumerSource, shutdown: CancellationToken) {
+    /// Pulls from every one of `sources` (a service's durable consumers, one
+    /// per stream it reads) into the same lanes and handles the messages
+    /// until `shutdown`; then finishes the message each lane is on and hands
+    /// the rest back to JetStream (nak).
+    pub async fn run(self, sources: Vec<ConsumerSource>, shutdown: CancellationToken) {
         let lanes = TaskTracker::new();
         let mut senders = Vec::with_capacity(self.lanes);
         let this = Arc::new(self);
@@ -227,12 +234,36 @@ impl<H: Handler> Consumer<H> {
             senders.push(tx);
             lanes.spawn(this.clone().lane(rx, shutdown.clone()));
         }
+        let pulls = TaskTracker::new();
+        for source in sources {
+            pulls.spawn(
+                this.clone()
+                    .pull_loop(source, senders.clone(), shutdown.clone()),
+            );
+        }
+        drop(senders);
+        pulls.close();
+        pulls.wait().await;
+        lanes.close();
+        lanes.wait().await;
+    }
+
+    /// Pulls from `source` and hands each message to its lane until
+    /// `shutdown` (or the lanes are gone).
+    async fn pull_loop(
+        self: Arc<Self>,
+        source: ConsumerSource,
+        senders: Vec<mpsc::Sender<Arrived>>,
+        shutdown: CancellationToken,
+    ) {
+        let this = self;
+        let stream = source.stream().name.clone();
         let mut preferred = this.preferred.clone();
         'pull: while !shutdown.is_cancelled() {
             let consumer = match source.get().await {
                 Ok(consumer) => consumer,
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot reach the durable consumer yet; retrying");
+                    tracing::warn!(%stream, error = %e, "cannot reach the durable consumer yet; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
                         _ = shutdown.cancelled() => break,
@@ -243,6 +274,7 @@ impl<H: Handler> Consumer<H> {
             let mut messages = match pull(&consumer, priority).await {
                 Ok(messages) => {
                     tracing::info!(
+                        %stream,
                         ?priority,
                         "pulling events (priority 0 first; none: all instances in turn)"
                     );
@@ -250,7 +282,7 @@ impl<H: Handler> Consumer<H> {
                     messages
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot pull messages yet; retrying");
+                    tracing::warn!(%stream, error = %e, "cannot pull messages yet; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
                         _ = shutdown.cancelled() => break,
@@ -282,7 +314,7 @@ impl<H: Handler> Consumer<H> {
                                 break 'pull;
                             }
                         }
-                        tracing::info!(from = ?priority, to = ?now, "pulling at a new priority");
+                        tracing::info!(%stream, from = ?priority, to = ?now, "pulling at a new priority");
                         (messages, priority) = (again, now);
                         this.pulling_at(priority);
                         continue;
@@ -301,7 +333,7 @@ impl<H: Handler> Consumer<H> {
                         // itself; a long run of errors may mean the consumer is
                         // gone, so make sure it exists again.
                         failures += 1;
-                        tracing::debug!(error = %e, failures, "pull stream hiccup (broker away?)");
+                        tracing::debug!(%stream, error = %e, failures, "pull stream hiccup (broker away?)");
                         if failures >= 30 {
                             continue 'pull;
                         }
@@ -311,9 +343,6 @@ impl<H: Handler> Consumer<H> {
                 }
             }
         }
-        drop(senders);
-        lanes.close();
-        lanes.wait().await;
     }
 
     /// The priority this instance pulls at: `None` when the consumer pulls

@@ -1,16 +1,33 @@
-//! The stream and each service's durable consumer, created or brought up to
-//! date at start (and again whenever the broker has lost them).
+//! The streams and each service's durable consumers, created or brought up
+//! to date at start (and again whenever the broker has lost them).
+//!
+//! Each producing service's events go to a stream of its own
+//! (`SAGA_ORDER` holds exactly the subjects of the events the choreography
+//! says the order service writes, and so on), and the platform's stuck
+//! reports, which any service writes, to one more (`SAGA_STUCK`): see
+//! [`streams`]. A stream stores and fsyncs its messages one after another,
+//! so streams side by side keep one producer's burst from queueing behind
+//! another's. A service has a durable consumer, named after it, on each
+//! stream it reads ([`sources_of`]), and its consumer loop pulls from all of
+//! them into the same lanes.
 //!
 //! A service's durable consumer filters exactly the subjects of its
-//! subscription (`filter_subjects`, nats-server 2.10+), so the broker delivers
-//! it only what it consumes. Provisioning is create-or-update: a new version of
-//! a service that consumes more or fewer events moves the existing consumer's
-//! filter, keeping its position, so nothing published meanwhile is lost.
+//! subscription on that stream (`filter_subjects`, nats-server 2.10+), so the
+//! broker delivers it only what it consumes. Provisioning is
+//! create-or-update: a new version of a service that consumes more or fewer
+//! events moves the existing consumer's filter, keeping its position, so
+//! nothing published meanwhile is lost.
 //!
 //! Only a process's first provisioning updates the consumer. When the loop
 //! comes back after a broker outage it reuses the consumer as it finds it
 //! (creating it only if the broker lost it), so an old instance still running
 //! during a rolling deploy cannot narrow the filter the new version set.
+//!
+//! Versions before per-producer streams kept every event in one stream
+//! (`SAGA`, subjects `saga.>`), whose subjects overlap the new streams'.
+//! Provisioning retires it once its consumers have handled everything in
+//! it, and refuses, saying what is left, before that
+//! ([`retire_one_stream_layout`]).
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +36,7 @@ use async_nats::jetstream::consumer::{DeliverPolicy, PriorityPolicy, pull};
 use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, stream};
 
-use crate::choreography::Subscription;
+use crate::choreography::{Choreography, STUCK};
 use crate::config::Config;
 
 /// Where a service's consumer loop gets its durable consumer, at start and
@@ -30,7 +47,10 @@ pub struct ConsumerSource {
     js: jetstream::Context,
     config: Config,
     durable: String,
-    subscription: Subscription,
+    /// The stream the consumer reads.
+    stream: StreamSpec,
+    /// The subjects of that stream the consumer takes.
+    filter: Vec<String>,
     /// Whether this process has brought the consumer up to date already.
     updated: Arc<AtomicBool>,
 }
@@ -41,20 +61,49 @@ impl ConsumerSource {
         self.js.client()
     }
 
-    /// The durable consumer `durable` (the service's name) over `subscription`.
+    /// The durable consumer `durable` (the service's name) on `stream`,
+    /// taking the subjects `filter` of it.
     pub fn new(
         js: jetstream::Context,
         config: Config,
         durable: &str,
-        subscription: Subscription,
+        stream: StreamSpec,
+        filter: Vec<String>,
     ) -> Self {
         ConsumerSource {
             js,
             config,
             durable: durable.to_owned(),
-            subscription,
+            stream,
+            filter,
             updated: Arc::default(),
         }
+    }
+
+    /// Service `service`'s durable consumer on each stream it reads
+    /// ([`sources_of`]), in the streams' order.
+    pub fn all_of(
+        js: &jetstream::Context,
+        config: &Config,
+        choreography: &Choreography,
+        service: &str,
+    ) -> Vec<ConsumerSource> {
+        sources_of(
+            choreography,
+            service,
+            &config.stream,
+            &config.subject_prefix,
+        )
+        .into_iter()
+        .map(|(stream, filter)| {
+            ConsumerSource::new(js.clone(), config.clone(), service, stream, filter)
+        })
+        .collect()
+    }
+
+    /// The stream this consumer reads.
+    pub fn stream(&self) -> &StreamSpec {
+        &self.stream
     }
 
     /// The durable consumer. With `provision_jetstream` it first makes sure
@@ -65,14 +114,13 @@ impl ConsumerSource {
         if !self.config.provision_jetstream {
             return self.find().await;
         }
-        let stream = ensure_stream(&self.js, &self.config, &self.durable).await?;
+        let stream = ensure_stream(&self.js, &self.config, &self.stream, &self.durable).await?;
         if self.updated.load(Ordering::SeqCst)
             && let Ok(consumer) = stream.get_consumer(&self.durable).await
         {
             return Ok(consumer);
         }
-        let consumer =
-            ensure_consumer(&stream, &self.durable, &self.subscription, &self.config).await?;
+        let consumer = ensure_consumer(&stream, &self.durable, &self.filter, &self.config).await?;
         self.updated.store(true, Ordering::SeqCst);
         Ok(consumer)
     }
@@ -82,19 +130,21 @@ impl ConsumerSource {
     async fn find(&self) -> anyhow::Result<jetstream::consumer::PullConsumer> {
         let setup = "run the setup step with NATS admin rights (`sagactl provision`), \
                      or start the service with PROVISION_JETSTREAM=true and an admin login";
-        let stream = self.js.get_stream(&self.config.stream).await.map_err(|e| {
-            anyhow::anyhow!("looking up stream {}: {e}; {setup}", self.config.stream)
-        })?;
-        let mut consumer: jetstream::consumer::PullConsumer = stream
-            .get_consumer(&self.durable)
+        let name = &self.stream.name;
+        let stream = self
+            .js
+            .get_stream(name)
             .await
-            .map_err(|e| anyhow::anyhow!("looking up consumer {}: {e}; {setup}", self.durable))?;
+            .map_err(|e| anyhow::anyhow!("looking up stream {name}: {e}; {setup}"))?;
+        let mut consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer(&self.durable).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "looking up consumer {} on {name}: {e}; {setup}",
+                    self.durable
+                )
+            })?;
         if !self.updated.swap(true, Ordering::SeqCst) {
-            let wanted: BTreeSet<String> = self
-                .subscription
-                .subjects(&self.config.subject_prefix)
-                .into_iter()
-                .collect();
+            let wanted: BTreeSet<String> = self.filter.iter().cloned().collect();
             let info = consumer.info().await?;
             let current: BTreeSet<String> = filter_of(&info.config)
                 .into_iter()
@@ -103,6 +153,7 @@ impl ConsumerSource {
             if wanted != current {
                 tracing::warn!(
                     consumer = self.durable,
+                    stream = %name,
                     has = ?current,
                     wants = ?wanted,
                     "the consumer filters other subjects than this version consumes; {setup}"
@@ -127,10 +178,7 @@ fn filter_of(config: &jetstream::consumer::Config) -> BTreeSet<&str> {
 
 /// The setup step as a command runs it: connects as `config`'s login (the
 /// admin by default), fails at once if it cannot, and provisions everything.
-pub async fn setup(
-    config: &Config,
-    choreography: &crate::choreography::Choreography,
-) -> anyhow::Result<Vec<String>> {
+pub async fn setup(config: &Config, choreography: &Choreography) -> anyhow::Result<Vec<String>> {
     let login = config.nats_login(crate::broker_access::ADMIN_USER)?;
     let client = crate::runtime::connect_once(&config.nats_url, "setup", login.as_ref()).await?;
     let js = jetstream::new(client.clone());
@@ -139,23 +187,38 @@ pub async fn setup(
     Ok(done)
 }
 
-/// The setup step: the stream, and the durable consumer of every service
-/// of `choreography` with its filter, created or brought up to date. Needs
-/// a NATS login allowed to manage JetStream (deploy/nats.conf's admin).
+/// The setup step: every stream of `choreography`, and each service's
+/// durable consumer on each stream it reads, with its filter, created or
+/// brought up to date (the one-stream layout of earlier versions retired
+/// first). Says what it provisioned: a line per service. Needs a NATS login
+/// allowed to manage JetStream (deploy/nats.conf's admin).
 pub async fn provision_all(
     js: &jetstream::Context,
     config: &Config,
-    choreography: &crate::choreography::Choreography,
+    choreography: &Choreography,
 ) -> anyhow::Result<Vec<String>> {
-    let stream = ensure_stream(js, config, "setup").await?;
+    let streams = ensure_streams(js, config, choreography, "setup").await?;
     let mut done = Vec::new();
     for service in choreography.services() {
-        let subscription = choreography.subscription(service);
-        if subscription.subjects(&config.subject_prefix).is_empty() {
+        let sources = sources_of(
+            choreography,
+            service,
+            &config.stream,
+            &config.subject_prefix,
+        );
+        if sources.is_empty() {
             continue;
         }
-        ensure_consumer(&stream, service, &subscription, config).await?;
-        done.push(service.to_owned());
+        let mut read = Vec::new();
+        for (spec, filter) in sources {
+            let stream = streams
+                .iter()
+                .find(|s| s.cached_info().config.name == spec.name)
+                .ok_or_else(|| anyhow::anyhow!("stream {} was not provisioned", spec.name))?;
+            ensure_consumer(stream, service, &filter, config).await?;
+            read.push(spec.name);
+        }
+        done.push(format!("{service} (reads {})", read.join(", ")));
     }
     Ok(done)
 }
@@ -171,19 +234,188 @@ fn metadata(service: &str) -> HashMap<String, String> {
     ])
 }
 
-/// The stream every saga event goes to, created by `service` if missing.
-/// It allows atomic batches (the relay sends its batches so, a few fsyncs
-/// per batch instead of one per event); a stream made before it did is
-/// brought up to date.
+/// One JetStream stream: its name and the subjects it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSpec {
+    pub name: String,
+    pub subjects: Vec<String>,
+}
+
+impl StreamSpec {
+    /// One stream named `config.stream` holding every subject under the
+    /// prefix: the layout of versions before per-producer streams, and a
+    /// test's that needs no more than one.
+    pub fn everything(config: &Config) -> Self {
+        StreamSpec {
+            name: config.stream.clone(),
+            subjects: vec![config.all_events_subject()],
+        }
+    }
+
+    /// Whether a message published to `subject` goes to this stream.
+    pub fn holds(&self, subject: &str) -> bool {
+        self.subjects.iter().any(|s| subject_matches(s, subject))
+    }
+}
+
+/// Whether NATS subject filter `filter` (`*` one token, `>` the rest)
+/// matches `subject`.
+pub fn subject_matches(filter: &str, subject: &str) -> bool {
+    let (mut filter, mut subject) = (filter.split('.'), subject.split('.'));
+    loop {
+        match (filter.next(), subject.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some(f), Some(s)) if f == "*" || f == s => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// What the stream of the platform's stuck reports is named after, in
+/// place of a producer: `<stream>_STUCK`.
+pub const STUCK_STREAM: &str = "stuck";
+
+/// The name of the stream holding the events of `producer` (a service, or
+/// [`STUCK_STREAM`]): `<stream>_<PRODUCER>`, e.g. `SAGA_ORDER`.
+pub fn stream_name(stream: &str, producer: &str) -> String {
+    format!("{stream}_{}", producer.to_ascii_uppercase())
+}
+
+/// The streams of `choreography`, named from `stream` and holding subjects
+/// under `prefix`: one per producing service, holding exactly the subjects
+/// of the events it is declared to write (in declaration order of the
+/// producers), and one holding the platform's stuck reports, which every
+/// service writes. A publish to any other subject finds no stream.
+pub fn streams(choreography: &Choreography, stream: &str, prefix: &str) -> Vec<StreamSpec> {
+    let mut specs: Vec<StreamSpec> = Vec::new();
+    for event in choreography.events {
+        let name = stream_name(stream, event.producer);
+        let subject = format!("{prefix}.{}", event.name);
+        match specs.iter_mut().find(|s| s.name == name) {
+            Some(spec) => spec.subjects.push(subject),
+            None => specs.push(StreamSpec {
+                name,
+                subjects: vec![subject],
+            }),
+        }
+    }
+    specs.push(StreamSpec {
+        name: stream_name(stream, STUCK_STREAM),
+        subjects: vec![format!("{prefix}.{STUCK}")],
+    });
+    specs
+}
+
+/// The streams `service` reads, each with the subjects of it that the
+/// service consumes: its durable consumer's filter there.
+pub fn sources_of(
+    choreography: &Choreography,
+    service: &str,
+    stream: &str,
+    prefix: &str,
+) -> Vec<(StreamSpec, Vec<String>)> {
+    let consumed = choreography.subscription(service).subjects(prefix);
+    streams(choreography, stream, prefix)
+        .into_iter()
+        .filter_map(|spec| {
+            let filter: Vec<String> = consumed
+                .iter()
+                .filter(|subject| spec.holds(subject))
+                .cloned()
+                .collect();
+            (!filter.is_empty()).then_some((spec, filter))
+        })
+        .collect()
+}
+
+/// Every stream of `choreography`, created by `service` if missing or
+/// brought up to date, after retiring the one-stream layout of earlier
+/// versions ([`retire_one_stream_layout`]).
+pub async fn ensure_streams(
+    js: &jetstream::Context,
+    config: &Config,
+    choreography: &Choreography,
+    service: &str,
+) -> anyhow::Result<Vec<stream::Stream>> {
+    retire_one_stream_layout(js, config).await?;
+    let mut made = Vec::new();
+    for spec in streams(choreography, &config.stream, &config.subject_prefix) {
+        made.push(ensure_stream(js, config, &spec, service).await?);
+    }
+    Ok(made)
+}
+
+/// Deletes the stream of earlier versions, `config.stream` holding every
+/// subject under the prefix, once every consumer on it has handled all it
+/// holds: its subjects overlap the per-producer streams', which cannot exist
+/// beside it. While a consumer still has events in it to handle, refuses
+/// and says which and how many: run the old version until they are handled
+/// and stop it, then provision again. Nothing to do without that stream.
+pub async fn retire_one_stream_layout(
+    js: &jetstream::Context,
+    config: &Config,
+) -> anyhow::Result<()> {
+    let old = StreamSpec::everything(config);
+    let mut stream = match js.get_stream(&old.name).await {
+        Ok(stream) => stream,
+        Err(e) => match e.kind() {
+            jetstream::context::GetStreamErrorKind::JetStream(error)
+                if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                return Ok(());
+            }
+            _ => anyhow::bail!("looking up stream {}: {e}", old.name),
+        },
+    };
+    let info = stream.info().await?.clone();
+    if info.config.subjects != old.subjects {
+        return Ok(());
+    }
+    let mut unhandled = Vec::new();
+    let mut consumers = stream.consumers();
+    while let Some(consumer) = futures::StreamExt::next(&mut consumers).await {
+        let consumer =
+            consumer.map_err(|e| anyhow::anyhow!("listing consumers of {}: {e}", old.name))?;
+        let left = consumer.num_pending + consumer.num_ack_pending as u64;
+        if left > 0 {
+            unhandled.push(format!("{}: {left}", consumer.name));
+        }
+    }
+    anyhow::ensure!(
+        unhandled.is_empty(),
+        "stream {} holds every saga event, as versions before per-producer streams did, \
+         and its consumers have not handled all of them yet ({}); run the old version until \
+         they are handled and stop it, then provision again",
+        old.name,
+        unhandled.join(", ")
+    );
+    js.delete_stream(&old.name)
+        .await
+        .map_err(|e| anyhow::anyhow!("deleting stream {}: {e}", old.name))?;
+    tracing::info!(
+        stream = %old.name,
+        messages = info.state.messages,
+        "retired the one-stream layout of earlier versions: every event in it was handled"
+    );
+    Ok(())
+}
+
+/// Stream `spec`, created by `service` if missing. It allows atomic batches
+/// (the relay sends its batches so, a few fsyncs per batch instead of one
+/// per event); a stream made before it did, or holding other subjects (the
+/// choreography gained or lost an event), is brought up to date.
 pub async fn ensure_stream(
     js: &jetstream::Context,
     config: &Config,
+    spec: &StreamSpec,
     service: &str,
 ) -> anyhow::Result<stream::Stream> {
-    let mut stream = js
+    let name = &spec.name;
+    let stream = js
         .get_or_create_stream(stream::Config {
-            name: config.stream.clone(),
-            subjects: vec![config.all_events_subject()],
+            name: name.clone(),
+            subjects: spec.subjects.clone(),
             storage: stream::StorageType::File,
             retention: stream::RetentionPolicy::Limits,
             max_age: config.stream_max_age(),
@@ -194,18 +426,22 @@ pub async fn ensure_stream(
             ..Default::default()
         })
         .await
-        .map_err(|e| anyhow::anyhow!("creating stream {}: {e}", config.stream))?;
+        .map_err(|e| anyhow::anyhow!("creating stream {name}: {e}"))?;
     let found = stream.cached_info().config.clone();
-    if !found.allow_atomic_publish {
-        js.update_stream(stream::Config {
-            allow_atomic_publish: true,
-            ..found
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("allowing atomic batches on stream {}: {e}", config.stream))?;
-        stream = js.get_stream(&config.stream).await?;
+    let same_subjects = found.subjects.iter().collect::<BTreeSet<_>>()
+        == spec.subjects.iter().collect::<BTreeSet<_>>();
+    if found.allow_atomic_publish && same_subjects {
+        return Ok(stream);
     }
-    Ok(stream)
+    tracing::info!(stream = %name, from = ?found.subjects, to = ?spec.subjects, "bringing the stream up to date");
+    js.update_stream(stream::Config {
+        allow_atomic_publish: true,
+        subjects: spec.subjects.clone(),
+        ..found
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("updating stream {name}: {e}"))?;
+    Ok(js.get_stream(name).await?)
 }
 
 /// The priority group every instance of a service pulls its durable
@@ -230,7 +466,7 @@ pub fn pulls_by_priority(consumer: &jetstream::consumer::PullConsumer) -> bool {
 }
 
 /// The durable pull consumer named `durable`, filtering exactly the subjects
-/// of `subscription`: created if missing, left as it is if its filter is
+/// `filter`: created if missing, left as it is if its filter is
 /// ours, updated in place when we consume fewer subjects, and recreated from
 /// its ack floor when we consume more.
 ///
@@ -244,10 +480,10 @@ pub fn pulls_by_priority(consumer: &jetstream::consumer::PullConsumer) -> bool {
 pub async fn ensure_consumer(
     stream: &stream::Stream,
     durable: &str,
-    subscription: &Subscription,
+    filter: &[String],
     config: &Config,
 ) -> anyhow::Result<jetstream::consumer::PullConsumer> {
-    let wanted = subscription.subjects(&config.subject_prefix);
+    let wanted = filter.to_vec();
     anyhow::ensure!(
         !wanted.is_empty(),
         "{durable} consumes no event: nothing to subscribe to"

@@ -157,17 +157,23 @@ impl Service {
         let login = config.nats_login(self.name)?;
         let (client, js) = connect_nats(&config.nats_url, self.name, login.as_ref()).await?;
         let subscription = self.choreography.subscription(self.name);
-        let source = provision::ConsumerSource::new(
-            js.clone(),
-            config.clone(),
-            self.name,
-            subscription.clone(),
-        );
-        if retry_until(&shutdown, "provisioning JetStream", || source.get())
+        if config.provision_jetstream
+            && retry_until(&shutdown, "provisioning JetStream", || {
+                provision::ensure_streams(&js, &config, self.choreography, self.name)
+            })
             .await
             .is_none()
         {
             return Ok(());
+        }
+        let sources = provision::ConsumerSource::all_of(&js, &config, self.choreography, self.name);
+        for source in &sources {
+            if retry_until(&shutdown, "finding the durable consumers", || source.get())
+                .await
+                .is_none()
+            {
+                return Ok(());
+            }
         }
 
         let tasks = TaskTracker::new();
@@ -221,7 +227,7 @@ impl Service {
         .lingering(Duration::from_micros(config.consumer_linger_us))
         .report_stuck(context.outbox.clone(), config.stuck_after_deliveries)
         .preferred_while(leadership);
-        tasks.spawn(consumer_loop.run(source, shutdown.clone()));
+        tasks.spawn(consumer_loop.run(sources, shutdown.clone()));
         tasks.spawn(crate::relay::sample_backlog(
             pool.clone(),
             Duration::from_secs(2),

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use choreo::choreography::Subscription;
 use choreo::consumer::Consumer;
+use choreo::provision::StreamSpec;
 use choreo::relay::Relay;
 use choreo::{Config, Decode, Envelope, EventPayload, HandleError, Handler, Outbox, Reject, Tx};
 use tokio_util::sync::CancellationToken;
@@ -94,9 +95,10 @@ async fn killing_the_stream_leader_loses_nothing_and_doubles_nothing() {
         .await
         .unwrap();
     let subscription = Subscription::of(&[Tick::EVENT_TYPE]);
-    let mut stream = choreo::provision::ensure_stream(&js, &config, "test")
-        .await
-        .unwrap();
+    let mut stream =
+        choreo::provision::ensure_stream(&js, &config, &StreamSpec::everything(&config), "test")
+            .await
+            .unwrap();
     assert_eq!(info_of(&mut stream).await.config.num_replicas, 3);
 
     let shutdown = CancellationToken::new();
@@ -106,10 +108,11 @@ async fn killing_the_stream_leader_loses_nothing_and_doubles_nothing() {
         js.clone(),
         config.clone(),
         "ticks",
-        subscription.clone(),
+        StreamSpec::everything(&config),
+        subscription.subjects(&config.subject_prefix),
     );
     let consumer = Consumer::new(pool.clone(), Arc::new(CountEffects), subscription, 4);
-    let consumer_task = tokio::spawn(consumer.run(source, shutdown.clone()));
+    let consumer_task = tokio::spawn(consumer.run(vec![source], shutdown.clone()));
 
     // One event every 20 ms, each in its own transaction, as handlers would.
     let outbox = Outbox::new("test", &config.subject_prefix);

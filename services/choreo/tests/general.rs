@@ -279,10 +279,11 @@ fn trip_config(nats_url: &str, db: &str, run: &str) -> Config {
 }
 
 /// The desk books `trips` (saga, destination), as the saga's owner would,
-/// once run `run`'s stream exists (a service provisions it).
+/// once run `run`'s stream of the desk's events exists (a service
+/// provisions it).
 async fn book(js: &async_nats::jetstream::Context, run: &str, trips: &[(&str, &str)]) {
     for _ in 0..100 {
-        if js.get_stream(format!("TRIP_{run}")).await.is_ok() {
+        if js.get_stream(format!("TRIP_{run}_DESK")).await.is_ok() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -389,7 +390,7 @@ async fn a_two_step_choreography_of_its_own_runs_forward_and_compensates_in_reve
     );
     // The compensation carried the cause, named after the producer from the envelope.
     let released = {
-        let stream = js.get_stream(format!("TRIP_{run}")).await.unwrap();
+        let stream = js.get_stream(format!("TRIP_{run}_HOTELS")).await.unwrap();
         let last = stream
             .get_last_raw_message_by_subject(&format!("trip_{run}.hotel.released"))
             .await
@@ -477,8 +478,9 @@ async fn an_event_that_keeps_failing_retries_in_its_lane_only_on_its_first_deliv
         "city-trip"
     );
 
-    // Deliveries of the failing trip: all the consumer's deliveries but the city trip's one.
-    let stream = js.get_stream(format!("TRIP_{run}")).await.unwrap();
+    // Deliveries of the failing trip: all the deliveries of the consumer of
+    // the desk's events but the city trip's one.
+    let stream = js.get_stream(format!("TRIP_{run}_DESK")).await.unwrap();
     let deliveries = loop {
         let info = stream.consumer_info("hotels").await.unwrap();
         let deliveries = info.delivered.consumer_sequence - 1;

@@ -421,12 +421,7 @@ async fn an_event_on_the_wrong_subject_or_from_the_wrong_producer_is_parked_as_f
     let genuine = Envelope::new("pinger", "saga-1", None, &Ping { n: 2 });
     s.publish_raw("test.ping", genuine.encode_to_vec()).await;
 
-    let source = choreo::provision::ConsumerSource::new(
-        s.js.clone(),
-        s.config.clone(),
-        "origin",
-        subscription.clone(),
-    );
+    let source = s.source_of("origin", &subscription);
     let consumer = Consumer::new(
         s.pool.clone(),
         Arc::new(CountEffects {
@@ -437,7 +432,7 @@ async fn an_event_on_the_wrong_subject_or_from_the_wrong_producer_is_parked_as_f
     );
     let stats = consumer.stats();
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(consumer.run(source, shutdown.clone()));
+    let task = tokio::spawn(consumer.run(vec![source], shutdown.clone()));
     eventually(
         "two parked, one applied",
         Duration::from_secs(20),

@@ -82,7 +82,8 @@ async fn a_new_version_with_another_subscription_moves_the_filter_and_loses_noth
                 js,
                 s.config.clone(),
                 "evolving",
-                Subscription::of(types),
+                StreamSpec::everything(&s.config),
+                Subscription::of(types).subjects(&s.config.subject_prefix),
             );
             let consumer = Consumer::new(
                 s.pool.clone(),
@@ -92,7 +93,7 @@ async fn a_new_version_with_another_subscription_moves_the_filter_and_loses_noth
             );
             let stats = consumer.stats();
             let shutdown = CancellationToken::new();
-            let task = tokio::spawn(consumer.run(source, shutdown.clone()));
+            let task = tokio::spawn(consumer.run(vec![source], shutdown.clone()));
             (
                 client,
                 RunningConsumer {
@@ -187,7 +188,7 @@ async fn a_new_version_with_another_subscription_moves_the_filter_and_loses_noth
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provisioning_is_idempotent() {
     let s = setup().await;
-    choreo::provision::ensure_stream(&s.js, &s.config, "test")
+    choreo::provision::ensure_stream(&s.js, &s.config, &StreamSpec::everything(&s.config), "test")
         .await
         .unwrap();
     s.consumer("same").await;
@@ -232,4 +233,185 @@ async fn a_consumer_made_before_priorities_gets_them_in_place() {
         info.num_pending, 3,
         "the update kept the consumer's position"
     );
+}
+
+/// Two services: `maker` writes `part.made`, which `checker` reads; `checker`
+/// writes `part.checked`, which `maker` reads, with the stuck reports.
+const PARTS: choreo::Choreography = choreo::Choreography {
+    start: "part.made",
+    cancel: "part.checked",
+    events: &[
+        choreo::choreography::Event {
+            name: "part.made",
+            producer: "maker",
+            payload: "part.made",
+            versions: &[1],
+            consumers: &[("checker", choreo::choreography::Role::Forward)],
+        },
+        choreo::choreography::Event {
+            name: "part.checked",
+            producer: "checker",
+            payload: "part.checked",
+            versions: &[1],
+            consumers: &[("maker", choreo::choreography::Role::Ends)],
+        },
+    ],
+    steps: &[],
+    stuck_reports_to: &["maker"],
+};
+
+/// The test's streams: each one's subjects and its consumers' filters.
+async fn layout(s: &Setup) -> Vec<(String, Vec<String>, Vec<(String, Vec<String>)>)> {
+    let mut found = Vec::new();
+    let mut names = s.js.stream_names();
+    let mut all = Vec::new();
+    while let Some(name) = futures::StreamExt::next(&mut names).await {
+        let name = name.unwrap();
+        // Other tests' streams may share the server.
+        if name.starts_with(&s.config.stream) {
+            all.push(name);
+        }
+    }
+    all.sort();
+    for name in all {
+        let stream = s.js.get_stream(&name).await.unwrap();
+        let mut consumers = Vec::new();
+        let mut infos = stream.consumers();
+        while let Some(info) = futures::StreamExt::next(&mut infos).await {
+            let info = info.unwrap();
+            let mut filter = info.config.filter_subjects.clone();
+            filter.sort();
+            consumers.push((info.name, filter));
+        }
+        consumers.sort();
+        found.push((
+            name,
+            stream.cached_info().config.subjects.clone(),
+            consumers,
+        ));
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_producer_gets_a_stream_and_each_consumer_reads_its_producers_streams() {
+    let s = setup().await;
+    let (t, p) = (&s.config.stream, &s.config.subject_prefix);
+    // The test's own one-stream layout goes first, as an earlier version's would.
+    choreo::provision::retire_one_stream_layout(&s.js, &s.config)
+        .await
+        .unwrap();
+    let done = choreo::provision::provision_all(&s.js, &s.config, &PARTS)
+        .await
+        .unwrap();
+    assert_eq!(
+        done,
+        [
+            format!("checker (reads {t}_MAKER)"),
+            format!("maker (reads {t}_CHECKER, {t}_STUCK)")
+        ]
+    );
+    let expected = vec![
+        (
+            format!("{t}_CHECKER"),
+            vec![format!("{p}.part.checked")],
+            vec![("maker".to_owned(), vec![format!("{p}.part.checked")])],
+        ),
+        (
+            format!("{t}_MAKER"),
+            vec![format!("{p}.part.made")],
+            vec![("checker".to_owned(), vec![format!("{p}.part.made")])],
+        ),
+        (
+            format!("{t}_STUCK"),
+            vec![format!("{p}.choreo.stuck")],
+            vec![("maker".to_owned(), vec![format!("{p}.choreo.stuck")])],
+        ),
+    ];
+    assert_eq!(layout(&s).await, expected);
+
+    // Each event is stored in its producer's stream only; a subject the
+    // choreography does not declare is stored nowhere.
+    let stored =
+        s.js.publish(format!("{p}.part.made"), "made".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    assert_eq!(stored.stream, format!("{t}_MAKER"));
+    let undeclared =
+        s.js.publish(format!("{p}.part.lost"), "lost".into())
+            .await
+            .unwrap()
+            .await;
+    assert!(undeclared.is_err(), "no stream takes an undeclared subject");
+
+    // Provisioning again changes nothing and keeps what is stored.
+    choreo::provision::provision_all(&s.js, &s.config, &PARTS)
+        .await
+        .unwrap();
+    assert_eq!(layout(&s).await, expected);
+    let mut maker = s.js.get_stream(format!("{t}_MAKER")).await.unwrap();
+    assert_eq!(maker.info().await.unwrap().state.messages, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_one_stream_layout_is_retired_only_once_its_consumers_handled_everything() {
+    let s = setup().await;
+    let t = &s.config.stream;
+    // An earlier version's stream, with a consumer that has one event to go.
+    let mut old = s.consumer("checker").await;
+    s.publish_raw(
+        "test.ping",
+        Envelope::new("test", "saga", None, &Ping { n: 1 }).encode_to_vec(),
+    )
+    .await;
+    let refused = choreo::provision::provision_all(&s.js, &s.config, &PARTS)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains(&format!("stream {t} holds every saga event"))
+            && refused.contains("checker: 1")
+            && refused.contains("run the old version until they are handled"),
+        "{refused}"
+    );
+    assert!(s.js.get_stream(t).await.is_ok(), "the old stream is kept");
+    assert!(s.js.get_stream(format!("{t}_MAKER")).await.is_err());
+
+    // Once the old version handled it, the old stream gives way to the new ones.
+    let mut messages = old
+        .fetch()
+        .group(choreo::provision::PULL_GROUP)
+        .priority(0)
+        .max_messages(1)
+        .messages()
+        .await
+        .unwrap();
+    let message = futures::StreamExt::next(&mut messages)
+        .await
+        .unwrap()
+        .unwrap();
+    message.double_ack().await.unwrap();
+    assert_eq!(old.info().await.unwrap().num_ack_pending, 0);
+    choreo::provision::provision_all(&s.js, &s.config, &PARTS)
+        .await
+        .unwrap();
+    assert!(s.js.get_stream(t).await.is_err(), "the old stream is gone");
+    assert!(s.js.get_stream(format!("{t}_MAKER")).await.is_ok());
+}
+
+#[test]
+fn subjects_match_as_nats_matches_them() {
+    use choreo::provision::subject_matches;
+    assert!(subject_matches("saga.>", "saga.order.created"));
+    assert!(!subject_matches("saga.>", "saga"));
+    assert!(subject_matches("saga.*.created", "saga.order.created"));
+    assert!(!subject_matches("saga.*", "saga.order.created"));
+    assert!(subject_matches("saga.order.created", "saga.order.created"));
+    assert!(!subject_matches(
+        "saga.order.created",
+        "saga.order.cancelled"
+    ));
+    assert!(!subject_matches("saga.order", "saga.order.created"));
 }

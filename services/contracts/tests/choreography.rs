@@ -64,6 +64,73 @@ fn the_nats_config_grants_each_service_what_the_declaration_says() {
             .any(|s| s.contains("CREATE") || s.contains("DELETE")),
         "{allowed:?}"
     );
+    // It pulls from its own consumer on the streams of the events it reads
+    // (order's and shipping's), and looks at no other stream.
+    let pulls: Vec<&str> = allowed
+        .iter()
+        .filter(|s| s.starts_with("$JS.API.CONSUMER.MSG.NEXT."))
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        pulls,
+        [
+            "$JS.API.CONSUMER.MSG.NEXT.SAGA_ORDER.inventory",
+            "$JS.API.CONSUMER.MSG.NEXT.SAGA_SHIPPING.inventory"
+        ]
+    );
+    assert!(
+        !allowed
+            .iter()
+            .any(|s| s.contains("SAGA_NOTIFICATION") || s.contains("SAGA_INVENTORY")),
+        "{allowed:?}"
+    );
+}
+
+#[test]
+fn each_event_is_stored_in_its_producers_stream_only() {
+    let streams = choreo::provision::streams(&CHOREOGRAPHY, "SAGA", "saga");
+    let names: Vec<&str> = streams.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "SAGA_ORDER",
+            "SAGA_INVENTORY",
+            "SAGA_SHIPPING",
+            "SAGA_NOTIFICATION",
+            "SAGA_STUCK"
+        ]
+    );
+    let mut subjects: Vec<String> = CHOREOGRAPHY
+        .events
+        .iter()
+        .map(|e| format!("saga.{}", e.name))
+        .collect();
+    subjects.push(format!("saga.{}", choreo::choreography::STUCK));
+    for subject in &subjects {
+        let holding: Vec<&str> = streams
+            .iter()
+            .filter(|s| s.holds(subject))
+            .map(|s| s.name.as_str())
+            .collect();
+        let producer = CHOREOGRAPHY
+            .event(&subject["saga.".len()..])
+            .map_or("STUCK".to_owned(), |e| e.producer.to_ascii_uppercase());
+        assert_eq!(holding, [format!("SAGA_{producer}")], "{subject}");
+    }
+    // Each service's consumers filter, together, exactly its subscription.
+    for service in CHOREOGRAPHY.services() {
+        let mut filtered: Vec<String> =
+            choreo::provision::sources_of(&CHOREOGRAPHY, service, "SAGA", "saga")
+                .into_iter()
+                .flat_map(|(_, filter)| filter)
+                .collect();
+        filtered.sort();
+        assert_eq!(
+            filtered,
+            CHOREOGRAPHY.subscription(service).subjects("saga"),
+            "{service}"
+        );
+    }
 }
 
 #[test]

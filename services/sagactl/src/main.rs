@@ -169,12 +169,16 @@ async fn provision(args: ProvisionArgs) -> anyhow::Result<()> {
     config.ack_wait_secs = args.ack_wait_secs.unwrap_or(config.ack_wait_secs);
     config.max_ack_pending = args.max_ack_pending.unwrap_or(config.max_ack_pending);
     let consumers = choreo::provision::setup(&config, &contracts::CHOREOGRAPHY).await?;
-    println!(
-        "stream {} ({}.>) and the consumers of {} are provisioned",
-        config.stream,
-        config.subject_prefix,
-        consumers.join(", ")
-    );
+    for stream in choreo::provision::streams(
+        &contracts::CHOREOGRAPHY,
+        &config.stream,
+        &config.subject_prefix,
+    ) {
+        println!("stream {}: {}", stream.name, stream.subjects.join(" "));
+    }
+    for consumer in consumers {
+        println!("consumer {consumer}");
+    }
     Ok(())
 }
 

@@ -12,6 +12,7 @@ pub use choreo::choreography::Subscription;
 pub use choreo::consumer::{self, Consumer};
 pub use choreo::dead_letters;
 pub use choreo::inbox::{self, Outcome};
+pub use choreo::provision::StreamSpec;
 pub use choreo::relay::Relay;
 pub use choreo::{
     Config, Decode, Envelope, EventPayload, HandleError, Handler, Outbox, Reject, Tx,
@@ -114,9 +115,10 @@ pub async fn setup_with(start: fn() -> anyhow::Result<Infra>) -> Setup {
     let (_client, js) = choreo::runtime::connect_nats(infra.nats.url(), "test", None)
         .await
         .unwrap();
-    let stream = choreo::provision::ensure_stream(&js, &config, "test")
-        .await
-        .unwrap();
+    let stream =
+        choreo::provision::ensure_stream(&js, &config, &StreamSpec::everything(&config), "test")
+            .await
+            .unwrap();
     Setup {
         infra,
         pool,
@@ -303,7 +305,7 @@ impl Setup {
     fn run_consumer<H: Handler>(&self, consumer: Consumer<H>, durable: &str) -> RunningConsumer {
         let stats = consumer.stats();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(consumer.run(self.source(durable), shutdown.clone()));
+        let task = tokio::spawn(consumer.run(vec![self.source(durable)], shutdown.clone()));
         RunningConsumer {
             stats,
             shutdown,
@@ -311,12 +313,23 @@ impl Setup {
         }
     }
 
+    /// The durable consumer `durable` of the pings, on the test's one stream.
     pub fn source(&self, durable: &str) -> choreo::provision::ConsumerSource {
+        self.source_of(durable, &Self::pings())
+    }
+
+    /// The durable consumer `durable` of `subscription`, on the test's one stream.
+    pub fn source_of(
+        &self,
+        durable: &str,
+        subscription: &Subscription,
+    ) -> choreo::provision::ConsumerSource {
         choreo::provision::ConsumerSource::new(
             self.js.clone(),
             self.config.clone(),
             durable,
-            Self::pings(),
+            StreamSpec::everything(&self.config),
+            subscription.subjects(&self.config.subject_prefix),
         )
     }
 
