@@ -256,9 +256,8 @@ impl<H: Handler> Consumer<H> {
         senders: Vec<mpsc::Sender<Arrived>>,
         shutdown: CancellationToken,
     ) {
-        let this = self;
         let stream = source.stream().name.clone();
-        let mut preferred = this.preferred.clone();
+        let mut preferred = self.preferred.clone();
         'pull: while !shutdown.is_cancelled() {
             let consumer = match source.get().await {
                 Ok(consumer) => consumer,
@@ -270,7 +269,7 @@ impl<H: Handler> Consumer<H> {
                     }
                 }
             };
-            let mut priority = this.pull_priority(&consumer, preferred.as_mut()).await;
+            let mut priority = self.pull_priority(&consumer, preferred.as_mut()).await;
             let mut messages = match pull(&consumer, priority).await {
                 Ok(messages) => {
                     tracing::info!(
@@ -278,7 +277,7 @@ impl<H: Handler> Consumer<H> {
                         ?priority,
                         "pulling events (priority 0 first; none: all instances in turn)"
                     );
-                    this.pulling_at(priority);
+                    self.pulling_at(priority);
                     messages
                 }
                 Err(e) => {
@@ -296,7 +295,7 @@ impl<H: Handler> Consumer<H> {
                     // This instance began or stopped leading: pull again at
                     // its new place.
                     () = changed(preferred.as_mut()), if priority.is_some() => {
-                        let now = this.pull_priority(&consumer, preferred.as_mut()).await;
+                        let now = self.pull_priority(&consumer, preferred.as_mut()).await;
                         if now == priority {
                             continue;
                         }
@@ -316,7 +315,7 @@ impl<H: Handler> Consumer<H> {
                         }
                         tracing::info!(%stream, from = ?priority, to = ?now, "pulling at a new priority");
                         (messages, priority) = (again, now);
-                        this.pulling_at(priority);
+                        self.pulling_at(priority);
                         continue;
                     }
                     _ = shutdown.cancelled() => break 'pull,
