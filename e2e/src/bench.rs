@@ -1764,7 +1764,7 @@ pub struct Drain {
     pub placed_per_sec: f64,
     /// Outbox rows published per second once NATS was back.
     pub drained_per_sec: f64,
-    /// Messages the stream took per second meanwhile, every service's: the
+    /// Messages the streams took per second meanwhile, every service's: the
     /// order service's backlog shares the broker with the events the other
     /// services write as they work through it.
     pub stream_per_sec: f64,
@@ -1857,7 +1857,7 @@ pub async fn drain(sys: &mut System, orders: usize, clients: usize) -> anyhow::R
 impl Drain {
     pub fn line(&self) -> String {
         format!(
-            "| drain: {} events queued while NATS was down (placed at {:.0}/s) | published at {:.0}/s once it was back ({:.2}x the producer), {:.1} s, while the stream took {:.0} messages/s from all services; order service RSS {:.0} MB -> peak {:.0} MB; its relay's atomic batches {:.0} stored, {:.0} refused; unsent at each second: {} |",
+            "| drain: {} events queued while NATS was down (placed at {:.0}/s) | published at {:.0}/s once it was back ({:.2}x the producer), {:.1} s, while the streams took {:.0} messages/s from all services; order service RSS {:.0} MB -> peak {:.0} MB; its relay's atomic batches {:.0} stored, {:.0} refused; unsent at each second: {} |",
             self.orders,
             self.placed_per_sec,
             self.drained_per_sec,

@@ -130,12 +130,12 @@ pub struct Publisher {
 /// and 35-40 ms of p99; so small ones go row by row.
 const ATOMIC_AFTER_COMMIT_FROM: usize = 8;
 
-/// A publisher's sends whose PubAcks may still be coming. The stream
-/// stores what it is sent one publish or atomic batch at a time, an fsync
-/// each, so more sends out at once would only queue inside the broker;
-/// queued here instead, the rows of many transactions go as one batch.
-/// (Four services, each with this many, keep the stream busy; the
-/// broker's own ceiling is 50 atomic batches in flight per stream.)
+/// A publisher's sends whose PubAcks may still be coming. Its service's
+/// stream stores what it is sent one publish or atomic batch at a time, an
+/// fsync each, so more sends out at once would only queue inside the
+/// broker; queued here instead, the rows of many transactions go as one
+/// batch. (The broker's own ceiling is 50 atomic batches in flight per
+/// stream.)
 const SENDS_IN_FLIGHT: usize = 4;
 
 /// Transactions whose rows may wait in a publisher's queue: past this many
