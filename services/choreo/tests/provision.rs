@@ -188,9 +188,7 @@ async fn a_new_version_with_another_subscription_moves_the_filter_and_loses_noth
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provisioning_is_idempotent() {
     let s = setup().await;
-    choreo::provision::ensure_stream(&s.js, &s.config, &StreamSpec::everything(&s.config), "test")
-        .await
-        .unwrap();
+    s.one_stream().await;
     s.consumer("same").await;
     s.consumer("same").await;
     let info =

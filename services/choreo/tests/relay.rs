@@ -129,14 +129,7 @@ async fn a_republish_past_the_duplicate_window_is_absorbed_by_the_inbox() {
     s.config.stream = format!("{}W", s.config.stream);
     s.config.subject_prefix = format!("{}w", s.config.subject_prefix);
     s.config.duplicate_window_secs = 1;
-    s.stream = choreo::provision::ensure_stream(
-        &s.js,
-        &s.config,
-        &StreamSpec::everything(&s.config),
-        "test",
-    )
-    .await
-    .unwrap();
+    s.stream = s.one_stream().await;
     s.emit(25).await;
     let relay = s.relay(256);
     let mut conn = s.pool.acquire().await.unwrap();
@@ -333,14 +326,7 @@ async fn on_a_stream_without_atomic_batches_the_relay_goes_row_by_row_and_setup_
     assert_eq!(ids, expected, "each row once, in outbox order");
     assert!(events.iter().all(|(_, batch)| batch.is_none()));
 
-    let stream = choreo::provision::ensure_stream(
-        &s.js,
-        &s.config,
-        &StreamSpec::everything(&s.config),
-        "test",
-    )
-    .await
-    .unwrap();
+    let stream = s.one_stream().await;
     assert!(
         stream.cached_info().config.allow_atomic_publish,
         "provisioning allows atomic batches on a stream made without them"

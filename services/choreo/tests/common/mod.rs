@@ -191,6 +191,19 @@ impl Setup {
         sent
     }
 
+    /// The test's one stream (every subject under its prefix), created or
+    /// brought up to date for its configuration as it is now.
+    pub async fn one_stream(&self) -> jetstream::stream::Stream {
+        choreo::provision::ensure_stream(
+            &self.js,
+            &self.config,
+            &StreamSpec::everything(&self.config),
+            "test",
+        )
+        .await
+        .unwrap()
+    }
+
     pub async fn stream_messages(&self) -> u64 {
         let mut stream = self.js.get_stream(&self.config.stream).await.unwrap();
         stream.info().await.unwrap().state.messages
