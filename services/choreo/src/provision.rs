@@ -349,9 +349,10 @@ pub async fn ensure_streams(
 /// Deletes the stream of earlier versions, `config.stream` holding every
 /// subject under the prefix, once every consumer on it has handled all it
 /// holds: its subjects overlap the per-producer streams', which cannot exist
-/// beside it. While a consumer still has events in it to handle, refuses
-/// and says which and how many: run the old version until they are handled
-/// and stop it, then provision again. Nothing to do without that stream.
+/// beside it. It is sealed first (it takes no more events) and counted
+/// again. While a consumer still has events in it to handle, refuses and
+/// says which and how many: run the old version until they are handled and
+/// stop it, then provision again. Nothing to do without that stream.
 pub async fn retire_one_stream_layout(
     js: &jetstream::Context,
     config: &Config,
@@ -372,24 +373,35 @@ pub async fn retire_one_stream_layout(
     if info.config.subjects != old.subjects {
         return Ok(());
     }
-    let mut unhandled = Vec::new();
-    let mut consumers = stream.consumers();
-    while let Some(consumer) = futures::StreamExt::next(&mut consumers).await {
-        let consumer =
-            consumer.map_err(|e| anyhow::anyhow!("listing consumers of {}: {e}", old.name))?;
-        let left = consumer.num_pending + consumer.num_ack_pending as u64;
-        if left > 0 {
-            unhandled.push(format!("{}: {left}", consumer.name));
-        }
+    let refuse = |unhandled: Vec<String>| {
+        anyhow::anyhow!(
+            "stream {} holds every saga event, as versions before per-producer streams did, \
+             and its consumers have not handled all of them yet ({}); run the old version until \
+             they are handled and stop it, then provision again",
+            old.name,
+            unhandled.join(", ")
+        )
+    };
+    let unhandled = unhandled_in(&stream).await?;
+    if !unhandled.is_empty() {
+        return Err(refuse(unhandled));
     }
-    anyhow::ensure!(
-        unhandled.is_empty(),
-        "stream {} holds every saga event, as versions before per-producer streams did, \
-         and its consumers have not handled all of them yet ({}); run the old version until \
-         they are handled and stop it, then provision again",
-        old.name,
-        unhandled.join(", ")
-    );
+    // Sealed, it takes no more events: one an old relay published after
+    // the count above would be lost with the stream. (A publish it refuses
+    // stays in its outbox, and goes to the new streams once they exist.)
+    // Counted again once sealed, it is safe to delete.
+    if !info.config.sealed {
+        js.update_stream(stream::Config {
+            sealed: true,
+            ..info.config.clone()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("sealing stream {}: {e}", old.name))?;
+    }
+    let unhandled = unhandled_in(&stream).await?;
+    if !unhandled.is_empty() {
+        return Err(refuse(unhandled));
+    }
     js.delete_stream(&old.name)
         .await
         .map_err(|e| anyhow::anyhow!("deleting stream {}: {e}", old.name))?;
@@ -399,6 +411,21 @@ pub async fn retire_one_stream_layout(
         "retired the one-stream layout of earlier versions: every event in it was handled"
     );
     Ok(())
+}
+
+/// Each consumer of `stream` with events in it not yet handled (pending or
+/// awaiting its ack), as `name: count`.
+async fn unhandled_in(stream: &stream::Stream) -> anyhow::Result<Vec<String>> {
+    let mut unhandled = Vec::new();
+    let mut consumers = stream.consumers();
+    while let Some(consumer) = futures::StreamExt::next(&mut consumers).await {
+        let consumer = consumer.map_err(|e| anyhow::anyhow!("listing consumers: {e}"))?;
+        let left = consumer.num_pending + consumer.num_ack_pending as u64;
+        if left > 0 {
+            unhandled.push(format!("{}: {left}", consumer.name));
+        }
+    }
+    Ok(unhandled)
 }
 
 /// Stream `spec`, created by `service` if missing. It allows atomic batches

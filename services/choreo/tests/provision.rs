@@ -374,7 +374,11 @@ async fn the_one_stream_layout_is_retired_only_once_its_consumers_handled_everyt
             && refused.contains("run the old version until they are handled"),
         "{refused}"
     );
-    assert!(s.js.get_stream(t).await.is_ok(), "the old stream is kept");
+    let kept = s.js.get_stream(t).await.expect("the old stream is kept");
+    assert!(
+        !kept.cached_info().config.sealed,
+        "the old version still publishes to it"
+    );
     assert!(s.js.get_stream(format!("{t}_MAKER")).await.is_err());
 
     // Once the old version handled it, the old stream gives way to the new ones.
