@@ -33,7 +33,7 @@ pub struct Config {
     /// `<STREAM>_STUCK` the platform's stuck reports.
     #[arg(long, env = "STREAM", default_value = "SAGA")]
     pub stream: String,
-    /// Subject prefix of the stream; an event goes to `<prefix>.<event type>`.
+    /// Subject prefix of the streams; an event goes to `<prefix>.<event type>`.
     #[arg(long, env = "SUBJECT_PREFIX", default_value = "saga")]
     pub subject_prefix: String,
     /// How long the stream keeps events, in seconds (also bounds inbox retention).
