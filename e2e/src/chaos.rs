@@ -153,9 +153,10 @@ pub enum Fault {
         service: &'static str,
         span: Duration,
     },
-    /// SIGKILL the node that leads the stream of the order service's events
-    /// (where every saga starts), restart it after `pause`.
+    /// SIGKILL the node that leads the run's stream number `stream` (in
+    /// [`System::stream_names`] order), restart it after `pause`.
     KillStreamLeader {
+        stream: usize,
         pause: Duration,
     },
     /// SIGKILL cluster node `node`, restart it after `pause`.
@@ -198,7 +199,7 @@ impl Fault {
             | Fault::KillTwo { pause, .. }
             | Fault::KillNats { pause }
             | Fault::KillPostgres { pause }
-            | Fault::KillStreamLeader { pause }
+            | Fault::KillStreamLeader { pause, .. }
             | Fault::KillNode { pause, .. } => *pause,
             Fault::Network { span, .. } | Fault::IsolateNode { span, .. } => *span,
             Fault::SecondInstance { .. } => Duration::ZERO,
@@ -260,6 +261,9 @@ fn make_fault(kind: u8, rng: &mut StdRng) -> Fault {
         },
         // A node down or cut off for a few seconds, longer than an election.
         8 => Fault::KillStreamLeader {
+            stream: rng.random_range(
+                0..choreo::provision::streams(&contracts::CHOREOGRAPHY, "SAGA", "saga").len(),
+            ),
             pause: Duration::from_millis(rng.random_range(1000..8000)),
         },
         9 => Fault::KillNode {
@@ -478,14 +482,15 @@ async fn inject(
                 Instant::now() + *span,
             ));
         }
-        Fault::KillStreamLeader { pause } => {
+        Fault::KillStreamLeader { stream, pause } => {
             // Right after another fault the stream may still be electing one.
             let js = jetstream_at(sys.infra.nats.url()).await;
-            let stream = choreo::provision::stream_name(&sys.stream, "order");
+            let names = sys.stream_names();
+            let stream = &names[stream % names.len()];
             let mut leader = None;
             for _ in 0..20 {
                 if let Some(js) = &js {
-                    leader = stream_cluster(js, &stream, Duration::from_secs(2))
+                    leader = stream_cluster(js, stream, Duration::from_secs(2))
                         .await
                         .and_then(|c| c.leader);
                 }
