@@ -261,6 +261,7 @@ fn make_fault(kind: u8, rng: &mut StdRng) -> Fault {
         },
         // A node down or cut off for a few seconds, longer than an election.
         8 => Fault::KillStreamLeader {
+            // Any run's streams, whatever they are named after: as many.
             stream: rng.random_range(
                 0..choreo::provision::streams(&contracts::CHOREOGRAPHY, "SAGA", "saga").len(),
             ),
@@ -486,7 +487,7 @@ async fn inject(
             // Right after another fault the stream may still be electing one.
             let js = jetstream_at(sys.infra.nats.url()).await;
             let names = sys.stream_names();
-            let stream = &names[stream % names.len()];
+            let stream = &names[*stream];
             let mut leader = None;
             for _ in 0..20 {
                 if let Some(js) = &js {

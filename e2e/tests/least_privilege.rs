@@ -47,21 +47,10 @@ async fn next_error(errors: &mut mpsc::UnboundedReceiver<String>) -> String {
         .expect("the connection is open")
 }
 
-/// Messages in all of `streams`.
-async fn messages_in(js: &jetstream::Context, streams: &[String]) -> u64 {
-    let mut messages = 0;
-    for name in streams {
-        let mut stream = js.get_stream(name).await.unwrap();
-        messages += stream.info().await.unwrap().state.messages;
-    }
-    messages
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_service_user_may_do_its_own_part_and_nothing_else() {
     let sys = system(Options::default()).await;
     let url = sys.infra.nats.client_url();
-    let streams = sys.stream_names();
     let stream_of = |producer: &str| choreo::provision::stream_name(&sys.stream, producer);
     let subject = |event: &str| format!("{}.{event}", sys.subject_prefix);
 
@@ -102,7 +91,7 @@ async fn each_service_user_may_do_its_own_part_and_nothing_else() {
             .await
             .unwrap(),
     );
-    let sent_before = messages_in(&admin, &streams).await;
+    let sent_before = sys.stream_messages().await.unwrap();
 
     let (inventory, mut errors) = login(&url, "inventory", &harness::password("inventory"))
         .await
@@ -200,7 +189,7 @@ async fn each_service_user_may_do_its_own_part_and_nothing_else() {
     assert!(created.is_err(), "a service user cannot create a stream");
 
     // The streams are whole: everything before, plus inventory's own publish.
-    let after = messages_in(&admin, &streams).await;
+    let after = sys.stream_messages().await.unwrap();
     assert_eq!(after, sent_before + 1);
     assert!(admin.get_stream("EVERYTHING").await.is_err());
 }
