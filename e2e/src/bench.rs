@@ -66,8 +66,9 @@ pub struct Settings {
     pub limit_clients: usize,
     pub limit_secs: f64,
     /// Also count each service's statements per saga over each closed loop
-    /// (the table shows the spread one's; needs PostgreSQL started with
-    /// pg_stat_statements preloaded).
+    /// and open loop (the table shows the spread one's and the open loop's
+    /// at half the peak; needs PostgreSQL started with pg_stat_statements
+    /// preloaded).
     pub statements: bool,
 }
 
@@ -337,6 +338,8 @@ struct OpenLoopRun {
     beside: Beside,
     /// Each service's send -> PubAck over the loop.
     puback: Vec<PubAckWait>,
+    /// With `statements`: per service, its statements' calls per saga.
+    statements: Vec<(String, Vec<(f64, String)>)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -392,6 +395,9 @@ pub struct Report {
     /// quiet again, so the services' background work over that window is
     /// in it too (a larger share the lower the rate).
     pub open_loop_cost: Cost,
+    /// With `statements`: per service, its statements' calls per saga over
+    /// the open loop at half the peak (the benchmark's reads among them).
+    pub open_loop_statements: Vec<(String, Vec<(f64, String)>)>,
     pub alone: Percentiles,
     /// Per hop over the orders placed one at a time.
     pub alone_hops: Vec<Hop>,
@@ -668,6 +674,7 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
         open_loop_hops,
         open_loop_beside: main_open.beside,
         open_loop_cost: main_open.cost,
+        open_loop_statements: main_open.statements,
         alone,
         alone_hops,
         hops,
@@ -797,17 +804,26 @@ async fn measured_open_loop(
     );
     let (before, beside_before) = (Counters::read(sys).await?, BesideCounters::read(sys).await?);
     let puback_before = publish_totals(sys).await?;
+    if settings.statements {
+        reset_statements(sys).await?;
+    }
     let ids = open_loop(sys, watcher, rate, settings.open_secs, settings.skus).await?;
     let beside = BesideCounters::read(sys).await?.minus(&beside_before);
     quiet(sys).await?;
     let puback = publish_latencies(sys, Some(&puback_before)).await?;
     let cost = Counters::read(sys).await?.minus(&before, ids.len());
+    let statements = if settings.statements {
+        statements_per_saga(sys, ids.len()).await?
+    } else {
+        Vec::new()
+    };
     Ok(OpenLoopRun {
         rate,
         ids,
         cost,
         beside,
         puback,
+        statements,
     })
 }
 
@@ -1625,10 +1641,15 @@ impl Report {
                 .join(" "),
         );
         let mut table = format!("| measure | value |\n| --- | --- |\n{out}");
-        for (service, statements) in &self.spread.statements {
-            table.push_str(&format!("\n{service}: statements per saga (spread)\n"));
-            for (per_saga, query) in statements {
-                table.push_str(&format!("  {per_saga:>6.2}  {query}\n"));
+        for (run, by_service) in [
+            ("spread", &self.spread.statements),
+            ("open loop", &self.open_loop_statements),
+        ] {
+            for (service, statements) in by_service {
+                table.push_str(&format!("\n{service}: statements per saga ({run})\n"));
+                for (per_saga, query) in statements {
+                    table.push_str(&format!("  {per_saga:>6.2}  {query}\n"));
+                }
             }
         }
         table
