@@ -186,46 +186,26 @@ pub async fn dispatch(
     send_and_record(tx, outbox, sender, due).await
 }
 
-/// The rows `$1` with whether each is due (pending, `$2`, and its time
-/// come), locked unless another round holds them.
-const HANDED_OVER: &str =
-    "SELECT notification_id, order_id, kind, customer, recipient, body, cause, attempts,
-            status = $2 AND next_attempt_at <= now() AS due
-     FROM notifications
-     WHERE notification_id = ANY($1)
-     ORDER BY next_attempt_at
-     FOR UPDATE SKIP LOCKED";
-
 /// Sends the messages `ids` (those still pending and not taken by another
 /// round), the way [`dispatch`] sends due ones.
-///
-/// The rows are found by their ids alone, and whether each is still due is
-/// asked of the row: with `status` in the WHERE clause the planner may take
-/// the partial index of pending rows instead and walk every pending row
-/// (and every row sent since the last vacuum) to find these few, which
-/// under load costs more the further the dispatcher falls behind.
 pub async fn dispatch_these<'c>(
     db: impl sqlx::Acquire<'c, Database = sqlx::Postgres>,
     outbox: &Outbox,
     sender: &dyn Sender,
     ids: &[Uuid],
 ) -> Result<Vec<Dispatched>, sqlx::Error> {
-    #[derive(sqlx::FromRow)]
-    struct HandedOver {
-        #[sqlx(flatten)]
-        message: Due,
-        due: bool,
-    }
     let mut tx = db.begin().await?;
-    let handed_over: Vec<HandedOver> = sqlx::query_as(HANDED_OVER)
-        .bind(ids)
-        .bind(Status::Pending)
-        .fetch_all(&mut *tx)
-        .await?;
-    let due = handed_over
-        .into_iter()
-        .filter_map(|row| row.due.then_some(row.message))
-        .collect();
+    let due: Vec<Due> = sqlx::query_as(
+        "SELECT notification_id, order_id, kind, customer, recipient, body, cause, attempts
+         FROM notifications
+         WHERE notification_id = ANY($1) AND status = $2 AND next_attempt_at <= now()
+         ORDER BY next_attempt_at
+         FOR UPDATE SKIP LOCKED",
+    )
+    .bind(ids)
+    .bind(Status::Pending)
+    .fetch_all(&mut *tx)
+    .await?;
     send_and_record(tx, outbox, sender, due).await
 }
 
@@ -378,7 +358,6 @@ fn backoff(attempts: i32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sqlx::{AssertSqlSafe, Connection};
 
     #[test]
     fn backoff_doubles_up_to_a_minute() {
@@ -386,90 +365,5 @@ mod tests {
         assert_eq!(backoff(3), Duration::from_secs(8));
         assert_eq!(backoff(6), Duration::from_secs(60));
         assert_eq!(backoff(100), Duration::from_secs(60));
-    }
-
-    /// Rows a plan read and threw away again: its nodes' `Rows Removed
-    /// by Filter` and `by Index Recheck`, from `EXPLAIN ANALYZE`'s lines.
-    fn rows_read_and_dropped(plan: &[String]) -> u64 {
-        plan.iter()
-            .filter_map(|line| line.split_once("Rows Removed by ")?.1.split_once(": "))
-            .map(|(_, n)| n.trim().parse::<u64>().unwrap())
-            .sum()
-    }
-
-    /// With 5000 messages pending (the dispatcher behind under load) that
-    /// the planner's statistics know nothing of, and again once they do,
-    /// taking the ten handed over reads those ten rows and no others,
-    /// whether the statement is planned for its values or generically.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn taking_the_messages_handed_over_reads_only_them() {
-        let (_pg, url) = harness::fresh_database().await.unwrap();
-        let migrations = sqlx::migrate!("../../migrations/notification");
-        let pool = choreo::db::open(&url, std::time::Duration::from_secs(10), &migrations)
-            .await
-            .unwrap();
-        let mut conn = pool.acquire().await.unwrap().detach();
-        sqlx::query("ANALYZE notifications")
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        sqlx::query(
-            "INSERT INTO notifications (notification_id, order_id, kind, recipient, channel, customer, body)
-             SELECT gen_random_uuid(), gen_random_uuid(), 'CONFIRMATION', 'ada@example.com', 'test', 'ada', 'hello'
-             FROM generate_series(1, 5000)",
-        )
-        .execute(&mut conn)
-        .await
-        .unwrap();
-        sqlx::query(AssertSqlSafe(format!(
-            "PREPARE handed_over(uuid[], text) AS {HANDED_OVER}"
-        )))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-        for analyzed in [false, true] {
-            if analyzed {
-                sqlx::query("ANALYZE notifications")
-                    .execute(&mut conn)
-                    .await
-                    .unwrap();
-            }
-            for mode in ["force_custom_plan", "force_generic_plan"] {
-                sqlx::query(AssertSqlSafe(format!("SET plan_cache_mode = {mode}")))
-                    .execute(&mut conn)
-                    .await
-                    .unwrap();
-                let ids: Vec<String> = sqlx::query_scalar(
-                    "SELECT notification_id::text FROM notifications ORDER BY random() LIMIT 10",
-                )
-                .fetch_all(&mut conn)
-                .await
-                .unwrap();
-                let literal = ids.join(",");
-                let plan: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
-                    "EXPLAIN ANALYZE EXECUTE handed_over('{{{literal}}}', 'PENDING')"
-                )))
-                .fetch_all(&mut conn)
-                .await
-                .unwrap();
-                let due: Vec<bool> = sqlx::query_scalar(AssertSqlSafe(format!(
-                    "SELECT due FROM ({}) taken",
-                    HANDED_OVER
-                        .replace("$1", &format!("'{{{literal}}}'::uuid[]"))
-                        .replace("$2", "'PENDING'")
-                )))
-                .fetch_all(&mut conn)
-                .await
-                .unwrap();
-                assert_eq!(due, vec![true; 10], "analyzed: {analyzed}, {mode}");
-                assert_eq!(
-                    rows_read_and_dropped(&plan),
-                    0,
-                    "analyzed: {analyzed}, {mode}: the hand-over read rows it does not take:\n{}",
-                    plan.join("\n")
-                );
-            }
-        }
-        conn.close().await.unwrap();
     }
 }
