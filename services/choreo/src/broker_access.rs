@@ -12,7 +12,8 @@
 //! start when one is missing.
 use std::fmt::Write as _;
 
-use crate::choreography::{Choreography, STUCK};
+use crate::choreography::Choreography;
+use crate::provision::{STUCK_STREAM, sources_of, stream_name, streams};
 use crate::runtime::inbox_prefix;
 
 /// The user that provisions JetStream and operates the system.
@@ -36,14 +37,17 @@ pub fn publish_allowed(
     stream: &str,
     prefix: &str,
 ) -> Vec<String> {
-    let mut subjects: Vec<String> = choreography
-        .events
-        .iter()
-        .filter(|e| e.producer == service)
-        .map(|e| format!("{prefix}.{}", e.name))
+    // What it writes: the subjects of its own stream and of the stuck reports'.
+    let written = [
+        stream_name(stream, service),
+        stream_name(stream, STUCK_STREAM),
+    ];
+    let mut subjects: Vec<String> = streams(choreography, stream, prefix)
+        .into_iter()
+        .filter(|spec| written.contains(&spec.name))
+        .flat_map(|spec| spec.subjects)
         .collect();
-    subjects.push(format!("{prefix}.{STUCK}"));
-    for (read, _) in crate::provision::sources_of(choreography, service, stream, prefix) {
+    for (read, _) in sources_of(choreography, service, stream, prefix) {
         let read = read.name;
         subjects.extend([
             format!("$JS.API.STREAM.INFO.{read}"),

@@ -510,14 +510,13 @@ pub async fn ensure_consumer(
     filter: &[String],
     config: &Config,
 ) -> anyhow::Result<jetstream::consumer::PullConsumer> {
-    let wanted = filter.to_vec();
     anyhow::ensure!(
-        !wanted.is_empty(),
+        !filter.is_empty(),
         "{durable} consumes no event: nothing to subscribe to"
     );
     let ours = |deliver_policy| pull::Config {
         durable_name: Some(durable.to_owned()),
-        filter_subjects: wanted.clone(),
+        filter_subjects: filter.to_vec(),
         ack_policy: jetstream::consumer::AckPolicy::Explicit,
         deliver_policy,
         ack_wait: config.ack_wait(),
@@ -542,7 +541,7 @@ pub async fn ensure_consumer(
         Err(e) => anyhow::bail!("looking up consumer {durable}: {e}"),
     };
     let current = filter_of(&info.config);
-    let wanted_set: BTreeSet<&str> = wanted.iter().map(String::as_str).collect();
+    let wanted_set: BTreeSet<&str> = filter.iter().map(String::as_str).collect();
     if wanted_set.is_subset(&current) {
         // The same or fewer subjects: an update in place keeps the position.
         if wanted_set != current {
