@@ -134,7 +134,7 @@ impl Effect {
     }
 
     /// Its parts, once every value bound could be encoded.
-    fn bound(self) -> Result<(&'static str, &'static str, PgArguments), sqlx::Error> {
+    pub(crate) fn bound(self) -> Result<(&'static str, &'static str, PgArguments), sqlx::Error> {
         match self.unbound {
             Some(e) => Err(sqlx::Error::Encode(e.into())),
             None => Ok((self.ctes, self.held, self.arguments)),

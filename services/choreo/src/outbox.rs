@@ -168,6 +168,76 @@ impl Outbox {
         insert_all(tx, &[(self, envelope)]).await
     }
 
+    /// Runs `statement` and, in that same statement, inserts `envelope`
+    /// if the statement returns a row: a write and its event in one round
+    /// trip, so a write alone needs no transaction of its own (a statement
+    /// is atomic) and one in a transaction costs one statement, not two.
+    /// Returns the statement's first row, or `None` when it returned none
+    /// (then the event is not written either). Like [`Outbox::insert`], the
+    /// row is published after commit where the work runs in [`capture`].
+    pub async fn insert_with(
+        &self,
+        conn: &mut PgConnection,
+        statement: crate::Effect,
+        envelope: &Envelope,
+    ) -> Result<Option<sqlx::postgres::PgRow>, sqlx::Error> {
+        use sqlx::{Arguments, Row as _};
+        let mut row = self.row(envelope);
+        let (ctes, held, arguments) = statement
+            .bind(row.event_id)
+            .bind(row.subject.as_str())
+            .bind(envelope.event_type.as_str())
+            .bind(row.saga_id.as_str())
+            .bind(row.payload.as_slice())
+            .bind(row.traceparent.as_str())
+            .bound()?;
+        let n = arguments.len() - 6;
+        // Without a publisher the relay publishes the row, woken by the NOTIFY.
+        let seq = if self.publisher.is_none() {
+            "(SELECT seq FROM choreo_written, pg_notify('choreo_outbox', ''))"
+        } else {
+            "(SELECT seq FROM choreo_written)"
+        };
+        let sql = format!(
+            "WITH {ctes},
+             choreo_held AS ({held}),
+             choreo_written AS (
+                 INSERT INTO choreo_outbox (event_id, subject, event_type, saga_id, payload, traceparent)
+                 SELECT ${}, ${}, ${}, ${}, ${}, ${} WHERE EXISTS (SELECT FROM choreo_held)
+                 RETURNING seq)
+             SELECT choreo_held.*, {seq} AS choreo_outbox_seq FROM choreo_held",
+            n + 1,
+            n + 2,
+            n + 3,
+            n + 4,
+            n + 5,
+            n + 6,
+        );
+        let Some(held) = sqlx::query_with(sqlx::AssertSqlSafe(sql), arguments)
+            .fetch_optional(&mut *conn)
+            .await?
+        else {
+            return Ok(None);
+        };
+        row.seq = held.try_get("choreo_outbox_seq")?;
+        if let Some(publisher) = &self.publisher {
+            let _ = WRITTEN.try_with(|written| written.borrow_mut().push((publisher.clone(), row)));
+        }
+        Ok(Some(held))
+    }
+
+    /// The outbox row of `envelope`, its seq not known yet.
+    fn row(&self, envelope: &Envelope) -> Row {
+        Row {
+            seq: 0,
+            event_id: envelope.id(),
+            saga_id: envelope.saga_id.clone(),
+            subject: format!("{}.{}", self.subject_prefix, envelope.event_type),
+            payload: envelope.encode_to_vec(),
+            traceparent: envelope.traceparent.clone(),
+        }
+    }
+
     /// Inserts already built envelopes in one statement, in their order:
     /// for work that writes several events in one transaction.
     pub async fn insert_all(
@@ -232,14 +302,7 @@ async fn insert_all(
     }
     let mut rows: Vec<Row> = events
         .iter()
-        .map(|(outbox, envelope)| Row {
-            seq: 0,
-            event_id: envelope.id(),
-            saga_id: envelope.saga_id.clone(),
-            subject: format!("{}.{}", outbox.subject_prefix, envelope.event_type),
-            payload: envelope.encode_to_vec(),
-            traceparent: envelope.traceparent.clone(),
-        })
+        .map(|(outbox, envelope)| outbox.row(envelope))
         .collect();
     // Without a publisher the relay publishes every row, woken at commit
     // by the NOTIFY. With one, nobody waits for it: no NOTIFY, which would

@@ -549,3 +549,73 @@ async fn on_a_stream_without_atomic_batches_the_publisher_goes_row_by_row() {
     shutdown.cancel();
     marker.await.unwrap();
 }
+
+/// A write and its event in one statement ([`choreo::Outbox::insert_with`]),
+/// no transaction around it, as PlaceOrder writes an order alone: both in
+/// one transaction, the event published right after and marked sent; a
+/// statement that writes nothing writes no event. Through an outbox
+/// without a publisher, the relay (woken by its NOTIFY) sends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_and_its_event_in_one_statement_go_out_together_and_no_write_no_event() {
+    let s = setup().await;
+    let (outbox, shutdown, marker) = publishing_outbox(&s);
+    let note = |id: uuid::Uuid| {
+        choreo::Effect::new(
+            "noted AS (
+                 INSERT INTO choreo_inbox (event_id, event_type, saga_id) VALUES ($1, 'noted', $2)
+                 ON CONFLICT (event_id) DO NOTHING RETURNING event_id)",
+            "SELECT event_id FROM noted",
+        )
+        .bind(id)
+        .bind(format!("saga-{id}"))
+    };
+    let write = |outbox: choreo::Outbox, id: uuid::Uuid| {
+        let pool = s.pool.clone();
+        choreo::outbox::publish_after_commit(async move {
+            let envelope = outbox.envelope(&format!("saga-{id}"), None, &Ping { n: 1 });
+            let mut conn = pool.acquire().await.unwrap();
+            outbox
+                .insert_with(&mut conn, note(id), &envelope)
+                .await
+                .map(|row| row.map(|row| sqlx::Row::get::<uuid::Uuid, _>(&row, "event_id")))
+        })
+    };
+
+    let first = uuid::Uuid::now_v7();
+    assert_eq!(write(outbox.clone(), first).await.unwrap(), Some(first));
+    assert_eq!(
+        write(outbox.clone(), first).await.unwrap(),
+        None,
+        "nothing written the second time"
+    );
+    eventually("the event marked sent", Duration::from_secs(10), || async {
+        s.unsent().await == 0
+    })
+    .await;
+    assert_eq!(s.stream_messages().await, 1, "one event, published once");
+
+    let second = uuid::Uuid::now_v7();
+    assert_eq!(write(s.outbox(), second).await.unwrap(), Some(second));
+    assert_eq!(s.unsent().await, 1, "no publisher: left to the relay");
+    // Unsent, the event's row is as its transaction wrote it.
+    let together: bool = sqlx::query_scalar(
+        "SELECT (SELECT xmin::text FROM choreo_inbox WHERE event_id = $1)
+              = (SELECT xmin::text FROM choreo_outbox WHERE sent_at IS NULL)",
+    )
+    .bind(second)
+    .fetch_one(&s.pool)
+    .await
+    .unwrap();
+    assert!(together, "the write and its event committed together");
+    let shutdown_relay = CancellationToken::new();
+    let relay = tokio::spawn(s.relay(64).run(shutdown_relay.clone()));
+    eventually("the relay sent it", Duration::from_secs(10), || async {
+        s.unsent().await == 0
+    })
+    .await;
+    assert_eq!(s.stream_messages().await, 2);
+    shutdown_relay.cancel();
+    relay.await.unwrap();
+    shutdown.cancel();
+    marker.await.unwrap();
+}

@@ -12,8 +12,8 @@
 //! The transactions run on connections the writer keeps
 //! ([`choreo::db::HeldConnection`], as a consumer's lane does): a pooled
 //! connection is pinged when taken and again when given back, two round
-//! trips on top of the four of an order alone (BEGIN, the order, its
-//! outbox row, COMMIT). A held connection is checked after a failure
+//! trips on top of the one statement of an order alone (the order and its
+//! outbox row together, no transaction around it). A held connection is checked after a failure
 //! instead of before each use, so an order alone whose transaction failed
 //! is also written again, once: on a connection the database dropped (it
 //! restarted), the second try runs on a fresh one.
@@ -157,8 +157,9 @@ async fn write_group(
     }
 }
 
-/// Writes `placements` in one transaction, in order: each order as
-/// written, or `None` where its key was taken.
+/// Writes `placements` in order, each order and its `order.created` in
+/// one statement: an order alone in just that statement, several in one
+/// transaction. Each order as written, or `None` where its key was taken.
 async fn write(
     db: &mut HeldConnection,
     outbox: &Outbox,
@@ -166,15 +167,22 @@ async fn write(
     placements: Vec<&Placement>,
 ) -> Result<Vec<Option<api::Order>>, ApiError> {
     db.run(async |conn| {
+        if let [p] = placements[..] {
+            let placed = store::insert(
+                conn, outbox, p.id, &p.order, deadline, &p.created, &p.detail,
+            )
+            .await?;
+            return Ok(vec![placed]);
+        }
         let mut tx = sqlx::Connection::begin(conn).await?;
         let mut outcomes = Vec::with_capacity(placements.len());
         for p in placements {
-            let placed =
-                store::insert(&mut tx, p.id, &p.order, deadline, &p.created, &p.detail).await?;
-            if placed.is_some() {
-                outbox.insert(&mut tx, &p.created).await?;
-            }
-            outcomes.push(placed);
+            outcomes.push(
+                store::insert(
+                    &mut tx, outbox, p.id, &p.order, deadline, &p.created, &p.detail,
+                )
+                .await?,
+            );
         }
         tx.commit().await?;
         Ok(outcomes)

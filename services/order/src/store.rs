@@ -11,12 +11,14 @@ use uuid::Uuid;
 
 use crate::domain::{NewOrder, Status};
 
-/// Inserts a new order with its lines, its first status change and the
-/// timeline's line for `created` (the event it is placed with), in one
-/// statement, and returns the order as written; `None` when the
-/// idempotency key is taken (then nothing is written).
+/// Inserts a new order with its lines, its first status change, the
+/// timeline's line for `created` (the event it is placed with) and
+/// `created` itself in `outbox`, in one statement, and returns the order
+/// as written; `None` when the idempotency key is taken (then nothing is
+/// written). One statement is atomic: an order alone needs no transaction.
 pub async fn insert(
-    tx: &mut PgConnection,
+    conn: &mut PgConnection,
+    outbox: &choreo::Outbox,
     id: Uuid,
     order: &NewOrder,
     deadline: Duration,
@@ -30,8 +32,8 @@ pub async fn insert(
         .unzip();
     // Nobody can watch an order before it exists, so its first status
     // change notifies nobody.
-    let Some(row) = sqlx::query(
-        "WITH placed AS (
+    let statement = Effect::new(
+        "placed AS (
              INSERT INTO orders (order_id, customer, destination, contact, status, idempotency_key, fingerprint, deadline_at, changes)
              VALUES ($1, $2, $3, $4, $8, $5, $6, now() + make_interval(secs => $7), 1)
              ON CONFLICT (idempotency_key) DO NOTHING
@@ -46,8 +48,8 @@ pub async fn insert(
          timeline AS (
              INSERT INTO order_timeline (event_id, order_id, event_type, producer, occurred_at, detail, causation_id)
              SELECT $11, order_id, $12, $13, $14, $15, NULL FROM placed
-             RETURNING occurred_at)
-         SELECT placed.*, timeline.occurred_at FROM placed, timeline",
+             RETURNING occurred_at)",
+        "SELECT placed.*, timeline.occurred_at FROM placed, timeline",
     )
     .bind(id)
     .bind(&order.customer)
@@ -63,10 +65,8 @@ pub async fn insert(
     .bind(&created.event_type)
     .bind(&created.producer)
     .bind(created.occurred_at())
-    .bind(detail)
-    .fetch_optional(&mut *tx)
-    .await?
-    else {
+    .bind(detail);
+    let Some(row) = outbox.insert_with(conn, statement, created).await? else {
         return Ok(None);
     };
     let mut placed = order_from_row(&row);

@@ -35,6 +35,7 @@ async fn place(pool: &PgPool) -> uuid::Uuid {
     let mut tx = pool.begin().await.unwrap();
     let written = order::store::insert(
         &mut tx,
+        &outbox(),
         id,
         &order,
         Duration::from_secs(30),
@@ -75,9 +76,17 @@ async fn an_idempotency_key_used_before_places_nothing() {
     let id = uuid::Uuid::now_v7();
     let created = event(id, ev::OrderCreated::default());
     let mut tx = pool.begin().await.unwrap();
-    let written = order::store::insert(&mut tx, id, &again, Duration::from_secs(30), &created, "")
-        .await
-        .unwrap();
+    let written = order::store::insert(
+        &mut tx,
+        &outbox(),
+        id,
+        &again,
+        Duration::from_secs(30),
+        &created,
+        "",
+    )
+    .await
+    .unwrap();
     tx.commit().await.unwrap();
     assert!(written.is_none());
     let rows: (i64, i64, i64, i64) = sqlx::query_as(
@@ -88,6 +97,11 @@ async fn an_idempotency_key_used_before_places_nothing() {
     .await
     .unwrap();
     assert_eq!(rows, (1, 1, 1, 1), "only the first order's rows");
+}
+
+/// The order service's outbox, with no publisher: the relay's.
+fn outbox() -> choreo::Outbox {
+    choreo::Outbox::new("order", "saga")
 }
 
 /// An event for order `id` as its declared producer writes it.
