@@ -49,14 +49,19 @@ pub trait Handler: Send + Sync + 'static {
         Ok(())
     }
 
-    /// The whole effect of `event`, when it is one statement that writes no
-    /// events and makes no barrier claim: the platform then applies an event
-    /// that comes alone as that statement and its inbox insert together, one
-    /// statement outside any transaction (PostgreSQL makes it atomic), in
-    /// place of BEGIN, the inbox insert, [`Handler::handle`] and COMMIT: one
-    /// round trip, not four. If the effect does not hold, nothing of it is
-    /// written and the event goes through [`Handler::handle`] in a
-    /// transaction as usual. `None` (the default): always that way.
+    /// The whole effect of `event`, when it is one statement: the platform
+    /// then applies an event that comes alone as that statement and its
+    /// inbox insert together, one statement outside any transaction
+    /// (PostgreSQL makes it atomic), in place of BEGIN, the inbox insert,
+    /// [`Handler::handle`] and COMMIT: one round trip, not four. If the
+    /// effect does not hold, nothing of it is written and the event goes
+    /// through [`Handler::handle`] in a transaction as usual. `None` (the
+    /// default): always that way.
+    ///
+    /// For the trigger of a step's action, the effect is the action's
+    /// ([`crate::step::act_alone`]): the statement also claims the step's
+    /// barrier row and holds only if it could. An event that asks for a
+    /// compensation always goes through its transaction.
     fn effect_alone(&self, _envelope: &Envelope, _event: &Self::Event) -> Option<Effect> {
         None
     }
@@ -98,6 +103,8 @@ pub struct Effect {
     held: &'static str,
     arguments: PgArguments,
     unbound: Option<String>,
+    /// The event the statement writes too, if it holds.
+    emits: Option<crate::outbox::Emitted>,
 }
 
 impl Effect {
@@ -107,7 +114,15 @@ impl Effect {
             held,
             arguments: PgArguments::default(),
             unbound: None,
+            emits: None,
         }
+    }
+
+    /// The same effect writing `envelope` through `outbox` too, in its
+    /// statement, if it holds (a step's outcome: [`crate::step::act_alone`]).
+    pub fn emitting(mut self, outbox: &crate::Outbox, envelope: &Envelope) -> Self {
+        self.emits = Some(outbox.emitted(envelope));
+        self
     }
 
     /// The value of the next placeholder.
@@ -124,8 +139,15 @@ impl Effect {
     }
 
     /// Runs the effect's statement on its own, in the caller's transaction
-    /// (no inbox): whether it held.
-    pub async fn run(self, conn: &mut sqlx::PgConnection) -> Result<bool, sqlx::Error> {
+    /// (no inbox): whether it held. An event it emits is written with it
+    /// ([`crate::Outbox::insert_with`]).
+    pub async fn run(mut self, conn: &mut sqlx::PgConnection) -> Result<bool, sqlx::Error> {
+        if let Some(emitted) = self.emits.take() {
+            return emitted
+                .insert_with(conn, self)
+                .await
+                .map(|row| row.is_some());
+        }
         let (ctes, held, arguments) = self.bound()?;
         let sql = format!("WITH {ctes} SELECT count(*) > 0 FROM ({held}) AS held");
         sqlx::query_scalar_with(sqlx::AssertSqlSafe(sql), arguments)
@@ -144,29 +166,68 @@ impl Effect {
     /// The statement that records `envelope` in the inbox and has this
     /// effect, all or nothing, with its arguments: it fails with
     /// [`SEEN_BEFORE`] or [`DID_NOT_HOLD`], writing nothing, when the
-    /// event is not new or the effect does not hold.
+    /// event is not new or the effect does not hold. With `claim` (a
+    /// step's action) the statement claims the step's barrier row too, and
+    /// the effect holds only if that row is new: otherwise the action was
+    /// done or refused before, and the transaction's way tells which. The
+    /// event the effect emits comes back with the statement, to be
+    /// published ([`crate::outbox::Emitted::publish`]) with the seq it
+    /// returns, once it has run.
     pub(crate) fn with_inbox(
-        self,
+        mut self,
         envelope: &Envelope,
-    ) -> Result<(String, PgArguments), sqlx::Error> {
-        let (ctes, held, arguments) = self
+        claim: Option<&'static str>,
+    ) -> Result<(String, PgArguments, Option<crate::outbox::Emitted>), sqlx::Error> {
+        use crate::outbox::Emitted;
+        let emits = self.emits.take();
+        let mut effect = self
             .bind(envelope.id())
             .bind(envelope.event_type.as_str())
-            .bind(envelope.saga_id.as_str())
-            .bound()?;
-        let n = arguments.len();
-        let sql = format!(
+            .bind(envelope.saga_id.as_str());
+        if let Some(step) = claim {
+            effect = effect.bind(step);
+        }
+        if let Some(emitted) = &emits {
+            effect = emitted.bind(effect);
+        }
+        let (ctes, held, arguments) = effect.bound()?;
+        let emitted_from =
+            arguments.len() + 1 - emits.as_ref().map_or(0, |_| Emitted::PLACEHOLDERS);
+        let step = emitted_from - 1;
+        let inbox = emitted_from - usize::from(claim.is_some()) - 3;
+        let (id, ty, saga) = (inbox, inbox + 1, inbox + 2);
+        let mut sql = format!(
             "WITH {ctes},
              choreo_fresh AS (
                  INSERT INTO choreo_inbox (event_id, event_type, saga_id) VALUES (${id}, ${ty}, ${saga})
-                 ON CONFLICT (event_id) DO NOTHING RETURNING event_id)
-             SELECT choreo_applied_alone(EXISTS (SELECT FROM choreo_fresh), count(*) > 0)
-             FROM ({held}) AS choreo_held",
-            id = n - 2,
-            ty = n - 1,
-            saga = n,
+                 ON CONFLICT (event_id) DO NOTHING RETURNING event_id)"
         );
-        Ok((sql, arguments))
+        let mut holds = "count(*) > 0".to_owned();
+        if claim.is_some() {
+            sql.push_str(&format!(
+                ",
+             choreo_claimed AS (
+                 INSERT INTO choreo_barrier (saga_id, step, state) VALUES (${saga}, ${step}, 'done')
+                 ON CONFLICT (saga_id, step) DO NOTHING RETURNING saga_id)"
+            ));
+            holds.push_str(" AND EXISTS (SELECT FROM choreo_claimed)");
+        }
+        // The event's row is written unconditionally: where the effect
+        // does not hold, the statement fails and takes it back.
+        let seq = match &emits {
+            Some(emitted) => {
+                sql.push_str(",\n");
+                sql.push_str(&Emitted::written_cte(emitted_from, ""));
+                format!(", {} AS choreo_outbox_seq", emitted.seq_query())
+            }
+            None => String::new(),
+        };
+        sql.push_str(&format!(
+            "
+             SELECT choreo_applied_alone(EXISTS (SELECT FROM choreo_fresh), {holds}){seq}
+             FROM ({held}) AS choreo_held"
+        ));
+        Ok((sql, arguments, emits))
     }
 }
 

@@ -86,8 +86,10 @@ pub async fn apply_decoded<'c, H: Handler>(
 
 /// [`apply_decoded`] on a connection, trying the event's
 /// [`Handler::effect_alone`] first: how the consumer applies an event that
-/// comes alone. An event whose step claims a barrier row, or whose effect
-/// does not hold, goes through its transaction.
+/// comes alone. The effect of an event that triggers a step's action is
+/// applied only with that step's barrier claim, in the same statement; an
+/// event that asks for a compensation, or whose effect does not hold, goes
+/// through its transaction.
 pub async fn apply_alone_or_in_tx<H: Handler>(
     conn: &mut sqlx::PgConnection,
     handler: &H,
@@ -95,13 +97,13 @@ pub async fn apply_alone_or_in_tx<H: Handler>(
     envelope: &Envelope,
     event: H::Event,
 ) -> Result<Outcome, HandleError> {
-    let effect = if claims.contains_key(&envelope.event_type) {
-        None
-    } else {
-        handler.effect_alone(envelope, &event)
+    let (effect, claim) = match claims.get(&envelope.event_type) {
+        Some(Claim::Compensation(_)) => (None, None),
+        Some(Claim::Action(step)) => (handler.effect_alone(envelope, &event), Some(*step)),
+        None => (handler.effect_alone(envelope, &event), None),
     };
     if let Some(effect) = effect {
-        match apply_alone(conn, effect, envelope).await {
+        match apply_alone(conn, effect, envelope, claim).await {
             Ok(Some(outcome)) => return Ok(outcome),
             Ok(None) => {}
             // Nothing was written: the transaction meets the same error, if
@@ -114,20 +116,29 @@ pub async fn apply_alone_or_in_tx<H: Handler>(
     apply_decoded(conn, handler, claims, envelope, event).await
 }
 
-/// Records `envelope` in the inbox and has `effect` in one statement, outside
-/// any transaction: [`Outcome::Applied`], [`Outcome::Duplicate`] (nothing
-/// written), or `None` when the effect did not hold (nothing written either).
+/// Records `envelope` in the inbox and has `effect` (with the barrier claim
+/// of the step `claim`, if any) in one statement, outside any transaction:
+/// [`Outcome::Applied`], [`Outcome::Duplicate`] (nothing written), or
+/// `None` when the effect did not hold (nothing written either). The event
+/// the effect emits is published at once: the statement has committed.
 async fn apply_alone(
     conn: &mut sqlx::PgConnection,
     effect: crate::handler::Effect,
     envelope: &Envelope,
+    claim: Option<&'static str>,
 ) -> Result<Option<Outcome>, sqlx::Error> {
-    let (sql, arguments) = effect.with_inbox(envelope)?;
+    use sqlx::Row as _;
+    let (sql, arguments, emits) = effect.with_inbox(envelope, claim)?;
     let error = match sqlx::query_with(sqlx::AssertSqlSafe(sql), arguments)
-        .execute(conn)
+        .fetch_one(conn)
         .await
     {
-        Ok(_) => return Ok(Some(Outcome::Applied)),
+        Ok(row) => {
+            if let Some(emitted) = emits {
+                emitted.publish(row.try_get("choreo_outbox_seq")?);
+            }
+            return Ok(Some(Outcome::Applied));
+        }
         Err(error) => error,
     };
     let code = error

@@ -181,49 +181,17 @@ impl Outbox {
         statement: crate::Effect,
         envelope: &Envelope,
     ) -> Result<Option<sqlx::postgres::PgRow>, sqlx::Error> {
-        use sqlx::{Arguments, Row as _};
-        let mut row = self.row(envelope);
-        let (ctes, held, arguments) = statement
-            .bind(row.event_id)
-            .bind(row.subject.as_str())
-            .bind(envelope.event_type.as_str())
-            .bind(row.saga_id.as_str())
-            .bind(row.payload.as_slice())
-            .bind(row.traceparent.as_str())
-            .bound()?;
-        let n = arguments.len() - 6;
-        // Without a publisher the relay publishes the row, woken by the NOTIFY.
-        let seq = if self.publisher.is_none() {
-            "(SELECT seq FROM choreo_written, pg_notify('choreo_outbox', ''))"
-        } else {
-            "(SELECT seq FROM choreo_written)"
-        };
-        let sql = format!(
-            "WITH {ctes},
-             choreo_held AS ({held}),
-             choreo_written AS (
-                 INSERT INTO choreo_outbox (event_id, subject, event_type, saga_id, payload, traceparent)
-                 SELECT ${}, ${}, ${}, ${}, ${}, ${} WHERE EXISTS (SELECT FROM choreo_held)
-                 RETURNING seq)
-             SELECT choreo_held.*, {seq} AS choreo_outbox_seq FROM choreo_held",
-            n + 1,
-            n + 2,
-            n + 3,
-            n + 4,
-            n + 5,
-            n + 6,
-        );
-        let Some(held) = sqlx::query_with(sqlx::AssertSqlSafe(sql), arguments)
-            .fetch_optional(&mut *conn)
-            .await?
-        else {
-            return Ok(None);
-        };
-        row.seq = held.try_get("choreo_outbox_seq")?;
-        if let Some(publisher) = &self.publisher {
-            let _ = WRITTEN.try_with(|written| written.borrow_mut().push((publisher.clone(), row)));
+        self.emitted(envelope).insert_with(conn, statement).await
+    }
+
+    /// The event `envelope` for the statement of an [`crate::Effect`] to
+    /// write ([`crate::Effect::emitting`]).
+    pub(crate) fn emitted(&self, envelope: &Envelope) -> Emitted {
+        Emitted {
+            publisher: self.publisher.clone(),
+            event_type: envelope.event_type.clone(),
+            row: self.row(envelope),
         }
-        Ok(Some(held))
     }
 
     /// The outbox row of `envelope`, its seq not known yet.
@@ -267,6 +235,103 @@ impl Outbox {
         }
         AT_END.with(|at_end| at_end.borrow_mut().push((self.clone(), envelope)));
         Ok(())
+    }
+}
+
+/// An event written as a part of another statement: [`Outbox::insert_with`],
+/// or an [`crate::Effect`] applied with its inbox insert.
+pub(crate) struct Emitted {
+    publisher: Option<Publisher>,
+    event_type: String,
+    row: Row,
+}
+
+impl Emitted {
+    /// How many placeholders [`Emitted::bind`] binds.
+    pub(crate) const PLACEHOLDERS: usize = 6;
+
+    /// Binds the row's values as `statement`'s next placeholders.
+    pub(crate) fn bind(&self, statement: crate::Effect) -> crate::Effect {
+        statement
+            .bind(self.row.event_id)
+            .bind(self.row.subject.clone())
+            .bind(self.event_type.clone())
+            .bind(self.row.saga_id.clone())
+            .bind(self.row.payload.clone())
+            .bind(self.row.traceparent.clone())
+    }
+
+    /// The common table expression `choreo_written` that inserts the row
+    /// from the values bound at placeholders `first`.., where `condition`
+    /// (`WHERE ...`, or empty) holds; it returns the row's `seq`.
+    pub(crate) fn written_cte(first: usize, condition: &str) -> String {
+        let values: Vec<String> = (first..first + Self::PLACEHOLDERS)
+            .map(|n| format!("${n}"))
+            .collect();
+        format!(
+            "choreo_written AS (
+                 INSERT INTO choreo_outbox (event_id, subject, event_type, saga_id, payload, traceparent)
+                 SELECT {} {condition}
+                 RETURNING seq)",
+            values.join(", ")
+        )
+    }
+
+    /// The scalar query for the written row's seq. Without a publisher the
+    /// relay publishes the row, woken by the NOTIFY it sends too.
+    pub(crate) fn seq_query(&self) -> &'static str {
+        if self.publisher.is_none() {
+            "(SELECT seq FROM choreo_written, pg_notify('choreo_outbox', ''))"
+        } else {
+            "(SELECT seq FROM choreo_written)"
+        }
+    }
+
+    /// [`Outbox::insert_with`] for this event.
+    pub(crate) async fn insert_with(
+        self,
+        conn: &mut PgConnection,
+        statement: crate::Effect,
+    ) -> Result<Option<sqlx::postgres::PgRow>, sqlx::Error> {
+        use sqlx::{Arguments, Row as _};
+        let (ctes, held, arguments) = self.bind(statement).bound()?;
+        let written = Self::written_cte(
+            arguments.len() - Self::PLACEHOLDERS + 1,
+            "WHERE EXISTS (SELECT FROM choreo_held)",
+        );
+        let seq = self.seq_query();
+        let sql = format!(
+            "WITH {ctes},
+             choreo_held AS ({held}),
+             {written}
+             SELECT choreo_held.*, {seq} AS choreo_outbox_seq FROM choreo_held"
+        );
+        let Some(held) = sqlx::query_with(sqlx::AssertSqlSafe(sql), arguments)
+            .fetch_optional(&mut *conn)
+            .await?
+        else {
+            return Ok(None);
+        };
+        self.publish_once_committed(held.try_get("choreo_outbox_seq")?);
+        Ok(Some(held))
+    }
+
+    /// Written with `seq` in a transaction that is still open: the row is
+    /// published once it commits, where the work runs in [`capture`].
+    fn publish_once_committed(mut self, seq: i64) {
+        self.row.seq = seq;
+        if let Some(publisher) = self.publisher {
+            let row = self.row;
+            let _ = WRITTEN.try_with(|written| written.borrow_mut().push((publisher, row)));
+        }
+    }
+
+    /// Written with `seq` by a statement that has committed: published now.
+    pub(crate) fn publish(mut self, seq: i64) {
+        self.row.seq = seq;
+        if let Some(publisher) = self.publisher {
+            publisher.publish(vec![self.row]);
+        }
     }
 }
 

@@ -13,6 +13,7 @@
 use crate::Tx;
 use crate::barrier::{self, Claim, Compensation};
 use crate::envelope::{Envelope, EventPayload};
+use crate::handler::Effect;
 use crate::handler::HandleError;
 use crate::outbox::Outbox;
 
@@ -27,6 +28,10 @@ pub enum Verdict<S, F> {
     /// the system, sent by a task of the service).
     Later,
 }
+
+/// A step's work as one statement, and the verdict it comes to
+/// ([`CompensableStep::work_as_statement`]).
+pub type WorkStatement<S, F> = (Effect, Verdict<S, F>);
 
 /// What the compensation finds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +64,20 @@ pub trait CompensableStep: Send + Sync {
         envelope: &Envelope,
         input: Self::Input,
     ) -> Result<Verdict<Self::Success, Self::Failure>, HandleError>;
+
+    /// The work as one statement and the verdict it comes to, when it is
+    /// one (`None`, the default, when it is not): then the platform can
+    /// apply a trigger that comes alone as that statement, its outcome
+    /// event, its barrier claim and its inbox insert together
+    /// ([`act_alone`]). `work` must then do the same, by
+    /// [`Effect::run`]ning this statement in its transaction.
+    fn work_as_statement(
+        &self,
+        _envelope: &Envelope,
+        _input: &Self::Input,
+    ) -> Option<WorkStatement<Self::Success, Self::Failure>> {
+        None
+    }
 
     /// Undoes the work, or records that it was never done; returns the
     /// compensation event, which carries `cause` on down the chain.
@@ -98,6 +117,27 @@ pub async fn act<S: CompensableStep>(
         Verdict::Later => {}
     }
     Ok(())
+}
+
+/// The step's action for the trigger `envelope` as one statement, where its
+/// work is one ([`CompensableStep::work_as_statement`]): for the step's
+/// [`crate::Handler::effect_alone`]. The statement writes the work and its
+/// outcome event; the platform adds the inbox insert and the barrier claim,
+/// and applies none of it unless the claim is new, so a repeated or refused
+/// action goes through [`act`] in a transaction.
+pub fn act_alone<S: CompensableStep>(
+    step: &S,
+    envelope: &Envelope,
+    input: &S::Input,
+) -> Option<Effect> {
+    let saga = envelope.saga_id.as_str();
+    let (work, verdict) = step.work_as_statement(envelope, input)?;
+    let outcome = match verdict {
+        Verdict::Succeeded(success) => step.outbox().envelope(saga, Some(envelope), &success),
+        Verdict::Failed(failure) => step.outbox().envelope(saga, Some(envelope), &failure),
+        Verdict::Later => return Some(work),
+    };
+    Some(work.emitting(step.outbox(), &outcome))
 }
 
 /// Runs the step's compensation for the saga of `envelope` (a failure or

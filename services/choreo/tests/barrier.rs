@@ -2,6 +2,7 @@
 //! early compensations recorded, races resolved consistently.
 mod common;
 
+use choreo::Effect;
 use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,8 +126,12 @@ impl Decode for GoOrBack {
 }
 
 /// A compensable step that writes down what it did: `log (saga, what)`.
+/// With `alone`, its work is also one statement, which the consumer
+/// applies with the trigger's inbox insert and barrier claim when the
+/// trigger comes alone.
 struct Logged {
     outbox: Outbox,
+    alone: bool,
 }
 
 #[async_trait::async_trait]
@@ -149,6 +154,22 @@ impl choreo::step::CompensableStep for Logged {
     ) -> Result<choreo::step::Verdict<Ping, Ping>, HandleError> {
         log(tx, &envelope.saga_id, "work").await?;
         Ok(choreo::step::Verdict::Succeeded(Ping { n: 1 }))
+    }
+
+    /// The same work, and a mark in `alone` that tells it went this way.
+    fn work_as_statement(
+        &self,
+        envelope: &Envelope,
+        _go: &Go,
+    ) -> Option<choreo::step::WorkStatement<Ping, Ping>> {
+        let statement = Effect::new(
+            "logged AS (INSERT INTO log (saga, what) VALUES ($1, 'work') RETURNING at),
+             marked AS (INSERT INTO alone (saga) VALUES ($1))",
+            "SELECT at FROM logged",
+        )
+        .bind(envelope.saga_id.clone());
+        self.alone
+            .then_some((statement, choreo::step::Verdict::Succeeded(Ping { n: 1 })))
     }
 
     async fn undo(
@@ -188,12 +209,21 @@ impl Handler for Logged {
             GoOrBack::Back(_) => choreo::step::compensate(self, tx, envelope, "back".into()).await,
         }
     }
+
+    fn effect_alone(&self, envelope: &Envelope, event: &GoOrBack) -> Option<Effect> {
+        match event {
+            GoOrBack::Go(go) if !go.skip => choreo::step::act_alone(self, envelope, go),
+            _ => None,
+        }
+    }
 }
 
 /// The inbox step claims a step's barrier row in its own statement when the
 /// declaration ties the event's type to the step. Every rule of the barrier
 /// must come out as it does when the step asks the barrier itself: the same
-/// story for each saga with the claims and without them, alone and in a batch.
+/// story for each saga with the claims and without them, alone and in a batch,
+/// and when a trigger that comes alone is applied as one statement with its
+/// work, its outcome event, its inbox insert and its claim.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_made_with_the_inbox_keep_every_barrier_rule() {
     let declared = barrier::Claims::from([
@@ -204,21 +234,39 @@ async fn claims_made_with_the_inbox_keep_every_barrier_rule() {
         ),
     ]);
     let mut stories = Vec::new();
-    for claims in [declared, barrier::Claims::new()] {
+    for (claims, as_statement) in [
+        (declared.clone(), false),
+        (barrier::Claims::new(), false),
+        (declared, true),
+    ] {
         let s = setup().await;
-        sqlx::query(
-            "CREATE TABLE log (at BIGSERIAL PRIMARY KEY, saga TEXT NOT NULL, what TEXT NOT NULL)",
+        sqlx::raw_sql(
+            "CREATE TABLE log (at BIGSERIAL PRIMARY KEY, saga TEXT NOT NULL, what TEXT NOT NULL);
+             CREATE TABLE alone (saga TEXT NOT NULL)",
         )
         .execute(&s.pool)
         .await
         .unwrap();
-        let step = Logged { outbox: s.outbox() };
+        let step = Logged {
+            outbox: s.outbox(),
+            alone: as_statement,
+        };
         let go = |saga: &str| Envelope::new("test", saga, None, &Go { skip: false });
         let skip = |saga: &str| Envelope::new("test", saga, None, &Go { skip: true });
         let back = |saga: &str| Envelope::new("test", saga, None, &Back {});
         let alone = |envelope: Envelope| {
             let (pool, step, claims) = (&s.pool, &step, &claims);
-            async move { inbox::apply(pool, step, claims, &envelope).await.unwrap() }
+            async move {
+                if as_statement {
+                    let mut conn = pool.acquire().await.unwrap();
+                    let event = GoOrBack::decode(&envelope).unwrap();
+                    inbox::apply_alone_or_in_tx(&mut conn, step, claims, &envelope, event)
+                        .await
+                        .unwrap()
+                } else {
+                    inbox::apply(pool, step, claims, &envelope).await.unwrap()
+                }
+            }
         };
         // Alone: work, a repeat of the trigger, then the compensation.
         assert_eq!(alone(go("forward")).await, Outcome::Applied);
@@ -240,6 +288,18 @@ async fn claims_made_with_the_inbox_keep_every_barrier_rule() {
         // In one batch: one saga's trigger then compensation, another's the
         // other way round, a repeated trigger, a skipped one, and a trigger
         // delivered twice.
+        // A trigger alone went as one statement only where its claim was
+        // new: not the repeat, not the one after its compensation.
+        let alone_sagas: Vec<String> = sqlx::query_scalar("SELECT saga FROM alone ORDER BY saga")
+            .fetch_all(&s.pool)
+            .await
+            .unwrap();
+        let expected_alone: &[&str] = if as_statement {
+            &["forward", "skipped"]
+        } else {
+            &[]
+        };
+        assert_eq!(alone_sagas, expected_alone);
         let twice = go("twice");
         let events = [
             go("batch-forward"),

@@ -1,7 +1,8 @@
 //! An event whose whole effect is one statement ([`Handler::effect_alone`]) is
 //! applied with its inbox insert as that one statement, against a real
 //! PostgreSQL: once, all or nothing, and through its transaction when the
-//! effect does not hold or its step claims a barrier row.
+//! effect does not hold, its step's barrier row is taken, or it asks for a
+//! compensation.
 mod common;
 
 use choreo::Effect;
@@ -93,14 +94,40 @@ async fn an_effect_that_does_not_hold_writes_nothing_and_its_event_goes_through_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_event_whose_step_claims_a_barrier_row_goes_through_its_transaction() {
+async fn a_steps_trigger_alone_holds_only_with_its_barrier_claim_and_a_compensation_goes_through_its_transaction()
+ {
     let s = setup().await;
-    let even = Envelope::new("test", "saga-1", None, &Ping { n: 4 });
-    let claims = [(even.event_type.clone(), Claim::Action("ping"))]
+    let first = Envelope::new("test", "saga-1", None, &Ping { n: 4 });
+    let again = Envelope::new("test", "saga-1", None, &Ping { n: 6 });
+    let action = [(first.event_type.clone(), Claim::Action("ping"))]
         .into_iter()
         .collect();
-    assert_eq!(apply_alone(&s, &claims, &even).await, Outcome::Applied);
-    assert_eq!(s.effect_counts().await, vec![100]);
+    // The first trigger claims the row in its statement; the next one of
+    // the same saga finds it taken and goes through its transaction.
+    assert_eq!(apply_alone(&s, &action, &first).await, Outcome::Applied);
+    assert_eq!(apply_alone(&s, &action, &again).await, Outcome::Applied);
+    let mut counts = s.effect_counts().await;
+    counts.sort();
+    assert_eq!(counts, vec![1, 100]);
+    let state: String = sqlx::query_scalar(
+        "SELECT state FROM choreo_barrier WHERE saga_id = 'saga-1' AND step = 'ping'",
+    )
+    .fetch_one(&s.pool)
+    .await
+    .unwrap();
+    assert_eq!(state, "done");
+    // An event that asks for a compensation never goes alone.
+    let back = Envelope::new("test", "saga-2", None, &Ping { n: 8 });
+    let compensation = [(back.event_type.clone(), Claim::Compensation("ping"))]
+        .into_iter()
+        .collect();
+    assert_eq!(
+        apply_alone(&s, &compensation, &back).await,
+        Outcome::Applied
+    );
+    let mut counts = s.effect_counts().await;
+    counts.sort();
+    assert_eq!(counts, vec![1, 100, 100]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

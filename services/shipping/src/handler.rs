@@ -1,7 +1,7 @@
 //! Shipping's rules: schedule a shipment for a reserved order if the carrier
 //! serves its destination; cancel it when the order is compensated.
 use choreo::step::{self, CompensableStep, Undo, Verdict};
-use choreo::{Config, Envelope, HandleError, Handler, Outbox, Reject, Tx};
+use choreo::{Config, Effect, Envelope, HandleError, Handler, Outbox, Reject, Tx};
 use contracts::SagaEvent;
 use contracts::events::v1 as ev;
 use uuid::Uuid;
@@ -26,6 +26,59 @@ pub struct ShippingHandler {
     pub served: Vec<String>,
 }
 
+impl ShippingHandler {
+    /// Schedules the shipment of `order_id`, or records why none can be
+    /// made, in one statement: the step's work alone and in a transaction
+    /// alike.
+    fn schedule(
+        &self,
+        order_id: Uuid,
+        order: &ev::InventoryReserved,
+    ) -> step::WorkStatement<ev::ShippingScheduled, ev::ShippingFailed> {
+        let failure = if !self.served.contains(&order.destination) {
+            Some(format!(
+                "carrier {} does not serve destination {}",
+                self.carrier, order.destination
+            ))
+        } else {
+            self.config.injected_failure()
+        };
+        if let Some(reason) = failure {
+            let failed = Effect::new(
+                "written AS (
+                     INSERT INTO shipments (order_id, status, destination, reason)
+                     VALUES ($1, $2, $3, $4) RETURNING order_id)",
+                "SELECT order_id FROM written",
+            )
+            .bind(order_id)
+            .bind(ShipmentStatus::Failed)
+            .bind(order.destination.clone())
+            .bind(reason.clone());
+            return (failed, Verdict::Failed(ev::ShippingFailed { reason }));
+        }
+        let shipment_id = Uuid::now_v7();
+        let scheduled = Effect::new(
+            "written AS (
+                 INSERT INTO shipments (order_id, shipment_id, status, carrier, destination)
+                 VALUES ($1, $2, $3, $4, $5) RETURNING order_id)",
+            "SELECT order_id FROM written",
+        )
+        .bind(order_id)
+        .bind(shipment_id)
+        .bind(ShipmentStatus::Scheduled)
+        .bind(self.carrier.clone())
+        .bind(order.destination.clone());
+        let scheduled_event = ev::ShippingScheduled {
+            shipment_id: shipment_id.to_string(),
+            carrier: self.carrier.clone(),
+            destination: order.destination.clone(),
+            contact: order.contact.clone(),
+            customer: order.customer.clone(),
+        };
+        (scheduled, Verdict::Succeeded(scheduled_event))
+    }
+}
+
 #[async_trait::async_trait]
 impl CompensableStep for ShippingHandler {
     const NAME: &'static str = "ship";
@@ -38,51 +91,27 @@ impl CompensableStep for ShippingHandler {
         &self.outbox
     }
 
+    fn work_as_statement(
+        &self,
+        envelope: &Envelope,
+        order: &ev::InventoryReserved,
+    ) -> Option<step::WorkStatement<ev::ShippingScheduled, ev::ShippingFailed>> {
+        Some(self.schedule(contracts::order_id_of(envelope).ok()?, order))
+    }
+
     async fn work(
         &self,
         tx: &mut Tx<'_>,
         envelope: &Envelope,
         order: ev::InventoryReserved,
     ) -> Result<Verdict<ev::ShippingScheduled, ev::ShippingFailed>, HandleError> {
-        let order_id = contracts::order_id_of(envelope)?;
-        let failure = if !self.served.contains(&order.destination) {
-            Some(format!(
-                "carrier {} does not serve destination {}",
-                self.carrier, order.destination
-            ))
-        } else {
-            self.config.injected_failure()
-        };
-        if let Some(reason) = failure {
-            tracing::info!(%reason, "shipment failed");
-            sqlx::query("INSERT INTO shipments (order_id, status, destination, reason) VALUES ($1, $4, $2, $3)")
-                .bind(order_id)
-                .bind(&order.destination)
-                .bind(&reason)
-                .bind(ShipmentStatus::Failed)
-                .execute(&mut **tx)
-                .await?;
-            return Ok(Verdict::Failed(ev::ShippingFailed { reason }));
+        let (statement, verdict) = self.schedule(contracts::order_id_of(envelope)?, &order);
+        statement.run(tx).await?;
+        match &verdict {
+            Verdict::Failed(failed) => tracing::info!(reason = %failed.reason, "shipment failed"),
+            _ => tracing::info!("shipment scheduled"),
         }
-        let shipment_id = Uuid::now_v7();
-        sqlx::query(
-            "INSERT INTO shipments (order_id, shipment_id, status, carrier, destination) VALUES ($1, $2, $5, $3, $4)",
-        )
-        .bind(order_id)
-        .bind(shipment_id)
-        .bind(&self.carrier)
-        .bind(&order.destination)
-        .bind(ShipmentStatus::Scheduled)
-        .execute(&mut **tx)
-        .await?;
-        tracing::info!(%shipment_id, "shipment scheduled");
-        Ok(Verdict::Succeeded(ev::ShippingScheduled {
-            shipment_id: shipment_id.to_string(),
-            carrier: self.carrier.clone(),
-            destination: order.destination,
-            contact: order.contact,
-            customer: order.customer,
-        }))
+        Ok(verdict)
     }
 
     async fn undo(
@@ -140,6 +169,14 @@ impl Handler for ShippingHandler {
                 step::compensate(self, tx, envelope, cause).await
             }
             _ => Err(Reject::NotConsumed(envelope.event_type.clone()).into()),
+        }
+    }
+
+    /// A reserved order that comes alone is scheduled in one statement.
+    fn effect_alone(&self, envelope: &Envelope, event: &SagaEvent) -> Option<Effect> {
+        match event {
+            SagaEvent::InventoryReserved(order) => step::act_alone(self, envelope, order),
+            _ => None,
         }
     }
 }
