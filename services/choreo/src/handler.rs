@@ -7,6 +7,7 @@ use sqlx::postgres::PgArguments;
 use tracing::Instrument;
 
 use crate::Tx;
+use crate::barrier::Claim;
 use crate::envelope::{Envelope, Reject};
 use crate::inbox::Batched;
 
@@ -155,6 +156,11 @@ impl Effect {
             .await
     }
 
+    /// The number of the placeholder the next [`Effect::bind`] binds.
+    pub(crate) fn next_placeholder(&self) -> usize {
+        self.arguments.len() + 1
+    }
+
     /// Its parts, once every value bound could be encoded.
     pub(crate) fn bound(self) -> Result<(&'static str, &'static str, PgArguments), sqlx::Error> {
         match self.unbound {
@@ -178,55 +184,45 @@ impl Effect {
         envelope: &Envelope,
         claim: Option<&'static str>,
     ) -> Result<(String, PgArguments, Option<crate::outbox::Emitted>), sqlx::Error> {
-        use crate::outbox::Emitted;
         let emits = self.emits.take();
+        let id = self.next_placeholder();
+        let (ty, saga) = (id + 1, id + 2);
         let mut effect = self
             .bind(envelope.id())
             .bind(envelope.event_type.as_str())
             .bind(envelope.saga_id.as_str());
+        let mut claimed = String::new();
+        let mut holds = "count(*) > 0";
         if let Some(step) = claim {
-            effect = effect.bind(step);
-        }
-        if let Some(emitted) = &emits {
-            effect = emitted.bind(effect);
-        }
-        let (ctes, held, arguments) = effect.bound()?;
-        let emitted_from =
-            arguments.len() + 1 - emits.as_ref().map_or(0, |_| Emitted::PLACEHOLDERS);
-        let step = emitted_from - 1;
-        let inbox = emitted_from - usize::from(claim.is_some()) - 3;
-        let (id, ty, saga) = (inbox, inbox + 1, inbox + 2);
-        let mut sql = format!(
-            "WITH {ctes},
-             choreo_fresh AS (
-                 INSERT INTO choreo_inbox (event_id, event_type, saga_id) VALUES (${id}, ${ty}, ${saga})
-                 ON CONFLICT (event_id) DO NOTHING RETURNING event_id)"
-        );
-        let mut holds = "count(*) > 0".to_owned();
-        if claim.is_some() {
-            sql.push_str(&format!(
+            let placeholder = effect.next_placeholder();
+            let state = Claim::Action(step).first_state();
+            claimed = format!(
                 ",
              choreo_claimed AS (
-                 INSERT INTO choreo_barrier (saga_id, step, state) VALUES (${saga}, ${step}, 'done')
+                 INSERT INTO choreo_barrier (saga_id, step, state) VALUES (${saga}, ${placeholder}, '{state}')
                  ON CONFLICT (saga_id, step) DO NOTHING RETURNING saga_id)"
-            ));
-            holds.push_str(" AND EXISTS (SELECT FROM choreo_claimed)");
+            );
+            holds = "count(*) > 0 AND EXISTS (SELECT FROM choreo_claimed)";
+            effect = effect.bind(step);
         }
         // The event's row is written unconditionally: where the effect
         // does not hold, the statement fails and takes it back.
-        let seq = match &emits {
-            Some(emitted) => {
-                sql.push_str(",\n");
-                sql.push_str(&Emitted::written_cte(emitted_from, ""));
-                format!(", {} AS choreo_outbox_seq", emitted.seq_query())
-            }
-            None => String::new(),
-        };
-        sql.push_str(&format!(
-            "
+        let (mut written, mut seq) = (String::new(), String::new());
+        if let Some(emitted) = &emits {
+            let (bound, cte) = emitted.bind(effect, "");
+            effect = bound;
+            written = format!(",\n{cte}");
+            seq = format!(", {} AS choreo_outbox_seq", emitted.seq_query());
+        }
+        let (ctes, held, arguments) = effect.bound()?;
+        let sql = format!(
+            "WITH {ctes},
+             choreo_fresh AS (
+                 INSERT INTO choreo_inbox (event_id, event_type, saga_id) VALUES (${id}, ${ty}, ${saga})
+                 ON CONFLICT (event_id) DO NOTHING RETURNING event_id){claimed}{written}
              SELECT choreo_applied_alone(EXISTS (SELECT FROM choreo_fresh), {holds}){seq}
              FROM ({held}) AS choreo_held"
-        ));
+        );
         Ok((sql, arguments, emits))
     }
 }

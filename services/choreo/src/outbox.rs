@@ -247,34 +247,35 @@ pub(crate) struct Emitted {
 }
 
 impl Emitted {
-    /// How many placeholders [`Emitted::bind`] binds.
-    pub(crate) const PLACEHOLDERS: usize = 6;
-
-    /// Binds the row's values as `statement`'s next placeholders.
-    pub(crate) fn bind(&self, statement: crate::Effect) -> crate::Effect {
-        statement
+    /// Binds the row's values as `statement`'s next placeholders (they are
+    /// encoded as they are bound: no copy), and returns with it the common
+    /// table expression `choreo_written` that inserts the row from them
+    /// where `condition` (`WHERE ...`, or empty) holds; it returns the
+    /// row's `seq`.
+    pub(crate) fn bind(
+        &self,
+        statement: crate::Effect,
+        condition: &str,
+    ) -> (crate::Effect, String) {
+        let first = statement.next_placeholder();
+        let statement = statement
             .bind(self.row.event_id)
-            .bind(self.row.subject.clone())
-            .bind(self.event_type.clone())
-            .bind(self.row.saga_id.clone())
-            .bind(self.row.payload.clone())
-            .bind(self.row.traceparent.clone())
-    }
-
-    /// The common table expression `choreo_written` that inserts the row
-    /// from the values bound at placeholders `first`.., where `condition`
-    /// (`WHERE ...`, or empty) holds; it returns the row's `seq`.
-    pub(crate) fn written_cte(first: usize, condition: &str) -> String {
-        let values: Vec<String> = (first..first + Self::PLACEHOLDERS)
+            .bind(self.row.subject.as_str())
+            .bind(self.event_type.as_str())
+            .bind(self.row.saga_id.as_str())
+            .bind(self.row.payload.as_slice())
+            .bind(self.row.traceparent.as_str());
+        let values: Vec<String> = (first..statement.next_placeholder())
             .map(|n| format!("${n}"))
             .collect();
-        format!(
+        let written = format!(
             "choreo_written AS (
                  INSERT INTO choreo_outbox (event_id, subject, event_type, saga_id, payload, traceparent)
                  SELECT {} {condition}
                  RETURNING seq)",
             values.join(", ")
-        )
+        );
+        (statement, written)
     }
 
     /// The scalar query for the written row's seq. Without a publisher the
@@ -293,12 +294,9 @@ impl Emitted {
         conn: &mut PgConnection,
         statement: crate::Effect,
     ) -> Result<Option<sqlx::postgres::PgRow>, sqlx::Error> {
-        use sqlx::{Arguments, Row as _};
-        let (ctes, held, arguments) = self.bind(statement).bound()?;
-        let written = Self::written_cte(
-            arguments.len() - Self::PLACEHOLDERS + 1,
-            "WHERE EXISTS (SELECT FROM choreo_held)",
-        );
+        use sqlx::Row as _;
+        let (statement, written) = self.bind(statement, "WHERE EXISTS (SELECT FROM choreo_held)");
+        let (ctes, held, arguments) = statement.bound()?;
         let seq = self.seq_query();
         let sql = format!(
             "WITH {ctes},

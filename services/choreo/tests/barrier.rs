@@ -285,9 +285,6 @@ async fn claims_made_with_the_inbox_keep_every_barrier_rule() {
                 .unwrap();
         assert_eq!(rows, 0, "a claim its handler did not take was left behind");
         alone(go("skipped")).await;
-        // In one batch: one saga's trigger then compensation, another's the
-        // other way round, a repeated trigger, a skipped one, and a trigger
-        // delivered twice.
         // A trigger alone went as one statement only where its claim was
         // new: not the repeat, not the one after its compensation.
         let alone_sagas: Vec<String> = sqlx::query_scalar("SELECT saga FROM alone ORDER BY saga")
@@ -300,6 +297,9 @@ async fn claims_made_with_the_inbox_keep_every_barrier_rule() {
             &[]
         };
         assert_eq!(alone_sagas, expected_alone);
+        // In one batch: one saga's trigger then compensation, another's the
+        // other way round, a repeated trigger, a skipped one, and a trigger
+        // delivered twice.
         let twice = go("twice");
         let events = [
             go("batch-forward"),
