@@ -152,6 +152,20 @@ pub async fn fresh_database() -> anyhow::Result<(Postgres, String)> {
     Ok((postgres, url))
 }
 
+/// Whether the row of `table` for the order `order_id` was written by the
+/// first statement of its transaction (`cmin` counts the statements of the
+/// transaction that wrote a row). A consumed event's effect applied alone
+/// is that first statement, together with its inbox insert; in a
+/// transaction the inbox insert comes first and the effect later.
+pub async fn written_by_first_statement(pool: &sqlx::PgPool, table: &str, order_id: &str) -> bool {
+    let sql = format!("SELECT cmin::text = '0' FROM {table} WHERE order_id = $1::uuid");
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(order_id)
+        .fetch_one(pool)
+        .await
+        .expect("the row's cmin")
+}
+
 /// Both servers a service needs.
 pub struct Infra {
     pub nats: Nats,

@@ -106,6 +106,8 @@ pub struct Effect {
     unbound: Option<String>,
     /// The event the statement writes too, if it holds.
     emits: Option<crate::outbox::Emitted>,
+    /// What runs once the effect is committed ([`Effect::after_commit`]).
+    committed: Vec<Box<dyn FnOnce() + Send>>,
 }
 
 impl Effect {
@@ -116,7 +118,23 @@ impl Effect {
             arguments: PgArguments::default(),
             unbound: None,
             emits: None,
+            committed: Vec::new(),
         }
+    }
+
+    /// The same effect, running `f` once it is committed, and never if it
+    /// is not: applied alone, as soon as its statement returns; [`run`] in
+    /// a handler's transaction, once that commits ([`crate::inbox::after_commit`]).
+    ///
+    /// [`run`]: Effect::run
+    pub fn after_commit(mut self, f: impl FnOnce() + Send + 'static) -> Self {
+        self.committed.push(Box::new(f));
+        self
+    }
+
+    /// What runs once the effect is committed.
+    pub(crate) fn take_committed(&mut self) -> Vec<Box<dyn FnOnce() + Send>> {
+        std::mem::take(&mut self.committed)
     }
 
     /// The same effect writing `envelope` through `outbox` too, in its
@@ -149,11 +167,16 @@ impl Effect {
                 .await
                 .map(|row| row.is_some());
         }
+        let committed = self.take_committed();
         let (ctes, held, arguments) = self.bound()?;
         let sql = format!("WITH {ctes} SELECT count(*) > 0 FROM ({held}) AS held");
-        sqlx::query_scalar_with(sqlx::AssertSqlSafe(sql), arguments)
+        let held = sqlx::query_scalar_with(sqlx::AssertSqlSafe(sql), arguments)
             .fetch_one(conn)
-            .await
+            .await?;
+        if held {
+            committed.into_iter().for_each(crate::inbox::after_commit);
+        }
+        Ok(held)
     }
 
     /// The number of the placeholder the next [`Effect::bind`] binds.

@@ -120,14 +120,16 @@ pub async fn apply_alone_or_in_tx<H: Handler>(
 /// of the step `claim`, if any) in one statement, outside any transaction:
 /// [`Outcome::Applied`], [`Outcome::Duplicate`] (nothing written), or
 /// `None` when the effect did not hold (nothing written either). The event
-/// the effect emits is published at once: the statement has committed.
+/// the effect emits is published at once, and what it runs after commit
+/// runs: the statement has committed.
 async fn apply_alone(
     conn: &mut sqlx::PgConnection,
-    effect: crate::handler::Effect,
+    mut effect: crate::handler::Effect,
     envelope: &Envelope,
     claim: Option<&'static str>,
 ) -> Result<Option<Outcome>, sqlx::Error> {
     use sqlx::Row as _;
+    let committed = effect.take_committed();
     let (sql, arguments, emits) = effect.with_inbox(envelope, claim)?;
     let error = match sqlx::query_with(sqlx::AssertSqlSafe(sql), arguments)
         .fetch_one(conn)
@@ -137,6 +139,7 @@ async fn apply_alone(
             if let Some(emitted) = emits {
                 emitted.publish(row.try_get("choreo_outbox_seq")?);
             }
+            committed.into_iter().for_each(|f| f());
             return Ok(Some(Outcome::Applied));
         }
         Err(error) => error,

@@ -174,7 +174,9 @@ impl Outbox {
     /// is atomic) and one in a transaction costs one statement, not two.
     /// Returns the statement's first row, or `None` when it returned none
     /// (then the event is not written either). Like [`Outbox::insert`], the
-    /// row is published after commit where the work runs in [`capture`].
+    /// row is published after commit where the work runs in [`capture`],
+    /// and what the statement runs after commit ([`crate::Effect::after_commit`])
+    /// runs as [`crate::inbox::after_commit`] runs it.
     pub async fn insert_with(
         &self,
         conn: &mut PgConnection,
@@ -292,9 +294,10 @@ impl Emitted {
     pub(crate) async fn insert_with(
         self,
         conn: &mut PgConnection,
-        statement: crate::Effect,
+        mut statement: crate::Effect,
     ) -> Result<Option<sqlx::postgres::PgRow>, sqlx::Error> {
         use sqlx::Row as _;
+        let committed = statement.take_committed();
         let (statement, written) = self.bind(statement, "WHERE EXISTS (SELECT FROM choreo_held)");
         let (ctes, held, arguments) = statement.bound()?;
         let seq = self.seq_query();
@@ -311,6 +314,7 @@ impl Emitted {
             return Ok(None);
         };
         self.publish_once_committed(held.try_get("choreo_outbox_seq")?);
+        committed.into_iter().for_each(crate::inbox::after_commit);
         Ok(Some(held))
     }
 

@@ -65,12 +65,14 @@ pub trait CompensableStep: Send + Sync {
         input: Self::Input,
     ) -> Result<Verdict<Self::Success, Self::Failure>, HandleError>;
 
-    /// The work as one statement and the verdict it comes to, when it is
-    /// one (`None`, the default, when it is not): then the platform can
-    /// apply a trigger that comes alone as that statement, its outcome
-    /// event, its barrier claim and its inbox insert together
-    /// ([`act_alone`]). `work` must then do the same, by
-    /// [`Effect::run`]ning this statement in its transaction.
+    /// The work as one statement and the verdict it comes to when the
+    /// statement holds, where it is one (`None`, the default, where it is
+    /// not): then the platform can apply a trigger that comes alone as that
+    /// statement, its outcome event, its barrier claim and its inbox insert
+    /// together ([`act_alone`]). `work` must then do the same, by
+    /// [`Effect::run`]ning this statement in its transaction; where the
+    /// statement does not hold (nothing of it is written), the trigger goes
+    /// through `work` in a transaction, which decides what that means.
     fn work_as_statement(
         &self,
         _envelope: &Envelope,

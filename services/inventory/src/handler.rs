@@ -1,7 +1,7 @@
 //! Inventory's rules: hold every line of an order or none; give back exactly
 //! what was held when the order is compensated.
 use choreo::step::{self, CompensableStep, Undo, Verdict};
-use choreo::{Config, Envelope, HandleError, Handler, Outbox, Reject, Tx};
+use choreo::{Config, Effect, Envelope, HandleError, Handler, Outbox, Reject, Tx};
 use contracts::SagaEvent;
 use contracts::events::v1 as ev;
 use sqlx::{Acquire, PgConnection};
@@ -54,36 +54,6 @@ async fn take(
     }
     attempt.commit().await?;
     Ok(None)
-}
-
-/// Takes an order's one line from its SKU's stock and records the order's
-/// reservation as held, with that line, in one statement; whether it could
-/// (nothing is written when it could not). The SKU's row, which every order
-/// of that product waits for, is locked from here to the commit, as when
-/// it is taken last.
-async fn take_and_hold_one(
-    tx: &mut PgConnection,
-    order_id: Uuid,
-    line: &ev::OrderLine,
-) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "WITH taken AS (
-             UPDATE stock SET available = available - $4, reserved = reserved + $4
-             WHERE sku = $3 AND available >= $4 RETURNING sku),
-         held AS (
-             INSERT INTO reservations (order_id, status, reason) SELECT $1, $2, '' FROM taken
-             ON CONFLICT (order_id) DO UPDATE SET status = $2, reason = '', updated_at = now()
-             RETURNING order_id),
-         line AS (
-             INSERT INTO reservation_lines (order_id, sku, quantity) SELECT order_id, $3, $4 FROM held)
-         SELECT EXISTS (SELECT FROM taken)",
-    )
-    .bind(order_id)
-    .bind(ReservationStatus::Held)
-    .bind(&line.sku)
-    .bind(line.quantity as i64)
-    .fetch_one(tx)
-    .await
 }
 
 /// Why `line` cannot be taken from its SKU's stock.
@@ -159,6 +129,62 @@ async fn refuse(tx: &mut PgConnection, order_id: Uuid, reason: &str) -> Result<(
     Ok(())
 }
 
+impl InventoryHandler {
+    /// The reservation of `order_id` as one statement, and its verdict when
+    /// the statement holds: a refusal the configuration injects, or an
+    /// order of one line taken from its SKU's stock and held (nothing is
+    /// written when there is not enough: the statement does not hold, and
+    /// [`refusal`] says why). The SKU's row, which every order of that
+    /// product waits for, is locked from the statement to the commit, as
+    /// when it is taken last. `None` for an order of several lines, which
+    /// takes its SKUs one by one under a savepoint.
+    fn reserve(
+        &self,
+        order_id: Uuid,
+        order: &ev::OrderCreated,
+    ) -> Option<step::WorkStatement<ev::InventoryReserved, ev::InventoryRejected>> {
+        if let Some(reason) = self.config.injected_failure() {
+            let rejected = Effect::new(
+                "written AS (
+                     INSERT INTO reservations (order_id, status, reason) VALUES ($1, $2, $3)
+                     ON CONFLICT (order_id) DO UPDATE SET status = $2, reason = $3, updated_at = now()
+                     RETURNING order_id)",
+                "SELECT order_id FROM written",
+            )
+            .bind(order_id)
+            .bind(ReservationStatus::Rejected)
+            .bind(reason.as_str());
+            return Some((rejected, Verdict::Failed(ev::InventoryRejected { reason })));
+        }
+        let [line] = &order.lines[..] else {
+            return None;
+        };
+        let held = Effect::new(
+            "taken AS (
+                 UPDATE stock SET available = available - $4, reserved = reserved + $4
+                 WHERE sku = $3 AND available >= $4 RETURNING sku),
+             held AS (
+                 INSERT INTO reservations (order_id, status, reason) SELECT $1, $2, '' FROM taken
+                 ON CONFLICT (order_id) DO UPDATE SET status = $2, reason = '', updated_at = now()
+                 RETURNING order_id),
+             line AS (
+                 INSERT INTO reservation_lines (order_id, sku, quantity) SELECT order_id, $3, $4 FROM held)",
+            "SELECT order_id FROM held",
+        )
+        .bind(order_id)
+        .bind(ReservationStatus::Held)
+        .bind(line.sku.as_str())
+        .bind(i64::from(line.quantity));
+        let reserved = ev::InventoryReserved {
+            lines: order.lines.clone(),
+            destination: order.destination.clone(),
+            contact: order.contact.clone(),
+            customer: order.customer.clone(),
+        };
+        Some((held, Verdict::Succeeded(reserved)))
+    }
+}
+
 #[async_trait::async_trait]
 impl CompensableStep for InventoryHandler {
     const NAME: &'static str = "reserve";
@@ -178,42 +204,61 @@ impl CompensableStep for InventoryHandler {
         order: ev::OrderCreated,
     ) -> Result<Verdict<ev::InventoryReserved, ev::InventoryRejected>, HandleError> {
         let order_id = contracts::order_id_of(envelope)?;
-        if let Some(reason) = self.config.injected_failure() {
-            tracing::info!(%reason, "reservation rejected");
-            record(tx, order_id, ReservationStatus::Rejected, &reason).await?;
-            return Ok(Verdict::Failed(ev::InventoryRejected { reason }));
-        }
-        let refused = if let [line] = &order.lines[..] {
-            // One line: taken and held in one statement, or nothing written.
-            if take_and_hold_one(tx, order_id, line).await? {
-                None
-            } else {
-                let reason = refusal(tx, line).await?;
-                record(tx, order_id, ReservationStatus::Rejected, &reason).await?;
-                Some(reason)
+        let verdict = match self.reserve(order_id, &order) {
+            Some((statement, verdict)) => {
+                if statement.run(tx).await? {
+                    verdict
+                } else {
+                    // Only an order's one line can fail to be taken: there
+                    // is not enough of it, and nothing was written.
+                    let [line] = &order.lines[..] else {
+                        return Err(HandleError::Transient(format!(
+                            "the reservation of {} lines did not hold",
+                            order.lines.len()
+                        )));
+                    };
+                    let reason = refusal(tx, line).await?;
+                    record(tx, order_id, ReservationStatus::Rejected, &reason).await?;
+                    Verdict::Failed(ev::InventoryRejected { reason })
+                }
             }
-        } else {
-            // The reservation is written first and the stock taken last, so
-            // the SKUs' rows (which every order of those SKUs waits for) stay
-            // locked only through the outbox insert and the commit.
-            hold(tx, order_id, &order.lines).await?;
-            let refused = take(tx, &order.lines).await?;
-            if let Some(reason) = &refused {
-                refuse(tx, order_id, reason).await?;
+            None => {
+                // The reservation is written first and the stock taken last, so
+                // the SKUs' rows (which every order of those SKUs waits for) stay
+                // locked only through the outbox insert and the commit.
+                hold(tx, order_id, &order.lines).await?;
+                match take(tx, &order.lines).await? {
+                    Some(reason) => {
+                        refuse(tx, order_id, &reason).await?;
+                        Verdict::Failed(ev::InventoryRejected { reason })
+                    }
+                    None => Verdict::Succeeded(ev::InventoryReserved {
+                        lines: order.lines,
+                        destination: order.destination,
+                        contact: order.contact,
+                        customer: order.customer,
+                    }),
+                }
             }
-            refused
         };
-        if let Some(reason) = refused {
-            tracing::info!(%reason, "reservation rejected");
-            return Ok(Verdict::Failed(ev::InventoryRejected { reason }));
+        match &verdict {
+            Verdict::Failed(rejected) => {
+                tracing::info!(reason = %rejected.reason, "reservation rejected")
+            }
+            Verdict::Succeeded(reserved) => {
+                tracing::info!(lines = reserved.lines.len(), "stock reserved")
+            }
+            Verdict::Later => {}
         }
-        tracing::info!(lines = order.lines.len(), "stock reserved");
-        Ok(Verdict::Succeeded(ev::InventoryReserved {
-            lines: order.lines,
-            destination: order.destination,
-            contact: order.contact,
-            customer: order.customer,
-        }))
+        Ok(verdict)
+    }
+
+    fn work_as_statement(
+        &self,
+        envelope: &Envelope,
+        order: &ev::OrderCreated,
+    ) -> Option<step::WorkStatement<ev::InventoryReserved, ev::InventoryRejected>> {
+        self.reserve(contracts::order_id_of(envelope).ok()?, order)
     }
 
     async fn undo(
@@ -295,6 +340,15 @@ impl Handler for InventoryHandler {
                 step::compensate(self, tx, envelope, cause).await
             }
             _ => Err(Reject::NotConsumed(envelope.event_type.clone()).into()),
+        }
+    }
+
+    /// An order that comes alone is reserved in one statement, where its
+    /// reservation is one ([`InventoryHandler::reserve`]).
+    fn effect_alone(&self, envelope: &Envelope, event: &SagaEvent) -> Option<Effect> {
+        match event {
+            SagaEvent::OrderCreated(order) => step::act_alone(self, envelope, order),
+            _ => None,
         }
     }
 

@@ -255,3 +255,88 @@ async fn batches_taking_the_same_products_in_opposite_orders_never_deadlock() {
         assert_eq!(stock(&pool, sku).await, (1000 - 2 * rounds, 2 * rounds));
     }
 }
+
+/// Applies `envelope` as the consumer applies an event that comes alone:
+/// its effect in one statement where it has one, in a transaction otherwise.
+async fn apply_alone(pool: &PgPool, h: &InventoryHandler, envelope: &Envelope) -> Outcome {
+    let event = <contracts::SagaEvent as choreo::handler::Decode>::decode(envelope).unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    choreo::inbox::apply_alone_or_in_tx(&mut conn, h, &claims(), envelope, event)
+        .await
+        .unwrap()
+}
+
+/// An order of one line that comes alone is reserved, or refused by an
+/// injected failure, in one statement with its inbox insert, its barrier
+/// claim and its outcome event; everything else (not enough stock, several
+/// lines, a repeat, an order after its compensation) goes through its
+/// transaction with the same rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_of_one_line_that_comes_alone_is_reserved_in_one_statement_and_no_rule_changes() {
+    let (_pg, pool) = database().await;
+    let h = handler();
+    let order = || uuid::Uuid::now_v7().to_string();
+
+    let one = order();
+    let event = created(&one, &[("BOOK", 3)]);
+    assert_eq!(apply_alone(&pool, &h, &event).await, Outcome::Applied);
+    assert_eq!(apply_alone(&pool, &h, &event).await, Outcome::Duplicate);
+    assert_eq!(stock(&pool, "BOOK").await, (7, 3), "taken once");
+    assert_eq!(reservation(&pool, &one).await, ("HELD".into(), 1));
+    assert_eq!(emitted(&pool, &one).await, ["inventory.reserved"]);
+    assert!(harness::written_by_first_statement(&pool, "reservations", &one).await);
+
+    // Not enough: the statement does not hold, and the transaction says why.
+    let short = order();
+    apply_alone(&pool, &h, &created(&short, &[("PEN", 2)])).await;
+    assert_eq!(stock(&pool, "PEN").await, (1, 0));
+    assert_eq!(reservation(&pool, &short).await, ("REJECTED".into(), 0));
+    assert_eq!(emitted(&pool, &short).await, ["inventory.rejected"]);
+    assert!(!harness::written_by_first_statement(&pool, "reservations", &short).await);
+    let reason: String =
+        sqlx::query_scalar("SELECT reason FROM reservations WHERE order_id = $1::uuid")
+            .bind(&short)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(reason, "not enough stock of PEN (1 available, 2 ordered)");
+
+    // Several lines: in a transaction, all or none.
+    let two = order();
+    apply_alone(&pool, &h, &created(&two, &[("BOOK", 1), ("PEN", 1)])).await;
+    assert_eq!(reservation(&pool, &two).await, ("HELD".into(), 2));
+    assert!(!harness::written_by_first_statement(&pool, "reservations", &two).await);
+    assert_eq!(stock(&pool, "BOOK").await, (6, 4));
+    assert_eq!(stock(&pool, "PEN").await, (0, 1));
+
+    // Compensated first: the late order finds the barrier row taken, goes
+    // through its transaction, and is refused there.
+    let late = order();
+    let cancelled = Envelope::new("shipping", &late, None, &ev::ShippingCancelled::default());
+    assert_eq!(apply_alone(&pool, &h, &cancelled).await, Outcome::Applied);
+    apply_alone(&pool, &h, &created(&late, &[("BOOK", 1)])).await;
+    assert_eq!(reservation(&pool, &late).await, ("NEVER_MADE".into(), 0));
+    assert_eq!(stock(&pool, "BOOK").await, (6, 4));
+    assert_eq!(emitted(&pool, &late).await, ["inventory.released"]);
+
+    // An injected refusal is one statement too, and takes no stock.
+    let mut failing = handler();
+    failing.config.injected_failure_rate = 1.0;
+    let refused = order();
+    apply_alone(&pool, &failing, &created(&refused, &[("BOOK", 1)])).await;
+    assert_eq!(reservation(&pool, &refused).await, ("REJECTED".into(), 0));
+    assert_eq!(emitted(&pool, &refused).await, ["inventory.rejected"]);
+    assert!(harness::written_by_first_statement(&pool, "reservations", &refused).await);
+    assert_eq!(stock(&pool, "BOOK").await, (6, 4));
+
+    // The reserved order's release gives back what the statement took.
+    let failed = Envelope::new(
+        "shipping",
+        &one,
+        None,
+        &ev::ShippingFailed { reason: "x".into() },
+    );
+    apply_alone(&pool, &h, &failed).await;
+    assert_eq!(stock(&pool, "BOOK").await, (9, 1));
+    assert_eq!(reservation(&pool, &one).await.0, "RELEASED");
+}

@@ -5,7 +5,7 @@
 //! The handler queues messages; the [`crate::dispatch`]er sends them once the
 //! handler's transaction has committed, and writes the event that follows.
 use choreo::step::{self, CompensableStep, Undo, Verdict};
-use choreo::{Config, Envelope, HandleError, Handler, Outbox, Reject, Tx};
+use choreo::{Config, Effect, Envelope, HandleError, Handler, Outbox, Reject, Tx};
 use contracts::SagaEvent;
 use contracts::events::v1 as ev;
 use prost::Message;
@@ -34,56 +34,85 @@ struct Outgoing<'a> {
 
 /// The customer cannot be told: records why (the order's note in
 /// ListNotifications) and returns the `notification.failed` to write, which
-/// starts the compensation. Used by the step (an injected failure) and by the
-/// dispatcher (the provider says the message can never be delivered).
+/// starts the compensation. Used by the dispatcher (the provider says the
+/// message can never be delivered); the step writes [`failure`] itself.
 pub(crate) async fn record_failure(
     tx: &mut PgConnection,
     order_id: Uuid,
     reason: String,
 ) -> Result<ev::NotificationFailed, sqlx::Error> {
-    tracing::info!(%reason, "notification failed");
-    sqlx::query(
-        "INSERT INTO notification_failures (order_id, reason) VALUES ($1, $2)
-         ON CONFLICT (order_id) DO NOTHING",
-    )
-    .bind(order_id)
-    .bind(&reason)
-    .execute(&mut *tx)
-    .await?;
+    failure(order_id, &reason).run(tx).await?;
     Ok(ev::NotificationFailed { reason })
 }
 
+/// Records why the customer of `order_id` cannot be told, as one statement
+/// (which always holds: a second reason for one order is left out).
+fn failure(order_id: Uuid, reason: &str) -> Effect {
+    let logged = reason.to_owned();
+    Effect::new(
+        "recorded AS (
+             INSERT INTO notification_failures (order_id, reason) VALUES ($1, $2)
+             ON CONFLICT (order_id) DO NOTHING)",
+        "SELECT true",
+    )
+    .bind(order_id)
+    .bind(reason)
+    .after_commit(move || tracing::info!(reason = %logged, "notification failed"))
+}
+
 impl NotificationHandler {
-    /// Writes a PENDING message for the dispatcher, caused by `envelope`, and
-    /// hands its id to the dispatcher when the transaction commits.
-    async fn queue(
-        &self,
-        tx: &mut Tx<'_>,
-        envelope: &Envelope,
-        message: Outgoing<'_>,
-    ) -> Result<Uuid, HandleError> {
+    /// Writes a PENDING message for the dispatcher, caused by `envelope`, as
+    /// one statement, which hands its id to the dispatcher once committed.
+    fn queued(&self, envelope: &Envelope, message: Outgoing<'_>) -> Result<Effect, Reject> {
         let id = Uuid::now_v7();
-        sqlx::query(
-            "INSERT INTO notifications (notification_id, order_id, kind, customer, recipient, channel, body, cause)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        let due = self.due.clone();
+        let kind = message.kind;
+        Ok(Effect::new(
+            "queued AS (
+                 INSERT INTO notifications (notification_id, order_id, kind, customer, recipient, channel, body, cause)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING notification_id)",
+            "SELECT notification_id FROM queued",
         )
         .bind(id)
         .bind(contracts::order_id_of(envelope)?)
-        .bind(message.kind)
+        .bind(kind)
         .bind(message.customer)
         .bind(message.recipient)
-        .bind(&self.channel)
-        .bind(&message.text)
+        .bind(self.channel.as_str())
+        .bind(message.text.as_str())
         .bind(envelope.encode_to_vec())
-        .execute(&mut **tx)
-        .await?;
-        if let Some(due) = self.due.clone() {
-            choreo::inbox::after_commit(move || {
+        .after_commit(move || {
+            if let Some(due) = due {
                 let _ = due.send(id);
-            });
+            }
+            tracing::info!(notification_id = %id, %kind, "notification queued");
+        }))
+    }
+
+    /// The step's work as one statement: the confirmation queued for the
+    /// dispatcher (which writes `notification.sent` or `.failed` once it
+    /// went out or never will), or a failure the configuration injects.
+    fn confirm(
+        &self,
+        envelope: &Envelope,
+        shipment: &ev::ShippingScheduled,
+    ) -> Result<step::WorkStatement<ev::NotificationSent, ev::NotificationFailed>, Reject> {
+        let order_id = contracts::order_id_of(envelope)?;
+        if let Some(reason) = self.config.injected_failure() {
+            let recorded = failure(order_id, &reason);
+            return Ok((recorded, Verdict::Failed(ev::NotificationFailed { reason })));
         }
-        tracing::info!(notification_id = %id, kind = %message.kind, "notification queued");
-        Ok(id)
+        let text = format!(
+            "Your order {order_id} is on its way with {} (shipment {}).",
+            shipment.carrier, shipment.shipment_id
+        );
+        let message = Outgoing {
+            kind: Kind::Confirmation,
+            customer: &shipment.customer,
+            recipient: &shipment.contact,
+            text,
+        };
+        Ok((self.queued(envelope, message)?, Verdict::Later))
     }
 
     /// A confirmation that has not gone out yet is withdrawn, and the customer
@@ -131,7 +160,7 @@ impl NotificationHandler {
             recipient: &recipient,
             text: format!("Sorry: your order {order_id} was cancelled and will not be delivered."),
         };
-        self.queue(tx, envelope, message).await?;
+        self.queued(envelope, message)?.run(tx).await?;
         Ok(true)
     }
 }
@@ -156,22 +185,17 @@ impl CompensableStep for NotificationHandler {
         envelope: &Envelope,
         shipment: ev::ShippingScheduled,
     ) -> Result<Verdict<ev::NotificationSent, ev::NotificationFailed>, HandleError> {
-        let order_id = contracts::order_id_of(envelope)?;
-        if let Some(reason) = self.config.injected_failure() {
-            return Ok(Verdict::Failed(record_failure(tx, order_id, reason).await?));
-        }
-        let text = format!(
-            "Your order {order_id} is on its way with {} (shipment {}).",
-            shipment.carrier, shipment.shipment_id
-        );
-        let message = Outgoing {
-            kind: Kind::Confirmation,
-            customer: &shipment.customer,
-            recipient: &shipment.contact,
-            text,
-        };
-        self.queue(tx, envelope, message).await?;
-        Ok(Verdict::Later)
+        let (statement, verdict) = self.confirm(envelope, &shipment)?;
+        statement.run(tx).await?;
+        Ok(verdict)
+    }
+
+    fn work_as_statement(
+        &self,
+        envelope: &Envelope,
+        shipment: &ev::ShippingScheduled,
+    ) -> Option<step::WorkStatement<ev::NotificationSent, ev::NotificationFailed>> {
+        self.confirm(envelope, shipment).ok()
     }
 
     async fn undo(
@@ -205,6 +229,15 @@ impl Handler for NotificationHandler {
             // A customer cancel or a deadline: compensation starts here, at the last step.
             SagaEvent::OrderCancelled(_) => step::compensate(self, tx, envelope, cause).await,
             _ => Err(Reject::NotConsumed(envelope.event_type.clone()).into()),
+        }
+    }
+
+    /// A scheduled order that comes alone has its confirmation queued in one
+    /// statement.
+    fn effect_alone(&self, envelope: &Envelope, event: &SagaEvent) -> Option<Effect> {
+        match event {
+            SagaEvent::ShippingScheduled(shipment) => step::act_alone(self, envelope, shipment),
+            _ => None,
         }
     }
 }

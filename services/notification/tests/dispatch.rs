@@ -405,3 +405,104 @@ async fn a_providers_error_that_quotes_the_address_is_masked_everywhere() {
     .unwrap();
     assert!(stored.iter().all(|s| !s.contains("ada@")), "{stored:?}");
 }
+
+/// Applies `event` as the consumer applies one that comes alone: its effect
+/// in one statement where it has one, in a transaction otherwise.
+async fn handled_alone(pool: &PgPool, h: &NotificationHandler, event: &Envelope) -> Outcome {
+    let decoded = <contracts::SagaEvent as choreo::Decode>::decode(event).unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    choreo::inbox::apply_alone_or_in_tx(&mut conn, h, &claims(), event, decoded)
+        .await
+        .unwrap()
+}
+
+/// The ids handed to the dispatcher so far.
+fn handed_over(due: &mut tokio::sync::mpsc::UnboundedReceiver<uuid::Uuid>) -> Vec<uuid::Uuid> {
+    std::iter::from_fn(|| due.try_recv().ok()).collect()
+}
+
+/// A scheduled order that comes alone has its confirmation queued in one
+/// statement with its inbox insert and barrier claim, and its id goes to the
+/// dispatcher once that statement has committed, exactly once; a repeat, or
+/// a trigger after its compensation, goes through its transaction and
+/// queues nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_order_alone_is_queued_in_one_statement_and_handed_over_once_committed() {
+    let (_pg, pool) = database().await;
+    let (send, mut due) = tokio::sync::mpsc::unbounded_channel();
+    let h = NotificationHandler {
+        due: Some(send),
+        ..handler()
+    };
+    let order = uuid::Uuid::now_v7().to_string();
+    let event = scheduled(&order, "ada@example.com");
+    assert_eq!(handled_alone(&pool, &h, &event).await, Outcome::Applied);
+    assert_eq!(handled_alone(&pool, &h, &event).await, Outcome::Duplicate);
+    let queued: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT notification_id FROM notifications WHERE order_id = $1::uuid")
+            .bind(&order)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        handed_over(&mut due),
+        queued,
+        "one message, handed over once"
+    );
+    assert!(harness::written_by_first_statement(&pool, "notifications", &order).await);
+    assert!(
+        emitted(&pool, &order).await.is_empty(),
+        "the dispatcher writes the outcome"
+    );
+    assert_eq!(
+        dispatch_one(&pool, &LogSender).await,
+        Some(Dispatched::Sent)
+    );
+    assert_eq!(types(&emitted(&pool, &order).await), ["notification.sent"]);
+
+    // Compensated first: the late trigger is refused in its transaction.
+    let late = uuid::Uuid::now_v7().to_string();
+    assert_eq!(
+        handled_alone(&pool, &h, &cancelled(&late)).await,
+        Outcome::Applied
+    );
+    assert_eq!(
+        handled_alone(&pool, &h, &scheduled(&late, "bob@example.com")).await,
+        Outcome::Applied
+    );
+    assert!(statuses(&pool, &late).await.is_empty());
+    assert!(handed_over(&mut due).is_empty());
+    assert_eq!(
+        types(&emitted(&pool, &late).await),
+        ["notification.cancelled"]
+    );
+
+    // An injected failure is one statement too: its reason and its event.
+    let mut failing = NotificationHandler {
+        due: h.due.clone(),
+        ..handler()
+    };
+    failing.config.injected_failure_rate = 1.0;
+    let failed = uuid::Uuid::now_v7().to_string();
+    handled_alone(&pool, &failing, &scheduled(&failed, "cy@example.com")).await;
+    assert!(statuses(&pool, &failed).await.is_empty());
+    assert!(handed_over(&mut due).is_empty());
+    assert!(harness::written_by_first_statement(&pool, "notification_failures", &failed).await);
+    assert_eq!(
+        types(&emitted(&pool, &failed).await),
+        ["notification.failed"]
+    );
+
+    // A notice queued by a compensation, in its transaction, is handed over
+    // once that commits.
+    handled_alone(&pool, &h, &cancelled(&order)).await;
+    let notices = handed_over(&mut due);
+    assert_eq!(notices.len(), 1);
+    assert_eq!(
+        statuses(&pool, &order).await,
+        [
+            ("CONFIRMATION".into(), "SENT".into()),
+            ("CANCELLATION".into(), "PENDING".into())
+        ]
+    );
+}
