@@ -186,23 +186,35 @@ pub async fn dispatch(
     send_and_record(tx, outbox, sender, due).await
 }
 
-/// Sends the messages `ids` (those still pending and not taken by another
-/// round), the way [`dispatch`] sends due ones.
+/// Sends the messages `ids` (those still pending, due, and not taken by
+/// another round), the way [`dispatch`] sends due ones.
+///
+/// Each id is looked up by key, one after the other. Written as a filter on
+/// the table (`WHERE notification_id = ANY($1) AND status = ...`), the
+/// query lets PostgreSQL intersect the key lookups with a scan of all of
+/// `notifications_due`, which still lists every message sent since the
+/// last vacuum: each round would walk thousands of entries at a few hundred
+/// orders a second, ten times the work of the lookups.
 pub async fn dispatch_these<'c>(
     db: impl sqlx::Acquire<'c, Database = sqlx::Postgres>,
     outbox: &Outbox,
     sender: &dyn Sender,
     ids: &[Uuid],
 ) -> Result<Vec<Dispatched>, sqlx::Error> {
+    // Each id once: the join below would return a message once per mention.
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
     let mut tx = db.begin().await?;
     let due: Vec<Due> = sqlx::query_as(
-        "SELECT notification_id, order_id, kind, customer, recipient, body, cause, attempts
-         FROM notifications
-         WHERE notification_id = ANY($1) AND status = $2 AND next_attempt_at <= now()
-         ORDER BY next_attempt_at
-         FOR UPDATE SKIP LOCKED",
+        "SELECT n.notification_id, n.order_id, n.kind, n.customer, n.recipient, n.body, n.cause, n.attempts
+         FROM unnest($1::uuid[]) AS handed (notification_id)
+         JOIN notifications n USING (notification_id)
+         WHERE n.status = $2 AND n.next_attempt_at <= now()
+         ORDER BY n.next_attempt_at
+         FOR UPDATE OF n SKIP LOCKED",
     )
-    .bind(ids)
+    .bind(&ids)
     .bind(Status::Pending)
     .fetch_all(&mut *tx)
     .await?;

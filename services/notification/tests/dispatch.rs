@@ -506,3 +506,50 @@ async fn a_scheduled_order_alone_is_queued_in_one_statement_and_handed_over_once
         ]
     );
 }
+
+/// Messages handed over by id are sent once each, however often an id is
+/// named, and only while due: one the provider deferred waits for its next
+/// attempt, even when its id comes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_handed_over_are_sent_once_each_and_only_when_due() {
+    let (_pg, pool) = database().await;
+    let (send, mut due) = tokio::sync::mpsc::unbounded_channel();
+    let h = NotificationHandler {
+        due: Some(send),
+        ..handler()
+    };
+    let (sent, deferred) = (
+        uuid::Uuid::now_v7().to_string(),
+        uuid::Uuid::now_v7().to_string(),
+    );
+    handled_alone(&pool, &h, &scheduled(&sent, "ada@example.com")).await;
+    handled_alone(&pool, &h, &scheduled(&deferred, "greylisted@example.com")).await;
+    let ids = handed_over(&mut due);
+    assert_eq!(ids.len(), 2);
+    let provider = Provider::default();
+    let twice: Vec<uuid::Uuid> = ids.iter().chain(&ids).copied().collect();
+    let outcomes = notification::dispatch::dispatch_these(&pool, &outbox(), &provider, &twice)
+        .await
+        .unwrap();
+    assert_eq!(outcomes.len(), 2, "{outcomes:?}");
+    assert!(outcomes.contains(&Dispatched::Sent));
+    assert!(
+        provider
+            .calls
+            .lock()
+            .unwrap()
+            .values()
+            .all(|calls| *calls == 1)
+    );
+    // The deferred one is not due again at once: handed over again, it waits.
+    let again = notification::dispatch::dispatch_these(&pool, &outbox(), &provider, &ids)
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "{again:?}");
+    assert_eq!(provider.calls.lock().unwrap().len(), 2);
+    assert_eq!(
+        statuses(&pool, &deferred).await,
+        [("CONFIRMATION".into(), "PENDING".into())]
+    );
+    assert_eq!(types(&emitted(&pool, &sent).await), ["notification.sent"]);
+}
