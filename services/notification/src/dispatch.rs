@@ -98,17 +98,6 @@ pub async fn run(
     db.close().await;
 }
 
-/// Whether the dispatcher's statements (the lookups of due messages and
-/// the mark of sent ones) keep a prepared statement: they do not. A
-/// prepared statement's plan is made once for all its rounds (PostgreSQL's
-/// generic plan) from what the table looked like then; made while
-/// `notifications` held a few rows, it reads the whole table, and keeps
-/// doing so as the table grows until an analyze happens to replan it
-/// (measured: about 500 buffers a round at 10,000 messages, against 40 for
-/// the lookups by key). Planned each round, the plan follows the table, for
-/// a fraction of a millisecond once per batch.
-const KEEP_PREPARED: bool = false;
-
 /// How much the dispatcher does at once.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -190,7 +179,7 @@ pub async fn dispatch(
          LIMIT $1
          FOR UPDATE SKIP LOCKED",
     )
-    .persistent(KEEP_PREPARED)
+    .persistent(choreo::db::KEEP_BATCH_PLANS)
     .bind(limit)
     .bind(Status::Pending)
     .fetch_all(&mut *tx)
@@ -207,7 +196,7 @@ pub async fn dispatch(
 /// `notifications_due`, which still lists every message sent since the
 /// last vacuum: each round would walk thousands of entries at a few hundred
 /// orders a second, ten times the work of the lookups. The statement is
-/// planned anew each round ([`KEEP_PREPARED`]).
+/// planned anew each round ([`choreo::db::KEEP_BATCH_PLANS`]).
 pub async fn dispatch_these<'c>(
     db: impl sqlx::Acquire<'c, Database = sqlx::Postgres>,
     outbox: &Outbox,
@@ -227,7 +216,7 @@ pub async fn dispatch_these<'c>(
          ORDER BY n.next_attempt_at
          FOR UPDATE OF n SKIP LOCKED",
     )
-    .persistent(KEEP_PREPARED)
+    .persistent(choreo::db::KEEP_BATCH_PLANS)
     .bind(&ids)
     .bind(Status::Pending)
     .fetch_all(&mut *tx)
@@ -293,7 +282,7 @@ async fn send_and_record(
             "UPDATE notifications SET status = $2, sent_at = now(), attempts = attempts + 1, last_error = NULL
              WHERE notification_id = ANY($1)",
         )
-        .persistent(KEEP_PREPARED)
+        .persistent(choreo::db::KEEP_BATCH_PLANS)
         .bind(&sent)
         .bind(Status::Sent)
         .execute(&mut *tx)
