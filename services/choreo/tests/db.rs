@@ -29,3 +29,36 @@ async fn statements_and_idle_transactions_have_time_limits() {
         .unwrap_err();
     assert!(error.to_string().contains("statement timeout"), "{error}");
 }
+
+/// The services' connections price a page fetched by key near one read in
+/// sequence (their data is in memory), so a batch of keys is looked up by
+/// key, not by a scan of the whole table, once the table has a few
+/// thousand rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_keys_is_looked_up_by_key_in_a_table_of_a_few_thousand_rows() {
+    let (_pg, url) = harness::fresh_database().await.unwrap();
+    let pool = choreo::db::connect(&url, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let cost: String = sqlx::query_scalar("SHOW random_page_cost")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(cost, choreo::db::RANDOM_PAGE_COST);
+    for statement in [
+        "CREATE TABLE rows (id uuid PRIMARY KEY, body text NOT NULL)",
+        "INSERT INTO rows SELECT gen_random_uuid(), repeat('x', 100) FROM generate_series(1, 3000)",
+        "ANALYZE rows",
+    ] {
+        sqlx::query(statement).execute(&pool).await.unwrap();
+    }
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN UPDATE rows SET body = '' FROM (SELECT id FROM rows LIMIT 32) AS batch (id)
+         WHERE rows.id = batch.id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(plan.contains("Index Scan using rows_pkey"), "{plan}");
+}
