@@ -19,9 +19,10 @@ pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "60s";
 /// service's batches read every row of it (seen with `auto_explain` during
 /// `load`). 1.1 is the usual setting for data on SSD or in memory.
 pub const RANDOM_PAGE_COST: &str = "1.1";
-/// Whether a statement that looks rows up by a batch of keys (`= ANY($1)`,
-/// a join with `unnest($1)`) keeps its prepared plan: pass it to sqlx's
-/// `persistent`. It does not. A prepared statement's plan is made once for
+/// Whether a statement run once per batch over a table that grows keeps
+/// its prepared plan (a lookup by a batch of keys, `= ANY($1)` or a join
+/// with `unnest($1)`; a scan for due rows): pass it to sqlx's `persistent`.
+/// It does not. A prepared statement's plan is made once for
 /// all its runs (PostgreSQL's generic plan) from what the table looked like
 /// then; made while a young table held a few rows, it reads the whole table
 /// (a sequential scan was cheapest), and keeps doing so as the table grows

@@ -77,16 +77,23 @@ async fn record(
     status: ReservationStatus,
     reason: &str,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO reservations (order_id, status, reason) VALUES ($1, $2, $3)
-         ON CONFLICT (order_id) DO UPDATE SET status = $2, reason = $3, updated_at = now()",
+    recorded(order_id, status, reason).run(tx).await?;
+    Ok(())
+}
+
+/// The order's reservation recorded as `status`, for `reason`, as one
+/// statement (which always holds).
+fn recorded(order_id: Uuid, status: ReservationStatus, reason: &str) -> Effect {
+    Effect::new(
+        "written AS (
+             INSERT INTO reservations (order_id, status, reason) VALUES ($1, $2, $3)
+             ON CONFLICT (order_id) DO UPDATE SET status = $2, reason = $3, updated_at = now()
+             RETURNING order_id)",
+        "SELECT order_id FROM written",
     )
     .bind(order_id)
     .bind(status)
     .bind(reason)
-    .execute(tx)
-    .await?;
-    Ok(())
 }
 
 /// Records the order's reservation as held, with its lines, in one statement.
@@ -144,16 +151,7 @@ impl InventoryHandler {
         order: &ev::OrderCreated,
     ) -> Option<step::WorkStatement<ev::InventoryReserved, ev::InventoryRejected>> {
         if let Some(reason) = self.config.injected_failure() {
-            let rejected = Effect::new(
-                "written AS (
-                     INSERT INTO reservations (order_id, status, reason) VALUES ($1, $2, $3)
-                     ON CONFLICT (order_id) DO UPDATE SET status = $2, reason = $3, updated_at = now()
-                     RETURNING order_id)",
-                "SELECT order_id FROM written",
-            )
-            .bind(order_id)
-            .bind(ReservationStatus::Rejected)
-            .bind(reason.as_str());
+            let rejected = recorded(order_id, ReservationStatus::Rejected, &reason);
             return Some((rejected, Verdict::Failed(ev::InventoryRejected { reason })));
         }
         let [line] = &order.lines[..] else {
