@@ -373,16 +373,23 @@ impl Handler for InventoryHandler {
                 _ => {}
             }
         }
-        // ORDER BY comes before FOR UPDATE: the rows are locked in SKU order.
-        sqlx::query(
-            "SELECT sku FROM stock
-             WHERE sku = ANY($1) OR sku IN (SELECT sku FROM reservation_lines WHERE order_id = ANY($2))
-             ORDER BY sku FOR UPDATE",
-        )
-        .bind(&ordered)
-        .bind(&compensated)
-        .execute(&mut **tx)
-        .await?;
+        sqlx::query(LOCK_STOCK)
+            .persistent(choreo::db::KEEP_BATCH_PLANS)
+            .bind(&ordered)
+            .bind(&compensated)
+            .execute(&mut **tx)
+            .await?;
         Ok(())
     }
 }
+
+/// Locks the stock rows a batch will touch, in SKU order (ORDER BY comes
+/// before FOR UPDATE): the SKUs its orders name (`$1`) and those the
+/// reservations of its compensated orders (`$2`) hold. One list of keys, so
+/// the rows are found through the primary key. (Written as `sku = ANY($1)
+/// OR sku IN (SELECT ...)`, the OR kept PostgreSQL from using the key and
+/// every batch read the whole table, dead row versions included: about 900
+/// buffers a batch at 650 orders/s, against 25 by key.)
+pub const LOCK_STOCK: &str = "SELECT sku FROM stock
+     WHERE sku = ANY($1::text[] || ARRAY(SELECT sku FROM reservation_lines WHERE order_id = ANY($2)))
+     ORDER BY sku FOR UPDATE";

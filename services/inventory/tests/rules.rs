@@ -256,6 +256,57 @@ async fn batches_taking_the_same_products_in_opposite_orders_never_deadlock() {
     }
 }
 
+/// A batch locks the stock rows its events touch, found by key: the SKUs its
+/// orders name and those its compensated orders hold, each once, in SKU
+/// order, whatever the size of the catalogue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_locks_the_stock_it_touches_found_by_key() {
+    let (_pg, pool) = database().await;
+    let h = handler();
+    let held = uuid::Uuid::now_v7();
+    let outcome = apply(
+        &pool,
+        &h,
+        &claims(),
+        &created(&held.to_string(), &[("PEN", 1), ("BOOK", 2)]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcome, Outcome::Applied);
+    for statement in [
+        "INSERT INTO stock (sku, available) SELECT 'SKU-' || n, 100 FROM generate_series(1, 2000) n",
+        "ANALYZE stock",
+        "ANALYZE reservation_lines",
+    ] {
+        sqlx::query(statement).execute(&pool).await.unwrap();
+    }
+    let ordered = ["SKU-7", "BOOK", "SKU-7"];
+    let compensated = [held, uuid::Uuid::now_v7()];
+    let mut tx = pool.begin().await.unwrap();
+    let locked: Vec<String> = sqlx::query_scalar(inventory::handler::LOCK_STOCK)
+        .bind(ordered)
+        .bind(compensated)
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(locked, ["BOOK", "PEN", "SKU-7"]);
+    tx.rollback().await.unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN {}",
+        inventory::handler::LOCK_STOCK
+    )))
+    .bind(ordered)
+    .bind(compensated)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    // Looked up by its keys, not a scan of the whole table (in the key's
+    // order, an index scan with only a filter, or not).
+    assert!(plan.contains("Index Cond: (sku = ANY"), "{plan}");
+    assert!(!plan.contains("Seq Scan on stock"), "{plan}");
+}
+
 /// Applies `envelope` as the consumer applies an event that comes alone:
 /// its effect in one statement where it has one, in a transaction otherwise.
 async fn apply_alone(pool: &PgPool, h: &InventoryHandler, envelope: &Envelope) -> Outcome {
