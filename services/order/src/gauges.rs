@@ -27,13 +27,19 @@ pub fn next_count_in(every: Duration, counting_took: Duration) -> Duration {
 pub async fn sample_statuses(pool: PgPool, every: Duration, shutdown: CancellationToken) {
     loop {
         let started = tokio::time::Instant::now();
-        if let Ok(counts) = crate::store::status_counts(&pool).await {
-            for (status, n) in counts {
-                metrics::gauge!("saga_orders", "status" => status.as_str()).set(n as f64);
+        // A count that failed (the database away: it can take the pool's
+        // whole wait) says nothing of what counting costs.
+        let took = match crate::store::status_counts(&pool).await {
+            Ok(counts) => {
+                for (status, n) in counts {
+                    metrics::gauge!("saga_orders", "status" => status.as_str()).set(n as f64);
+                }
+                started.elapsed()
             }
-        }
+            Err(_) => Duration::ZERO,
+        };
         tokio::select! {
-            _ = tokio::time::sleep(next_count_in(every, started.elapsed())) => {}
+            _ = tokio::time::sleep(next_count_in(every, took)) => {}
             _ = shutdown.cancelled() => return,
         }
     }
