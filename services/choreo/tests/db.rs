@@ -62,3 +62,21 @@ async fn a_batch_of_keys_is_looked_up_by_key_in_a_table_of_a_few_thousand_rows()
     let plan = plan.join("\n");
     assert!(plan.contains("Index Scan using rows_pkey"), "{plan}");
 }
+
+/// A count over a growing table is sampled less often once it takes long:
+/// at most a fiftieth of the time goes to counting.
+#[test]
+fn a_count_that_takes_long_is_made_less_often() {
+    let every = Duration::from_secs(2);
+    let next = choreo::db::next_count_in;
+    assert_eq!(next(every, Duration::ZERO), every);
+    assert_eq!(next(every, Duration::from_millis(12)), every);
+    assert_eq!(
+        next(every, Duration::from_millis(130)),
+        Duration::from_millis(6500)
+    );
+    assert_eq!(
+        next(every, Duration::from_secs(2)),
+        Duration::from_secs(100)
+    );
+}

@@ -89,22 +89,32 @@ pub async fn sample(
     shutdown: CancellationToken,
 ) {
     loop {
-        history.push(take(&backend).await);
+        let (sample, counting_took) = take(&backend).await;
+        history.push(sample);
         tokio::select! {
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(choreo::db::next_count_in(every, counting_took)) => {}
             _ = shutdown.cancelled() => return,
         }
     }
 }
 
-async fn take(backend: &Backend) -> Sample {
+/// One sample, and how long the order service took to count its orders
+/// (zero when it did not answer): the count reads every order, so the
+/// sampler waits longer once it takes long ([`choreo::db::next_count_in`]).
+async fn take(backend: &Backend) -> (Sample, Duration) {
     let at = chrono::Utc::now();
+    let started = tokio::time::Instant::now();
     let counted = backend
         .order
         .clone()
         .count_orders(CountOrdersRequest {})
         .await
         .map(|r| r.into_inner());
+    let counting_took = if counted.is_ok() {
+        started.elapsed()
+    } else {
+        Duration::ZERO
+    };
     let (counts, stuck, counts_problem) = match counted {
         Ok(answer) => (
             Some(
@@ -149,13 +159,14 @@ async fn take(backend: &Backend) -> Sample {
         figures
     }))
     .await;
-    Sample {
+    let sample = Sample {
         at,
         counts,
         stuck,
         counts_problem,
         services,
-    }
+    };
+    (sample, counting_took)
 }
 
 /// The sum over every label set of metric `name` in Prometheus text, or

@@ -1077,7 +1077,7 @@ fn health_live(app: &App) -> String {
     ));
     let _ = write!(
         out,
-        "<p class=\"small\">Sampled every {} s (last {}); kept in the console's memory for the chart only.</p>",
+        "<p class=\"small\">Sampled every {} s, less often while counting the orders takes long (last {}); kept in the console's memory for the chart only.</p>",
         app.sample_every.as_secs(),
         last.at.format("%H:%M:%S UTC")
     );
