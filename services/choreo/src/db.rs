@@ -45,9 +45,24 @@ const WAIT_PER_COUNTING: u32 = 50;
 
 /// How long a sampler waits before its next count: `every`, or longer when
 /// its last count took more than a fiftieth of that ([`WAIT_PER_COUNTING`]).
-/// A count that failed says nothing of its cost: pass zero.
 pub fn next_count_in(every: Duration, counting_took: Duration) -> Duration {
     every.max(counting_took * WAIT_PER_COUNTING)
+}
+
+/// Runs a sampler's `count` and returns its result with how long it took,
+/// for [`next_count_in`]: zero when it failed (the database away can take a
+/// pool's whole wait, which says nothing of what counting costs).
+pub async fn timed_count<T, E>(
+    count: impl std::future::Future<Output = Result<T, E>>,
+) -> (Result<T, E>, Duration) {
+    let started = tokio::time::Instant::now();
+    let counted = count.await;
+    let took = if counted.is_ok() {
+        started.elapsed()
+    } else {
+        Duration::ZERO
+    };
+    (counted, took)
 }
 
 /// Longest a worker waits for a database connection: a pooled one, or a

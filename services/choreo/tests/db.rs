@@ -80,3 +80,22 @@ fn a_count_that_takes_long_is_made_less_often() {
         Duration::from_secs(100)
     );
 }
+
+/// A count is timed when it answers; one that failed counts as free, so a
+/// database away does not stretch the wait before the next.
+#[tokio::test]
+async fn a_failed_count_does_not_stretch_the_wait() {
+    let (counted, took) = choreo::db::timed_count(async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok::<_, ()>(7)
+    })
+    .await;
+    assert_eq!(counted, Ok(7));
+    assert!(took >= Duration::from_millis(20), "{took:?}");
+    let (counted, took) = choreo::db::timed_count(async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Err::<u32, _>("away")
+    })
+    .await;
+    assert_eq!((counted, took), (Err("away"), Duration::ZERO));
+}

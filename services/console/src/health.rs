@@ -103,18 +103,10 @@ pub async fn sample(
 /// sampler waits longer once it takes long ([`choreo::db::next_count_in`]).
 async fn take(backend: &Backend) -> (Sample, Duration) {
     let at = chrono::Utc::now();
-    let started = tokio::time::Instant::now();
-    let counted = backend
-        .order
-        .clone()
-        .count_orders(CountOrdersRequest {})
-        .await
-        .map(|r| r.into_inner());
-    let counting_took = if counted.is_ok() {
-        started.elapsed()
-    } else {
-        Duration::ZERO
-    };
+    let mut order = backend.order.clone();
+    let (counted, counting_took) =
+        choreo::db::timed_count(order.count_orders(CountOrdersRequest {})).await;
+    let counted = counted.map(|r| r.into_inner());
     let (counts, stuck, counts_problem) = match counted {
         Ok(answer) => (
             Some(

@@ -10,18 +10,12 @@ use tokio_util::sync::CancellationToken;
 /// ([`choreo::db::next_count_in`]).
 pub async fn sample_statuses(pool: PgPool, every: Duration, shutdown: CancellationToken) {
     loop {
-        let started = tokio::time::Instant::now();
-        // A count that failed (the database away: it can take the pool's
-        // whole wait) says nothing of what counting costs.
-        let took = match crate::store::status_counts(&pool).await {
-            Ok(counts) => {
-                for (status, n) in counts {
-                    metrics::gauge!("saga_orders", "status" => status.as_str()).set(n as f64);
-                }
-                started.elapsed()
+        let (counted, took) = choreo::db::timed_count(crate::store::status_counts(&pool)).await;
+        if let Ok(counts) = counted {
+            for (status, n) in counts {
+                metrics::gauge!("saga_orders", "status" => status.as_str()).set(n as f64);
             }
-            Err(_) => Duration::ZERO,
-        };
+        }
         tokio::select! {
             _ = tokio::time::sleep(choreo::db::next_count_in(every, took)) => {}
             _ = shutdown.cancelled() => return,
