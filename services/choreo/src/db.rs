@@ -19,18 +19,32 @@ pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "60s";
 /// service's batches read every row of it (seen with `auto_explain` during
 /// `load`). 1.1 is the usual setting for data on SSD or in memory.
 pub const RANDOM_PAGE_COST: &str = "1.1";
-/// Whether a statement run once per batch over a table that grows keeps
-/// its prepared plan (a lookup by a batch of keys, `= ANY($1)` or a join
-/// with `unnest($1)`; a scan for due rows): pass it to sqlx's `persistent`.
-/// It does not. A prepared statement's plan is made once for
-/// all its runs (PostgreSQL's generic plan) from what the table looked like
-/// then; made while a young table held a few rows, it reads the whole table
-/// (a sequential scan was cheapest), and keeps doing so as the table grows
-/// until an analyze happens to replan it: measured, about 500 buffers a
-/// round for 10 notifications at 10,000 rows, against 40 looked up by key.
-/// Planned each run, the plan follows the table, for a fraction of a
-/// millisecond once per batch.
+/// Whether a statement run once per batch over a table that grows, on a
+/// pooled connection, keeps its prepared plan (a lookup by a batch of keys,
+/// `= ANY($1)` or a join with `unnest($1)`; a scan for due rows): pass it to
+/// sqlx's `persistent`. It does not. A prepared statement's plan may be
+/// made once for all its runs (PostgreSQL's generic plan) from what the
+/// table looked like then; made while a young table held a few rows, it
+/// reads the whole table (a sequential scan was cheapest), and keeps doing
+/// so as the table grows until an analyze happens to replan it: measured,
+/// about 500 buffers a round for 10 notifications at 10,000 rows, against
+/// 40 looked up by key. A pooled connection lives for many minutes, so
+/// such a statement is planned each run there.
+///
+/// On a [`HeldConnection`] (a consumer's lane, the order placer, the
+/// notification dispatcher's hand-overs: every saga's statements) the same
+/// statements keep their plans, because the held connection drops them
+/// every [`PLAN_LIFETIME`]: a plan made from a young table reads it whole
+/// for seconds at most, and the next one is made from the table as it is.
 pub const KEEP_BATCH_PLANS: bool = false;
+
+/// How long a [`HeldConnection`] keeps its prepared statements (and with
+/// them PostgreSQL's plans) before it drops them all. Planning each batch's
+/// statements anew took a quarter of the services' statement time in an
+/// open loop at 300 orders/s (`pg_stat_statements` with `track_planning`);
+/// kept for 10 s, PostgreSQL's CPU per saga fell by a tenth
+/// (`docs/bench/round-2026-12-05-z.md`).
+pub const PLAN_LIFETIME: Duration = Duration::from_secs(10);
 
 /// A count sampled on a timer over a table that only grows (orders by
 /// status for a gauge or a health page) reads every row, so its cost grows
@@ -209,10 +223,17 @@ const CHECK_AFTER_IDLE: Duration = Duration::from_secs(10);
 /// spell, the connection is pinged and dropped if it does not answer, so
 /// the next transaction opens a fresh one (after the database restarted,
 /// say).
+///
+/// Its statements are prepared once and keep their plans, for
+/// [`PLAN_LIFETIME`] at most: then it drops them all, and the next run of
+/// each is prepared and planned from the tables as they are by then.
 pub struct HeldConnection {
     options: std::sync::Arc<PgConnectOptions>,
     conn: Option<sqlx::PgConnection>,
     last_used: tokio::time::Instant,
+    /// When the connection's prepared statements were last dropped (or it was opened).
+    plans_since: tokio::time::Instant,
+    plan_lifetime: Duration,
 }
 
 impl HeldConnection {
@@ -223,7 +244,16 @@ impl HeldConnection {
             options: pool.connect_options(),
             conn: None,
             last_used: tokio::time::Instant::now(),
+            plans_since: tokio::time::Instant::now(),
+            plan_lifetime: PLAN_LIFETIME,
         }
+    }
+
+    /// The same, with prepared statements kept for `lifetime` instead of
+    /// [`PLAN_LIFETIME`].
+    pub fn with_plan_lifetime(mut self, lifetime: Duration) -> Self {
+        self.plan_lifetime = lifetime;
+        self
     }
 
     /// Runs `work` (one transaction's) on the connection, opened first if
@@ -248,10 +278,14 @@ impl HeldConnection {
         if self.last_used.elapsed() > CHECK_AFTER_IDLE {
             self.check().await;
         }
+        if self.plans_since.elapsed() > self.plan_lifetime {
+            self.drop_plans().await;
+        }
         self.last_used = tokio::time::Instant::now();
         let conn = match self.conn.take() {
             Some(conn) => conn,
             None => {
+                self.plans_since = tokio::time::Instant::now();
                 let connect =
                     <sqlx::PgConnection as sqlx::Connection>::connect_with(self.options.as_ref());
                 tokio::time::timeout(CONNECTION_TIMEOUT, connect)
@@ -275,6 +309,25 @@ impl HeldConnection {
             let ping = tokio::time::timeout(CONNECTION_TIMEOUT, sqlx::Connection::ping(conn));
             if !matches!(ping.await, Ok(Ok(()))) {
                 tracing::debug!("held database connection does not answer; opening another");
+                self.conn = None;
+            }
+        }
+    }
+
+    /// Drops the connection's prepared statements (on the server too), so
+    /// each is planned again from the tables as they are now; drops the
+    /// connection if that fails.
+    async fn drop_plans(&mut self) {
+        self.plans_since = tokio::time::Instant::now();
+        if let Some(conn) = self.conn.as_mut() {
+            let cleared = tokio::time::timeout(
+                CONNECTION_TIMEOUT,
+                sqlx::Connection::clear_cached_statements(conn),
+            );
+            if !matches!(cleared.await, Ok(Ok(()))) {
+                tracing::debug!(
+                    "held database connection did not drop its statements; opening another"
+                );
                 self.conn = None;
             }
         }

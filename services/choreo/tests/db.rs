@@ -1,5 +1,6 @@
 //! The platform's database connections against a real PostgreSQL: a runaway
-//! statement or a forgotten transaction is cut off, not left holding locks.
+//! statement or a forgotten transaction is cut off, not left holding locks;
+//! a held connection keeps its plans for a while, not for ever.
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,4 +99,50 @@ async fn a_failed_count_does_not_stretch_the_wait() {
     })
     .await;
     assert_eq!((counted, took), (Err("away"), Duration::ZERO));
+}
+
+/// A held connection keeps its prepared statements (and their plans) from
+/// one transaction to the next, and drops them all once they are older
+/// than its plan lifetime, on the same connection, so the next run of each
+/// is planned from the tables as they are then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_connection_drops_its_plans_after_their_lifetime() {
+    let (_pg, url) = harness::fresh_database().await.unwrap();
+    let pool = choreo::db::connect(&url, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut held =
+        choreo::db::HeldConnection::like(&pool).with_plan_lifetime(Duration::from_millis(500));
+    // The backend's id and whether the marked statement is prepared on it.
+    let look = async |held: &mut choreo::db::HeldConnection, run_marked: bool| {
+        held.run(async |conn| {
+            const MARKED: &str = "SELECT 1 AS marked WHERE $1";
+            if run_marked {
+                sqlx::query(MARKED).bind(true).execute(&mut *conn).await?;
+            }
+            sqlx::query_as::<_, (i32, bool)>(
+                "SELECT pg_backend_pid(), EXISTS (SELECT 1 FROM pg_prepared_statements
+                 WHERE statement = $1)",
+            )
+            .bind(MARKED)
+            .fetch_one(&mut *conn)
+            .await
+        })
+        .await
+        .unwrap()
+    };
+    let (backend, prepared) = look(&mut held, true).await;
+    assert!(prepared, "a statement run on a held connection is prepared");
+    assert_eq!(look(&mut held, false).await, (backend, true), "and kept");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        look(&mut held, false).await,
+        (backend, false),
+        "dropped once older than the plan lifetime, on the same connection"
+    );
+    assert_eq!(
+        look(&mut held, true).await,
+        (backend, true),
+        "prepared anew"
+    );
 }

@@ -374,7 +374,6 @@ impl Handler for InventoryHandler {
             }
         }
         sqlx::query(LOCK_STOCK)
-            .persistent(choreo::db::KEEP_BATCH_PLANS)
             .bind(&ordered)
             .bind(&compensated)
             .execute(&mut **tx)

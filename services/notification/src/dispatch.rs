@@ -184,7 +184,7 @@ pub async fn dispatch(
     .bind(Status::Pending)
     .fetch_all(&mut *tx)
     .await?;
-    send_and_record(tx, outbox, sender, due).await
+    send_and_record(tx, outbox, sender, due, choreo::db::KEEP_BATCH_PLANS).await
 }
 
 /// Sends the messages `ids` (those still pending, due, and not taken by
@@ -195,8 +195,9 @@ pub async fn dispatch(
 /// query lets PostgreSQL intersect the key lookups with a scan of all of
 /// `notifications_due`, which still lists every message sent since the
 /// last vacuum: each round would walk thousands of entries at a few hundred
-/// orders a second, ten times the work of the lookups. The statement is
-/// planned anew each round ([`choreo::db::KEEP_BATCH_PLANS`]).
+/// orders a second, ten times the work of the lookups. Its statements keep
+/// their plans: they run on the dispatcher's held connection, which drops
+/// them every [`choreo::db::PLAN_LIFETIME`].
 pub async fn dispatch_these<'c>(
     db: impl sqlx::Acquire<'c, Database = sqlx::Postgres>,
     outbox: &Outbox,
@@ -216,20 +217,22 @@ pub async fn dispatch_these<'c>(
          ORDER BY n.next_attempt_at
          FOR UPDATE OF n SKIP LOCKED",
     )
-    .persistent(choreo::db::KEEP_BATCH_PLANS)
     .bind(&ids)
     .bind(Status::Pending)
     .fetch_all(&mut *tx)
     .await?;
-    send_and_record(tx, outbox, sender, due).await
+    send_and_record(tx, outbox, sender, due, true).await
 }
 
-/// Sends the messages locked in `tx` and records each answer there, then commits.
+/// Sends the messages locked in `tx` and records each answer there, then
+/// commits. `keep_plans`: whether `tx` is on a held connection, whose
+/// statements keep their plans ([`choreo::db::KEEP_BATCH_PLANS`]).
 async fn send_and_record(
     mut tx: choreo::Tx<'_>,
     outbox: &Outbox,
     sender: &dyn Sender,
     due: Vec<Due>,
+    keep_plans: bool,
 ) -> Result<Vec<Dispatched>, sqlx::Error> {
     if due.is_empty() {
         return Ok(Vec::new());
@@ -282,7 +285,7 @@ async fn send_and_record(
             "UPDATE notifications SET status = $2, sent_at = now(), attempts = attempts + 1, last_error = NULL
              WHERE notification_id = ANY($1)",
         )
-        .persistent(choreo::db::KEEP_BATCH_PLANS)
+        .persistent(keep_plans)
         .bind(&sent)
         .bind(Status::Sent)
         .execute(&mut *tx)

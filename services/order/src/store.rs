@@ -226,7 +226,6 @@ pub async fn lock_heard(
         "SELECT order_id, status, reason, stuck, changes, watchers FROM orders
          WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE",
     )
-    .persistent(choreo::db::KEEP_BATCH_PLANS)
     .bind(ids)
     .try_map(|row: sqlx::postgres::PgRow| Ok((row.try_get("order_id")?, Heard::from_row(&row)?)))
     .fetch_all(tx)
@@ -286,7 +285,6 @@ pub async fn write_heard(
              ON CONFLICT (event_id) DO NOTHING)
          SELECT pg_notify($19, id::text) FROM unnest($20::uuid[]) AS id",
     )
-    .persistent(choreo::db::KEEP_BATCH_PLANS)
     .bind(touched.iter().map(|(id, _)| **id).collect::<Vec<_>>())
     .bind(touched.iter().map(|(_, o)| o.status.as_str()).collect::<Vec<_>>())
     .bind(touched.iter().map(|(_, o)| o.reason.as_str()).collect::<Vec<_>>())
