@@ -19,31 +19,27 @@ pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "60s";
 /// service's batches read every row of it (seen with `auto_explain` during
 /// `load`). 1.1 is the usual setting for data on SSD or in memory.
 pub const RANDOM_PAGE_COST: &str = "1.1";
-/// Whether a statement run once per batch over a table that grows, on a
-/// pooled connection, keeps its prepared plan (a lookup by a batch of keys,
-/// `= ANY($1)` or a join with `unnest($1)`; a scan for due rows): pass it to
-/// sqlx's `persistent`. It does not. A prepared statement's plan may be
-/// made once for all its runs (PostgreSQL's generic plan) from what the
-/// table looked like then; made while a young table held a few rows, it
+/// How long a [`HeldConnection`] keeps its prepared statements (and with
+/// them PostgreSQL's plans) before it drops them all. A statement run once
+/// per batch over a table that grows (a lookup by a batch of keys, `=
+/// ANY($1)` or a join with `unnest($1)`; a scan for due rows) may be planned
+/// once for all its runs (PostgreSQL's generic plan) from what the table
+/// looked like then; made while a young table held a few rows, that plan
 /// reads the whole table (a sequential scan was cheapest), and keeps doing
 /// so as the table grows until an analyze happens to replan it: measured,
 /// about 500 buffers a round for 10 notifications at 10,000 rows, against
-/// 40 looked up by key. A pooled connection lives for many minutes, so
-/// such a statement is planned each run there.
-///
-/// On a [`HeldConnection`] (a consumer's lane, the order placer, the
-/// notification dispatcher's hand-overs: every saga's statements) the same
-/// statements keep their plans, because the held connection drops them
-/// every [`PLAN_LIFETIME`]: a plan made from a young table reads it whole
+/// 40 looked up by key. Dropped every 10 s, such a plan reads a table whole
 /// for seconds at most, and the next one is made from the table as it is.
-pub const KEEP_BATCH_PLANS: bool = false;
-
-/// How long a [`HeldConnection`] keeps its prepared statements (and with
-/// them PostgreSQL's plans) before it drops them all. Planning each batch's
-/// statements anew took a quarter of the services' statement time in an
-/// open loop at 300 orders/s (`pg_stat_statements` with `track_planning`);
-/// kept for 10 s, PostgreSQL's CPU per saga fell by a tenth
-/// (`docs/bench/round-2026-12-05-z.md`).
+///
+/// Planning each batch's statements anew instead took a quarter of the
+/// services' statement time in an open loop at 300 orders/s
+/// (`pg_stat_statements` with `track_planning`); kept for 10 s,
+/// PostgreSQL's CPU per saga fell by a tenth
+/// (`docs/bench/round-2026-12-05-z.md`). The batch statements of a saga's
+/// path run on held connections: a consumer's lane, the order placer and
+/// the notification dispatcher. A pooled connection lives for many minutes
+/// and keeps its statements as long, so a statement there must find its
+/// rows by key whatever its plan (as the relay's mark by seq does).
 pub const PLAN_LIFETIME: Duration = Duration::from_secs(10);
 
 /// A count sampled on a timer over a table that only grows (orders by

@@ -45,7 +45,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut next_poll = tokio::time::Instant::now() + poll;
-    // Hand-overs come one after another, each a transaction: one connection for them all.
+    // Rounds come one after another, each a transaction: one connection for
+    // them all (its statements keep their plans, see `choreo::db::HeldConnection`).
     let mut db = choreo::db::HeldConnection::like(&pool);
     while !shutdown.is_cancelled() {
         let first = tokio::select! {
@@ -78,13 +79,17 @@ pub async fn run(
             continue;
         }
         next_poll = tokio::time::Instant::now() + poll;
-        let first = choreo::outbox::publish_after_commit(dispatch(
-            &pool,
-            &outbox,
-            sender.as_ref(),
-            limits.batch,
-        ))
-        .await;
+        let first = db
+            .run(async |conn| {
+                choreo::outbox::publish_after_commit(dispatch(
+                    conn,
+                    &outbox,
+                    sender.as_ref(),
+                    limits.batch,
+                ))
+                .await
+            })
+            .await;
         match first {
             Ok(done) if done.len() as i64 >= limits.batch => {
                 let drains = (0..limits.workers.max(1))
@@ -107,7 +112,8 @@ pub struct Limits {
     pub batch: i64,
 }
 
-/// Sends due batches one after another until none is due.
+/// Sends due batches one after another until none is due, on a connection
+/// of its own for the while.
 async fn drain(
     pool: &PgPool,
     outbox: &Outbox,
@@ -115,17 +121,24 @@ async fn drain(
     batch: i64,
     shutdown: &CancellationToken,
 ) {
+    let mut db = choreo::db::HeldConnection::like(pool);
     while !shutdown.is_cancelled() {
-        match choreo::outbox::publish_after_commit(dispatch(pool, outbox, sender, batch)).await {
+        let round = db
+            .run(async |conn| {
+                choreo::outbox::publish_after_commit(dispatch(conn, outbox, sender, batch)).await
+            })
+            .await;
+        match round {
             // A full batch: more may be due.
             Ok(done) if done.len() as i64 >= batch => {}
-            Ok(_) => return,
+            Ok(_) => break,
             Err(e) => {
                 tracing::warn!(error = %e, "dispatch failed; will retry");
-                return;
+                break;
             }
         }
     }
+    db.close().await;
 }
 
 /// What became of one message.
@@ -164,13 +177,17 @@ struct Due {
 /// to each in one transaction (with the saga events that follow). Returns
 /// what became of each; empty when nothing is due. If the commit fails, the
 /// batch is sent again later under the same notification ids.
-pub async fn dispatch(
-    pool: &PgPool,
+///
+/// Its statements keep their plans: the dispatcher runs it on a held
+/// connection, which drops them every [`choreo::db::PLAN_LIFETIME`], so the
+/// scan for due messages is planned from the table as it is now.
+pub async fn dispatch<'c>(
+    db: impl sqlx::Acquire<'c, Database = sqlx::Postgres>,
     outbox: &Outbox,
     sender: &dyn Sender,
     limit: i64,
 ) -> Result<Vec<Dispatched>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin().await?;
     let due: Vec<Due> = sqlx::query_as(
         "SELECT notification_id, order_id, kind, customer, recipient, body, cause, attempts
          FROM notifications
@@ -179,12 +196,11 @@ pub async fn dispatch(
          LIMIT $1
          FOR UPDATE SKIP LOCKED",
     )
-    .persistent(choreo::db::KEEP_BATCH_PLANS)
     .bind(limit)
     .bind(Status::Pending)
     .fetch_all(&mut *tx)
     .await?;
-    send_and_record(tx, outbox, sender, due, choreo::db::KEEP_BATCH_PLANS).await
+    send_and_record(tx, outbox, sender, due).await
 }
 
 /// Sends the messages `ids` (those still pending, due, and not taken by
@@ -196,8 +212,7 @@ pub async fn dispatch(
 /// `notifications_due`, which still lists every message sent since the
 /// last vacuum: each round would walk thousands of entries at a few hundred
 /// orders a second, ten times the work of the lookups. Its statements keep
-/// their plans: they run on the dispatcher's held connection, which drops
-/// them every [`choreo::db::PLAN_LIFETIME`].
+/// their plans, as [`dispatch`]'s do.
 pub async fn dispatch_these<'c>(
     db: impl sqlx::Acquire<'c, Database = sqlx::Postgres>,
     outbox: &Outbox,
@@ -221,18 +236,16 @@ pub async fn dispatch_these<'c>(
     .bind(Status::Pending)
     .fetch_all(&mut *tx)
     .await?;
-    send_and_record(tx, outbox, sender, due, true).await
+    send_and_record(tx, outbox, sender, due).await
 }
 
 /// Sends the messages locked in `tx` and records each answer there, then
-/// commits. `keep_plans`: whether `tx` is on a held connection, whose
-/// statements keep their plans ([`choreo::db::KEEP_BATCH_PLANS`]).
+/// commits.
 async fn send_and_record(
     mut tx: choreo::Tx<'_>,
     outbox: &Outbox,
     sender: &dyn Sender,
     due: Vec<Due>,
-    keep_plans: bool,
 ) -> Result<Vec<Dispatched>, sqlx::Error> {
     if due.is_empty() {
         return Ok(Vec::new());
@@ -285,7 +298,6 @@ async fn send_and_record(
             "UPDATE notifications SET status = $2, sent_at = now(), attempts = attempts + 1, last_error = NULL
              WHERE notification_id = ANY($1)",
         )
-        .persistent(keep_plans)
         .bind(&sent)
         .bind(Status::Sent)
         .execute(&mut *tx)

@@ -553,3 +553,67 @@ async fn messages_handed_over_are_sent_once_each_and_only_when_due() {
     );
     assert_eq!(types(&emitted(&pool, &sent).await), ["notification.sent"]);
 }
+
+/// The dispatcher's loop: messages queued while nobody handed them over
+/// (before a crash, say) are found by its poll, a backlog of more than a
+/// batch is drained by its workers, and a message handed over meanwhile
+/// goes at once. Each is sent once and each order's saga goes on once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dispatcher_polls_for_a_backlog_drains_it_and_sends_each_message_once() {
+    let (_pg, pool) = database().await;
+    let backlog: Vec<String> = (0..23).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    for order in &backlog {
+        handled(&pool, &scheduled(order, "ada@example.com")).await;
+    }
+    let provider = Arc::new(Provider::default());
+    let (hand_over, queued) = tokio::sync::mpsc::unbounded_channel();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let dispatcher = tokio::spawn(notification::dispatch::run(
+        pool.clone(),
+        outbox(),
+        provider.clone(),
+        queued,
+        Duration::from_millis(100),
+        notification::dispatch::Limits {
+            workers: 2,
+            batch: 4,
+        },
+        shutdown.clone(),
+    ));
+    // One more, handed over the way the handler does once it committed.
+    let (send, mut due) = tokio::sync::mpsc::unbounded_channel();
+    let h = NotificationHandler {
+        due: Some(send),
+        ..handler()
+    };
+    let alone = uuid::Uuid::now_v7().to_string();
+    handled_alone(&pool, &h, &scheduled(&alone, "ada@example.com")).await;
+    for id in handed_over(&mut due) {
+        hand_over.send(id).unwrap();
+    }
+    let orders: Vec<&String> = backlog.iter().chain([&alone]).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM notifications WHERE status <> 'SENT'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        if pending == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{pending} messages still unsent"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown.cancel();
+    dispatcher.await.unwrap();
+    let calls = provider.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), orders.len());
+    assert!(calls.values().all(|n| *n == 1), "{calls:?}");
+    for order in orders {
+        assert_eq!(types(&emitted(&pool, order).await), ["notification.sent"]);
+    }
+}
