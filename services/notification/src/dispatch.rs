@@ -46,8 +46,13 @@ pub async fn run(
 ) {
     let mut next_poll = tokio::time::Instant::now() + poll;
     // Rounds come one after another, each a transaction: one connection for
-    // them all (its statements keep their plans, see `choreo::db::HeldConnection`).
+    // them all (its statements keep their plans, see `choreo::db::HeldConnection`),
+    // and one for each worker that drains a backlog beside it, opened when
+    // it is first needed.
     let mut db = choreo::db::HeldConnection::like(&pool);
+    let mut drains: Vec<_> = (0..limits.workers.max(1))
+        .map(|_| choreo::db::HeldConnection::like(&pool))
+        .collect();
     while !shutdown.is_cancelled() {
         let first = tokio::select! {
             id = queued.recv() => id,
@@ -92,15 +97,19 @@ pub async fn run(
             .await;
         match first {
             Ok(done) if done.len() as i64 >= limits.batch => {
-                let drains = (0..limits.workers.max(1))
-                    .map(|_| drain(&pool, &outbox, sender.as_ref(), limits.batch, &shutdown));
-                futures::future::join_all(drains).await;
+                let draining = drains
+                    .iter_mut()
+                    .map(|db| drain(db, &outbox, sender.as_ref(), limits.batch, &shutdown));
+                futures::future::join_all(draining).await;
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "dispatch failed; will retry"),
         }
     }
     db.close().await;
+    for db in drains {
+        db.close().await;
+    }
 }
 
 /// How much the dispatcher does at once.
@@ -112,16 +121,14 @@ pub struct Limits {
     pub batch: i64,
 }
 
-/// Sends due batches one after another until none is due, on a connection
-/// of its own for the while.
+/// Sends due batches one after another until none is due, on `db`.
 async fn drain(
-    pool: &PgPool,
+    db: &mut choreo::db::HeldConnection,
     outbox: &Outbox,
     sender: &dyn Sender,
     batch: i64,
     shutdown: &CancellationToken,
 ) {
-    let mut db = choreo::db::HeldConnection::like(pool);
     while !shutdown.is_cancelled() {
         let round = db
             .run(async |conn| {
@@ -131,14 +138,13 @@ async fn drain(
         match round {
             // A full batch: more may be due.
             Ok(done) if done.len() as i64 >= batch => {}
-            Ok(_) => break,
+            Ok(_) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "dispatch failed; will retry");
-                break;
+                return;
             }
         }
     }
-    db.close().await;
 }
 
 /// What became of one message.
