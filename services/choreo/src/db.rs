@@ -301,13 +301,10 @@ impl HeldConnection {
     /// a transaction on it failed, or an idle spell. A transaction left
     /// open by a failure is rolled back on the way.
     async fn check(&mut self) {
-        if let Some(conn) = self.conn.as_mut() {
-            let ping = tokio::time::timeout(CONNECTION_TIMEOUT, sqlx::Connection::ping(conn));
-            if !matches!(ping.await, Ok(Ok(()))) {
-                tracing::debug!("held database connection does not answer; opening another");
-                self.conn = None;
-            }
-        }
+        self.keep_if("does not answer", async |conn| {
+            sqlx::Connection::ping(conn).await
+        })
+        .await;
     }
 
     /// Drops the connection's prepared statements (on the server too), so
@@ -315,15 +312,24 @@ impl HeldConnection {
     /// connection if that fails.
     async fn drop_plans(&mut self) {
         self.plans_since = tokio::time::Instant::now();
+        self.keep_if("did not drop its statements", async |conn| {
+            sqlx::Connection::clear_cached_statements(conn).await
+        })
+        .await;
+    }
+
+    /// Asks the connection, if there is one, to do `ask`, and drops it when
+    /// that fails or takes longer than [`CONNECTION_TIMEOUT`], so the next
+    /// transaction opens a fresh one.
+    async fn keep_if(
+        &mut self,
+        otherwise: &str,
+        ask: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<(), sqlx::Error>,
+    ) {
         if let Some(conn) = self.conn.as_mut() {
-            let cleared = tokio::time::timeout(
-                CONNECTION_TIMEOUT,
-                sqlx::Connection::clear_cached_statements(conn),
-            );
-            if !matches!(cleared.await, Ok(Ok(()))) {
-                tracing::debug!(
-                    "held database connection did not drop its statements; opening another"
-                );
+            let answered = tokio::time::timeout(CONNECTION_TIMEOUT, ask(conn)).await;
+            if !matches!(answered, Ok(Ok(()))) {
+                tracing::debug!("held database connection {otherwise}; opening another");
                 self.conn = None;
             }
         }
