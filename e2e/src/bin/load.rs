@@ -43,6 +43,14 @@ struct Args {
     /// rate whose p99 stays within 50 ms. `--sweep-at` with no value: none.
     #[arg(long, value_delimiter = ',', num_args = 0.., default_values_t = [0.1, 0.25])]
     sweep_at: Vec<f64>,
+    /// The p99 an open loop's rate must keep to count as within.
+    #[arg(long, default_value_t = e2e::bench::P99_WITHIN_MS)]
+    p99_within_ms: f64,
+    /// Then up to this many more open loops, each halfway between the
+    /// highest rate run whose p99 stayed within --p99-within-ms and the
+    /// lowest above it whose p99 did not (0: none).
+    #[arg(long, default_value_t = 3)]
+    p99_probes: usize,
     /// Orders placed one at a time on an idle system.
     #[arg(long, default_value_t = 20)]
     alone: usize,
@@ -103,6 +111,8 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             open_at: args.open_at,
             open_rate: args.open_rate,
             sweep_at: args.sweep_at.clone(),
+            p99_within_ms: args.p99_within_ms,
+            p99_probes: args.p99_probes,
             alone: args.alone,
             limit_clients: args.limit_clients,
             limit_secs: args.limit_secs,
