@@ -181,8 +181,9 @@ pub struct ClosedLoop {
     pub seconds: f64,
     pub sagas_per_sec: f64,
     pub latency: Percentiles,
-    /// Sagas ended in each second of the run.
-    pub per_second: Vec<u32>,
+    /// Sagas ended in each tenth of a second of the run (the last tenth is
+    /// cut short where the run ended).
+    pub ended_per_tenth: Vec<u32>,
     pub cost: Cost,
     /// Where the whole machine's CPU time went while the clients ran.
     pub machine: MachineCpu,
@@ -805,10 +806,12 @@ async fn closed_loop(
         .max()
         .unwrap_or_else(Instant::now);
     let seconds = last_end.duration_since(started).as_secs_f64();
-    let mut per_second = vec![0u32; seconds.ceil() as usize + 1];
+    let mut ended_per_tenth = vec![0u32; ((seconds * 10.0).ceil() as usize).max(1)];
+    let last_tenth = ended_per_tenth.len() - 1;
     for id in &ids {
         if let Some(at) = watcher.ended_at(id) {
-            per_second[at.duration_since(started).as_secs() as usize] += 1;
+            let tenth = (at.duration_since(started).as_secs_f64() * 10.0) as usize;
+            ended_per_tenth[tenth.min(last_tenth)] += 1;
         }
     }
     quiet(sys).await?;
@@ -829,7 +832,7 @@ async fn closed_loop(
         seconds,
         sagas_per_sec: ids.len() as f64 / seconds,
         latency: Percentiles::default(),
-        per_second,
+        ended_per_tenth,
         cost,
         machine,
         statements,
@@ -913,6 +916,21 @@ async fn open_loop(
         ids.push(task.await??);
     }
     Ok(ids)
+}
+
+/// Sagas completed per second over a closed loop of `seconds`, a point at
+/// the middle of each tenth of a second: its count over its length (the
+/// last tenth's runs only to the loop's end).
+pub fn throughput_over_time(ended_per_tenth: &[u32], seconds: f64) -> Vec<(f64, f64)> {
+    ended_per_tenth
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let start = i as f64 / 10.0;
+            let end = ((i + 1) as f64 / 10.0).min(seconds.max(start + 0.01));
+            ((start + end) / 2.0, *n as f64 / (end - start))
+        })
+        .collect()
 }
 
 /// The p99 of placed -> COMPLETED over `ids`, read between two measured
@@ -1771,10 +1789,16 @@ impl Report {
                     max_y * i as f64 / 4.0
                 ));
                 let x = left + pw * i as f64 / 4.0;
+                // A short axis (a closed loop of under 10 s) in tenths.
+                let tick = max_x * i as f64 / 4.0;
+                let tick = if max_x < 10.0 {
+                    format!("{tick:.1}")
+                } else {
+                    format!("{tick:.0}")
+                };
                 g.push_str(&format!(
-                    "<text x=\"{x:.0}\" y=\"{}\" text-anchor=\"middle\">{:.0}</text>\n",
+                    "<text x=\"{x:.0}\" y=\"{}\" text-anchor=\"middle\">{tick}</text>\n",
                     top + ph + 16.0,
-                    max_x * i as f64 / 4.0
                 ));
             }
             g.push_str(&format!(
@@ -1801,13 +1825,7 @@ impl Report {
             }
             g
         };
-        let per_second = |run: &ClosedLoop| -> Vec<(f64, f64)> {
-            run.per_second
-                .iter()
-                .enumerate()
-                .map(|(i, n)| (i as f64 + 0.5, *n as f64))
-                .collect()
-        };
+        let per_second = |run: &ClosedLoop| throughput_over_time(&run.ended_per_tenth, run.seconds);
         out.push_str(&plot(
             0.0,
             "Closed loop: sagas completed per second",
@@ -1992,7 +2010,7 @@ async fn unsent(db: &mut PgConnection) -> anyhow::Result<i64> {
 
 #[cfg(test)]
 mod tests {
-    use super::{MachineCpu, drift_percent, next_probe};
+    use super::{MachineCpu, drift_percent, next_probe, throughput_over_time};
 
     #[test]
     fn the_drift_of_c_is_its_change_in_percent_of_the_first_figure() {
@@ -2047,5 +2065,19 @@ mod tests {
         assert_eq!(next_probe(&[(94.0, 40.0), (100.0, 60.0)], 50.0), Some(97.0));
         assert_eq!(next_probe(&[(1.5, 60.0)], 50.0), None, "no rate under 1/s");
         assert_eq!(next_probe(&[], 50.0), None);
+    }
+
+    #[test]
+    fn throughput_over_time_is_each_tenths_count_over_its_length() {
+        // 1.25 s: twelve full tenths and a last one of 0.05 s.
+        let mut tenths = vec![100; 12];
+        tenths.push(40);
+        let points = throughput_over_time(&tenths, 1.25);
+        assert_eq!(points.len(), 13);
+        assert!((points[0].0 - 0.05).abs() < 1e-9 && (points[0].1 - 1000.0).abs() < 1e-6);
+        assert!((points[12].0 - 1.225).abs() < 1e-9, "{:?}", points[12]);
+        assert!((points[12].1 - 800.0).abs() < 1e-6, "{:?}", points[12]);
+        // A loop that ended at once still gives a finite rate.
+        assert!(throughput_over_time(&[3], 0.0)[0].1.is_finite());
     }
 }
