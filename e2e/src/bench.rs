@@ -919,17 +919,28 @@ async fn open_loop(
 }
 
 /// Sagas completed per second over a closed loop of `seconds`, a point at
-/// the middle of each tenth of a second: its count over its length (the
-/// last tenth's runs only to the loop's end).
+/// the middle of each tenth of a second: its count over its length. The
+/// last tenth, cut short where the loop ended, joins the one before it (a
+/// few sagas over a sliver of time would draw a spike).
 pub fn throughput_over_time(ended_per_tenth: &[u32], seconds: f64) -> Vec<(f64, f64)> {
-    ended_per_tenth
+    let mut spans: Vec<(f64, f64, u32)> = ended_per_tenth
         .iter()
         .enumerate()
-        .map(|(i, n)| {
-            let start = i as f64 / 10.0;
-            let end = ((i + 1) as f64 / 10.0).min(seconds.max(start + 0.01));
-            ((start + end) / 2.0, *n as f64 / (end - start))
-        })
+        .map(|(i, n)| (i as f64 / 10.0, (i + 1) as f64 / 10.0, *n))
+        .collect();
+    if let Some(last) = spans.pop() {
+        let end = seconds.max(last.0 + 0.01).min(last.1);
+        match spans.last_mut() {
+            Some(before) if end - last.0 < 0.1 - 1e-9 => {
+                before.1 = end;
+                before.2 += last.2;
+            }
+            _ => spans.push((last.0, end, last.2)),
+        }
+    }
+    spans
+        .into_iter()
+        .map(|(start, end, n)| ((start + end) / 2.0, n as f64 / (end - start)))
         .collect()
 }
 
@@ -2069,14 +2080,28 @@ mod tests {
 
     #[test]
     fn throughput_over_time_is_each_tenths_count_over_its_length() {
-        // 1.25 s: twelve full tenths and a last one of 0.05 s.
+        // 1.25 s: twelve full tenths and a last one of 0.05 s, which joins
+        // the twelfth: 140 sagas over 0.15 s.
         let mut tenths = vec![100; 12];
         tenths.push(40);
         let points = throughput_over_time(&tenths, 1.25);
-        assert_eq!(points.len(), 13);
+        assert_eq!(points.len(), 12);
         assert!((points[0].0 - 0.05).abs() < 1e-9 && (points[0].1 - 1000.0).abs() < 1e-6);
-        assert!((points[12].0 - 1.225).abs() < 1e-9, "{:?}", points[12]);
-        assert!((points[12].1 - 800.0).abs() < 1e-6, "{:?}", points[12]);
+        assert!((points[11].0 - 1.175).abs() < 1e-9, "{:?}", points[11]);
+        assert!(
+            (points[11].1 - 140.0 / 0.15).abs() < 1e-6,
+            "{:?}",
+            points[11]
+        );
+        // A loop that ends on a tenth keeps every tenth its own.
+        let whole = throughput_over_time(&[10, 20], 0.2);
+        assert_eq!(whole.len(), 2);
+        for ((x, y), (want_x, want_y)) in whole.iter().zip([(0.05, 100.0), (0.15, 200.0)]) {
+            assert!(
+                (x - want_x).abs() < 1e-9 && (y - want_y).abs() < 1e-6,
+                "{whole:?}"
+            );
+        }
         // A loop that ended at once still gives a finite rate.
         assert!(throughput_over_time(&[3], 0.0)[0].1.is_finite());
     }
