@@ -360,6 +360,9 @@ pub struct OpenLoop {
     pub system_cpu_ms_per_saga: f64,
     /// The whole machine's idle time while the orders arrived.
     pub idle_percent: f64,
+    /// Each process's CPU per saga and peak RSS (`load`'s too): where a
+    /// saga's CPU goes at this rate.
+    pub processes: Vec<ProcessCost>,
 }
 
 /// The counted side of an open loop, its latency read at the end.
@@ -670,6 +673,7 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
                 .map(|p| p.cpu_ms_per_saga)
                 .sum(),
             idle_percent: run.beside.machine.idle_percent,
+            processes: run.cost.processes.clone(),
         });
     }
     // The main open loop's row is the last one made.

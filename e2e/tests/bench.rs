@@ -88,6 +88,17 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
             run.transactions_per_saga >= 1.0 && run.system_cpu_ms_per_saga > 0.0,
             "{run:?}"
         );
+        // The row's CPU is its processes' but the benchmark's own.
+        let of_processes: f64 = run
+            .processes
+            .iter()
+            .filter(|p| p.process != "load")
+            .map(|p| p.cpu_ms_per_saga)
+            .sum();
+        assert!(
+            (of_processes - run.system_cpu_ms_per_saga).abs() < 1e-9 && run.processes.len() == 7,
+            "{run:?}"
+        );
     }
     assert_eq!(report.open_loops[2].latency, report.open_loop);
 
