@@ -40,7 +40,8 @@ struct Args {
     open_rate: Option<f64>,
     /// Lighter open loops run first, as fractions of the open loop's rate
     /// (each for --open-secs): the latency at each load, and the highest
-    /// rate whose p99 stays within 50 ms. `--sweep-at` with no value: none.
+    /// rate whose p99 stays within --p99-within-ms. `--sweep-at` with no
+    /// value: none.
     #[arg(long, value_delimiter = ',', num_args = 0.., default_values_t = [0.1, 0.25])]
     sweep_at: Vec<f64>,
     /// The p99 an open loop's rate must keep to count as within.
@@ -156,5 +157,19 @@ mod tests {
         assert_eq!(sweep(&["--sweep-at", "0.2,0.3"]), [0.2, 0.3]);
         assert!(sweep(&["--sweep-at"]).is_empty());
         assert!(sweep(&["--sweep-at", "--orders", "10"]).is_empty());
+    }
+
+    #[test]
+    fn the_search_holds_the_p99_to_50_ms_in_three_probes_unless_told_otherwise() {
+        let parse = |args: &[&str]| {
+            let args =
+                Args::try_parse_from(std::iter::once("load").chain(args.iter().copied())).unwrap();
+            (args.p99_within_ms, args.p99_probes)
+        };
+        assert_eq!(parse(&[]), (50.0, 3));
+        assert_eq!(
+            parse(&["--p99-within-ms", "20", "--p99-probes", "0"]),
+            (20.0, 0)
+        );
     }
 }
