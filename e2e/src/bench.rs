@@ -326,23 +326,33 @@ impl BesideCounters {
 /// and searches for where between its rates the latency gives out.
 pub const P99_WITHIN_MS: f64 = 50.0;
 
-/// The rate of the next open loop in the search for the highest one whose
-/// p99 stays within `within_ms`, from the `(rate, p99)` of the loops run
-/// so far: halfway between the highest rate within it (or none: 0) and the
-/// lowest rate above that one beyond it. `None` when there is nothing left
-/// to narrow: no rate above the highest within was beyond it, or the two
-/// are within 5% of the higher (closer than runs of one rate agree).
-pub fn next_probe(runs: &[(f64, f64)], within_ms: f64) -> Option<f64> {
+/// Where the p99 gives out, from the `(rate, p99)` of the open loops run:
+/// the highest rate whose p99 stayed within `within_ms` (none if no rate's
+/// did), and the lowest rate above it whose p99 did not (none if no such
+/// rate was run).
+pub fn p99_edge(runs: &[(f64, f64)], within_ms: f64) -> (Option<f64>, Option<f64>) {
     let within = runs
         .iter()
         .filter(|(_, p99)| *p99 <= within_ms)
         .map(|(rate, _)| *rate)
-        .fold(0.0, f64::max);
+        .max_by(f64::total_cmp);
     let beyond = runs
         .iter()
-        .filter(|(rate, p99)| *p99 > within_ms && *rate > within)
+        .filter(|(rate, p99)| *p99 > within_ms && *rate > within.unwrap_or(0.0))
         .map(|(rate, _)| *rate)
-        .min_by(f64::total_cmp)?;
+        .min_by(f64::total_cmp);
+    (within, beyond)
+}
+
+/// The rate of the next open loop in the search for the highest one whose
+/// p99 stays within `within_ms`, from the `(rate, p99)` of the loops run
+/// so far: halfway between the two ends of [`p99_edge`] (from 0 when no
+/// rate was within). `None` when there is nothing left to narrow: no rate
+/// above the highest within was beyond it, or the two are within 5% of the
+/// higher (closer than runs of one rate agree).
+pub fn next_probe(runs: &[(f64, f64)], within_ms: f64) -> Option<f64> {
+    let (within, beyond) = p99_edge(runs, within_ms);
+    let (within, beyond) = (within.unwrap_or(0.0), beyond?);
     let next = (within + beyond) / 2.0;
     (beyond - within > beyond * 0.05 && next >= 1.0).then_some(next)
 }
@@ -683,19 +693,13 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
         .latency
         .clone();
     open_loops.sort_by(|a, b| a.rate_per_sec.total_cmp(&b.rate_per_sec));
-    let p99_within_up_to_per_sec = open_loops
-        .iter()
-        .filter(|run| run.latency.p99_ms <= settings.p99_within_ms)
-        .map(|run| run.rate_per_sec)
-        .max_by(f64::total_cmp);
-    let p99_beyond_from_per_sec = open_loops
-        .iter()
-        .filter(|run| {
-            run.latency.p99_ms > settings.p99_within_ms
-                && run.rate_per_sec > p99_within_up_to_per_sec.unwrap_or(0.0)
-        })
-        .map(|run| run.rate_per_sec)
-        .min_by(f64::total_cmp);
+    let (p99_within_up_to_per_sec, p99_beyond_from_per_sec) = p99_edge(
+        &open_loops
+            .iter()
+            .map(|run| (run.rate_per_sec, run.latency.p99_ms))
+            .collect::<Vec<_>>(),
+        settings.p99_within_ms,
+    );
     let alone = Percentiles::of(completion_ms(&mut order_db, &alone_ids).await?);
     let mut spread_by_clients = Vec::new();
     for (run, ids) in &spread_tried {
@@ -2025,7 +2029,7 @@ async fn unsent(db: &mut PgConnection) -> anyhow::Result<i64> {
 
 #[cfg(test)]
 mod tests {
-    use super::{MachineCpu, drift_percent, next_probe, throughput_over_time};
+    use super::{MachineCpu, drift_percent, next_probe, p99_edge, throughput_over_time};
 
     #[test]
     fn the_drift_of_c_is_its_change_in_percent_of_the_first_figure() {
@@ -2071,6 +2075,15 @@ mod tests {
             next_probe(&[(40.0, 80.0), (100.0, 200.0)], 50.0),
             Some(20.0)
         );
+    }
+
+    #[test]
+    fn the_edge_is_the_highest_rate_within_and_the_lowest_above_it_beyond() {
+        let runs = [(100.0, 60.0), (200.0, 40.0), (300.0, 70.0), (400.0, 90.0)];
+        assert_eq!(p99_edge(&runs, 50.0), (Some(200.0), Some(300.0)));
+        assert_eq!(p99_edge(&runs, 100.0), (Some(400.0), None));
+        assert_eq!(p99_edge(&runs, 10.0), (None, Some(100.0)));
+        assert_eq!(p99_edge(&[], 50.0), (None, None));
     }
 
     #[test]
