@@ -379,6 +379,8 @@ pub struct OpenLoop {
 struct OpenLoopRun {
     rate: f64,
     ids: Vec<String>,
+    /// Placed -> COMPLETED, read once the loop was counted.
+    latency: Percentiles,
     cost: Cost,
     beside: Beside,
     /// Each service's send -> PubAck over the loop.
@@ -636,19 +638,16 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
         open_runs.push(measured_open_loop(sys, &watcher, settings, rate * fraction).await?);
     }
     let main_open = measured_open_loop(sys, &watcher, settings, rate).await?;
-    if settings.p99_probes > 0 {
-        let mut known = Vec::new();
-        for run in open_runs.iter().chain([&main_open]) {
-            known.push((run.rate, p99_between_windows(sys, &run.ids).await?));
-        }
-        for _ in 0..settings.p99_probes {
-            let Some(probe) = next_probe(&known, settings.p99_within_ms) else {
-                break;
-            };
-            let run = measured_open_loop(sys, &watcher, settings, probe).await?;
-            known.push((run.rate, p99_between_windows(sys, &run.ids).await?));
-            open_runs.push(run);
-        }
+    for _ in 0..settings.p99_probes {
+        let known: Vec<(f64, f64)> = open_runs
+            .iter()
+            .chain([&main_open])
+            .map(|run| (run.rate, run.latency.p99_ms))
+            .collect();
+        let Some(probe) = next_probe(&known, settings.p99_within_ms) else {
+            break;
+        };
+        open_runs.push(measured_open_loop(sys, &watcher, settings, probe).await?);
     }
 
     eprintln!("bench: {} orders one at a time...", settings.alone);
@@ -673,7 +672,7 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
     for run in open_runs.iter().chain([&main_open]) {
         open_loops.push(OpenLoop {
             rate_per_sec: run.rate,
-            latency: Percentiles::of(completion_ms(&mut order_db, &run.ids).await?),
+            latency: run.latency.clone(),
             transactions_per_saga: run.cost.transactions_per_saga,
             system_cpu_ms_per_saga: run
                 .cost
@@ -888,9 +887,11 @@ async fn measured_open_loop(
     } else {
         Vec::new()
     };
+    let latency = latency_between_windows(sys, &ids).await?;
     Ok(OpenLoopRun {
         rate,
         ids,
+        latency,
         cost,
         beside,
         puback,
@@ -952,15 +953,15 @@ pub fn throughput_over_time(ended_per_tenth: &[u32], seconds: f64) -> Vec<(f64, 
         .collect()
 }
 
-/// The p99 of placed -> COMPLETED over `ids`, read between two measured
-/// windows on a connection of its own: it is closed, and its backend has
-/// reported its one transaction as it ended, before the next window counts.
-async fn p99_between_windows(sys: &System, ids: &[String]) -> anyhow::Result<f64> {
+/// Placed -> COMPLETED over `ids`, read between two measured windows on a
+/// connection of its own: it is closed, and its backend has reported its
+/// one transaction as it ended, before the next window counts.
+async fn latency_between_windows(sys: &System, ids: &[String]) -> anyhow::Result<Percentiles> {
     let mut db = PgConnection::connect(&sys.databases[0]).await?;
-    let p99 = Percentiles::of(completion_ms(&mut db, ids).await?).p99_ms;
+    let latency = Percentiles::of(completion_ms(&mut db, ids).await?);
     db.close().await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    Ok(p99)
+    Ok(latency)
 }
 
 /// An idle PostgreSQL backend flushes its transaction counts to
