@@ -847,7 +847,11 @@ pub async fn run(profile: Profile) -> anyhow::Result<Report> {
         placed.push(placer.await?);
     }
     let databases = connect_all(&sys).await?;
-    wait_for_quiet(&databases, &placed, profile.quiet_timeout).await;
+    let streams = Streams {
+        nats_url: sys.infra.nats.url().to_owned(),
+        names: sys.stream_names(),
+    };
+    wait_for_quiet(&databases, &streams, &placed, profile.quiet_timeout).await;
     report.time_to_quiet = faults_over.elapsed();
     stop_sampling.cancel();
     let samples = sampler.await?;
@@ -914,13 +918,58 @@ async fn queued_notifications(notification_db: &PgPool) -> i64 {
         .unwrap_or(i64::MAX / 8)
 }
 
-/// Waits until every placed order has ended and every outbox is empty. Reads
-/// the order database (fast, and exact about when quiet came); the checks that
-/// follow read every order over gRPC as well.
-async fn wait_for_quiet(databases: &[PgPool], placed: &[Placed], timeout: Duration) {
+/// The saga's streams on the system's NATS, for [`unacknowledged`].
+struct Streams {
+    nats_url: String,
+    names: Vec<String>,
+}
+
+/// Messages of the saga's streams that a service has not acknowledged yet,
+/// summed over every durable consumer: not yet delivered, or delivered and
+/// not acknowledged (being handled, retried, or lost on its way to a pull
+/// the service no longer reads, which comes again after the ack wait).
+/// `None` when NATS does not answer within a few seconds.
+async fn unacknowledged(streams: &Streams) -> Option<u64> {
+    use futures::StreamExt;
+    let js = jetstream_at(&streams.nats_url).await?;
+    let count = async {
+        let mut total = 0;
+        for name in &streams.names {
+            let stream = js.get_stream(name).await.ok()?;
+            let mut consumers = stream.consumers();
+            while let Some(info) = consumers.next().await {
+                let info = info.ok()?;
+                total += info.num_pending + info.num_ack_pending as u64;
+            }
+        }
+        Some(total)
+    };
+    tokio::time::timeout(Duration::from_secs(5), count)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Waits until every placed order has ended, every outbox is empty, no
+/// message is queued for the provider, and every consumer has acknowledged
+/// every event of its streams. An order ends on the event that ends it, and
+/// the events it only records (its timeline) may still be on their way then;
+/// the checks that follow need them all. The order database tells when
+/// orders ended (fast, and exact about when quiet came); the checks read
+/// every order over gRPC as well.
+async fn wait_for_quiet(
+    databases: &[PgPool],
+    streams: &Streams,
+    placed: &[Placed],
+    timeout: Duration,
+) {
     let deadline = Instant::now() + timeout;
     let placed_ok = placed.iter().filter(|p| p.order_id.is_ok()).count() as i64;
     let mut last_said = Instant::now();
+    // Quiet twice in a row, half a second apart: an event handled between
+    // the reads of one round may have written another that the outbox read
+    // did not see.
+    let mut quiet_rounds = 0;
     while Instant::now() < deadline {
         let ended: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM orders WHERE status IN ('COMPLETED', 'CANCELLED')",
@@ -931,12 +980,19 @@ async fn wait_for_quiet(databases: &[PgPool], placed: &[Placed], timeout: Durati
         let open = placed_ok - ended;
         let unsent = unsent_total(databases).await;
         let queued = queued_notifications(&databases[3]).await;
-        if open <= 0 && unsent == 0 && queued == 0 {
-            return;
+        let unacknowledged = unacknowledged(streams).await;
+        if open <= 0 && unsent == 0 && queued == 0 && unacknowledged == Some(0) {
+            quiet_rounds += 1;
+            if quiet_rounds == 2 {
+                return;
+            }
+        } else {
+            quiet_rounds = 0;
         }
         if last_said.elapsed() >= Duration::from_secs(10) {
+            let unacknowledged = unacknowledged.map_or("unknown".to_owned(), |n| n.to_string());
             eprintln!(
-                "chaos: waiting for quiet: {open} orders open, {unsent} outbox rows unsent, {queued} notifications queued"
+                "chaos: waiting for quiet: {open} orders open, {unsent} outbox rows unsent, {queued} notifications queued, {unacknowledged} events unacknowledged"
             );
             last_said = Instant::now();
         }

@@ -34,9 +34,14 @@
 //! instance takes every event while it keeps up, so batches stay as large as
 //! a lone instance's; the others take what it leaves when it falls behind,
 //! and everything the moment it is gone (its pull goes with its connection).
-//! When leadership moves, an instance pulls again at its new place and hands
-//! on what the old pull had brought; a message still on its way to the old
-//! pull comes again after the ack wait.
+//! When leadership moves, an instance pulls again at its new place. Moving
+//! to the front, it keeps reading the old pull for a moment ([`HAND_OVER`]):
+//! the broker sends the old pull messages until it sees the new one, and
+//! those are handed on like any other. Moving to the back, it hands on what
+//! the old pulls were sent up to a flush and lets them go at once, since the
+//! old pull would come first for as long as it lived: a message sent to it
+//! in the instant before the broker hears that it is gone comes again after
+//! the ack wait.
 //!
 //! A lane can be told to linger ([`Consumer::lingering`], off as shipped):
 //! while its events have lately arrived less than twice the linger apart
@@ -87,6 +92,10 @@ pub struct ConsumerStats {
 const IN_LANE_ATTEMPTS: u32 = 5;
 /// Idle heartbeat of a pull request; a pull request lives five of them.
 const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+/// How long an instance that moves to the front still reads its old pull:
+/// the broker sends the old pull messages until it sees the new one, and a
+/// round trip is far less than this even on a busy machine.
+const HAND_OVER: Duration = Duration::from_secs(1);
 /// How long a starting instance waits to learn whether its relay leads
 /// before it pulls (behind the others) anyway.
 const LEADERSHIP_WAIT: Duration = Duration::from_secs(2);
@@ -289,9 +298,23 @@ impl<H: Handler> Consumer<H> {
                 }
             };
             let mut failures = 0u32;
+            // Pulls this instance left for a new priority, each read until
+            // its hand-over ends.
+            let mut old_pulls = futures::stream::SelectAll::new();
             loop {
                 let next = tokio::select! {
                     next = messages.next() => next,
+                    // What the broker sent an old pull before it saw the new
+                    // one (a pull's errors end with it: the new one reports
+                    // its own).
+                    Some(handed_on) = old_pulls.next(), if !old_pulls.is_empty() => {
+                        if let Ok(message) = handed_on
+                            && !route(&senders, message).await
+                        {
+                            break 'pull;
+                        }
+                        continue;
+                    }
                     // This instance began or stopped leading: pull again at
                     // its new place.
                     () = changed(preferred.as_mut()), if priority.is_some() => {
@@ -302,19 +325,28 @@ impl<H: Handler> Consumer<H> {
                         let Ok(again) = pull(&consumer, now).await else {
                             continue 'pull;
                         };
-                        // What the old pull was sent before the broker saw
-                        // the new one is here once a round trip is: hand it
-                        // on. Anything later comes again after the ack wait.
-                        let _ = source.client().flush().await;
-                        while let Some(Some(Ok(message))) =
-                            futures::FutureExt::now_or_never(messages.next())
-                        {
-                            if !route(&senders, message).await {
-                                break 'pull;
-                            }
-                        }
                         tracing::info!(%stream, from = ?priority, to = ?now, "pulling at a new priority");
-                        (messages, priority) = (again, now);
+                        let old = std::mem::replace(&mut messages, again);
+                        old_pulls.push(Box::pin(old.take_until(tokio::time::sleep(HAND_OVER))));
+                        if now > priority {
+                            // To the back: the old pull would still come
+                            // first, and one still handed over would rank
+                            // with the new. What they were sent before the
+                            // broker saw the flush is here once the flush
+                            // is: hand that on and let them go.
+                            let _ = source.client().flush().await;
+                            while let Some(Some(handed_on)) =
+                                futures::FutureExt::now_or_never(old_pulls.next())
+                            {
+                                if let Ok(message) = handed_on
+                                    && !route(&senders, message).await
+                                {
+                                    break 'pull;
+                                }
+                            }
+                            old_pulls.clear();
+                        }
+                        priority = now;
                         self.pulling_at(priority);
                         continue;
                     }

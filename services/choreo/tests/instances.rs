@@ -132,3 +132,45 @@ async fn the_other_instance_takes_what_the_leading_one_leaves_when_it_falls_behi
     a.stop().await;
     b.stop().await;
 }
+
+/// An instance that begins to lead while events flow pulls again at the
+/// front; the broker sends events to its old pull until it sees the new one.
+/// Those are handed on, not left to come again after their ack wait. (Each
+/// round moves it to the back while nothing flows.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_sent_while_an_instance_begins_to_lead_are_handed_on_not_redelivered() {
+    let s = setup().await;
+    let handler = Arc::new(CountEffects {
+        delay: Duration::ZERO,
+    });
+    let (leads, leading) = watch::channel(Some(true));
+    let a = s.consume_preferred(handler, leading, "svc");
+    pulling_at("a pulls first", &a, 0).await;
+    let relay_shutdown = CancellationToken::new();
+    let relay = tokio::spawn(s.relay(1000).run(relay_shutdown.clone()));
+
+    let mut emitted = 0;
+    for _ in 0..20 {
+        applied_once(&s, emitted).await;
+        leads.send(Some(false)).unwrap();
+        pulling_at("a pulls behind", &a, 1).await;
+        // An event every millisecond or two, and a begins to lead among them.
+        for i in 0..30 {
+            s.emit(1).await;
+            emitted += 1;
+            if i == 10 {
+                leads.send(Some(true)).unwrap();
+            }
+        }
+        pulling_at("a pulls first again", &a, 0).await;
+    }
+    applied_once(&s, emitted).await;
+    assert_eq!(
+        a.stats.redeliveries.load(Ordering::SeqCst),
+        0,
+        "an event sent while a began to lead waited for its redelivery"
+    );
+    relay_shutdown.cancel();
+    relay.await.unwrap();
+    a.stop().await;
+}
