@@ -186,6 +186,22 @@ impl Subscription {
     }
 }
 
+/// Whether `a` and `b` are the same text, in a constant.
+pub(crate) const fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 /// A rule of [`Choreography::check`] that the declaration breaks.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{subject}: {rule}: {detail}")]
@@ -198,6 +214,21 @@ pub struct Violation {
 }
 
 impl Choreography {
+    /// The step named `name`. In a constant, a step's
+    /// [`crate::step::CompensableStep::STEP`], a name the declaration does
+    /// not hold fails the build.
+    pub const fn step(&self, name: &str) -> &'static Step {
+        let steps = self.steps;
+        let mut i = 0;
+        while i < steps.len() {
+            if same(steps[i].name, name) {
+                return &steps[i];
+            }
+            i += 1;
+        }
+        panic!("the choreography declares no step of that name")
+    }
+
     pub fn event(&self, name: &str) -> Option<&'static Event> {
         self.events.iter().find(|e| e.name == name)
     }

@@ -10,9 +10,16 @@
 //!   step was never done (recorded, and the late action refused for good),
 //!   then the undo runs and the compensation event, carrying the original
 //!   cause, is written.
+//!
+//! Which events are which comes from the declaration: a step names its
+//! [`Step`] ([`CompensableStep::STEP`]), and [`handle`] runs the action for
+//! the step's trigger and the compensation for the events that compensate
+//! it. The build fails where the step's event types are not the ones its
+//! declaration names.
 use crate::Tx;
 use crate::barrier::{self, Claim, Compensation};
-use crate::envelope::{Envelope, EventPayload};
+use crate::choreography::{Step, same};
+use crate::envelope::{Envelope, EventPayload, Reject};
 use crate::handler::Effect;
 use crate::handler::HandleError;
 use crate::outbox::Outbox;
@@ -42,14 +49,17 @@ pub enum Undo {
     NeverDone,
 }
 
-/// One compensable step of a choreography: its name (the barrier's, as the
-/// declaration names it), its events, and its business rules.
+/// One compensable step of a choreography: its declaration, its events, and
+/// its business rules.
 #[async_trait::async_trait]
 pub trait CompensableStep: Send + Sync {
-    /// The step's name in the choreography declaration.
-    const NAME: &'static str;
-    /// What the trigger event brings the work.
-    type Input: Send;
+    /// The step as the choreography declares it, e.g.
+    /// `CHOREOGRAPHY.step("reserve")`: its name (the barrier's), its
+    /// trigger, the events that compensate it, and the event types below,
+    /// which must be the ones it names (else the build fails).
+    const STEP: &'static Step;
+    /// The trigger event, which brings the work its input.
+    type Input: EventPayload + Send;
     type Success: EventPayload + Send + Sync;
     type Failure: EventPayload + Send + Sync;
     type Compensated: EventPayload + Send + Sync;
@@ -92,6 +102,90 @@ pub trait CompensableStep: Send + Sync {
     ) -> Result<Self::Compensated, HandleError>;
 }
 
+/// A service's typed event that may carry the payload `P` (a step's input).
+pub trait Carries<P> {
+    /// The payload, if the event is one.
+    fn payload(&self) -> Option<&P>;
+    /// The payload, if the event is one.
+    fn into_payload(self) -> Option<P>;
+}
+
+/// A service's typed event, as a compensation reads it.
+pub trait Cause {
+    /// Why the saga is being compensated, as this event tells it: a failure
+    /// names its producer and its reason; a compensation or a cancel carries
+    /// the cause on. `None` for an event that asks for no compensation.
+    fn cause(&self, envelope: &Envelope) -> Option<String>;
+}
+
+/// The declaration of step `S`, once its event types are found to be the
+/// ones it names: a mismatch fails the build.
+const fn declared<S: CompensableStep>() -> &'static Step {
+    const {
+        let step = S::STEP;
+        assert!(
+            same(S::Input::EVENT_TYPE, step.trigger),
+            "a step's Input is not its declared trigger"
+        );
+        assert!(
+            same(S::Success::EVENT_TYPE, step.success),
+            "a step's Success is not its declared success event"
+        );
+        assert!(
+            same(S::Failure::EVENT_TYPE, step.failure),
+            "a step's Failure is not its declared failure event"
+        );
+        assert!(
+            same(S::Compensated::EVENT_TYPE, step.compensation),
+            "a step's Compensated is not its declared compensation event"
+        );
+        step
+    }
+}
+
+/// What `event` asks of the step, as its declaration says: its trigger runs
+/// the action ([`act`]); an event that compensates it runs the
+/// compensation ([`compensate`]) with the cause the event carries. Any
+/// other event is not the step's: refused as not consumed (parked).
+pub async fn handle<S, E>(
+    step: &S,
+    tx: &mut Tx<'_>,
+    envelope: &Envelope,
+    event: E,
+) -> Result<(), HandleError>
+where
+    S: CompensableStep,
+    E: Carries<S::Input> + Cause + Send,
+{
+    let declared = declared::<S>();
+    let event_type = envelope.event_type.as_str();
+    if declared.compensated_by.contains(&event_type) {
+        let cause = event.cause(envelope).unwrap_or_default();
+        return compensate(step, tx, envelope, cause).await;
+    }
+    match event
+        .into_payload()
+        .filter(|_| event_type == declared.trigger)
+    {
+        Some(input) => act(step, tx, envelope, input).await,
+        None => Err(Reject::NotConsumed(envelope.event_type.clone()).into()),
+    }
+}
+
+/// The step's trigger, when `event` is that and comes alone, as one
+/// statement ([`act_alone`]), for the step's
+/// [`crate::Handler::effect_alone`]; `None` for any other event.
+pub fn effect_alone<S, E>(step: &S, envelope: &Envelope, event: &E) -> Option<Effect>
+where
+    S: CompensableStep,
+    E: Carries<S::Input>,
+{
+    if envelope.event_type != declared::<S>().trigger {
+        return None;
+    }
+    act_alone(step, envelope, event.payload()?)
+}
+
 /// Runs the step's action for the saga of `envelope`, the step's trigger.
 pub async fn act<S: CompensableStep>(
     step: &S,
@@ -100,8 +194,12 @@ pub async fn act<S: CompensableStep>(
     input: S::Input,
 ) -> Result<(), HandleError> {
     let saga = envelope.saga_id.as_str();
-    let claimed = barrier::take_claim(envelope.id(), Claim::Action(S::NAME));
-    if !claimed && !barrier::action(tx, saga, S::NAME).await?.proceeds(S::NAME) {
+    let claimed = barrier::take_claim(envelope.id(), Claim::Action(declared::<S>().name));
+    if !claimed
+        && !barrier::action(tx, saga, declared::<S>().name)
+            .await?
+            .proceeds(declared::<S>().name)
+    {
         return Ok(());
     }
     match step.work(tx, envelope, input).await? {
@@ -111,7 +209,7 @@ pub async fn act<S: CompensableStep>(
                 .await?;
         }
         Verdict::Failed(failure) => {
-            tracing::info!(step = S::NAME, "step failed");
+            tracing::info!(step = declared::<S>().name, "step failed");
             step.outbox()
                 .emit_at_end(tx, saga, Some(envelope), &failure)
                 .await?;
@@ -151,18 +249,18 @@ pub async fn compensate<S: CompensableStep>(
     cause: String,
 ) -> Result<(), HandleError> {
     let saga = envelope.saga_id.as_str();
-    let undo = if barrier::take_claim(envelope.id(), Claim::Compensation(S::NAME)) {
-        barrier::count_compensation(S::NAME, "nothing_to_undo");
+    let undo = if barrier::take_claim(envelope.id(), Claim::Compensation(declared::<S>().name)) {
+        barrier::count_compensation(declared::<S>().name, "nothing_to_undo");
         Undo::NeverDone
     } else {
-        match barrier::compensation(tx, saga, S::NAME).await? {
+        match barrier::compensation(tx, saga, declared::<S>().name).await? {
             Compensation::AlreadyCompensated => return Ok(()),
             Compensation::NothingToUndo => Undo::NeverDone,
             Compensation::Undo => Undo::Work,
         }
     };
     let compensated = step.undo(tx, envelope, undo, cause).await?;
-    tracing::info!(step = S::NAME, ?undo, "step compensated");
+    tracing::info!(step = declared::<S>().name, ?undo, "step compensated");
     step.outbox()
         .emit_at_end(tx, saga, Some(envelope), &compensated)
         .await?;

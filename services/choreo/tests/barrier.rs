@@ -136,7 +136,15 @@ struct Logged {
 
 #[async_trait::async_trait]
 impl choreo::step::CompensableStep for Logged {
-    const NAME: &'static str = "logged";
+    const STEP: &'static choreo::choreography::Step = &choreo::choreography::Step {
+        name: "logged",
+        owner: "test",
+        trigger: Go::EVENT_TYPE,
+        success: Ping::EVENT_TYPE,
+        failure: Ping::EVENT_TYPE,
+        compensated_by: &[Back::EVENT_TYPE],
+        compensation: Ping::EVENT_TYPE,
+    };
     type Input = Go;
     type Success = Ping;
     type Failure = Ping;

@@ -33,6 +33,26 @@ macro_rules! payloads {
         #[allow(dead_code)] // each service reads only the variants it consumes
         enum TripEvent { $($name($name)),* }
 
+        $(
+            impl step::Carries<$name> for TripEvent {
+                fn payload(&self) -> Option<&$name> {
+                    match self {
+                        TripEvent::$name(payload) => Some(payload),
+                        #[allow(unreachable_patterns)]
+                        _ => None,
+                    }
+                }
+
+                fn into_payload(self) -> Option<$name> {
+                    match self {
+                        TripEvent::$name(payload) => Some(payload),
+                        #[allow(unreachable_patterns)]
+                        _ => None,
+                    }
+                }
+            }
+        )*
+
         impl Decode for TripEvent {
             fn decode(envelope: &Envelope) -> Result<Self, Reject> {
                 match envelope.event_type.as_str() {
@@ -66,6 +86,20 @@ const fn event(
         payload: name,
         versions: &[1],
         consumers,
+    }
+}
+
+/// Why a trip is being compensated, as its events tell it.
+impl step::Cause for TripEvent {
+    fn cause(&self, envelope: &Envelope) -> Option<String> {
+        match self {
+            TripEvent::CarRefused(CarRefused { reason }) => {
+                Some(format!("{}: {reason}", envelope.producer))
+            }
+            TripEvent::CarReleased(CarReleased { cause }) => Some(cause.clone()),
+            TripEvent::TripCancelled(TripCancelled { reason }) => Some(reason.clone()),
+            _ => None,
+        }
     }
 }
 
@@ -112,7 +146,7 @@ struct Hotels {
 
 #[async_trait::async_trait]
 impl CompensableStep for Hotels {
-    const NAME: &'static str = "hotel";
+    const STEP: &'static Step = TRIP.step("hotel");
     type Input = TripBooked;
     type Success = HotelHeld;
     type Failure = HotelRefused;
@@ -154,17 +188,7 @@ impl Handler for Hotels {
         envelope: &Envelope,
         event: TripEvent,
     ) -> Result<(), HandleError> {
-        match event {
-            TripEvent::TripBooked(trip) => step::act(self, tx, envelope, trip).await,
-            TripEvent::CarRefused(CarRefused { reason }) => {
-                let cause = format!("{}: {reason}", envelope.producer);
-                step::compensate(self, tx, envelope, cause).await
-            }
-            TripEvent::CarReleased(CarReleased { cause }) => {
-                step::compensate(self, tx, envelope, cause).await
-            }
-            _ => Err(Reject::NotConsumed(envelope.event_type.clone()).into()),
-        }
+        step::handle(self, tx, envelope, event).await
     }
 }
 
@@ -175,7 +199,7 @@ struct Cars {
 
 #[async_trait::async_trait]
 impl CompensableStep for Cars {
-    const NAME: &'static str = "car";
+    const STEP: &'static Step = TRIP.step("car");
     type Input = HotelHeld;
     type Success = CarHeld;
     type Failure = CarRefused;
@@ -223,13 +247,7 @@ impl Handler for Cars {
         envelope: &Envelope,
         event: TripEvent,
     ) -> Result<(), HandleError> {
-        match event {
-            TripEvent::HotelHeld(hotel) => step::act(self, tx, envelope, hotel).await,
-            TripEvent::TripCancelled(TripCancelled { reason }) => {
-                step::compensate(self, tx, envelope, reason).await
-            }
-            _ => Err(Reject::NotConsumed(envelope.event_type.clone()).into()),
-        }
+        step::handle(self, tx, envelope, event).await
     }
 }
 

@@ -69,6 +69,24 @@ macro_rules! saga_events {
             Stuck(choreo::proto::Stuck),
         }
 
+        $(
+            impl choreo::step::Carries<events::v1::$payload> for SagaEvent {
+                fn payload(&self) -> Option<&events::v1::$payload> {
+                    match self {
+                        SagaEvent::$payload(payload) => Some(payload),
+                        _ => None,
+                    }
+                }
+
+                fn into_payload(self) -> Option<events::v1::$payload> {
+                    match self {
+                        SagaEvent::$payload(payload) => Some(payload),
+                        _ => None,
+                    }
+                }
+            }
+        )*
+
         impl Decode for SagaEvent {
             /// The decode table: an unknown type or an unsupported version is a
             /// [`Reject`] (the message gets parked), and so is a payload that
@@ -182,11 +200,13 @@ impl SagaEvent {
             _ => Ok(()),
         }
     }
+}
 
+impl choreo::step::Cause for SagaEvent {
     /// Why the order is being compensated, as this event tells it: a failure
     /// names its producer (read from the envelope) and its reason; a
     /// compensation or a cancel carries the cause down the chain.
-    pub fn cause(&self, envelope: &Envelope) -> Option<String> {
+    fn cause(&self, envelope: &Envelope) -> Option<String> {
         use SagaEvent::*;
         let failure = |reason: &str| format!("{}: {reason}", envelope.producer);
         let cause = match self {

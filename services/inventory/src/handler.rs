@@ -1,9 +1,10 @@
 //! Inventory's rules: hold every line of an order or none; give back exactly
 //! what was held when the order is compensated.
+use choreo::choreography::Step;
 use choreo::step::{self, CompensableStep, Undo, Verdict};
-use choreo::{Config, Effect, Envelope, HandleError, Handler, Outbox, Reject, Tx};
-use contracts::SagaEvent;
+use choreo::{Config, Effect, Envelope, HandleError, Handler, Outbox, Tx};
 use contracts::events::v1 as ev;
+use contracts::{CHOREOGRAPHY, SagaEvent};
 use sqlx::{Acquire, PgConnection};
 use uuid::Uuid;
 
@@ -185,7 +186,7 @@ impl InventoryHandler {
 
 #[async_trait::async_trait]
 impl CompensableStep for InventoryHandler {
-    const NAME: &'static str = "reserve";
+    const STEP: &'static Step = CHOREOGRAPHY.step("reserve");
     type Input = ev::OrderCreated;
     type Success = ev::InventoryReserved;
     type Failure = ev::InventoryRejected;
@@ -330,24 +331,13 @@ impl Handler for InventoryHandler {
         envelope: &Envelope,
         event: SagaEvent,
     ) -> Result<(), HandleError> {
-        let cause = event.cause(envelope).unwrap_or_default();
-        match event {
-            SagaEvent::OrderCreated(order) => step::act(self, tx, envelope, order).await,
-            // Shipping failed, or shipping finished its own compensation: give the stock back.
-            SagaEvent::ShippingFailed(_) | SagaEvent::ShippingCancelled(_) => {
-                step::compensate(self, tx, envelope, cause).await
-            }
-            _ => Err(Reject::NotConsumed(envelope.event_type.clone()).into()),
-        }
+        step::handle(self, tx, envelope, event).await
     }
 
     /// An order that comes alone is reserved in one statement, where its
     /// reservation is one ([`InventoryHandler::reserve`]).
     fn effect_alone(&self, envelope: &Envelope, event: &SagaEvent) -> Option<Effect> {
-        match event {
-            SagaEvent::OrderCreated(order) => step::act_alone(self, envelope, order),
-            _ => None,
-        }
+        step::effect_alone(self, envelope, event)
     }
 
     /// A reservation locks its products' stock rows, which every order of
@@ -366,7 +356,10 @@ impl Handler for InventoryHandler {
                 SagaEvent::OrderCreated(order) => {
                     ordered.extend(order.lines.iter().map(|l| l.sku.as_str()));
                 }
-                SagaEvent::ShippingFailed(_) | SagaEvent::ShippingCancelled(_) => {
+                _ if Self::STEP
+                    .compensated_by
+                    .contains(&envelope.event_type.as_str()) =>
+                {
                     // An unreadable id locks nothing here; its event is refused later.
                     compensated.extend(contracts::order_id_of(envelope).ok());
                 }

@@ -4,10 +4,11 @@
 //!
 //! The handler queues messages; the [`crate::dispatch`]er sends them once the
 //! handler's transaction has committed, and writes the event that follows.
+use choreo::choreography::Step;
 use choreo::step::{self, CompensableStep, Undo, Verdict};
 use choreo::{Config, Effect, Envelope, HandleError, Handler, Outbox, Reject, Tx};
-use contracts::SagaEvent;
 use contracts::events::v1 as ev;
+use contracts::{CHOREOGRAPHY, SagaEvent};
 use prost::Message;
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -167,7 +168,7 @@ impl NotificationHandler {
 
 #[async_trait::async_trait]
 impl CompensableStep for NotificationHandler {
-    const NAME: &'static str = "notify";
+    const STEP: &'static Step = CHOREOGRAPHY.step("notify");
     type Input = ev::ShippingScheduled;
     type Success = ev::NotificationSent;
     type Failure = ev::NotificationFailed;
@@ -223,21 +224,12 @@ impl Handler for NotificationHandler {
         envelope: &Envelope,
         event: SagaEvent,
     ) -> Result<(), HandleError> {
-        let cause = event.cause(envelope).unwrap_or_default();
-        match event {
-            SagaEvent::ShippingScheduled(shipment) => step::act(self, tx, envelope, shipment).await,
-            // A customer cancel or a deadline: compensation starts here, at the last step.
-            SagaEvent::OrderCancelled(_) => step::compensate(self, tx, envelope, cause).await,
-            _ => Err(Reject::NotConsumed(envelope.event_type.clone()).into()),
-        }
+        step::handle(self, tx, envelope, event).await
     }
 
     /// A scheduled order that comes alone has its confirmation queued in one
     /// statement.
     fn effect_alone(&self, envelope: &Envelope, event: &SagaEvent) -> Option<Effect> {
-        match event {
-            SagaEvent::ShippingScheduled(shipment) => step::act_alone(self, envelope, shipment),
-            _ => None,
-        }
+        step::effect_alone(self, envelope, event)
     }
 }

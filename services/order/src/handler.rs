@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use choreo::choreography;
 use choreo::inbox::Batched;
+use choreo::step::Cause;
 use choreo::{Envelope, HandleError, Handler, Outbox, Reject, Tx};
 use contracts::SagaEvent;
 use contracts::events::v1 as ev;

@@ -1,9 +1,10 @@
 //! Shipping's rules: schedule a shipment for a reserved order if the carrier
 //! serves its destination; cancel it when the order is compensated.
+use choreo::choreography::Step;
 use choreo::step::{self, CompensableStep, Undo, Verdict};
-use choreo::{Config, Effect, Envelope, HandleError, Handler, Outbox, Reject, Tx};
-use contracts::SagaEvent;
+use choreo::{Config, Effect, Envelope, HandleError, Handler, Outbox, Tx};
 use contracts::events::v1 as ev;
+use contracts::{CHOREOGRAPHY, SagaEvent};
 use uuid::Uuid;
 
 /// Where an order's shipment stands (the `shipments.status` column).
@@ -81,7 +82,7 @@ impl ShippingHandler {
 
 #[async_trait::async_trait]
 impl CompensableStep for ShippingHandler {
-    const NAME: &'static str = "ship";
+    const STEP: &'static Step = CHOREOGRAPHY.step("ship");
     type Input = ev::InventoryReserved;
     type Success = ev::ShippingScheduled;
     type Failure = ev::ShippingFailed;
@@ -161,22 +162,11 @@ impl Handler for ShippingHandler {
         envelope: &Envelope,
         event: SagaEvent,
     ) -> Result<(), HandleError> {
-        let cause = event.cause(envelope).unwrap_or_default();
-        match event {
-            SagaEvent::InventoryReserved(order) => step::act(self, tx, envelope, order).await,
-            // The customer could not be told, or notification finished its own compensation.
-            SagaEvent::NotificationFailed(_) | SagaEvent::NotificationCancelled(_) => {
-                step::compensate(self, tx, envelope, cause).await
-            }
-            _ => Err(Reject::NotConsumed(envelope.event_type.clone()).into()),
-        }
+        step::handle(self, tx, envelope, event).await
     }
 
     /// A reserved order that comes alone is scheduled in one statement.
     fn effect_alone(&self, envelope: &Envelope, event: &SagaEvent) -> Option<Effect> {
-        match event {
-            SagaEvent::InventoryReserved(order) => step::act_alone(self, envelope, order),
-            _ => None,
-        }
+        step::effect_alone(self, envelope, event)
     }
 }
