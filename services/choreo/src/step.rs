@@ -106,7 +106,7 @@ pub trait CompensableStep: Send + Sync {
 pub trait Carries<P> {
     /// The payload, if the event is one.
     fn payload(&self) -> Option<&P>;
-    /// The payload, if the event is one.
+    /// The payload itself, if the event is one.
     fn into_payload(self) -> Option<P>;
 }
 
@@ -193,13 +193,9 @@ pub async fn act<S: CompensableStep>(
     envelope: &Envelope,
     input: S::Input,
 ) -> Result<(), HandleError> {
-    let saga = envelope.saga_id.as_str();
-    let claimed = barrier::take_claim(envelope.id(), Claim::Action(declared::<S>().name));
-    if !claimed
-        && !barrier::action(tx, saga, declared::<S>().name)
-            .await?
-            .proceeds(declared::<S>().name)
-    {
+    let (saga, name) = (envelope.saga_id.as_str(), declared::<S>().name);
+    let claimed = barrier::take_claim(envelope.id(), Claim::Action(name));
+    if !claimed && !barrier::action(tx, saga, name).await?.proceeds(name) {
         return Ok(());
     }
     match step.work(tx, envelope, input).await? {
@@ -209,7 +205,7 @@ pub async fn act<S: CompensableStep>(
                 .await?;
         }
         Verdict::Failed(failure) => {
-            tracing::info!(step = declared::<S>().name, "step failed");
+            tracing::info!(step = name, "step failed");
             step.outbox()
                 .emit_at_end(tx, saga, Some(envelope), &failure)
                 .await?;
@@ -248,19 +244,19 @@ pub async fn compensate<S: CompensableStep>(
     envelope: &Envelope,
     cause: String,
 ) -> Result<(), HandleError> {
-    let saga = envelope.saga_id.as_str();
-    let undo = if barrier::take_claim(envelope.id(), Claim::Compensation(declared::<S>().name)) {
-        barrier::count_compensation(declared::<S>().name, "nothing_to_undo");
+    let (saga, name) = (envelope.saga_id.as_str(), declared::<S>().name);
+    let undo = if barrier::take_claim(envelope.id(), Claim::Compensation(name)) {
+        barrier::count_compensation(name, "nothing_to_undo");
         Undo::NeverDone
     } else {
-        match barrier::compensation(tx, saga, declared::<S>().name).await? {
+        match barrier::compensation(tx, saga, name).await? {
             Compensation::AlreadyCompensated => return Ok(()),
             Compensation::NothingToUndo => Undo::NeverDone,
             Compensation::Undo => Undo::Work,
         }
     };
     let compensated = step.undo(tx, envelope, undo, cause).await?;
-    tracing::info!(step = declared::<S>().name, ?undo, "step compensated");
+    tracing::info!(step = name, ?undo, "step compensated");
     step.outbox()
         .emit_at_end(tx, saga, Some(envelope), &compensated)
         .await?;
