@@ -110,6 +110,33 @@ pub trait Carries<P> {
     fn into_payload(self) -> Option<P>;
 }
 
+/// [`Carries`] for each payload of a service's event enum whose variants
+/// each hold one payload: `choreo::carries!(SagaEvent { OrderCreated(v1::OrderCreated), ... })`.
+#[macro_export]
+macro_rules! carries {
+    ($enum:ident { $($variant:ident($payload:ty)),* $(,)? }) => {
+        $(
+            impl $crate::step::Carries<$payload> for $enum {
+                fn payload(&self) -> Option<&$payload> {
+                    match self {
+                        $enum::$variant(payload) => Some(payload),
+                        #[allow(unreachable_patterns)]
+                        _ => None,
+                    }
+                }
+
+                fn into_payload(self) -> Option<$payload> {
+                    match self {
+                        $enum::$variant(payload) => Some(payload),
+                        #[allow(unreachable_patterns)]
+                        _ => None,
+                    }
+                }
+            }
+        )*
+    };
+}
+
 /// A service's typed event, as a compensation reads it.
 pub trait Cause {
     /// Why the saga is being compensated, as this event tells it: a failure

@@ -33,25 +33,7 @@ macro_rules! payloads {
         #[allow(dead_code)] // each service reads only the variants it consumes
         enum TripEvent { $($name($name)),* }
 
-        $(
-            impl step::Carries<$name> for TripEvent {
-                fn payload(&self) -> Option<&$name> {
-                    match self {
-                        TripEvent::$name(payload) => Some(payload),
-                        #[allow(unreachable_patterns)]
-                        _ => None,
-                    }
-                }
-
-                fn into_payload(self) -> Option<$name> {
-                    match self {
-                        TripEvent::$name(payload) => Some(payload),
-                        #[allow(unreachable_patterns)]
-                        _ => None,
-                    }
-                }
-            }
-        )*
+        choreo::carries!(TripEvent { $($name($name)),* });
 
         impl Decode for TripEvent {
             fn decode(envelope: &Envelope) -> Result<Self, Reject> {

@@ -69,23 +69,7 @@ macro_rules! saga_events {
             Stuck(choreo::proto::Stuck),
         }
 
-        $(
-            impl choreo::step::Carries<events::v1::$payload> for SagaEvent {
-                fn payload(&self) -> Option<&events::v1::$payload> {
-                    match self {
-                        SagaEvent::$payload(payload) => Some(payload),
-                        _ => None,
-                    }
-                }
-
-                fn into_payload(self) -> Option<events::v1::$payload> {
-                    match self {
-                        SagaEvent::$payload(payload) => Some(payload),
-                        _ => None,
-                    }
-                }
-            }
-        )*
+        choreo::carries!(SagaEvent { $($payload(events::v1::$payload)),* });
 
         impl Decode for SagaEvent {
             /// The decode table: an unknown type or an unsupported version is a
