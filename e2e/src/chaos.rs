@@ -847,11 +847,12 @@ pub async fn run(profile: Profile) -> anyhow::Result<Report> {
         placed.push(placer.await?);
     }
     let databases = connect_all(&sys).await?;
-    let streams = Streams {
+    let mut streams = Streams {
         nats_url: sys.infra.nats.url().to_owned(),
         names: sys.stream_names(),
+        js: None,
     };
-    wait_for_quiet(&databases, &streams, &placed, profile.quiet_timeout).await;
+    wait_for_quiet(&databases, &mut streams, &placed, profile.quiet_timeout).await;
     report.time_to_quiet = faults_over.elapsed();
     stop_sampling.cancel();
     let samples = sampler.await?;
@@ -918,36 +919,48 @@ async fn queued_notifications(notification_db: &PgPool) -> i64 {
         .unwrap_or(i64::MAX / 8)
 }
 
-/// The saga's streams on the system's NATS, for [`unacknowledged`].
+/// The saga's streams on the system's NATS, for [`Streams::unacknowledged`],
+/// with a connection made at the first ask and kept while it answers.
 struct Streams {
     nats_url: String,
     names: Vec<String>,
+    js: Option<async_nats::jetstream::Context>,
 }
 
-/// Messages of the saga's streams that a service has not acknowledged yet,
-/// summed over every durable consumer: not yet delivered, or delivered and
-/// not acknowledged (being handled, retried, or lost on its way to a pull
-/// the service no longer reads, which comes again after the ack wait).
-/// `None` when NATS does not answer within a few seconds.
-async fn unacknowledged(streams: &Streams) -> Option<u64> {
-    use futures::StreamExt;
-    let js = jetstream_at(&streams.nats_url).await?;
-    let count = async {
-        let mut total = 0;
-        for name in &streams.names {
-            let stream = js.get_stream(name).await.ok()?;
-            let mut consumers = stream.consumers();
-            while let Some(info) = consumers.next().await {
-                let info = info.ok()?;
-                total += info.num_pending + info.num_ack_pending as u64;
-            }
+impl Streams {
+    /// Messages of the saga's streams that a service has not acknowledged
+    /// yet, summed over every durable consumer: not yet delivered, or
+    /// delivered and not acknowledged (being handled, retried, or lost on its
+    /// way to a pull the service no longer reads, which comes again after the
+    /// ack wait). `None` when NATS does not answer within a few seconds (the
+    /// next ask connects again).
+    async fn unacknowledged(&mut self) -> Option<u64> {
+        use futures::StreamExt;
+        if self.js.is_none() {
+            self.js = jetstream_at(&self.nats_url).await;
         }
-        Some(total)
-    };
-    tokio::time::timeout(Duration::from_secs(5), count)
-        .await
-        .ok()
-        .flatten()
+        let js = self.js.as_ref()?;
+        let count = async {
+            let mut total = 0;
+            for name in &self.names {
+                let stream = js.get_stream(name).await.ok()?;
+                let mut consumers = stream.consumers();
+                while let Some(info) = consumers.next().await {
+                    let info = info.ok()?;
+                    total += info.num_pending + info.num_ack_pending as u64;
+                }
+            }
+            Some(total)
+        };
+        let total = tokio::time::timeout(Duration::from_secs(5), count)
+            .await
+            .ok()
+            .flatten();
+        if total.is_none() {
+            self.js = None;
+        }
+        total
+    }
 }
 
 /// Waits until every placed order has ended, every outbox is empty, no
@@ -959,7 +972,7 @@ async fn unacknowledged(streams: &Streams) -> Option<u64> {
 /// every order over gRPC as well.
 async fn wait_for_quiet(
     databases: &[PgPool],
-    streams: &Streams,
+    streams: &mut Streams,
     placed: &[Placed],
     timeout: Duration,
 ) {
@@ -980,7 +993,7 @@ async fn wait_for_quiet(
         let open = placed_ok - ended;
         let unsent = unsent_total(databases).await;
         let queued = queued_notifications(&databases[3]).await;
-        let unacknowledged = unacknowledged(streams).await;
+        let unacknowledged = streams.unacknowledged().await;
         if open <= 0 && unsent == 0 && queued == 0 && unacknowledged == Some(0) {
             quiet_rounds += 1;
             if quiet_rounds == 2 {
