@@ -16,12 +16,14 @@
 //! the step's trigger and the compensation for the events that compensate
 //! it. The build fails where the step's event types are not the ones its
 //! declaration names.
+//!
+//! A step is its service's [`Handler`]: a service writes the step, and the
+//! platform routes its events.
 use crate::Tx;
 use crate::barrier::{self, Claim, Compensation};
 use crate::choreography::{Step, same};
 use crate::envelope::{Envelope, EventPayload, Reject};
-use crate::handler::Effect;
-use crate::handler::HandleError;
+use crate::handler::{Decode, Effect, HandleError, Handler};
 use crate::outbox::Outbox;
 
 /// How a step's work ended.
@@ -58,6 +60,10 @@ pub trait CompensableStep: Send + Sync {
     /// trigger, the events that compensate it, and the event types below,
     /// which must be the ones it names (else the build fails).
     const STEP: &'static Step;
+    /// The service's events, as the platform decodes them: the trigger
+    /// carries [`CompensableStep::Input`], and the events that compensate
+    /// the step carry their cause.
+    type Event: Decode + Carries<Self::Input> + Cause;
     /// The trigger event, which brings the work its input.
     type Input: EventPayload + Send;
     type Success: EventPayload + Send + Sync;
@@ -100,6 +106,47 @@ pub trait CompensableStep: Send + Sync {
         undo: Undo,
         cause: String,
     ) -> Result<Self::Compensated, HandleError>;
+
+    /// Runs in a batch's transaction before its events' effects: where the
+    /// step's work locks rows that several sagas share, lock them all here,
+    /// in one order ([`Handler::before_batch`]). Nothing, by default.
+    async fn before_batch(
+        &self,
+        _tx: &mut Tx<'_>,
+        _events: &[(&Envelope, &Self::Event)],
+    ) -> Result<(), HandleError> {
+        Ok(())
+    }
+}
+
+/// A step is its service's handler: each event goes where the declaration
+/// says ([`handle`]), and a trigger that comes alone goes as one statement
+/// where the work is one ([`effect_alone`]). A service that needs more
+/// wraps its step in a handler of its own.
+#[async_trait::async_trait]
+impl<S: CompensableStep + 'static> Handler for S {
+    type Event = S::Event;
+
+    async fn handle(
+        &self,
+        tx: &mut Tx<'_>,
+        envelope: &Envelope,
+        event: S::Event,
+    ) -> Result<(), HandleError> {
+        handle(self, tx, envelope, event).await
+    }
+
+    async fn before_batch(
+        &self,
+        tx: &mut Tx<'_>,
+        events: &[(&Envelope, &S::Event)],
+    ) -> Result<(), HandleError> {
+        CompensableStep::before_batch(self, tx, events).await
+    }
+
+    fn effect_alone(&self, envelope: &Envelope, event: &S::Event) -> Option<Effect> {
+        effect_alone(self, envelope, event)
+    }
 }
 
 /// A service's typed event that may carry the payload `P` (a step's input).

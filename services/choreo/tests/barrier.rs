@@ -115,6 +115,14 @@ enum GoOrBack {
     Go(Go),
     Back(Back),
 }
+choreo::carries!(GoOrBack { Go(Go), Back(Back) });
+
+impl choreo::step::Cause for GoOrBack {
+    fn cause(&self, _envelope: &Envelope) -> Option<String> {
+        matches!(self, GoOrBack::Back(_)).then(|| "back".into())
+    }
+}
+
 impl Decode for GoOrBack {
     fn decode(envelope: &Envelope) -> Result<Self, Reject> {
         match envelope.event_type.as_str() {
@@ -136,6 +144,7 @@ struct Logged {
 
 #[async_trait::async_trait]
 impl choreo::step::CompensableStep for Logged {
+    type Event = GoOrBack;
     const STEP: &'static choreo::choreography::Step = &choreo::choreography::Step {
         name: "logged",
         owner: "test",
@@ -201,8 +210,12 @@ async fn log(tx: &mut Tx<'_>, saga: &str, what: &str) -> Result<(), sqlx::Error>
         .map(drop)
 }
 
+/// [`Logged`] as a handler whose trigger can leave the step alone
+/// (`skip`); otherwise as the step alone would be.
+struct SkipsOrLogs(Logged);
+
 #[async_trait::async_trait]
-impl Handler for Logged {
+impl Handler for SkipsOrLogs {
     type Event = GoOrBack;
 
     async fn handle(
@@ -213,14 +226,16 @@ impl Handler for Logged {
     ) -> Result<(), HandleError> {
         match event {
             GoOrBack::Go(Go { skip: true }) => Ok(()),
-            GoOrBack::Go(go) => choreo::step::act(self, tx, envelope, go).await,
-            GoOrBack::Back(_) => choreo::step::compensate(self, tx, envelope, "back".into()).await,
+            GoOrBack::Go(go) => choreo::step::act(&self.0, tx, envelope, go).await,
+            GoOrBack::Back(_) => {
+                choreo::step::compensate(&self.0, tx, envelope, "back".into()).await
+            }
         }
     }
 
     fn effect_alone(&self, envelope: &Envelope, event: &GoOrBack) -> Option<Effect> {
         match event {
-            GoOrBack::Go(go) if !go.skip => choreo::step::act_alone(self, envelope, go),
+            GoOrBack::Go(go) if !go.skip => choreo::step::act_alone(&self.0, envelope, go),
             _ => None,
         }
     }
@@ -255,10 +270,10 @@ async fn claims_made_with_the_inbox_keep_every_barrier_rule() {
         .execute(&s.pool)
         .await
         .unwrap();
-        let step = Logged {
+        let step = SkipsOrLogs(Logged {
             outbox: s.outbox(),
             alone: as_statement,
-        };
+        });
         let go = |saga: &str| Envelope::new("test", saga, None, &Go { skip: false });
         let skip = |saga: &str| Envelope::new("test", saga, None, &Go { skip: true });
         let back = |saga: &str| Envelope::new("test", saga, None, &Back {});

@@ -129,6 +129,7 @@ struct Hotels {
 #[async_trait::async_trait]
 impl CompensableStep for Hotels {
     const STEP: &'static Step = TRIP.step("hotel");
+    type Event = TripEvent;
     type Input = TripBooked;
     type Success = HotelHeld;
     type Failure = HotelRefused;
@@ -160,20 +161,6 @@ impl CompensableStep for Hotels {
     }
 }
 
-#[async_trait::async_trait]
-impl Handler for Hotels {
-    type Event = TripEvent;
-
-    async fn handle(
-        &self,
-        tx: &mut Tx<'_>,
-        envelope: &Envelope,
-        event: TripEvent,
-    ) -> Result<(), HandleError> {
-        step::handle(self, tx, envelope, event).await
-    }
-}
-
 /// Holds a car, except on islands.
 struct Cars {
     outbox: Outbox,
@@ -182,6 +169,7 @@ struct Cars {
 #[async_trait::async_trait]
 impl CompensableStep for Cars {
     const STEP: &'static Step = TRIP.step("car");
+    type Event = TripEvent;
     type Input = HotelHeld;
     type Success = CarHeld;
     type Failure = CarRefused;
@@ -216,20 +204,6 @@ impl CompensableStep for Cars {
         cause: String,
     ) -> Result<CarReleased, HandleError> {
         Ok(CarReleased { cause })
-    }
-}
-
-#[async_trait::async_trait]
-impl Handler for Cars {
-    type Event = TripEvent;
-
-    async fn handle(
-        &self,
-        tx: &mut Tx<'_>,
-        envelope: &Envelope,
-        event: TripEvent,
-    ) -> Result<(), HandleError> {
-        step::handle(self, tx, envelope, event).await
     }
 }
 

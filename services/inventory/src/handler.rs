@@ -2,7 +2,7 @@
 //! what was held when the order is compensated.
 use choreo::choreography::Step;
 use choreo::step::{self, CompensableStep, Undo, Verdict};
-use choreo::{Config, Effect, Envelope, HandleError, Handler, Outbox, Tx};
+use choreo::{Config, Effect, Envelope, HandleError, Outbox, Tx};
 use contracts::events::v1 as ev;
 use contracts::{CHOREOGRAPHY, SagaEvent};
 use sqlx::{Acquire, PgConnection};
@@ -187,6 +187,7 @@ impl InventoryHandler {
 #[async_trait::async_trait]
 impl CompensableStep for InventoryHandler {
     const STEP: &'static Step = CHOREOGRAPHY.step("reserve");
+    type Event = SagaEvent;
     type Input = ev::OrderCreated;
     type Success = ev::InventoryReserved;
     type Failure = ev::InventoryRejected;
@@ -318,26 +319,6 @@ impl CompensableStep for InventoryHandler {
                 })
                 .collect(),
         })
-    }
-}
-
-#[async_trait::async_trait]
-impl Handler for InventoryHandler {
-    type Event = SagaEvent;
-
-    async fn handle(
-        &self,
-        tx: &mut Tx<'_>,
-        envelope: &Envelope,
-        event: SagaEvent,
-    ) -> Result<(), HandleError> {
-        step::handle(self, tx, envelope, event).await
-    }
-
-    /// An order that comes alone is reserved in one statement, where its
-    /// reservation is one ([`InventoryHandler::reserve`]).
-    fn effect_alone(&self, envelope: &Envelope, event: &SagaEvent) -> Option<Effect> {
-        step::effect_alone(self, envelope, event)
     }
 
     /// A reservation locks its products' stock rows, which every order of

@@ -6,7 +6,7 @@
 //! handler's transaction has committed, and writes the event that follows.
 use choreo::choreography::Step;
 use choreo::step::{self, CompensableStep, Undo, Verdict};
-use choreo::{Config, Effect, Envelope, HandleError, Handler, Outbox, Reject, Tx};
+use choreo::{Config, Effect, Envelope, HandleError, Outbox, Reject, Tx};
 use contracts::events::v1 as ev;
 use contracts::{CHOREOGRAPHY, SagaEvent};
 use prost::Message;
@@ -169,6 +169,7 @@ impl NotificationHandler {
 #[async_trait::async_trait]
 impl CompensableStep for NotificationHandler {
     const STEP: &'static Step = CHOREOGRAPHY.step("notify");
+    type Event = SagaEvent;
     type Input = ev::ShippingScheduled;
     type Success = ev::NotificationSent;
     type Failure = ev::NotificationFailed;
@@ -211,25 +212,5 @@ impl CompensableStep for NotificationHandler {
             Undo::Work => self.withdraw_or_apologise(tx, envelope).await?,
         };
         Ok(ev::NotificationCancelled { notice_sent, cause })
-    }
-}
-
-#[async_trait::async_trait]
-impl Handler for NotificationHandler {
-    type Event = SagaEvent;
-
-    async fn handle(
-        &self,
-        tx: &mut Tx<'_>,
-        envelope: &Envelope,
-        event: SagaEvent,
-    ) -> Result<(), HandleError> {
-        step::handle(self, tx, envelope, event).await
-    }
-
-    /// A scheduled order that comes alone has its confirmation queued in one
-    /// statement.
-    fn effect_alone(&self, envelope: &Envelope, event: &SagaEvent) -> Option<Effect> {
-        step::effect_alone(self, envelope, event)
     }
 }

@@ -2,7 +2,7 @@
 //! serves its destination; cancel it when the order is compensated.
 use choreo::choreography::Step;
 use choreo::step::{self, CompensableStep, Undo, Verdict};
-use choreo::{Config, Effect, Envelope, HandleError, Handler, Outbox, Tx};
+use choreo::{Config, Effect, Envelope, HandleError, Outbox, Tx};
 use contracts::events::v1 as ev;
 use contracts::{CHOREOGRAPHY, SagaEvent};
 use uuid::Uuid;
@@ -83,6 +83,7 @@ impl ShippingHandler {
 #[async_trait::async_trait]
 impl CompensableStep for ShippingHandler {
     const STEP: &'static Step = CHOREOGRAPHY.step("ship");
+    type Event = SagaEvent;
     type Input = ev::InventoryReserved;
     type Success = ev::ShippingScheduled;
     type Failure = ev::ShippingFailed;
@@ -149,24 +150,5 @@ impl CompensableStep for ShippingHandler {
             shipment_id: cancelled.map(|id| id.to_string()).unwrap_or_default(),
             nothing_scheduled: cancelled.is_none(),
         })
-    }
-}
-
-#[async_trait::async_trait]
-impl Handler for ShippingHandler {
-    type Event = SagaEvent;
-
-    async fn handle(
-        &self,
-        tx: &mut Tx<'_>,
-        envelope: &Envelope,
-        event: SagaEvent,
-    ) -> Result<(), HandleError> {
-        step::handle(self, tx, envelope, event).await
-    }
-
-    /// A reserved order that comes alone is scheduled in one statement.
-    fn effect_alone(&self, envelope: &Envelope, event: &SagaEvent) -> Option<Effect> {
-        step::effect_alone(self, envelope, event)
     }
 }
