@@ -8,6 +8,9 @@
 //! 2. Closed loop: clients that wait for their order's saga to end before
 //!    placing the next, over a spread catalogue (Zipf over many SKUs) and a
 //!    flash sale (every order for one SKU; stock is checked for overselling).
+//!    Each loop places orders for at least `closed_secs` (and `orders` at
+//!    the least), so that its start and end, where fewer sagas are in
+//!    flight, are a small part of it on a fast machine too.
 //!    The spread catalogue runs once for each number of clients asked for,
 //!    and its peak is the run with the most sagas/s: more sagas in flight
 //!    make larger batches, so the peak is found, not assumed. The flash
@@ -45,8 +48,11 @@ pub struct Settings {
     /// the spread catalogue runs with, in turn; the hot SKU runs with the
     /// one that gave the peak.
     pub clients: Vec<usize>,
-    /// Orders per closed-loop catalogue.
+    /// Orders per closed-loop catalogue, at the least.
     pub orders: usize,
+    /// Seconds a closed loop goes on placing orders, at the least: the
+    /// clients stop once `orders` are placed and this long has passed.
+    pub closed_secs: f64,
     /// SKUs of the spread catalogue (Zipf, s = 1).
     pub skus: usize,
     /// Seconds of open-loop arrivals.
@@ -561,6 +567,9 @@ fn sku(i: usize) -> String {
 }
 
 const HOT: &str = "HOT";
+/// The hot SKU's stock: more than any closed loop sells, so that every
+/// order can be served and what is left plus what completed must be it.
+const HOT_STOCK: u64 = 10_000_000;
 
 /// Runs every measurement on `sys` and returns the report.
 pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
@@ -568,7 +577,7 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
     for i in 0..settings.skus {
         sys.set_stock(&sku(i), 10_000_000).await?;
     }
-    sys.set_stock(HOT, settings.orders as u64).await?;
+    sys.set_stock(HOT, HOT_STOCK).await?;
     let admin_url = admin_url(&sys.infra.postgres);
 
     // C, at the start and again at the end of the run.
@@ -586,8 +595,8 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
     let mut spread_tried = Vec::new();
     for &clients in &settings.clients {
         eprintln!(
-            "bench: closed loop, {} orders over {} SKUs, {clients} clients...",
-            settings.orders, settings.skus
+            "bench: closed loop, {} orders and {} s at the least, over {} SKUs, {clients} clients...",
+            settings.orders, settings.closed_secs, settings.skus
         );
         let zipf = zipf.clone();
         spread_tried.push(
@@ -612,8 +621,8 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
     let puback = publish_latencies(sys, None).await?;
 
     eprintln!(
-        "bench: closed loop, {} orders for one SKU, {} clients...",
-        settings.orders, spread.clients
+        "bench: closed loop, {} orders and {} s at the least, for one SKU, {} clients...",
+        settings.orders, settings.closed_secs, spread.clients
     );
     let (mut hot, hot_ids) = closed_loop(
         sys,
@@ -625,7 +634,7 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
     )
     .await?;
     let left = sys.stock(HOT).await?.available;
-    let hot_oversold = left + hot.completed as u64 != settings.orders as u64;
+    let hot_oversold = left + hot.completed as u64 != HOT_STOCK;
 
     let rate = settings
         .open_rate
@@ -762,8 +771,8 @@ fn request(sku: &str) -> contracts::order::v1::PlaceOrderRequest {
 }
 
 /// `clients` clients, each placing an order and waiting for its saga to end
-/// before the next, until `orders` are placed; counted from the first place
-/// to the last end, and quiet again.
+/// before the next, until `orders` are placed and `closed_secs` have
+/// passed; counted from the first place to the last end, and quiet again.
 async fn closed_loop(
     sys: &System,
     watcher: &EndWatcher,
@@ -783,6 +792,7 @@ async fn closed_loop(
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let machine_before = MachineCpu::ticks();
     let started = Instant::now();
+    let until = started + Duration::from_secs_f64(settings.closed_secs);
     let mut tasks = Vec::new();
     for _ in 0..clients {
         let (next, pick, api, watcher, total) = (
@@ -794,7 +804,9 @@ async fn closed_loop(
         );
         tasks.push(tokio::spawn(async move {
             let mut ids = Vec::new();
-            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total
+                || Instant::now() < until
+            {
                 let id = api.place(request(&pick())).await?.order_id;
                 watcher.wait(&id).await?;
                 ids.push(id);

@@ -12,6 +12,8 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
         instances: 1,
         clients: vec![2, 4],
         orders: 40,
+        // Long enough that the clients go on placing past the 40.
+        closed_secs: 1.0,
         skus: 20,
         open_secs: 2.0,
         open_at: 0.5,
@@ -30,15 +32,16 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
     let report = run(&sys, &settings).await.unwrap();
 
     assert!(report.limit_commits_per_sec > 0.0 && report.limit_at_end_commits_per_sec > 0.0);
+    // Each closed loop placed its 40 orders and went on for its second,
+    // and every order it placed ended and was counted.
     for closed in [&report.spread, &report.hot] {
-        assert_eq!(
-            (closed.orders, closed.completed),
-            (40, 40),
-            "{}",
-            closed.catalogue
+        assert!(
+            closed.orders > 40 && closed.seconds >= settings.closed_secs,
+            "{closed:?}"
         );
+        assert_eq!(closed.completed, closed.orders, "{}", closed.catalogue);
         assert!(closed.sagas_per_sec > 0.0);
-        assert_eq!(closed.latency.count, 40);
+        assert_eq!(closed.latency.count, closed.orders);
     }
     assert!(!report.hot_oversold);
     // The spread catalogue ran once per number of clients; its peak is the
@@ -46,7 +49,7 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
     let tried: Vec<usize> = report.spread_by_clients.iter().map(|r| r.clients).collect();
     assert_eq!(tried, [2, 4]);
     for run in &report.spread_by_clients {
-        assert_eq!(run.latency.count, 40, "{run:?}");
+        assert!(run.latency.count > 40, "{run:?}");
         assert!(run.sagas_per_sec <= report.spread.sagas_per_sec, "{run:?}");
     }
     assert!(
@@ -142,7 +145,7 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
     // in the order's timeline), and each send -> PubAck (its mean and its
     // p99) is over that loop's publishes only: every service published in each.
     for (window, hops, sagas) in [
-        ("spread", &report.hops, 40),
+        ("spread", &report.hops, report.spread.orders),
         ("open loop", &report.open_loop_hops, report.open_loop.count),
         ("alone", &report.alone_hops, 2),
     ] {

@@ -22,9 +22,13 @@ struct Args {
     /// with the most sagas/s (the hot SKU and the drain use the peak's).
     #[arg(long, value_delimiter = ',', default_values_t = [32, 64, 128, 256])]
     clients: Vec<usize>,
-    /// Orders per closed-loop catalogue.
+    /// Orders per closed-loop catalogue, at the least.
     #[arg(long, default_value_t = 2000)]
     orders: usize,
+    /// Seconds each closed loop goes on placing orders, at the least (its
+    /// start and end, with fewer sagas in flight, are then a small part).
+    #[arg(long, default_value_t = 5.0)]
+    closed_secs: f64,
     /// SKUs of the spread catalogue (Zipf-distributed).
     #[arg(long, default_value_t = 1000)]
     skus: usize,
@@ -107,6 +111,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             instances: args.instances,
             clients: args.clients.clone(),
             orders: args.orders,
+            closed_secs: args.closed_secs,
             skus: args.skus,
             open_secs: args.open_secs,
             open_at: args.open_at,
