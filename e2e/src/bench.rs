@@ -1933,6 +1933,11 @@ pub struct Drain {
     /// largest while the backlog drained, in MB.
     pub order_rss_mb_at_start: f64,
     pub order_rss_mb_peak: f64,
+    /// Cores each process used while the backlog drained (its CPU seconds
+    /// over the drain's), largest first: where the drain's time goes.
+    pub cores: Vec<(String, f64)>,
+    /// Where the whole machine's CPU time went meanwhile.
+    pub machine: MachineCpu,
 }
 
 /// Stops NATS, places `orders` orders from `clients` clients (their events
@@ -1968,6 +1973,8 @@ pub async fn drain(sys: &mut System, orders: usize, clients: usize) -> anyhow::R
     let mut order_rss_mb_peak = order_rss_mb_at_start;
     tokio::task::block_in_place(|| sys.infra.nats.restart())?;
     let back = Instant::now();
+    // nats-server is a new process: its CPU counts from nought.
+    let (use_before, machine_before) = (process_use(sys), MachineCpu::ticks());
     let mut stream_at_start = None;
     let mut unsent_each_second = vec![backlog];
     loop {
@@ -1990,6 +1997,18 @@ pub async fn drain(sys: &mut System, orders: usize, clients: usize) -> anyhow::R
         );
     }
     let drain_seconds = back.elapsed().as_secs_f64();
+    let machine = MachineCpu::between(&machine_before, &MachineCpu::ticks());
+    let mut cores: Vec<(String, f64)> = process_use(sys)
+        .into_iter()
+        .map(|(process, cpu, _)| {
+            let before = use_before
+                .iter()
+                .find(|(p, ..)| *p == process && process != "nats-server")
+                .map_or(0.0, |(_, cpu, _)| *cpu);
+            (process, (cpu - before) / drain_seconds)
+        })
+        .collect();
+    cores.sort_by(|a, b| b.1.total_cmp(&a.1));
     let batches_after = atomic_batch_counts(&sys.metrics("order").await?);
     let atomic_batches = batches_after.0 - batches_before.0;
     let atomic_batches_refused = batches_after.1 - batches_before.1;
@@ -2005,13 +2024,15 @@ pub async fn drain(sys: &mut System, orders: usize, clients: usize) -> anyhow::R
         atomic_batches_refused,
         order_rss_mb_at_start,
         order_rss_mb_peak,
+        cores,
+        machine,
     })
 }
 
 impl Drain {
     pub fn line(&self) -> String {
         format!(
-            "| drain: {} events queued while NATS was down (placed at {:.0}/s) | published at {:.0}/s once it was back ({:.2}x the producer), {:.1} s, while the streams took {:.0} messages/s from all services; order service RSS {:.0} MB -> peak {:.0} MB; its relay's atomic batches {:.0} stored, {:.0} refused; unsent at each second: {} |",
+            "| drain: {} events queued while NATS was down (placed at {:.0}/s) | published at {:.0}/s once it was back ({:.2}x the producer), {:.1} s, while the streams took {:.0} messages/s from all services; order service RSS {:.0} MB -> peak {:.0} MB; its relay's atomic batches {:.0} stored, {:.0} refused; unsent at each second: {}; cores used: {}; the machine: {} |",
             self.orders,
             self.placed_per_sec,
             self.drained_per_sec,
@@ -2026,7 +2047,13 @@ impl Drain {
                 .iter()
                 .map(i64::to_string)
                 .collect::<Vec<_>>()
-                .join(" ")
+                .join(" "),
+            self.cores
+                .iter()
+                .map(|(process, cores)| format!("{process} {cores:.2}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.machine.summary()
         )
     }
 }

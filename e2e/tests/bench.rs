@@ -192,3 +192,43 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
     assert!(report.svg().starts_with("<svg"));
     serde_json::to_string(&report).unwrap();
 }
+
+/// The drain (`load --drain`): orders placed while NATS is down wait in the
+/// order service's outbox, and once it is back every one of them is
+/// published; the report says how fast, and where the machine's time went.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_queued_while_nats_is_down_is_published_once_it_is_back() {
+    let mut sys = system(Options::default()).await;
+    let drained = e2e::bench::drain(&mut sys, 200, 4).await.unwrap();
+
+    assert_eq!(drained.orders, 200);
+    assert_eq!(
+        drained.unsent_each_second.first(),
+        Some(&200),
+        "each order waited as one unsent row: {drained:?}"
+    );
+    assert!(drained.placed_per_sec > 0.0 && drained.drained_per_sec > 0.0);
+    assert!(
+        drained.stream_per_sec >= drained.drained_per_sec,
+        "{drained:?}"
+    );
+    assert!(drained.order_rss_mb_at_start > 0.0);
+    assert!(drained.order_rss_mb_peak >= drained.order_rss_mb_at_start);
+    // The restarted nats-server's CPU counts from its start, every other
+    // process's from the broker's return.
+    let processes: Vec<&str> = drained.cores.iter().map(|(p, _)| p.as_str()).collect();
+    for process in ["order", "inventory", "nats-server", "postgres", "load"] {
+        assert!(processes.contains(&process), "{drained:?}");
+    }
+    assert!(
+        drained.cores.iter().all(|(_, cores)| *cores >= 0.0)
+            && drained.cores.windows(2).all(|w| w[0].1 >= w[1].1),
+        "{drained:?}"
+    );
+    assert!(
+        drained.line().contains("cores used: "),
+        "{}",
+        drained.line()
+    );
+    serde_json::to_string(&drained).unwrap();
+}
