@@ -1803,11 +1803,12 @@ impl Report {
                 .iter()
                 .flat_map(|s| s.2.iter().map(|p| p.0))
                 .fold(1.0_f64, f64::max);
-            let max_y = series
-                .iter()
-                .flat_map(|s| s.2.iter().map(|p| p.1))
-                .fold(1.0_f64, f64::max)
-                * 1.1;
+            let max_y = axis_top(
+                series
+                    .iter()
+                    .flat_map(|s| s.2.iter().map(|p| p.1))
+                    .fold(1.0_f64, f64::max),
+            );
             let mut g = format!(
                 "<text x=\"{}\" y=\"20\" font-weight=\"bold\">{title}</text>\n<rect x=\"{left}\" y=\"{top}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"#999\"/>\n",
                 x0 + 50.0
@@ -1898,6 +1899,20 @@ impl Report {
         ));
         out
     }
+}
+
+/// The top of a chart's axis of four ticks, at or above `max`: four times
+/// a round step (1, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 times a power of ten), so
+/// every tick reads as a round number and the chart fills most of it.
+pub fn axis_top(max: f64) -> f64 {
+    let rough = (max / 4.0).max(f64::MIN_POSITIVE);
+    let power = 10f64.powf(rough.log10().floor());
+    let step = [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0]
+        .into_iter()
+        .map(|m| m * power)
+        .find(|step| *step >= rough * (1.0 - 1e-9))
+        .unwrap_or(10.0 * power);
+    4.0 * step
 }
 
 /// A line of a chart: its name, colour and points.
@@ -2069,7 +2084,7 @@ async fn unsent(db: &mut PgConnection) -> anyhow::Result<i64> {
 
 #[cfg(test)]
 mod tests {
-    use super::{MachineCpu, drift_percent, next_probe, p99_edge, throughput_over_time};
+    use super::{MachineCpu, axis_top, drift_percent, next_probe, p99_edge, throughput_over_time};
 
     #[test]
     fn the_drift_of_c_is_its_change_in_percent_of_the_first_figure() {
@@ -2133,6 +2148,16 @@ mod tests {
         assert_eq!(next_probe(&[(94.0, 40.0), (100.0, 60.0)], 50.0), Some(97.0));
         assert_eq!(next_probe(&[(1.5, 60.0)], 50.0), None, "no rate under 1/s");
         assert_eq!(next_probe(&[], 50.0), None);
+    }
+
+    #[test]
+    fn an_axis_ends_at_four_round_steps_at_or_above_its_largest_value() {
+        assert_eq!(axis_top(100.0), 100.0);
+        assert_eq!(axis_top(3190.0), 3200.0);
+        assert_eq!(axis_top(142.0), 160.0);
+        assert_eq!(axis_top(2100.0), 2400.0);
+        assert_eq!(axis_top(1.0), 1.0);
+        assert_eq!(axis_top(37.0), 40.0);
     }
 
     #[test]
