@@ -12,7 +12,7 @@
 //!   cause, is written.
 //!
 //! Which events are which comes from the declaration: a step names its
-//! [`Step`] ([`CompensableStep::STEP`]), and [`handle`] runs the action for
+//! [`Step`] ([`CompensableStep::STEP`]), and its [`Handler::handle`] runs the action for
 //! the step's trigger and the compensation for the events that compensate
 //! it. The build fails where the step's event types are not the ones its
 //! declaration names.
@@ -120,20 +120,35 @@ pub trait CompensableStep: Send + Sync {
 }
 
 /// A step is its service's handler: each event goes where the declaration
-/// says ([`handle`]), and a trigger that comes alone goes as one statement
-/// where the work is one ([`effect_alone`]). A service that needs more
-/// wraps its step in a handler of its own.
+/// says, and a trigger that comes alone goes as one statement where the work
+/// is one. A service that needs more wraps its step in a handler of its own.
 #[async_trait::async_trait]
 impl<S: CompensableStep + 'static> Handler for S {
     type Event = S::Event;
 
+    /// The step's trigger runs the action ([`act`]); an event that
+    /// compensates it runs the compensation ([`compensate`]) with the cause
+    /// the event carries. Any other event is not the step's: refused as not
+    /// consumed (parked).
     async fn handle(
         &self,
         tx: &mut Tx<'_>,
         envelope: &Envelope,
         event: S::Event,
     ) -> Result<(), HandleError> {
-        handle(self, tx, envelope, event).await
+        let declared = declared::<S>();
+        let event_type = envelope.event_type.as_str();
+        if declared.compensated_by.contains(&event_type) {
+            let cause = event.cause(envelope).unwrap_or_default();
+            return compensate(self, tx, envelope, cause).await;
+        }
+        match event
+            .into_payload()
+            .filter(|_| event_type == declared.trigger)
+        {
+            Some(input) => act(self, tx, envelope, input).await,
+            None => Err(Reject::NotConsumed(envelope.event_type.clone()).into()),
+        }
     }
 
     async fn before_batch(
@@ -144,8 +159,13 @@ impl<S: CompensableStep + 'static> Handler for S {
         CompensableStep::before_batch(self, tx, events).await
     }
 
+    /// The step's trigger, when `event` is that, as one statement
+    /// ([`act_alone`]); `None` for any other event.
     fn effect_alone(&self, envelope: &Envelope, event: &S::Event) -> Option<Effect> {
-        effect_alone(self, envelope, event)
+        if envelope.event_type != declared::<S>().trigger {
+            return None;
+        }
+        act_alone(self, envelope, event.payload()?)
     }
 }
 
@@ -215,49 +235,6 @@ const fn declared<S: CompensableStep>() -> &'static Step {
         );
         step
     }
-}
-
-/// What `event` asks of the step, as its declaration says: its trigger runs
-/// the action ([`act`]); an event that compensates it runs the
-/// compensation ([`compensate`]) with the cause the event carries. Any
-/// other event is not the step's: refused as not consumed (parked).
-pub async fn handle<S, E>(
-    step: &S,
-    tx: &mut Tx<'_>,
-    envelope: &Envelope,
-    event: E,
-) -> Result<(), HandleError>
-where
-    S: CompensableStep,
-    E: Carries<S::Input> + Cause + Send,
-{
-    let declared = declared::<S>();
-    let event_type = envelope.event_type.as_str();
-    if declared.compensated_by.contains(&event_type) {
-        let cause = event.cause(envelope).unwrap_or_default();
-        return compensate(step, tx, envelope, cause).await;
-    }
-    match event
-        .into_payload()
-        .filter(|_| event_type == declared.trigger)
-    {
-        Some(input) => act(step, tx, envelope, input).await,
-        None => Err(Reject::NotConsumed(envelope.event_type.clone()).into()),
-    }
-}
-
-/// The step's trigger, when `event` is that and comes alone, as one
-/// statement ([`act_alone`]), for the step's
-/// [`crate::Handler::effect_alone`]; `None` for any other event.
-pub fn effect_alone<S, E>(step: &S, envelope: &Envelope, event: &E) -> Option<Effect>
-where
-    S: CompensableStep,
-    E: Carries<S::Input>,
-{
-    if envelope.event_type != declared::<S>().trigger {
-        return None;
-    }
-    act_alone(step, envelope, event.payload()?)
 }
 
 /// Runs the step's action for the saga of `envelope`, the step's trigger.
