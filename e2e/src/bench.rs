@@ -567,17 +567,18 @@ fn sku(i: usize) -> String {
 }
 
 const HOT: &str = "HOT";
-/// The hot SKU's stock: more than any closed loop sells, so that every
-/// order can be served and what is left plus what completed must be it.
-const HOT_STOCK: u64 = 10_000_000;
+/// Each SKU's stock: more than any closed loop sells, so that every order
+/// can be served, and on the hot SKU what is left plus what completed must
+/// be it.
+const STOCK: u64 = 10_000_000;
 
 /// Runs every measurement on `sys` and returns the report.
 pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
     let watcher = EndWatcher::start(sys).await?;
     for i in 0..settings.skus {
-        sys.set_stock(&sku(i), 10_000_000).await?;
+        sys.set_stock(&sku(i), STOCK).await?;
     }
-    sys.set_stock(HOT, HOT_STOCK).await?;
+    sys.set_stock(HOT, STOCK).await?;
     let admin_url = admin_url(&sys.infra.postgres);
 
     // C, at the start and again at the end of the run.
@@ -634,7 +635,7 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
     )
     .await?;
     let left = sys.stock(HOT).await?.available;
-    let hot_oversold = left + hot.completed as u64 != HOT_STOCK;
+    let hot_oversold = left + hot.completed as u64 != STOCK;
 
     let rate = settings
         .open_rate
@@ -1988,7 +1989,6 @@ pub async fn drain(sys: &mut System, orders: usize, clients: usize) -> anyhow::R
     let mut order_rss_mb_peak = order_rss_mb_at_start;
     tokio::task::block_in_place(|| sys.infra.nats.restart())?;
     let back = Instant::now();
-    // nats-server is a new process: its CPU counts from nought.
     let (use_before, machine_before) = (process_use(sys), MachineCpu::ticks());
     let mut stream_at_start = None;
     let mut unsent_each_second = vec![backlog];
@@ -2018,7 +2018,7 @@ pub async fn drain(sys: &mut System, orders: usize, clients: usize) -> anyhow::R
         .map(|(process, cpu, _)| {
             let before = use_before
                 .iter()
-                .find(|(p, ..)| *p == process && process != "nats-server")
+                .find(|(p, ..)| *p == process)
                 .map_or(0.0, |(_, cpu, _)| *cpu);
             (process, (cpu - before) / drain_seconds)
         })

@@ -216,8 +216,7 @@ async fn a_backlog_queued_while_nats_is_down_is_published_once_it_is_back() {
     );
     assert!(drained.order_rss_mb_at_start > 0.0);
     assert!(drained.order_rss_mb_peak >= drained.order_rss_mb_at_start);
-    // The restarted nats-server's CPU counts from its start, every other
-    // process's from the broker's return.
+    // Every process's CPU counts from the broker's return.
     let processes: Vec<&str> = drained.cores.iter().map(|(p, _)| p.as_str()).collect();
     for process in ["order", "inventory", "nats-server", "postgres", "load"] {
         assert!(processes.contains(&process), "{drained:?}");
