@@ -34,14 +34,10 @@
 //! instance takes every event while it keeps up, so batches stay as large as
 //! a lone instance's; the others take what it leaves when it falls behind,
 //! and everything the moment it is gone (its pull goes with its connection).
-//! When leadership moves, an instance pulls again at its new place. Moving
-//! to the front, it keeps reading the old pull for a moment ([`HAND_OVER`]):
-//! the broker sends the old pull messages until it sees the new one, and
-//! those are handed on like any other. Moving to the back, it hands on what
-//! the old pulls were sent up to a flush and lets them go at once, since the
-//! old pull would come first for as long as it lived: a message sent to it
-//! in the instant before the broker hears that it is gone comes again after
-//! the ack wait.
+//! When leadership moves, an instance sends its next pull requests at its
+//! new place and reads what the broker sends its old ones until they are
+//! over, at most [`crate::pull::EXPIRES`] later ([`crate::pull`]): no message
+//! is left to come again after the ack wait.
 //!
 //! A lane can be told to linger ([`Consumer::lingering`], off as shipped):
 //! while its events have lately arrived less than twice the linger apart
@@ -54,7 +50,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
-use futures::StreamExt;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -69,6 +64,7 @@ use crate::handler::{Decode, HandleError, Handler};
 use crate::inbox::{Outcome, apply_alone_or_in_tx};
 use crate::outbox::Outbox;
 use crate::provision::ConsumerSource;
+use crate::pull::{Pulled, Pulls};
 
 /// Counters a test or metrics endpoint can read.
 #[derive(Debug, Default)]
@@ -90,12 +86,6 @@ pub struct ConsumerStats {
 }
 
 const IN_LANE_ATTEMPTS: u32 = 5;
-/// Idle heartbeat of a pull request; a pull request lives five of them.
-const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
-/// How long an instance that moves to the front still reads its old pull:
-/// the broker sends the old pull messages until it sees the new one, and a
-/// round trip is far less than this even on a busy machine.
-const HAND_OVER: Duration = Duration::from_secs(1);
 /// How long a starting instance waits to learn whether its relay leads
 /// before it pulls (behind the others) anyway.
 const LEADERSHIP_WAIT: Duration = Duration::from_secs(2);
@@ -113,31 +103,6 @@ pub struct Consumer<H: Handler> {
     stuck: Option<(Outbox, u64)>,
     /// Whether this instance leads (its relay's [`crate::relay::Relay::leadership`]).
     preferred: Option<tokio::sync::watch::Receiver<Option<bool>>>,
-}
-
-/// Opens the pull stream of `consumer`, in [`crate::provision::PULL_GROUP`]
-/// at `priority` when it pulls by priority.
-async fn pull(
-    consumer: &jetstream::consumer::PullConsumer,
-    priority: Option<usize>,
-) -> Result<jetstream::consumer::pull::Stream, jetstream::consumer::StreamError> {
-    // Short heartbeats: after a consumer leader change on a cluster the open
-    // pull request is gone, and two missed heartbeats are how the client
-    // finds out and asks the new leader.
-    let stream = consumer
-        .stream()
-        .heartbeat(PULL_HEARTBEAT)
-        .expires(PULL_HEARTBEAT * 5);
-    match priority {
-        Some(priority) => {
-            stream
-                .group(crate::provision::PULL_GROUP)
-                .priority(priority)
-                .messages()
-                .await
-        }
-        None => stream.messages().await,
-    }
 }
 
 /// Resolves when `preferred` changes; never without one, or once its relay is gone.
@@ -278,16 +243,17 @@ impl<H: Handler> Consumer<H> {
                     }
                 }
             };
-            let mut priority = self.pull_priority(&consumer, preferred.as_mut()).await;
-            let mut messages = match pull(&consumer, priority).await {
-                Ok(messages) => {
+            let by_priority = crate::provision::pulls_by_priority(&consumer);
+            let priority = self.pull_priority(by_priority, preferred.as_mut()).await;
+            let mut pulls = match Pulls::open(consumer, source.jetstream(), priority).await {
+                Ok(pulls) => {
                     tracing::info!(
                         %stream,
                         ?priority,
                         "pulling events (priority 0 first; none: all instances in turn)"
                     );
                     self.pulling_at(priority);
-                    messages
+                    pulls
                 }
                 Err(e) => {
                     tracing::warn!(%stream, error = %e, "cannot pull messages yet; retrying");
@@ -298,79 +264,47 @@ impl<H: Handler> Consumer<H> {
                 }
             };
             let mut failures = 0u32;
-            // Pulls this instance left for a new priority, each read until
-            // its hand-over ends.
-            let mut old_pulls = futures::stream::SelectAll::new();
             loop {
                 let next = tokio::select! {
-                    next = messages.next() => next,
-                    // What the broker sent an old pull before it saw the new
-                    // one (a pull's errors end with it: the new one reports
-                    // its own).
-                    Some(handed_on) = old_pulls.next(), if !old_pulls.is_empty() => {
-                        if let Ok(message) = handed_on
-                            && !route(&senders, message).await
-                        {
-                            break 'pull;
-                        }
-                        continue;
-                    }
-                    // This instance began or stopped leading: pull again at
-                    // its new place.
-                    () = changed(preferred.as_mut()), if priority.is_some() => {
-                        let now = self.pull_priority(&consumer, preferred.as_mut()).await;
-                        if now == priority {
-                            continue;
-                        }
-                        let Ok(again) = pull(&consumer, now).await else {
-                            continue 'pull;
-                        };
-                        tracing::info!(%stream, from = ?priority, to = ?now, "pulling at a new priority");
-                        let old = std::mem::replace(&mut messages, again);
-                        old_pulls.push(Box::pin(old.take_until(tokio::time::sleep(HAND_OVER))));
-                        if now > priority {
-                            // To the back: the old pull would still come
-                            // first, and one still handed over would rank
-                            // with the new. What they were sent before the
-                            // broker saw the flush is here once the flush
-                            // is: hand that on and let them go.
-                            let _ = source.client().flush().await;
-                            while let Some(Some(handed_on)) =
-                                futures::FutureExt::now_or_never(old_pulls.next())
-                            {
-                                if let Ok(message) = handed_on
-                                    && !route(&senders, message).await
-                                {
-                                    break 'pull;
-                                }
+                    next = pulls.next() => next,
+                    // This instance began or stopped leading: ask at its new
+                    // place from now on.
+                    () = changed(preferred.as_mut()), if pulls.priority().is_some() => {
+                        let from = pulls.priority();
+                        let to = self.pull_priority(by_priority, preferred.as_mut()).await;
+                        if to != from {
+                            if pulls.move_to(to).await.is_err() {
+                                continue 'pull;
                             }
-                            old_pulls.clear();
+                            tracing::info!(%stream, ?from, ?to, "pulling at a new priority");
                         }
-                        priority = now;
-                        self.pulling_at(priority);
                         continue;
                     }
                     _ = shutdown.cancelled() => break 'pull,
                 };
                 match next {
-                    Some(Ok(message)) => {
+                    Pulled::Message(message) => {
                         failures = 0;
-                        if !route(&senders, message).await {
+                        if !route(&senders, *message).await {
                             break 'pull;
                         }
                     }
-                    Some(Err(e)) => {
-                        // Usually the broker is away and the stream recovers by
-                        // itself; a long run of errors may mean the consumer is
-                        // gone, so make sure it exists again.
+                    Pulled::Settled(priority) => self.pulling_at(priority),
+                    Pulled::Hiccup(e) => {
+                        // Usually the broker is away and pulling recovers by
+                        // itself; a long run of errors may mean the consumer
+                        // is gone, so make sure it exists again.
                         failures += 1;
-                        tracing::debug!(%stream, error = %e, failures, "pull stream hiccup (broker away?)");
+                        tracing::debug!(%stream, error = %e, failures, "pull hiccup (broker away?)");
                         if failures >= 30 {
                             continue 'pull;
                         }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
-                    None => continue 'pull,
+                    Pulled::Lost(e) => {
+                        tracing::warn!(%stream, error = %e, "pulling again");
+                        continue 'pull;
+                    }
                 }
             }
         }
@@ -383,10 +317,10 @@ impl<H: Handler> Consumer<H> {
     /// for the lock, so an instance starts in its place.
     async fn pull_priority(
         &self,
-        consumer: &jetstream::consumer::PullConsumer,
+        by_priority: bool,
         preferred: Option<&mut tokio::sync::watch::Receiver<Option<bool>>>,
     ) -> Option<usize> {
-        if !crate::provision::pulls_by_priority(consumer) {
+        if !by_priority {
             return None;
         }
         let Some(preferred) = preferred else {

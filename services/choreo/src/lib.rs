@@ -25,6 +25,7 @@ pub mod handler;
 pub mod inbox;
 pub mod outbox;
 pub mod provision;
+pub mod pull;
 pub mod relay;
 pub mod runtime;
 pub mod step;

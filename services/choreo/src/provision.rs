@@ -56,9 +56,9 @@ pub struct ConsumerSource {
 }
 
 impl ConsumerSource {
-    /// The NATS connection the consumer pulls on.
-    pub fn client(&self) -> async_nats::Client {
-        self.js.client()
+    /// The JetStream context the consumer is pulled and acknowledged on.
+    pub fn jetstream(&self) -> jetstream::Context {
+        self.js.clone()
     }
 
     /// The durable consumer `durable` (the service's name) on `stream`,

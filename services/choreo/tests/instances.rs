@@ -174,3 +174,45 @@ async fn events_sent_while_an_instance_begins_to_lead_are_handed_on_not_redelive
     relay.await.unwrap();
     a.stop().await;
 }
+
+/// An instance that stops leading while events flow asks at the back from
+/// then on, and reads what the broker sends its requests at the front until
+/// they are over: nothing is dropped to come again after its ack wait.
+/// (Each round moves it to the front again while nothing flows.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_sent_while_an_instance_stops_leading_are_handed_on_not_redelivered() {
+    let s = setup().await;
+    let handler = Arc::new(CountEffects {
+        delay: Duration::ZERO,
+    });
+    let (leads, leading) = watch::channel(Some(true));
+    let a = s.consume_preferred(handler, leading, "svc");
+    pulling_at("a pulls first", &a, 0).await;
+    let relay_shutdown = CancellationToken::new();
+    let relay = tokio::spawn(s.relay(1000).run(relay_shutdown.clone()));
+
+    let mut emitted = 0;
+    for _ in 0..20 {
+        applied_once(&s, emitted).await;
+        leads.send(Some(true)).unwrap();
+        pulling_at("a pulls first", &a, 0).await;
+        // An event every millisecond or two, and a stops leading among them.
+        for i in 0..30 {
+            s.emit(1).await;
+            emitted += 1;
+            if i == 10 {
+                leads.send(Some(false)).unwrap();
+            }
+        }
+        pulling_at("a pulls behind", &a, 1).await;
+    }
+    applied_once(&s, emitted).await;
+    assert_eq!(
+        a.stats.redeliveries.load(Ordering::SeqCst),
+        0,
+        "an event sent while a stopped leading waited for its redelivery"
+    );
+    relay_shutdown.cancel();
+    relay.await.unwrap();
+    a.stop().await;
+}
