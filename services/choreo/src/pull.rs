@@ -30,7 +30,7 @@ const BATCH: usize = 200;
 pub const EXPIRES: Duration = Duration::from_secs(1);
 /// How long after a request's expiry its end may take to arrive before the
 /// requests still counted are taken for gone.
-const SILENCE: Duration = Duration::from_secs(1);
+const SILENCE: Duration = Duration::from_millis(500);
 /// How long an old priority's subscription waits for the end of its last
 /// requests when the broker forgot them (its restart): then it goes anyway.
 const OLD_SILENCE: Duration = Duration::from_secs(30);
