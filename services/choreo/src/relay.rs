@@ -381,6 +381,21 @@ async fn send_atomically(js: &jetstream::Context, rows: Vec<crate::outbox::Row>)
     sending
 }
 
+/// Waits `backoff` before a failed publish goes again, or, while the
+/// client is away from NATS, until it is back (however long that takes):
+/// a backlog then goes the moment the broker is back, not up to a backoff
+/// later.
+async fn retry_after(js: &jetstream::Context, backoff: Duration) {
+    const LOOK: Duration = Duration::from_millis(20);
+    let connected = || js.client().connection_state() == async_nats::connection::State::Connected;
+    if connected() {
+        return tokio::time::sleep(backoff).await;
+    }
+    while !connected() {
+        tokio::time::sleep(LOOK).await;
+    }
+}
+
 /// A row's place in an atomic batch.
 #[derive(Clone, Copy)]
 struct BatchPlace<'a> {
@@ -686,7 +701,7 @@ impl Relay {
                 }
                 tracing::warn!(%error, "publish failed; will retry");
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = retry_after(&self.js, backoff) => {}
                     _ = shutdown.cancelled() => {}
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);

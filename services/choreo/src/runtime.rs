@@ -378,11 +378,12 @@ pub async fn connect_nats(
 }
 
 /// The wait before reconnect attempt `attempts`: at once, then doubling from
-/// 50 ms up to 1 s. async-nats's default grows to 4 s, so a service found
+/// 50 ms up to 250 ms. async-nats's default grows to 4 s, so a service found
 /// the broker back up to 4 s late after an outage, and every saga waited
-/// with it; one attempt a second per process costs the broker nothing.
+/// with it; four attempts a second per process while the broker is away
+/// (each a refused connection on its port) cost it nothing.
 fn reconnect_delay(attempts: usize) -> Duration {
-    const MAX: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_millis(250);
     match attempts {
         0 | 1 => Duration::ZERO,
         n => Duration::from_millis(50)
