@@ -133,12 +133,12 @@ async fn the_other_instance_takes_what_the_leading_one_leaves_when_it_falls_behi
     b.stop().await;
 }
 
-/// An instance that begins to lead while events flow pulls again at the
-/// front; the broker sends events to its old pull until it sees the new one.
-/// Those are handed on, not left to come again after their ack wait. (Each
-/// round moves it to the back while nothing flows.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_sent_while_an_instance_begins_to_lead_are_handed_on_not_redelivered() {
+/// Moves instance a between the front and the back twenty times, each
+/// time while events flow (`to_front`: to the front; else to the back) and
+/// back again while nothing flows. When it moves, it asks at its new place
+/// from then on and reads what the broker sends its requests at the old one
+/// until they are over, so no event sent meanwhile waits for its ack wait.
+async fn move_among_events(to_front: bool) {
     let s = setup().await;
     let handler = Arc::new(CountEffects {
         delay: Duration::ZERO,
@@ -148,71 +148,40 @@ async fn events_sent_while_an_instance_begins_to_lead_are_handed_on_not_redelive
     pulling_at("a pulls first", &a, 0).await;
     let relay_shutdown = CancellationToken::new();
     let relay = tokio::spawn(s.relay(1000).run(relay_shutdown.clone()));
+    let (from, to) = if to_front { (1, 0) } else { (0, 1) };
 
     let mut emitted = 0;
     for _ in 0..20 {
         applied_once(&s, emitted).await;
-        leads.send(Some(false)).unwrap();
-        pulling_at("a pulls behind", &a, 1).await;
-        // An event every millisecond or two, and a begins to lead among them.
+        leads.send(Some(!to_front)).unwrap();
+        pulling_at("a pulls where it starts", &a, from).await;
+        // An event every millisecond or two, and a moves among them.
         for i in 0..30 {
             s.emit(1).await;
             emitted += 1;
             if i == 10 {
-                leads.send(Some(true)).unwrap();
+                leads.send(Some(to_front)).unwrap();
             }
         }
-        pulling_at("a pulls first again", &a, 0).await;
+        pulling_at("a pulls where it moved", &a, to).await;
     }
     applied_once(&s, emitted).await;
     assert_eq!(
         a.stats.redeliveries.load(Ordering::SeqCst),
         0,
-        "an event sent while a began to lead waited for its redelivery"
+        "an event sent while a moved waited for its redelivery"
     );
     relay_shutdown.cancel();
     relay.await.unwrap();
     a.stop().await;
 }
 
-/// An instance that stops leading while events flow asks at the back from
-/// then on, and reads what the broker sends its requests at the front until
-/// they are over: nothing is dropped to come again after its ack wait.
-/// (Each round moves it to the front again while nothing flows.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_sent_while_an_instance_begins_to_lead_are_handed_on_not_redelivered() {
+    move_among_events(true).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_sent_while_an_instance_stops_leading_are_handed_on_not_redelivered() {
-    let s = setup().await;
-    let handler = Arc::new(CountEffects {
-        delay: Duration::ZERO,
-    });
-    let (leads, leading) = watch::channel(Some(true));
-    let a = s.consume_preferred(handler, leading, "svc");
-    pulling_at("a pulls first", &a, 0).await;
-    let relay_shutdown = CancellationToken::new();
-    let relay = tokio::spawn(s.relay(1000).run(relay_shutdown.clone()));
-
-    let mut emitted = 0;
-    for _ in 0..20 {
-        applied_once(&s, emitted).await;
-        leads.send(Some(true)).unwrap();
-        pulling_at("a pulls first", &a, 0).await;
-        // An event every millisecond or two, and a stops leading among them.
-        for i in 0..30 {
-            s.emit(1).await;
-            emitted += 1;
-            if i == 10 {
-                leads.send(Some(false)).unwrap();
-            }
-        }
-        pulling_at("a pulls behind", &a, 1).await;
-    }
-    applied_once(&s, emitted).await;
-    assert_eq!(
-        a.stats.redeliveries.load(Ordering::SeqCst),
-        0,
-        "an event sent while a stopped leading waited for its redelivery"
-    );
-    relay_shutdown.cancel();
-    relay.await.unwrap();
-    a.stop().await;
+    move_among_events(false).await;
 }
