@@ -113,6 +113,7 @@ impl Pulls {
             None => self.subscribe(priority).await?,
         };
         self.requests.insert(0, requests);
+        self.drop_ended();
         self.request().await
     }
 
@@ -136,8 +137,10 @@ impl Pulls {
                 .min();
             let requests = &mut self.requests;
             let arrived = tokio::select! {
+                // The old priorities first: what the broker sent their
+                // requests it sent before it saw the current ones.
                 arrived = poll_fn(|cx| {
-                    for (i, requests) in requests.iter_mut().enumerate() {
+                    for (i, requests) in requests.iter_mut().enumerate().rev() {
                         if let Poll::Ready(message) = requests.subscriber.poll_next_unpin(cx) {
                             return Poll::Ready(Some((i, message)));
                         }
