@@ -269,7 +269,7 @@ impl<H: Handler> Consumer<H> {
                     next = pulls.next() => next,
                     // This instance began or stopped leading: ask at its new
                     // place from now on.
-                    () = changed(preferred.as_mut()), if pulls.priority().is_some() => {
+                    () = changed(preferred.as_mut()), if by_priority => {
                         let from = pulls.priority();
                         let to = self.pull_priority(by_priority, preferred.as_mut()).await;
                         if to != from {

@@ -60,10 +60,12 @@ struct Requests {
 }
 
 impl Requests {
-    /// When the requests still counted are taken for gone: `silence` after
-    /// the last of them has expired, or after the broker last sent anything,
-    /// whichever is later.
-    fn gone_at(&self, silence: Duration) -> Instant {
+    /// When the requests still counted are taken for gone: [`SILENCE`]
+    /// (at the `current` priority; else [`OLD_SILENCE`]) after the last of
+    /// them has expired, or after the broker last sent anything, whichever
+    /// is later.
+    fn gone_at(&self, current: bool) -> Instant {
+        let silence = if current { SILENCE } else { OLD_SILENCE };
         self.sent.max(self.heard) + EXPIRES + silence
     }
 }
@@ -133,7 +135,7 @@ impl Pulls {
                 .iter()
                 .enumerate()
                 .filter(|(_, r)| r.pending > 0)
-                .map(|(i, r)| r.gone_at(if i == 0 { SILENCE } else { OLD_SILENCE }))
+                .map(|(i, r)| r.gone_at(i == 0))
                 .min();
             let requests = &mut self.requests;
             let arrived = tokio::select! {
@@ -162,7 +164,9 @@ impl Pulls {
             match message.status {
                 None | Some(StatusCode::OK) => {
                     requests.pending = requests.pending.saturating_sub(1);
-                    self.drop_ended();
+                    if i > 0 {
+                        self.drop_ended();
+                    }
                     let context = self.js.clone();
                     return Pulled::Message(Box::new(jetstream::Message { message, context }));
                 }
@@ -181,7 +185,9 @@ impl Pulls {
                         .and_then(|v| v.as_str().parse().ok())
                         .unwrap_or(BATCH);
                     requests.pending = requests.pending.saturating_sub(lacked);
-                    self.drop_ended();
+                    if i > 0 {
+                        self.drop_ended();
+                    }
                     if description.starts_with("Exceeded MaxRequest") {
                         return Pulled::Lost(description);
                     }
@@ -241,8 +247,7 @@ impl Pulls {
     fn forget_silent(&mut self) {
         let now = Instant::now();
         for (i, requests) in self.requests.iter_mut().enumerate() {
-            let silence = if i == 0 { SILENCE } else { OLD_SILENCE };
-            if requests.pending > 0 && now >= requests.gone_at(silence) {
+            if requests.pending > 0 && now >= requests.gone_at(i == 0) {
                 tracing::debug!(
                     priority = ?requests.priority,
                     pending = requests.pending,
