@@ -11,9 +11,8 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
     let settings = Settings {
         instances: 1,
         clients: vec![2, 4],
-        // Few orders and a loop long enough that the clients go on placing
-        // past them even on a busy machine (three sagas a client, each well
-        // under half a second even in a debug build beside other tests).
+        // Few orders and a loop that asks for more time than they take on
+        // an idle machine, so that the clients go on placing past them.
         orders: 6,
         closed_secs: 1.5,
         skus: 20,
@@ -34,11 +33,15 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
     let report = run(&sys, &settings).await.unwrap();
 
     assert!(report.limit_commits_per_sec > 0.0 && report.limit_at_end_commits_per_sec > 0.0);
-    // Each closed loop placed its 6 orders and went on for its 1.5 s,
-    // and every order it placed ended and was counted.
+    // Each closed loop placed its 6 orders at least and went on for its
+    // 1.5 s, and every order it placed ended and was counted. (How many
+    // more than 6 it placed is the machine's speed: beside the chaos tests
+    // in CI, a debug build's saga has taken 1.6 s, and four clients placed
+    // 6 orders in all before their 1.5 s were up. A loop that stopped at 6
+    // on a machine where they take less than 1.5 s fails on seconds.)
     for closed in [&report.spread, &report.hot] {
         assert!(
-            closed.orders > settings.orders && closed.seconds >= settings.closed_secs,
+            closed.orders >= settings.orders && closed.seconds >= settings.closed_secs,
             "{closed:?}"
         );
         assert_eq!(closed.completed, closed.orders, "{}", closed.catalogue);
@@ -51,7 +54,7 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
     let tried: Vec<usize> = report.spread_by_clients.iter().map(|r| r.clients).collect();
     assert_eq!(tried, [2, 4]);
     for run in &report.spread_by_clients {
-        assert!(run.latency.count > settings.orders, "{run:?}");
+        assert!(run.latency.count >= settings.orders, "{run:?}");
         assert!(run.sagas_per_sec <= report.spread.sagas_per_sec, "{run:?}");
     }
     assert!(
