@@ -37,7 +37,9 @@
 //! When leadership moves, an instance sends its next pull requests at its
 //! new place and reads what the broker sends its old ones until they are
 //! over, at most [`crate::pull::EXPIRES`] later ([`crate::pull`]): no message
-//! is left to come again after the ack wait.
+//! is left to come again after the ack wait. An instance that shuts down
+//! hands back what it was sent and has not applied (nak): the others take it
+//! at once ([`crate::pull::Pulls::hand_back`]).
 //!
 //! A lane can be told to linger ([`Consumer::lingering`], off as shipped):
 //! while its events have lately arrived less than twice the linger apart
@@ -280,7 +282,10 @@ impl<H: Handler> Consumer<H> {
                         }
                         continue;
                     }
-                    _ = shutdown.cancelled() => break 'pull,
+                    _ = shutdown.cancelled() => {
+                        pulls.hand_back().await;
+                        break 'pull;
+                    }
                 };
                 match next {
                     Pulled::Message(message) => {

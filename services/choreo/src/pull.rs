@@ -18,7 +18,7 @@
 use std::future::poll_fn;
 use std::task::Poll;
 
-use async_nats::jetstream::{self, consumer::PullConsumer, consumer::pull::BatchConfig};
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, consumer::pull::BatchConfig};
 use async_nats::{StatusCode, Subscriber};
 use futures::StreamExt;
 use tokio::time::{Duration, Instant};
@@ -34,6 +34,8 @@ const SILENCE: Duration = Duration::from_millis(500);
 /// How long an old priority's subscription waits for the end of its last
 /// requests when the broker forgot them (its restart): then it goes anyway.
 const OLD_SILENCE: Duration = Duration::from_secs(30);
+/// How long [`Pulls::hand_back`] waits for the broker at shutdown.
+const HAND_BACK: Duration = Duration::from_secs(2);
 
 /// What [`Pulls::next`] brought.
 pub enum Pulled {
@@ -204,6 +206,46 @@ impl Pulls {
                         message.description.unwrap_or_default()
                     ));
                 }
+            }
+        }
+    }
+
+    /// Hands back what the broker has sent and nobody has read: every
+    /// subscription stops (the broker, seeing nobody listen, sends its
+    /// requests nothing more) and each message that had arrived is
+    /// refused (nak), so that it goes at once to another instance instead
+    /// of after its ack wait. Bounded by [`HAND_BACK`] when the broker is
+    /// away (what it sent then waits out its ack wait, as it must).
+    pub async fn hand_back(mut self) {
+        let client = self.js.client();
+        let handed_back = async {
+            let mut refused = 0usize;
+            for requests in &mut self.requests {
+                // An unsubscribe and a ping: the subscription ends once the
+                // broker has answered, after whatever it sent before.
+                if requests.subscriber.drain().await.is_err() {
+                    continue;
+                }
+                while let Some(message) = requests.subscriber.next().await {
+                    if matches!(message.status, None | Some(StatusCode::OK)) {
+                        let message = jetstream::Message {
+                            message,
+                            context: self.js.clone(),
+                        };
+                        if message.ack_with(AckKind::Nak(None)).await.is_ok() {
+                            refused += 1;
+                        }
+                    }
+                }
+            }
+            let _ = client.flush().await;
+            refused
+        };
+        match tokio::time::timeout(HAND_BACK, handed_back).await {
+            Ok(0) => {}
+            Ok(refused) => tracing::info!(refused, "handed back the events nobody had read"),
+            Err(_) => {
+                tracing::warn!("the broker did not answer; what it sent waits for its ack wait")
             }
         }
     }

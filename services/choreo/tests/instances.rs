@@ -185,3 +185,39 @@ async fn events_sent_while_an_instance_begins_to_lead_are_handed_on_not_redelive
 async fn events_sent_while_an_instance_stops_leading_are_handed_on_not_redelivered() {
     move_among_events(false).await;
 }
+
+/// An instance that shuts down hands back what the broker sent it and it
+/// had not applied: the other instance applies it at once, not after its
+/// ack wait (here longer than the test waits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_shuts_down_hands_back_what_it_was_sent() {
+    let mut s = setup().await;
+    s.config.ack_wait_secs = 120;
+    let (_a_leads, a_leading) = watch::channel(Some(true));
+    let (_b_leads, b_leading) = watch::channel(Some(false));
+    // a takes 20 ms an event, so what the broker sends it waits in its
+    // lane and its subscription; b keeps up.
+    let slow = Arc::new(CountEffects {
+        delay: Duration::from_millis(20),
+    });
+    let quick = Arc::new(CountEffects {
+        delay: Duration::ZERO,
+    });
+    let a = s.consume_preferred(slow, a_leading, "svc");
+    let b = s.consume_preferred(quick, b_leading, "svc");
+    pulling_at("a pulls first", &a, 0).await;
+    pulling_at("b pulls behind it", &b, 1).await;
+
+    publish(&s, 300).await;
+    eventually("a applies some", Duration::from_secs(20), || async {
+        a.stats.applied.load(Ordering::SeqCst) >= 10
+    })
+    .await;
+    a.stop().await;
+    applied_once(&s, 300).await;
+    assert!(
+        b.stats.redeliveries.load(Ordering::SeqCst) > 0,
+        "a had nothing to hand back: the test showed nothing"
+    );
+    b.stop().await;
+}
