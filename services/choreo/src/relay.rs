@@ -387,13 +387,18 @@ async fn send_atomically(js: &jetstream::Context, rows: Vec<crate::outbox::Row>)
 /// later.
 async fn retry_after(js: &jetstream::Context, backoff: Duration) {
     const LOOK: Duration = Duration::from_millis(20);
-    let connected = || js.client().connection_state() == async_nats::connection::State::Connected;
-    if connected() {
+    if away_from_nats(js).is_none() {
         return tokio::time::sleep(backoff).await;
     }
-    while !connected() {
+    while away_from_nats(js).is_some() {
         tokio::time::sleep(LOOK).await;
     }
+}
+
+/// The client's state while it is not connected to NATS; `None` while it is.
+fn away_from_nats(js: &jetstream::Context) -> Option<async_nats::connection::State> {
+    let state = js.client().connection_state();
+    (state != async_nats::connection::State::Connected).then_some(state)
 }
 
 /// A row's place in an atomic batch.
@@ -443,12 +448,11 @@ impl Sending {
     /// refuse the relay's atomic batch that holds it, and that batch goes
     /// again row by row, an fsync each.
     fn begin(js: &jetstream::Context, attempted: usize) -> Sending {
-        let state = js.client().connection_state();
-        let away = state != async_nats::connection::State::Connected;
         Sending {
             round: Published {
                 attempted,
-                error: away.then(|| format!("NATS is away ({state}); nothing sent")),
+                error: away_from_nats(js)
+                    .map(|state| format!("NATS is away ({state}); nothing sent")),
                 ..Published::default()
             },
             in_flight: Vec::with_capacity(attempted),
