@@ -36,18 +36,20 @@ async fn pulling_at(what: &str, consumer: &RunningConsumer, priority: usize) {
 }
 
 /// Two instances on durable `svc`: a, whose relay leads, and b, whose does
-/// not, each with the sender that moves its leadership; once both pull.
+/// not, with their handlers, each with the sender that moves its
+/// leadership; once both pull.
 async fn leader_and_standby(
     s: &Setup,
-    handler: Arc<CountEffects>,
+    a_handler: Arc<CountEffects>,
+    b_handler: Arc<CountEffects>,
 ) -> (
     (RunningConsumer, watch::Sender<Option<bool>>),
     (RunningConsumer, watch::Sender<Option<bool>>),
 ) {
     let (a_leads, a_leading) = watch::channel(Some(true));
     let (b_leads, b_leading) = watch::channel(Some(false));
-    let a = s.consume_preferred(handler.clone(), a_leading, "svc");
-    let b = s.consume_preferred(handler, b_leading, "svc");
+    let a = s.consume_preferred(a_handler, a_leading, "svc");
+    let b = s.consume_preferred(b_handler, b_leading, "svc");
     pulling_at("a pulls first", &a, 0).await;
     pulling_at("b pulls behind it", &b, 1).await;
     ((a, a_leads), (b, b_leads))
@@ -59,7 +61,7 @@ async fn the_leading_instance_takes_every_event_and_the_other_takes_over() {
     let handler = Arc::new(CountEffects {
         delay: Duration::ZERO,
     });
-    let ((a, a_leads), (b, b_leads)) = leader_and_standby(&s, handler).await;
+    let ((a, a_leads), (b, b_leads)) = leader_and_standby(&s, handler.clone(), handler).await;
     let consumer = s.consumer("svc").await;
     assert!(choreo::provision::pulls_by_priority(&consumer));
 
@@ -120,7 +122,7 @@ async fn the_other_instance_takes_what_the_leading_one_leaves_when_it_falls_behi
     let handler = Arc::new(CountEffects {
         delay: Duration::from_millis(10),
     });
-    let ((a, _a_leads), (b, _b_leads)) = leader_and_standby(&s, handler).await;
+    let ((a, _a_leads), (b, _b_leads)) = leader_and_standby(&s, handler.clone(), handler).await;
     publish(&s, 500).await;
     applied_once(&s, 500).await;
     let (by_a, by_b) = (
@@ -193,8 +195,6 @@ async fn events_sent_while_an_instance_stops_leading_are_handed_on_not_redeliver
 async fn an_instance_that_shuts_down_hands_back_what_it_was_sent() {
     let mut s = setup().await;
     s.config.ack_wait_secs = 120;
-    let (_a_leads, a_leading) = watch::channel(Some(true));
-    let (_b_leads, b_leading) = watch::channel(Some(false));
     // a takes 20 ms an event, so what the broker sends it waits in its
     // lane and its subscription; b keeps up.
     let slow = Arc::new(CountEffects {
@@ -203,10 +203,7 @@ async fn an_instance_that_shuts_down_hands_back_what_it_was_sent() {
     let quick = Arc::new(CountEffects {
         delay: Duration::ZERO,
     });
-    let a = s.consume_preferred(slow, a_leading, "svc");
-    let b = s.consume_preferred(quick, b_leading, "svc");
-    pulling_at("a pulls first", &a, 0).await;
-    pulling_at("b pulls behind it", &b, 1).await;
+    let ((a, _a_leads), (b, _b_leads)) = leader_and_standby(&s, slow, quick).await;
 
     publish(&s, 300).await;
     eventually("a applies some", Duration::from_secs(20), || async {
