@@ -91,6 +91,13 @@ const IN_LANE_ATTEMPTS: u32 = 5;
 /// How long a starting instance waits to learn whether its relay leads
 /// before it pulls (behind the others) anyway.
 const LEADERSHIP_WAIT: Duration = Duration::from_secs(2);
+/// How long a pull loop that lost the broker waits for a lookup of its
+/// durable consumer before it pulls again from the one it found before. On
+/// a cluster whose nodes come and go, a lookup sent to a node as it dies
+/// waits out the client's whole request timeout (10 s), and
+/// the next one may meet the next death: a service once pulled nothing
+/// from one stream for 45 s, while pulling from it worked for much of that.
+const LOOKUP_WAIT: Duration = Duration::from_secs(2);
 
 pub struct Consumer<H: Handler> {
     pool: PgPool,
@@ -234,10 +241,29 @@ impl<H: Handler> Consumer<H> {
     ) {
         let stream = source.stream().name.clone();
         let mut preferred = self.preferred.clone();
+        // The consumer this loop last found, and whether it left its pull
+        // because the broker could not be reached (rather than because the
+        // consumer was lost): then a lookup that fails is no reason to stop
+        // pulling from the consumer found before.
+        let mut found: Option<jetstream::consumer::PullConsumer> = None;
+        let mut unreachable = false;
         'pull: while !shutdown.is_cancelled() {
-            let consumer = match source.get().await {
-                Ok(consumer) => consumer,
-                Err(e) => {
+            let looked_up = match (&found, unreachable) {
+                (Some(_), true) => tokio::time::timeout(LOOKUP_WAIT, source.get())
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {LOOKUP_WAIT:?}"))),
+                _ => source.get().await,
+            };
+            let consumer = match (looked_up, &found) {
+                (Ok(consumer), _) => {
+                    found = Some(consumer.clone());
+                    consumer
+                }
+                (Err(e), Some(before)) if unreachable => {
+                    tracing::info!(%stream, error = %e, "cannot look the durable consumer up; pulling from the one found before");
+                    before.clone()
+                }
+                (Err(e), _) => {
                     tracing::warn!(%stream, error = %e, "cannot reach the durable consumer yet; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
@@ -245,6 +271,7 @@ impl<H: Handler> Consumer<H> {
                     }
                 }
             };
+            unreachable = false;
             let by_priority = crate::provision::pulls_by_priority(&consumer);
             let priority = self.pull_priority(by_priority, preferred.as_mut()).await;
             let mut pulls = match Pulls::open(consumer, source.jetstream(), priority).await {
@@ -259,6 +286,7 @@ impl<H: Handler> Consumer<H> {
                 }
                 Err(e) => {
                     tracing::warn!(%stream, error = %e, "cannot pull messages yet; retrying");
+                    unreachable = true;
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
                         _ = shutdown.cancelled() => break,
@@ -276,6 +304,7 @@ impl<H: Handler> Consumer<H> {
                         let to = self.pull_priority(by_priority, preferred.as_mut()).await;
                         if to != from {
                             if pulls.move_to(to).await.is_err() {
+                                unreachable = true;
                                 continue 'pull;
                             }
                             tracing::info!(%stream, ?from, ?to, "pulling at a new priority");
@@ -302,6 +331,7 @@ impl<H: Handler> Consumer<H> {
                         failures += 1;
                         tracing::debug!(%stream, error = %e, failures, "pull hiccup (broker away?)");
                         if failures >= 30 {
+                            unreachable = true;
                             continue 'pull;
                         }
                         tokio::time::sleep(Duration::from_millis(100)).await;
