@@ -11,6 +11,9 @@ pub const CLUSTER_NAME: &str = "saga";
 
 pub struct NatsCluster {
     nodes: Vec<Nats>,
+    /// Each node's name and cluster settings as configuration text: its
+    /// command line says them at start, a reload reads them from the file.
+    settings: Vec<String>,
     /// `routes[i][j]`: the proxy node i dials to reach node j (none for i == j).
     routes: Vec<Vec<Option<Proxy>>>,
 }
@@ -33,12 +36,18 @@ impl NatsCluster {
             routes.push(row);
         }
         let mut nodes = Vec::new();
+        let mut settings = Vec::new();
         for (i, cluster_port) in cluster_ports.iter().enumerate() {
             let dial: Vec<String> = routes[i]
                 .iter()
                 .flatten()
                 .map(|p| format!("nats://127.0.0.1:{}", p.port()))
                 .collect();
+            settings.push(format!(
+                "server_name: {}\ncluster {{\n  name: {CLUSTER_NAME}\n  listen: \"127.0.0.1:{cluster_port}\"\n  advertise: \"127.0.0.1:1\"\n  routes: [{}]\n}}\n",
+                node_name(i),
+                dial.iter().map(|d| format!("\"{d}\"")).collect::<Vec<_>>().join(", ")
+            ));
             let args = vec![
                 "--server_name".into(),
                 node_name(i),
@@ -66,7 +75,11 @@ impl NatsCluster {
         for node in started {
             nodes.push(node.await??);
         }
-        Ok(NatsCluster { nodes, routes })
+        Ok(NatsCluster {
+            nodes,
+            settings,
+            routes,
+        })
     }
 
     /// Every node's URL with the admin's login, comma-separated.
@@ -114,6 +127,14 @@ impl NatsCluster {
     /// Starts node `i` again on its port and store.
     pub fn restart(&mut self, i: usize) -> anyhow::Result<()> {
         self.nodes[i].restart()
+    }
+
+    /// Has node `i` read `config` instead of its configuration
+    /// ([`Nats::reload`]). A reload reads the node's name and cluster
+    /// settings from the file, not from its command line, so they go there too.
+    pub fn reload(&mut self, i: usize, config: String) -> anyhow::Result<()> {
+        let config = format!("{}{config}", self.settings[i]);
+        self.nodes[i].reload(config)
     }
 
     pub fn is_running(&mut self, i: usize) -> bool {

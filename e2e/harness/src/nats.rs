@@ -231,6 +231,45 @@ impl Nats {
         Ok(())
     }
 
+    /// Has the running server read `config` instead of its configuration
+    /// (SIGHUP: its clients stay connected; new permissions apply to them).
+    pub fn reload(&mut self, config: String) -> anyhow::Result<()> {
+        const RELOADED: &str = "Reloaded server configuration";
+        const FAILED: &str = "Failed to reload server configuration";
+        let store = self.store()?.path().to_owned();
+        let pid = self
+            .pid()
+            .ok_or_else(|| anyhow::anyhow!("nats-server is not running"))?;
+        let log = || std::fs::read_to_string(store.join("nats.log")).unwrap_or_default();
+        let outcomes = |log: &str| log.matches(RELOADED).count() + log.matches(FAILED).count();
+        let before = outcomes(&log());
+        std::fs::write(store.join("nats.conf"), &config)?;
+        self.config = config;
+        let status = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -HUP {pid} failed");
+        // The server says in its log whether it took the new configuration.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = log();
+            if outcomes(&text) > before {
+                return match (text.rfind(FAILED), text.rfind(RELOADED)) {
+                    (Some(failed), reloaded) if Some(failed) > reloaded => Err(anyhow::anyhow!(
+                        "nats-server refused the configuration: {}",
+                        text[failed..].lines().next().unwrap_or_default()
+                    )),
+                    _ => Ok(()),
+                };
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not reload within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Starts the server again on the same port and store (after [`Nats::kill`]).
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill()?;

@@ -82,6 +82,10 @@ pub struct ConsumerStats {
     pub batches: AtomicU64,
     /// Batches that failed and were applied one event at a time instead.
     pub batch_fallbacks: AtomicU64,
+    /// Times a pull loop gave its pulls up to look its durable consumer up
+    /// again: the broker could not be reached for a while, or the consumer
+    /// was lost.
+    pub pulls_given_up: AtomicU64,
     /// The priority the open pull asks for (0 first): `None` before the
     /// first pull, or for a consumer without a priority group.
     pub pulling_at: std::sync::Mutex<Option<usize>>,
@@ -260,7 +264,7 @@ impl<H: Handler> Consumer<H> {
                     consumer
                 }
                 (Err(e), Some(before)) if unreachable => {
-                    tracing::info!(%stream, error = %e, "cannot look the durable consumer up; pulling from the one found before");
+                    tracing::warn!(%stream, error = %e, "cannot look the durable consumer up; pulling from the one found before");
                     before.clone()
                 }
                 (Err(e), _) => {
@@ -305,6 +309,7 @@ impl<H: Handler> Consumer<H> {
                         if to != from {
                             if pulls.move_to(to).await.is_err() {
                                 unreachable = true;
+                                self.stats.pulls_given_up.fetch_add(1, Ordering::Relaxed);
                                 continue 'pull;
                             }
                             tracing::info!(%stream, ?from, ?to, "pulling at a new priority");
@@ -332,12 +337,14 @@ impl<H: Handler> Consumer<H> {
                         tracing::debug!(%stream, error = %e, failures, "pull hiccup (broker away?)");
                         if failures >= 30 {
                             unreachable = true;
+                            self.stats.pulls_given_up.fetch_add(1, Ordering::Relaxed);
                             continue 'pull;
                         }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                     Pulled::Lost(e) => {
                         tracing::warn!(%stream, error = %e, "pulling again");
+                        self.stats.pulls_given_up.fetch_add(1, Ordering::Relaxed);
                         continue 'pull;
                     }
                 }

@@ -2,8 +2,11 @@
 //! stream's leader is SIGKILLed while a relay publishes and a consumer
 //! applies. Publishes that time out during the election are retried under the
 //! same Nats-Msg-Id, the consumer carries on without a restart, and every
-//! event lands once in the stream and is applied once.
+//! event lands once in the stream and is applied once. And a consumer cut
+//! off with its node pulls again once the node is back, even when its
+//! durable consumer cannot be looked up there.
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use choreo::choreography::Subscription;
@@ -65,18 +68,21 @@ async fn info_of(
     panic!("no stream info within 20 s");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_the_stream_leader_loses_nothing_and_doubles_nothing() {
-    const EVENTS: u32 = 300;
+/// A 3-node cluster with JetStream up, a fresh database with the effects
+/// table, and a service's configuration on them (streams of three replicas).
+async fn on_a_cluster() -> (
+    harness::NatsCluster,
+    harness::Postgres,
+    sqlx::PgPool,
+    Config,
+) {
     let cluster = harness::NatsCluster::start().await.expect("cluster");
     cluster
         .wait_for_jetstream(Duration::from_secs(30))
         .await
         .unwrap();
-    let cluster = Arc::new(tokio::sync::Mutex::new(cluster));
-    let (_pg, db) = harness::fresh_database().await.unwrap();
-    let url = cluster.lock().await.url();
-    let mut config = Config::new(&url, &db);
+    let (pg, db) = harness::fresh_database().await.unwrap();
+    let mut config = Config::new(&cluster.url(), &db);
     config.provision_jetstream = true;
     config.stream_replicas = 3;
     config.relay_poll_ms = 50;
@@ -91,6 +97,35 @@ async fn killing_the_stream_leader_loses_nothing_and_doubles_nothing() {
     .execute(&pool)
     .await
     .unwrap();
+    (cluster, pg, pool, config)
+}
+
+/// Ticks `from..to`, each committed in its own transaction.
+async fn emit(pool: &sqlx::PgPool, config: &Config, ticks: std::ops::Range<u32>) {
+    let outbox = Outbox::new("test", &config.subject_prefix);
+    for n in ticks {
+        let mut tx = pool.begin().await.unwrap();
+        outbox
+            .emit(&mut tx, &format!("saga-{}", n % 10), None, &Tick { n })
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+}
+
+async fn applied(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM effects")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_stream_leader_loses_nothing_and_doubles_nothing() {
+    const EVENTS: u32 = 300;
+    let (cluster, _pg, pool, config) = on_a_cluster().await;
+    let url = cluster.url();
+    let cluster = Arc::new(tokio::sync::Mutex::new(cluster));
     let (_client, js) = choreo::runtime::connect_nats(&url, "test", None)
         .await
         .unwrap();
@@ -115,17 +150,11 @@ async fn killing_the_stream_leader_loses_nothing_and_doubles_nothing() {
     let consumer_task = tokio::spawn(consumer.run(vec![source], shutdown.clone()));
 
     // One event every 20 ms, each in its own transaction, as handlers would.
-    let outbox = Outbox::new("test", &config.subject_prefix);
     let emitter = {
-        let pool = pool.clone();
+        let (pool, config) = (pool.clone(), config.clone());
         tokio::spawn(async move {
             for n in 0..EVENTS {
-                let mut tx = pool.begin().await.unwrap();
-                outbox
-                    .emit(&mut tx, &format!("saga-{}", n % 10), None, &Tick { n })
-                    .await
-                    .unwrap();
-                tx.commit().await.unwrap();
+                emit(&pool, &config, n..n + 1).await;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
@@ -188,10 +217,7 @@ async fn killing_the_stream_leader_loses_nothing_and_doubles_nothing() {
 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM effects")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        let applied = applied(&pool).await;
         if applied == EVENTS as i64 {
             break;
         }
@@ -217,6 +243,96 @@ async fn killing_the_stream_leader_loses_nothing_and_doubles_nothing() {
         EVENTS as u64,
         "the stream holds each event once: retried publishes kept their Nats-Msg-Id"
     );
+    shutdown.cancel();
+    relay_task.await.unwrap();
+    consumer_task.await.unwrap();
+}
+
+/// A consumer whose node was cut off from the others pulls again once the
+/// node is back, even when its durable consumer cannot be looked up there.
+/// On a cluster whose nodes die every few seconds, a lookup often goes to a
+/// dying node and waits out the client's whole request timeout while
+/// pulling works; here node 0 refuses the lookups instead (its admin may no
+/// longer ask for stream or consumer info, nor create either).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_whose_lookup_gets_no_answer_pulls_from_the_consumer_found_before() {
+    let (mut cluster, _pg, pool, config) = on_a_cluster().await;
+    // The relay publishes through node 1, the consumer pulls through node 0 only.
+    let (_publisher, js_1) = choreo::runtime::connect_nats(cluster.node_url(1), "relay", None)
+        .await
+        .unwrap();
+    let (_puller, js_0) = choreo::runtime::connect_nats(cluster.node_url(0), "consumer", None)
+        .await
+        .unwrap();
+    let spec = StreamSpec::everything(&config);
+    choreo::provision::ensure_stream(&js_1, &config, &spec, "test")
+        .await
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let relay = Relay::new(pool.clone(), js_1, 64, Duration::from_millis(50));
+    let relay_task = tokio::spawn(relay.run(shutdown.clone()));
+    let subscription = Subscription::of(&[Tick::EVENT_TYPE]);
+    let source = choreo::provision::ConsumerSource::new(
+        js_0.clone(),
+        config.clone(),
+        "ticks",
+        spec.clone(),
+        subscription.subjects(&config.subject_prefix),
+    );
+    let consumer = Consumer::new(pool.clone(), Arc::new(CountEffects), subscription, 4);
+    let stats = consumer.stats();
+    let consumer_task = tokio::spawn(consumer.run(vec![source], shutdown.clone()));
+    let until = |n: i64, within: Duration| {
+        let pool = pool.clone();
+        async move {
+            let deadline = Instant::now() + within;
+            while applied(&pool).await < n {
+                assert!(
+                    Instant::now() < deadline,
+                    "only {} of {n} events applied within {within:?}",
+                    applied(&pool).await
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    emit(&pool, &config, 0..10).await;
+    until(10, Duration::from_secs(30)).await;
+
+    let admin = "{ user: admin, password: $NATS_ADMIN_PASSWORD }";
+    assert!(harness::NATS_CONFIG.contains(admin));
+    let no_lookups = harness::NATS_CONFIG.replace(
+        admin,
+        r#"{ user: admin, password: $NATS_ADMIN_PASSWORD, permissions: { publish: { deny: [
+            "$JS.API.STREAM.INFO.>", "$JS.API.STREAM.CREATE.>", "$JS.API.STREAM.UPDATE.>",
+            "$JS.API.CONSUMER.INFO.>", "$JS.API.CONSUMER.CREATE.>", "$JS.API.CONSUMER.DURABLE.CREATE.>"] } } }"#,
+    );
+    tokio::task::block_in_place(|| cluster.reload(0, no_lookups)).unwrap();
+    let looked_up = tokio::time::timeout(Duration::from_secs(3), js_0.get_stream(&spec.name)).await;
+    assert!(
+        !matches!(looked_up, Ok(Ok(_))),
+        "node 0 still answers lookups"
+    );
+
+    // Cut off, node 0 answers pulls with "no responders" until the consumer
+    // gives them up to look its durable consumer up again.
+    cluster.isolate(0, harness::Mode::Cut);
+    let cut = Instant::now();
+    while stats.pulls_given_up.load(Ordering::Relaxed) == 0 {
+        assert!(
+            cut.elapsed() < Duration::from_secs(60),
+            "the consumer did not give its pulls up within 60 s of its node's cut"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.isolate(0, harness::Mode::Pass);
+    emit(&pool, &config, 10..20).await;
+    until(20, Duration::from_secs(30)).await;
+    let twice: i64 = sqlx::query_scalar("SELECT count(*) FROM effects WHERE applied > 1")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(twice, 0, "an event was applied twice");
     shutdown.cancel();
     relay_task.await.unwrap();
     consumer_task.await.unwrap();
