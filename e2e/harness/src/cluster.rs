@@ -11,9 +11,6 @@ pub const CLUSTER_NAME: &str = "saga";
 
 pub struct NatsCluster {
     nodes: Vec<Nats>,
-    /// Each node's name and cluster settings as configuration text: its
-    /// command line says them at start, a reload reads them from the file.
-    settings: Vec<String>,
     /// `routes[i][j]`: the proxy node i dials to reach node j (none for i == j).
     routes: Vec<Vec<Option<Proxy>>>,
 }
@@ -36,33 +33,20 @@ impl NatsCluster {
             routes.push(row);
         }
         let mut nodes = Vec::new();
-        let mut settings = Vec::new();
         for (i, cluster_port) in cluster_ports.iter().enumerate() {
             let dial: Vec<String> = routes[i]
                 .iter()
                 .flatten()
-                .map(|p| format!("nats://127.0.0.1:{}", p.port()))
+                .map(|p| format!("\"nats://127.0.0.1:{}\"", p.port()))
                 .collect();
-            settings.push(format!(
+            // Peers learn each other's route address from gossip; a dead
+            // one keeps every route on its proxy, so a cut really cuts.
+            let settings = format!(
                 "server_name: {}\ncluster {{\n  name: {CLUSTER_NAME}\n  listen: \"127.0.0.1:{cluster_port}\"\n  advertise: \"127.0.0.1:1\"\n  routes: [{}]\n}}\n",
                 node_name(i),
-                dial.iter().map(|d| format!("\"{d}\"")).collect::<Vec<_>>().join(", ")
-            ));
-            let args = vec![
-                "--server_name".into(),
-                node_name(i),
-                "--cluster_name".into(),
-                CLUSTER_NAME.into(),
-                "--cluster".into(),
-                format!("nats://127.0.0.1:{cluster_port}"),
-                "--routes".into(),
-                dial.join(","),
-                // Peers learn each other's route address from gossip; a dead
-                // one keeps every route on its proxy, so a cut really cuts.
-                "--cluster_advertise".into(),
-                "127.0.0.1:1".into(),
-            ];
-            nodes.push(Nats::with_args(free_port(), free_port(), args)?);
+                dial.join(", ")
+            );
+            nodes.push(Nats::with_settings(free_port(), free_port(), settings)?);
         }
         // Start them side by side: a node waits for its routes' peers.
         let mut started = Vec::new();
@@ -75,11 +59,7 @@ impl NatsCluster {
         for node in started {
             nodes.push(node.await??);
         }
-        Ok(NatsCluster {
-            nodes,
-            settings,
-            routes,
-        })
+        Ok(NatsCluster { nodes, routes })
     }
 
     /// Every node's URL with the admin's login, comma-separated.
@@ -130,10 +110,8 @@ impl NatsCluster {
     }
 
     /// Has node `i` read `config` instead of its configuration
-    /// ([`Nats::reload`]). A reload reads the node's name and cluster
-    /// settings from the file, not from its command line, so they go there too.
+    /// ([`Nats::reload`]); its name, cluster and routes stay.
     pub fn reload(&mut self, i: usize, config: String) -> anyhow::Result<()> {
-        let config = format!("{}{config}", self.settings[i]);
         self.nodes[i].reload(config)
     }
 

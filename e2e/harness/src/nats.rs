@@ -96,8 +96,10 @@ pub struct Nats {
     monitor_port: u16,
     store: Option<TempDir>,
     child: Option<Child>,
-    /// Extra flags (a cluster node's name, cluster port and routes).
-    extra_args: Vec<String>,
+    /// What a cluster node says of itself (its name, cluster and routes),
+    /// written in its file before the configuration: the start and a
+    /// reload both read them from there. Empty for a single server.
+    settings: String,
     /// The configuration file's text: deploy/nats.conf unless relaxed.
     config: String,
 }
@@ -128,7 +130,7 @@ impl Nats {
             monitor_port: 0,
             store: None,
             child: None,
-            extra_args: Vec::new(),
+            settings: String::new(),
             config: CONFIG.to_owned(),
         }
     }
@@ -148,7 +150,7 @@ impl Nats {
             monitor_port,
             store: Some(tempfile::Builder::new().prefix("saga-nats-").tempdir()?),
             child: None,
-            extra_args: Vec::new(),
+            settings: String::new(),
             config: CONFIG.to_owned(),
         })
     }
@@ -161,15 +163,20 @@ impl Nats {
         Ok(nats)
     }
 
-    /// A server not yet started that will run with `extra_args` too.
-    pub(crate) fn with_args(
+    /// A server not yet started whose file begins with `settings`.
+    pub(crate) fn with_settings(
         port: u16,
         monitor_port: u16,
-        extra_args: Vec<String>,
+        settings: String,
     ) -> anyhow::Result<Self> {
         let mut nats = Self::with_ports(port, monitor_port)?;
-        nats.extra_args = extra_args;
+        nats.settings = settings;
         Ok(nats)
+    }
+
+    /// The configuration file's whole text.
+    fn file_text(&self) -> String {
+        format!("{}{}", self.settings, self.config)
     }
 
     /// Whether the process is alive (false after [`Nats::kill`]).
@@ -243,8 +250,8 @@ impl Nats {
         let log = || std::fs::read_to_string(store.join("nats.log")).unwrap_or_default();
         let outcomes = |log: &str| log.matches(RELOADED).count() + log.matches(FAILED).count();
         let before = outcomes(&log());
-        std::fs::write(store.join("nats.conf"), &config)?;
         self.config = config;
+        std::fs::write(store.join("nats.conf"), self.file_text())?;
         let status = Command::new("kill")
             .args(["-HUP", &pid.to_string()])
             .status()?;
@@ -278,7 +285,7 @@ impl Nats {
             .create(true)
             .append(true)
             .open(store.join("nats.log"))?;
-        std::fs::write(store.join("nats.conf"), &self.config)?;
+        std::fs::write(store.join("nats.conf"), self.file_text())?;
         // The same configuration docker-compose mounts; the flags put it on
         // our own port, monitoring port and store.
         let child = Command::new(server_program()?)
@@ -287,7 +294,6 @@ impl Nats {
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string()])
             .args(["-m", &self.monitor_port.to_string(), "-sd"])
             .arg(store.join("jetstream"))
-            .args(&self.extra_args)
             .envs(
                 password_variables(&self.config)
                     .into_iter()
