@@ -252,20 +252,21 @@ impl<H: Handler> Consumer<H> {
         let mut found: Option<jetstream::consumer::PullConsumer> = None;
         let mut unreachable = false;
         'pull: while !shutdown.is_cancelled() {
-            let looked_up = match (&found, unreachable) {
-                (Some(_), true) => tokio::time::timeout(LOOKUP_WAIT, source.get())
+            let fallback = found.clone().filter(|_| unreachable);
+            let looked_up = match fallback {
+                Some(_) => tokio::time::timeout(LOOKUP_WAIT, source.get())
                     .await
                     .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {LOOKUP_WAIT:?}"))),
-                _ => source.get().await,
+                None => source.get().await,
             };
-            let consumer = match (looked_up, &found) {
+            let consumer = match (looked_up, fallback) {
                 (Ok(consumer), _) => {
                     found = Some(consumer.clone());
                     consumer
                 }
-                (Err(e), Some(before)) if unreachable => {
+                (Err(e), Some(before)) => {
                     tracing::warn!(%stream, error = %e, "cannot look the durable consumer up; pulling from the one found before");
-                    before.clone()
+                    before
                 }
                 (Err(e), _) => {
                     tracing::warn!(%stream, error = %e, "cannot reach the durable consumer yet; retrying");
