@@ -34,7 +34,8 @@ pub trait Handler: Send + Sync + 'static {
     /// several sagas share, such as a product's stock, two batches could take
     /// those rows in opposite orders and wait on each other until
     /// PostgreSQL's deadlock check (a second) breaks the tie: lock them all
-    /// in one order first, in [`Handler::before_batch`], or say no here.
+    /// in one order first, in [`Handler::before_batch`], or take them last,
+    /// in one order, in [`Handler::after_batch`]; or say no here.
     fn batches(&self) -> bool {
         true
     }
@@ -47,6 +48,16 @@ pub trait Handler: Send + Sync + 'static {
         _tx: &mut Tx<'_>,
         _events: &[(&Envelope, &Self::Event)],
     ) -> Result<(), HandleError> {
+        Ok(())
+    }
+
+    /// Runs in a batch's transaction after the effects of its events and
+    /// the insert of their outgoing events, just before the commit: the
+    /// place to write what the batch's events decided about shared rows
+    /// (kept in [`crate::batch`] meanwhile), so those rows stay locked only
+    /// through this and the commit. An error rolls the whole batch back,
+    /// and the consumer applies its events one by one.
+    async fn after_batch(&self, _tx: &mut Tx<'_>) -> Result<(), HandleError> {
         Ok(())
     }
 

@@ -7,6 +7,7 @@ use tracing::Instrument;
 
 use crate::Tx;
 use crate::barrier::{self, Claim, Claimed, Claims};
+use crate::batch;
 use crate::envelope::{Envelope, Reject};
 use crate::handler::{Decode, HandleError, Handler};
 use crate::outbox;
@@ -303,15 +304,17 @@ async fn batch_in_tx<'c, H: Handler>(
     let one_by_one = !claimed.is_empty();
     barrier::with_claims(
         claimed,
-        handle_batch(tx, handler, events, fresh, one_by_one),
+        batch::scope(handle_batch(tx, handler, events, fresh, one_by_one)),
     )
     .await
 }
 
 /// A batch's effects and commit, once its events are in the inbox: the
-/// handler's [`Handler::handle_all`], or, where the batch made barrier
-/// claims (`one_by_one`), each event's effects and then the withdrawal of
-/// its untaken claims, one event after the other.
+/// handler's [`Handler::before_batch`], then its [`Handler::handle_all`],
+/// or, where the batch made barrier claims (`one_by_one`), each event's
+/// effects and then the withdrawal of its untaken claims, one event after
+/// the other; then the outgoing events, the handler's
+/// [`Handler::after_batch`] and the commit.
 async fn handle_batch<H: Handler>(
     mut tx: Tx<'_>,
     handler: &H,
@@ -354,6 +357,7 @@ async fn handle_batch<H: Handler>(
         handler.handle_all(&mut tx, new_events).await?;
     }
     outbox::write_at_end(&mut tx).await?;
+    handler.after_batch(&mut tx).await?;
     tx.commit().await?;
     Ok(outcomes)
 }

@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod barrier;
+pub mod batch;
 pub mod broker_access;
 pub mod choreography;
 pub mod cleanup;

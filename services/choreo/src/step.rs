@@ -86,7 +86,8 @@ pub trait CompensableStep: Send + Sync {
     /// not): then the platform can apply a trigger that comes alone as that
     /// statement, its outcome event, its barrier claim and its inbox insert
     /// together ([`act_alone`]). `work` must then do the same, by
-    /// [`Effect::run`]ning this statement in its transaction; where the
+    /// [`Effect::run`]ning this statement in its transaction (in a batch,
+    /// it may come to the same end another way: see [`crate::batch`]); where the
     /// statement does not hold (nothing of it is written), the trigger goes
     /// through `work` in a transaction, which decides what that means.
     fn work_as_statement(
@@ -115,6 +116,12 @@ pub trait CompensableStep: Send + Sync {
         _tx: &mut Tx<'_>,
         _events: &[(&Envelope, &Self::Event)],
     ) -> Result<(), HandleError> {
+        Ok(())
+    }
+
+    /// Runs in a batch's transaction just before its commit
+    /// ([`Handler::after_batch`]). Nothing, by default.
+    async fn after_batch(&self, _tx: &mut Tx<'_>) -> Result<(), HandleError> {
         Ok(())
     }
 }
@@ -157,6 +164,10 @@ impl<S: CompensableStep + 'static> Handler for S {
         events: &[(&Envelope, &S::Event)],
     ) -> Result<(), HandleError> {
         CompensableStep::before_batch(self, tx, events).await
+    }
+
+    async fn after_batch(&self, tx: &mut Tx<'_>) -> Result<(), HandleError> {
+        CompensableStep::after_batch(self, tx).await
     }
 
     /// The step's trigger, when `event` is that, as one statement

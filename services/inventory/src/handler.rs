@@ -1,5 +1,8 @@
 //! Inventory's rules: hold every line of an order or none; give back exactly
 //! what was held when the order is compensated.
+use std::collections::{BTreeMap, HashMap};
+
+use choreo::batch;
 use choreo::choreography::Step;
 use choreo::step::{self, CompensableStep, Undo, Verdict};
 use choreo::{Config, Effect, Envelope, HandleError, Outbox, Tx};
@@ -25,6 +28,67 @@ pub enum ReservationStatus {
 pub struct InventoryHandler {
     pub outbox: Outbox,
     pub config: Config,
+}
+
+/// The stock of a batch's products, which its orders take and its
+/// compensations give back event by event, and which is written once, just
+/// before the batch commits ([`SETTLE_STOCK`]). A product's row, which
+/// every order of it waits for, is then locked through that statement and
+/// the commit only, not through the whole batch: a second instance's batch
+/// does its own work meanwhile. Its orders are decided against what the
+/// stock held when the batch began (read without a lock); if another
+/// transaction has taken so much since that the batch's take no longer
+/// fits, the settling statement does not hold and the batch is applied
+/// again, event by event, each with its row locked (nothing oversold).
+#[derive(Debug, Default)]
+struct BatchStock {
+    /// What each SKU the batch's orders name holds: as read when the batch
+    /// began, less what its orders took, plus what its compensations gave
+    /// back. A SKU not here has no stock row.
+    available: HashMap<String, i64>,
+    /// What the batch takes from each SKU, net of what it gives back
+    /// (negative where it gives back more); in SKU order.
+    taken: BTreeMap<String, i64>,
+}
+
+impl BatchStock {
+    /// Takes every line of an order (whose SKUs differ) or none, checked in
+    /// SKU order as [`take`] takes them: why not, when not.
+    fn take(&mut self, lines: &[ev::OrderLine]) -> Result<(), String> {
+        let mut sorted: Vec<&ev::OrderLine> = lines.iter().collect();
+        sorted.sort_by(|a, b| a.sku.cmp(&b.sku));
+        for line in &sorted {
+            match self.available.get(&line.sku) {
+                None => return Err(format!("unknown SKU {}", line.sku)),
+                Some(&available) if available < i64::from(line.quantity) => {
+                    return Err(format!(
+                        "not enough stock of {} ({available} available, {} ordered)",
+                        line.sku, line.quantity
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        for line in sorted {
+            self.move_stock(&line.sku, i64::from(line.quantity));
+        }
+        Ok(())
+    }
+
+    /// Gives back what a reservation held.
+    fn give_back(&mut self, held: &[(String, i64)]) {
+        for (sku, quantity) in held {
+            self.move_stock(sku, -quantity);
+        }
+    }
+
+    /// Takes `taken` of `sku` (gives it back where negative).
+    fn move_stock(&mut self, sku: &str, taken: i64) {
+        if let Some(available) = self.available.get_mut(sku) {
+            *available -= taken;
+        }
+        *self.taken.entry(sku.to_owned()).or_default() += taken;
+    }
 }
 
 /// Why an order of several lines cannot be held, or `None` when every line
@@ -123,6 +187,16 @@ async fn hold(
     Ok(())
 }
 
+/// The success event of the reservation of `order`.
+fn reserved(order: ev::OrderCreated) -> ev::InventoryReserved {
+    ev::InventoryReserved {
+        lines: order.lines,
+        destination: order.destination,
+        contact: order.contact,
+        customer: order.customer,
+    }
+}
+
 /// Turns a reservation [`hold`] wrote into a refusal: no lines, and why.
 async fn refuse(tx: &mut PgConnection, order_id: Uuid, reason: &str) -> Result<(), sqlx::Error> {
     sqlx::query(
@@ -174,37 +248,18 @@ impl InventoryHandler {
         .bind(ReservationStatus::Held)
         .bind(line.sku.as_str())
         .bind(i64::from(line.quantity));
-        let reserved = ev::InventoryReserved {
-            lines: order.lines.clone(),
-            destination: order.destination.clone(),
-            contact: order.contact.clone(),
-            customer: order.customer.clone(),
-        };
-        Some((held, Verdict::Succeeded(reserved)))
-    }
-}
-
-#[async_trait::async_trait]
-impl CompensableStep for InventoryHandler {
-    const STEP: &'static Step = CHOREOGRAPHY.step("reserve");
-    type Event = SagaEvent;
-    type Input = ev::OrderCreated;
-    type Success = ev::InventoryReserved;
-    type Failure = ev::InventoryRejected;
-    type Compensated = ev::InventoryReleased;
-
-    fn outbox(&self) -> &Outbox {
-        &self.outbox
+        Some((held, Verdict::Succeeded(reserved(order.clone()))))
     }
 
-    async fn work(
+    /// The reservation of `order_id` in a transaction of its own: its
+    /// products' rows are locked as it takes them, until the commit.
+    async fn reserve_now(
         &self,
         tx: &mut Tx<'_>,
-        envelope: &Envelope,
+        order_id: Uuid,
         order: ev::OrderCreated,
     ) -> Result<Verdict<ev::InventoryReserved, ev::InventoryRejected>, HandleError> {
-        let order_id = contracts::order_id_of(envelope)?;
-        let verdict = match self.reserve(order_id, &order) {
+        Ok(match self.reserve(order_id, &order) {
             Some((statement, verdict)) => {
                 if statement.run(tx).await? {
                     verdict
@@ -232,14 +287,66 @@ impl CompensableStep for InventoryHandler {
                         refuse(tx, order_id, &reason).await?;
                         Verdict::Failed(ev::InventoryRejected { reason })
                     }
-                    None => Verdict::Succeeded(ev::InventoryReserved {
-                        lines: order.lines,
-                        destination: order.destination,
-                        contact: order.contact,
-                        customer: order.customer,
-                    }),
+                    None => Verdict::Succeeded(reserved(order)),
                 }
             }
+        })
+    }
+
+    /// The reservation of `order_id` in a batch: a refusal the
+    /// configuration injects, or every line taken from the batch's stock
+    /// ([`BatchStock`]) and held, or none and why.
+    async fn reserve_in_batch(
+        &self,
+        tx: &mut Tx<'_>,
+        order_id: Uuid,
+        order: ev::OrderCreated,
+    ) -> Result<Verdict<ev::InventoryReserved, ev::InventoryRejected>, HandleError> {
+        let taken =
+            match self.config.injected_failure() {
+                Some(reason) => Err(reason),
+                None => batch::with(|stock: &mut BatchStock| stock.take(&order.lines)).ok_or_else(
+                    || HandleError::Transient("the batch keeps no stock to take from".to_owned()),
+                )?,
+            };
+        Ok(match taken {
+            Ok(()) => {
+                hold(tx, order_id, &order.lines).await?;
+                Verdict::Succeeded(reserved(order))
+            }
+            Err(reason) => {
+                record(tx, order_id, ReservationStatus::Rejected, &reason).await?;
+                Verdict::Failed(ev::InventoryRejected { reason })
+            }
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl CompensableStep for InventoryHandler {
+    const STEP: &'static Step = CHOREOGRAPHY.step("reserve");
+    type Event = SagaEvent;
+    type Input = ev::OrderCreated;
+    type Success = ev::InventoryReserved;
+    type Failure = ev::InventoryRejected;
+    type Compensated = ev::InventoryReleased;
+
+    fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    async fn work(
+        &self,
+        tx: &mut Tx<'_>,
+        envelope: &Envelope,
+        order: ev::OrderCreated,
+    ) -> Result<Verdict<ev::InventoryReserved, ev::InventoryRejected>, HandleError> {
+        let order_id = contracts::order_id_of(envelope)?;
+        let in_batch = batch::with(|_: &mut BatchStock| ()).is_some();
+        let verdict = if in_batch {
+            self.reserve_in_batch(tx, order_id, order).await?
+        } else {
+            self.reserve_now(tx, order_id, order).await?
         };
         match &verdict {
             Verdict::Failed(rejected) => {
@@ -252,7 +359,6 @@ impl CompensableStep for InventoryHandler {
         }
         Ok(verdict)
     }
-
     fn work_as_statement(
         &self,
         envelope: &Envelope,
@@ -289,12 +395,14 @@ impl CompensableStep for InventoryHandler {
                 .bind(ReservationStatus::Held)
                 .fetch_all(&mut **tx)
                 .await?;
-                for (sku, quantity) in &held {
-                    sqlx::query("UPDATE stock SET available = available + $2, reserved = reserved - $2 WHERE sku = $1")
-                        .bind(sku)
-                        .bind(quantity)
-                        .execute(&mut **tx)
-                        .await?;
+                if batch::with(|stock: &mut BatchStock| stock.give_back(&held)).is_none() {
+                    for (sku, quantity) in &held {
+                        sqlx::query("UPDATE stock SET available = available + $2, reserved = reserved - $2 WHERE sku = $1")
+                            .bind(sku)
+                            .bind(quantity)
+                            .execute(&mut **tx)
+                            .await?;
+                    }
                 }
                 if !held.is_empty() {
                     record(
@@ -321,48 +429,73 @@ impl CompensableStep for InventoryHandler {
         })
     }
 
-    /// A reservation locks its products' stock rows, which every order of
-    /// those products shares. A batch locks every row its events will touch
-    /// first, in SKU order, as a single order takes its lines: two batches
-    /// (or a batch and a single order) never wait on each other in a circle.
+    /// A batch reads the stock of the products its orders name, without a
+    /// lock, and keeps it: its orders take from that, and its compensations
+    /// give back to it ([`BatchStock`]).
     async fn before_batch(
         &self,
         tx: &mut Tx<'_>,
         events: &[(&Envelope, &SagaEvent)],
     ) -> Result<(), HandleError> {
-        let mut ordered: Vec<&str> = Vec::new();
-        let mut compensated: Vec<Uuid> = Vec::new();
-        for (envelope, event) in events {
-            match event {
-                SagaEvent::OrderCreated(order) => {
-                    ordered.extend(order.lines.iter().map(|l| l.sku.as_str()));
-                }
-                _ if Self::STEP
-                    .compensated_by
-                    .contains(&envelope.event_type.as_str()) =>
-                {
-                    // An unreadable id locks nothing here; its event is refused later.
-                    compensated.extend(contracts::order_id_of(envelope).ok());
-                }
-                _ => {}
-            }
+        let ordered: Vec<&str> = events
+            .iter()
+            .filter_map(|(_, event)| match event {
+                SagaEvent::OrderCreated(order) => Some(order.lines.iter().map(|l| l.sku.as_str())),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let available: Vec<(String, i64)> =
+            sqlx::query_as("SELECT sku, available FROM stock WHERE sku = ANY($1)")
+                .bind(&ordered)
+                .fetch_all(&mut **tx)
+                .await?;
+        batch::keep(BatchStock {
+            available: available.into_iter().collect(),
+            taken: BTreeMap::new(),
+        });
+        Ok(())
+    }
+
+    /// Writes what the batch took and gave back, locking each product's row
+    /// in SKU order ([`SETTLE_STOCK`]); a transient error, which rolls the
+    /// batch back, where another transaction has taken too much of a
+    /// product since the batch read it.
+    async fn after_batch(&self, tx: &mut Tx<'_>) -> Result<(), HandleError> {
+        let Some(stock) = batch::take::<BatchStock>() else {
+            return Ok(());
+        };
+        let (skus, taken): (Vec<String>, Vec<i64>) =
+            stock.taken.into_iter().filter(|(_, n)| *n != 0).unzip();
+        if skus.is_empty() {
+            return Ok(());
         }
-        sqlx::query(LOCK_STOCK)
-            .bind(&ordered)
-            .bind(&compensated)
-            .execute(&mut **tx)
+        let settled: Vec<String> = sqlx::query_scalar(SETTLE_STOCK)
+            .bind(&skus)
+            .bind(&taken)
+            .fetch_all(&mut **tx)
             .await?;
+        if settled.len() < skus.len() {
+            let short: Vec<&String> = skus.iter().filter(|s| !settled.contains(s)).collect();
+            return Err(HandleError::Transient(format!(
+                "the stock of {short:?} was taken by another transaction since this batch read it; \
+                 its events are applied one by one"
+            )));
+        }
         Ok(())
     }
 }
 
-/// Locks the stock rows a batch will touch, in SKU order (ORDER BY comes
-/// before FOR UPDATE): the SKUs its orders name (`$1`) and those the
-/// reservations of its compensated orders (`$2`) hold. One list of keys, so
-/// the rows are found through the primary key. (Written as `sku = ANY($1)
-/// OR sku IN (SELECT ...)`, the OR kept PostgreSQL from using the key and
-/// every batch read the whole table, dead row versions included: about 900
-/// buffers a batch at 650 orders/s, against 15 by key.)
-pub const LOCK_STOCK: &str = "SELECT sku FROM stock
-     WHERE sku = ANY($1::text[] || ARRAY(SELECT sku FROM reservation_lines WHERE order_id = ANY($2)))
-     ORDER BY sku FOR UPDATE";
+/// Takes what a batch took from each SKU (`$1`, in SKU order) and gives
+/// back what it gave back, net (`$2`), where the stock still has it;
+/// returns the SKUs it wrote. The rows are locked first, in SKU order (the
+/// materialized CTE's ORDER BY comes before its FOR UPDATE), as a single
+/// order takes its lines: two batches, or a batch and a single order, never
+/// wait on each other in a circle. Found by key, whatever the size of the
+/// catalogue.
+pub const SETTLE_STOCK: &str = "WITH locked AS MATERIALIZED (
+         SELECT sku FROM stock WHERE sku = ANY($1) ORDER BY sku FOR UPDATE)
+     UPDATE stock SET available = stock.available - d.taken, reserved = stock.reserved + d.taken
+     FROM locked JOIN unnest($1::text[], $2::bigint[]) AS d (sku, taken) USING (sku)
+     WHERE stock.sku = locked.sku AND stock.available >= d.taken
+     RETURNING stock.sku";

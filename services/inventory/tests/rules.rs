@@ -214,8 +214,8 @@ fn claims() -> choreo::barrier::Claims {
 }
 
 /// Two batches whose orders take the same products in opposite orders, side
-/// by side, round after round: each locks every stock row it will touch
-/// first, in SKU order, so they never wait on each other in a circle
+/// by side, round after round: each locks every stock row it touches at its
+/// end, in SKU order, so they never wait on each other in a circle
 /// (PostgreSQL would abort one as a deadlock, and the consumer would apply
 /// its events one by one after a second's wait). The stock comes out exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,11 +256,11 @@ async fn batches_taking_the_same_products_in_opposite_orders_never_deadlock() {
     }
 }
 
-/// A batch locks the stock rows its events touch, found by key: the SKUs its
-/// orders name and those its compensated orders hold, each once, in SKU
-/// order, whatever the size of the catalogue.
+/// A batch settles its stock in one statement that finds the rows by key,
+/// whatever the size of the catalogue, and writes only what the stock
+/// still has: it returns the SKUs it wrote.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_locks_the_stock_it_touches_found_by_key() {
+async fn a_batch_settles_its_stock_found_by_key_where_the_stock_has_it() {
     let (_pg, pool) = database().await;
     let h = handler();
     let held = uuid::Uuid::now_v7();
@@ -276,35 +276,197 @@ async fn a_batch_locks_the_stock_it_touches_found_by_key() {
     for statement in [
         "INSERT INTO stock (sku, available) SELECT 'SKU-' || n, 100 FROM generate_series(1, 2000) n",
         "ANALYZE stock",
-        "ANALYZE reservation_lines",
     ] {
         sqlx::query(statement).execute(&pool).await.unwrap();
     }
-    let ordered = ["SKU-7", "BOOK", "SKU-7"];
-    let compensated = [held, uuid::Uuid::now_v7()];
-    let mut tx = pool.begin().await.unwrap();
-    let locked: Vec<String> = sqlx::query_scalar(inventory::handler::LOCK_STOCK)
-        .bind(ordered)
-        .bind(compensated)
-        .fetch_all(&mut *tx)
+    let skus = ["BOOK", "PEN", "SKU-7", "SKU-8"];
+    let taken = [3_i64, -1, 101, 100];
+    let mut settled: Vec<String> = sqlx::query_scalar(inventory::handler::SETTLE_STOCK)
+        .bind(skus)
+        .bind(taken)
+        .fetch_all(&pool)
         .await
         .unwrap();
-    assert_eq!(locked, ["BOOK", "PEN", "SKU-7"]);
-    tx.rollback().await.unwrap();
+    settled.sort();
+    assert_eq!(settled, ["BOOK", "PEN", "SKU-8"], "SKU-7 has 100, not 101");
+    assert_eq!(stock(&pool, "BOOK").await, (5, 5));
+    assert_eq!(stock(&pool, "PEN").await, (1, 0), "given back");
+    assert_eq!(stock(&pool, "SKU-7").await, (100, 0));
+    assert_eq!(stock(&pool, "SKU-8").await, (0, 100));
     let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "EXPLAIN {}",
-        inventory::handler::LOCK_STOCK
+        inventory::handler::SETTLE_STOCK
     )))
-    .bind(ordered)
-    .bind(compensated)
+    .bind(skus)
+    .bind(taken)
     .fetch_all(&pool)
     .await
     .unwrap();
     let plan = plan.join("\n");
-    // Looked up by its keys, not a scan of the whole table (in the key's
-    // order, an index scan with only a filter, or not).
     assert!(plan.contains("Index Cond: (sku = ANY"), "{plan}");
     assert!(!plan.contains("Seq Scan on stock"), "{plan}");
+}
+
+/// The statement of a backend of `pool`'s database that waits for a lock,
+/// once one does (within 10 s).
+async fn waiting_for_a_lock(pool: &PgPool) -> String {
+    for _ in 0..200 {
+        let waiting: Option<String> = sqlx::query_scalar(
+            "SELECT query FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_optional(pool)
+        .await
+        .unwrap();
+        if let Some(query) = waiting {
+            return query;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no backend waited for a lock within 10 s");
+}
+
+/// A batch takes its products' rows last: while another transaction holds
+/// BOOK's row, a batch of BOOK orders does all its work and waits only in
+/// its last statement, the one that settles the stock, and goes on once
+/// that row is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_waits_for_a_products_row_only_in_its_last_statement() {
+    let (_pg, pool) = database().await;
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT sku FROM stock WHERE sku = 'BOOK' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let orders: Vec<Envelope> = (0..3)
+        .map(|_| created(&uuid::Uuid::now_v7().to_string(), &[("BOOK", 2)]))
+        .collect();
+    let batch = tokio::spawn({
+        let pool = pool.clone();
+        let orders = orders.clone();
+        async move { choreo::inbox::apply_as_batch(&pool, &handler(), &claims(), &orders).await }
+    });
+    let waiting = waiting_for_a_lock(&pool).await;
+    assert_eq!(waiting, inventory::handler::SETTLE_STOCK);
+    holder.commit().await.unwrap();
+    assert_eq!(batch.await.unwrap().unwrap(), vec![Outcome::Applied; 3]);
+    assert_eq!(stock(&pool, "BOOK").await, (4, 6));
+    for order in &orders {
+        assert_eq!(emitted(&pool, &order.saga_id).await, ["inventory.reserved"]);
+    }
+}
+
+/// A batch decides its orders against the stock as it read it, without a
+/// lock. Where another transaction has taken so much since that the
+/// batch's take no longer fits, nothing of the batch is written; applied
+/// one by one, as the consumer then applies them, its orders take only
+/// what is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_stock_was_taken_meanwhile_writes_nothing_and_oversells_nothing() {
+    let (_pg, pool) = database().await;
+    let mut taker = pool.begin().await.unwrap();
+    sqlx::query("UPDATE stock SET available = 1, reserved = 9 WHERE sku = 'BOOK'")
+        .execute(&mut *taker)
+        .await
+        .unwrap();
+    let orders: Vec<Envelope> = (0..2)
+        .map(|_| created(&uuid::Uuid::now_v7().to_string(), &[("BOOK", 1)]))
+        .collect();
+    let batch = tokio::spawn({
+        let pool = pool.clone();
+        let orders = orders.clone();
+        async move { choreo::inbox::apply_as_batch(&pool, &handler(), &claims(), &orders).await }
+    });
+    assert_eq!(
+        waiting_for_a_lock(&pool).await,
+        inventory::handler::SETTLE_STOCK
+    );
+    taker.commit().await.unwrap();
+    match batch.await.unwrap() {
+        Err(choreo::HandleError::Transient(why)) => assert!(why.contains("BOOK"), "{why}"),
+        other => panic!("the batch should have been refused: {other:?}"),
+    }
+    assert_eq!(stock(&pool, "BOOK").await, (1, 9));
+    for order in &orders {
+        assert_eq!(emitted(&pool, &order.saga_id).await, Vec::<String>::new());
+    }
+    for order in &orders {
+        assert_eq!(
+            apply(&pool, &handler(), &claims(), order).await.unwrap(),
+            Outcome::Applied
+        );
+    }
+    assert_eq!(stock(&pool, "BOOK").await, (0, 10));
+    assert_eq!(
+        emitted(&pool, &orders[0].saga_id).await,
+        ["inventory.reserved"]
+    );
+    assert_eq!(
+        emitted(&pool, &orders[1].saga_id).await,
+        ["inventory.rejected"]
+    );
+}
+
+/// In a batch, the rules are the ones an order alone meets: every line or
+/// none, the same reasons, and what a compensation gives back can be taken
+/// by a later order of the same batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_batch_orders_take_every_line_or_none_and_compensations_give_back() {
+    let (_pg, pool) = database().await;
+    let h = handler();
+    let id = || uuid::Uuid::now_v7().to_string();
+    let (first, second, third, fourth, fifth, sixth) = (id(), id(), id(), id(), id(), id());
+    let batch = [
+        created(&first, &[("BOOK", 4)]),
+        created(&second, &[("PEN", 1), ("BOOK", 4)]),
+        created(&third, &[("BOOK", 4)]),
+        created(&fourth, &[("BOOK", 1), ("PEN", 1)]),
+        created(&fifth, &[("NOPE", 1)]),
+        Envelope::new(
+            "shipping",
+            &first,
+            None,
+            &ev::ShippingFailed { reason: "x".into() },
+        ),
+        created(&sixth, &[("BOOK", 4)]),
+    ];
+    let outcomes = choreo::inbox::apply_as_batch(&pool, &h, &claims(), &batch)
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![Outcome::Applied; 7]);
+    assert_eq!(stock(&pool, "BOOK").await, (2, 8));
+    assert_eq!(stock(&pool, "PEN").await, (0, 1));
+    let expected = [
+        (&first, "RELEASED", "order compensated"),
+        (&second, "HELD", ""),
+        (
+            &third,
+            "REJECTED",
+            "not enough stock of BOOK (2 available, 4 ordered)",
+        ),
+        (
+            &fourth,
+            "REJECTED",
+            "not enough stock of PEN (0 available, 1 ordered)",
+        ),
+        (&fifth, "REJECTED", "unknown SKU NOPE"),
+        (&sixth, "HELD", ""),
+    ];
+    for (order, status, reason) in expected {
+        let found: (String, String) =
+            sqlx::query_as("SELECT status, reason FROM reservations WHERE order_id = $1::uuid")
+                .bind(order)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(found, (status.to_owned(), reason.to_owned()), "{order}");
+    }
+    assert_eq!(reservation(&pool, &fourth).await, ("REJECTED".into(), 0));
+    assert_eq!(reservation(&pool, &sixth).await, ("HELD".into(), 1));
+    assert_eq!(
+        emitted(&pool, &first).await,
+        ["inventory.reserved", "inventory.released"]
+    );
 }
 
 /// Applies `envelope` as the consumer applies an event that comes alone:
