@@ -80,8 +80,8 @@ pub struct Settings {
     pub limit_clients: usize,
     pub limit_secs: f64,
     /// Also count each service's statements per saga over each closed loop
-    /// and open loop (the table shows the spread one's and the open loop's
-    /// at half the peak; needs PostgreSQL started with pg_stat_statements
+    /// and open loop (the table shows the spread one's, the hot SKU's and
+    /// the open loop's at half the peak; needs PostgreSQL started with pg_stat_statements
     /// preloaded).
     pub statements: bool,
 }
@@ -1777,6 +1777,7 @@ impl Report {
         let mut table = format!("| measure | value |\n| --- | --- |\n{out}");
         for (run, by_service) in [
             ("spread", &self.spread.statements),
+            ("hot SKU", &self.hot.statements),
             ("open loop", &self.open_loop_statements),
         ] {
             for (service, statements) in by_service {
