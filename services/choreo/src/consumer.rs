@@ -552,6 +552,7 @@ impl<H: Handler> Consumer<H> {
             }
             Err(e) => {
                 self.stats.batch_fallbacks.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("saga_consumer_batch_fallbacks_total").increment(1);
                 tracing::debug!(error = %e, events = events.len(), "a batch failed; applying its events one at a time");
                 for event in events {
                     self.apply_alone(db, event, shutdown).await;

@@ -477,6 +477,7 @@ impl CompensableStep for InventoryHandler {
             .await?;
         if settled.len() < skus.len() {
             let short: Vec<&String> = skus.iter().filter(|s| !settled.contains(s)).collect();
+            tracing::info!(skus = ?short, "stock taken meanwhile: the batch is applied again event by event");
             return Err(HandleError::Transient(format!(
                 "the stock of {short:?} was taken by another transaction since this batch read it; \
                  its events are applied one by one"
