@@ -86,6 +86,10 @@ pub struct ConsumerStats {
     /// again: the broker could not be reached for a while, or the consumer
     /// was lost.
     pub pulls_given_up: AtomicU64,
+    /// Times a pull loop asked its NATS client to move to another node:
+    /// it had given its pulls up twice in a row, each time after 3 s of
+    /// pull requests that reached nobody ([`crate::runtime::move_to_another_node`]).
+    pub node_moves: AtomicU64,
     /// The priority the open pull asks for (0 first): `None` before the
     /// first pull, or for a consumer without a priority group.
     pub pulling_at: std::sync::Mutex<Option<usize>>,
@@ -251,6 +255,9 @@ impl<H: Handler> Consumer<H> {
         // pulling from the consumer found before.
         let mut found: Option<jetstream::consumer::PullConsumer> = None;
         let mut unreachable = false;
+        // Times in a row this loop gave its pulls up to requests that
+        // reached nobody, with no message in between.
+        let mut unanswered = 0u32;
         'pull: while !shutdown.is_cancelled() {
             let fallback = found.clone().filter(|_| unreachable);
             let looked_up = match fallback {
@@ -325,6 +332,7 @@ impl<H: Handler> Consumer<H> {
                 match next {
                     Pulled::Message(message) => {
                         failures = 0;
+                        unanswered = 0;
                         if !route(&senders, *message).await {
                             break 'pull;
                         }
@@ -339,6 +347,18 @@ impl<H: Handler> Consumer<H> {
                         if failures >= 30 {
                             unreachable = true;
                             self.stats.pulls_given_up.fetch_add(1, Ordering::Relaxed);
+                            // Twice in a row: the node may be cut off from
+                            // its cluster, where another would answer.
+                            unanswered += 1;
+                            if unanswered >= 2
+                                && crate::runtime::move_to_another_node(
+                                    &source.jetstream().client(),
+                                )
+                                .await
+                            {
+                                self.stats.node_moves.fetch_add(1, Ordering::Relaxed);
+                                unanswered = 0;
+                            }
                             continue 'pull;
                         }
                         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -350,7 +350,8 @@ fn options_for(
 }
 
 /// A NATS client that keeps reconnecting for ever (the broker may be down at
-/// start or restart at any time) and a JetStream context with a bounded PubAck wait.
+/// start or restart at any time), to a server of its pool picked as
+/// [`pick_server`] says, and a JetStream context with a bounded PubAck wait.
 /// `url` may list several servers of a cluster, comma-separated; it may
 /// also carry a user and password (`nats://user:password@host`), or `login` does.
 pub async fn connect_nats(
@@ -359,7 +360,15 @@ pub async fn connect_nats(
     login: Option<&NatsLogin>,
 ) -> anyhow::Result<(async_nats::Client, jetstream::Context)> {
     let (options, servers) = options_for(url, name, login);
+    let last_dialled = Arc::new(std::sync::Mutex::new(None));
     let client = options
+        .reconnect_to_server_callback(move |servers, left| {
+            let last_dialled = last_dialled.clone();
+            async move {
+                let mut last = last_dialled.lock().unwrap_or_else(|e| e.into_inner());
+                pick_server(&servers, &left, &mut last)
+            }
+        })
         .event_callback(|event| async move {
             match event {
                 async_nats::Event::Connected => tracing::info!("connected to NATS"),
@@ -375,6 +384,80 @@ pub async fn connect_nats(
         .ack_timeout(Duration::from_secs(5))
         .build(client.clone());
     Ok((client, js))
+}
+
+/// The least time between two moves of a process's NATS connection to
+/// another node ([`move_to_another_node`]).
+const MOVE_EVERY: Duration = Duration::from_secs(10);
+
+/// Has `client` reconnect, to whichever server of its pool its reconnect
+/// picks, when it is connected and its pool (the servers it was given and
+/// those the cluster told it of) holds another: for a node cut off from the
+/// rest of its cluster. Such a node keeps its clients but has no JetStream
+/// leader to take their requests, so every pull and publish through it
+/// reaches nobody until the cut heals, while the other nodes serve. The
+/// reconnect picks another node than this one ([`pick_server`]); the
+/// caller may ask again while the trouble lasts, at most once every
+/// [`MOVE_EVERY`] a process. Whether it asked.
+pub async fn move_to_another_node(client: &async_nats::Client) -> bool {
+    static LAST_MOVE: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    if client.connection_state() != async_nats::connection::State::Connected {
+        return false;
+    }
+    match client.server_pool().await {
+        Ok(pool) if pool.len() > 1 => {}
+        _ => return false,
+    }
+    {
+        let mut last = LAST_MOVE.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|at| at.elapsed() < MOVE_EVERY) {
+            return false;
+        }
+        *last = Some(std::time::Instant::now());
+    }
+    let node = client.server_info().server_name;
+    tracing::warn!(%node, "this NATS node has taken no JetStream request for a while; moving to another");
+    *LEAVING.lock().unwrap_or_else(|e| e.into_inner()) = Some((node, std::time::Instant::now()));
+    client.force_reconnect().await.is_ok()
+}
+
+/// The node a client of this process was last asked to move away from
+/// ([`move_to_another_node`]), and when: its reconnect picks another
+/// ([`pick_server`]) for [`MOVE_EVERY`] after that.
+static LEAVING: std::sync::Mutex<Option<(String, std::time::Instant)>> =
+    std::sync::Mutex::new(None);
+
+/// The server a client dials next, as async-nats picks one (at random among
+/// those of its pool with the fewest failed attempts in a row), except the
+/// one it dialled last (`last`) when that is the node it was asked to move
+/// away from (`left`, the server it was connected to) and the pool holds
+/// another. Remembers the pick in `last`.
+fn pick_server(
+    servers: &[async_nats::Server],
+    left: &async_nats::ServerInfo,
+    last: &mut Option<async_nats::ServerAddr>,
+) -> Option<async_nats::ReconnectToServer> {
+    use rand::seq::IndexedRandom;
+    let leaving = LEAVING
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .is_some_and(|(node, at)| *node == left.server_name && at.elapsed() < MOVE_EVERY);
+    let mut candidates: Vec<&async_nats::Server> = servers
+        .iter()
+        .filter(|s| !(leaving && last.as_ref() == Some(&s.addr)))
+        .collect();
+    if candidates.is_empty() {
+        candidates = servers.iter().collect();
+    }
+    let fewest = candidates.iter().map(|s| s.failed_attempts).min()?;
+    candidates.retain(|s| s.failed_attempts == fewest);
+    let chosen = candidates.choose(&mut rand::rng())?.addr.clone();
+    *last = Some(chosen.clone());
+    Some(async_nats::ReconnectToServer {
+        addr: chosen,
+        delay: None,
+    })
 }
 
 /// The wait before reconnect attempt `attempts`: at once, then doubling from
@@ -447,4 +530,73 @@ pub async fn cancel_on_signal(shutdown: CancellationToken) {
     }
     tracing::info!("shutdown requested");
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod node_pick_tests {
+    use super::*;
+
+    fn pool() -> Vec<async_nats::Server> {
+        // A pool as the client reports it, one server an address.
+        [
+            "nats://127.0.0.1:4001",
+            "nats://127.0.0.1:4002",
+            "nats://127.0.0.1:4003",
+        ]
+        .iter()
+        .map(|url| async_nats::Server {
+            addr: url.parse().unwrap(),
+            failed_attempts: 0,
+            did_connect: false,
+            is_discovered: false,
+            last_error: None,
+        })
+        .collect()
+    }
+
+    fn connected_to(name: &str) -> async_nats::ServerInfo {
+        async_nats::ServerInfo {
+            server_name: name.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_client_asked_to_leave_its_node_dials_another_and_otherwise_any() {
+        let servers = pool();
+        let first: async_nats::ServerAddr = "nats://127.0.0.1:4001".parse().unwrap();
+        let mut picked_first = 0;
+        for _ in 0..60 {
+            let mut last = Some(first.clone());
+            let pick = pick_server(&servers, &connected_to("n1"), &mut last).unwrap();
+            assert_eq!(last.as_ref(), Some(&pick.addr), "the pick is remembered");
+            picked_first += usize::from(pick.addr == first);
+        }
+        assert!(picked_first > 0, "not asked to leave: any server");
+        *LEAVING.lock().unwrap() = Some(("n1".to_owned(), std::time::Instant::now()));
+        for _ in 0..60 {
+            let mut last = Some(first.clone());
+            let pick = pick_server(&servers, &connected_to("n1"), &mut last).unwrap();
+            assert_ne!(pick.addr, first, "asked to leave n1, dialled at 4001");
+        }
+        // Another client of the process, on another node: not leaving.
+        let mut picked_first = 0;
+        for _ in 0..60 {
+            let mut last = Some(first.clone());
+            let pick = pick_server(&servers, &connected_to("n2"), &mut last).unwrap();
+            picked_first += usize::from(pick.addr == first);
+        }
+        assert!(picked_first > 0);
+        // Failed attempts count first, as async-nats's own pick has them.
+        let mut failing = pool();
+        failing[1].failed_attempts = 3;
+        failing[2].failed_attempts = 1;
+        let mut last = None;
+        let pick = pick_server(&failing, &connected_to("n1"), &mut last).unwrap();
+        assert_eq!(pick.addr, first);
+        // A pool of the node being left alone: that node.
+        let mut last = Some(first.clone());
+        let pick = pick_server(&servers[..1], &connected_to("n1"), &mut last).unwrap();
+        assert_eq!(pick.addr, first);
+    }
 }

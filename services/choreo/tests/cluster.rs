@@ -4,7 +4,8 @@
 //! same Nats-Msg-Id, the consumer carries on without a restart, and every
 //! event lands once in the stream and is applied once. And a consumer cut
 //! off with its node pulls again once the node is back, even when its
-//! durable consumer cannot be looked up there.
+//! durable consumer cannot be looked up there; one whose node stays cut
+//! off moves to another node and pulls there.
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -120,6 +121,76 @@ async fn applied(pool: &sqlx::PgPool) -> i64 {
         .unwrap()
 }
 
+/// Waits until `n` events are applied, failing after `within`.
+async fn until_applied(pool: &sqlx::PgPool, n: i64, within: Duration) {
+    let deadline = Instant::now() + within;
+    while applied(pool).await < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} events applied within {within:?}",
+            applied(pool).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A relay publishing the ticks through `publisher` and a consumer applying
+/// them, pulling through `puller`, once the stream is made.
+struct Running {
+    stream: async_nats::jetstream::stream::Stream,
+    stats: Arc<choreo::consumer::ConsumerStats>,
+    shutdown: CancellationToken,
+    relay: tokio::task::JoinHandle<()>,
+    consumer: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn start(
+        pool: &sqlx::PgPool,
+        config: &Config,
+        publisher: async_nats::jetstream::Context,
+        puller: async_nats::jetstream::Context,
+    ) -> Self {
+        let spec = StreamSpec::everything(config);
+        let stream = choreo::provision::ensure_stream(&publisher, config, &spec, "test")
+            .await
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let relay = Relay::new(pool.clone(), publisher, 64, Duration::from_millis(50));
+        let relay = tokio::spawn(relay.run(shutdown.clone()));
+        let subscription = Subscription::of(&[Tick::EVENT_TYPE]);
+        let source = choreo::provision::ConsumerSource::new(
+            puller,
+            config.clone(),
+            "ticks",
+            spec,
+            subscription.subjects(&config.subject_prefix),
+        );
+        let consumer = Consumer::new(pool.clone(), Arc::new(CountEffects), subscription, 4);
+        let stats = consumer.stats();
+        let consumer = tokio::spawn(consumer.run(vec![source], shutdown.clone()));
+        Running {
+            stream,
+            stats,
+            shutdown,
+            relay,
+            consumer,
+        }
+    }
+
+    /// Checks that no event was applied twice, and stops.
+    async fn stop(self, pool: &sqlx::PgPool) {
+        let twice: i64 = sqlx::query_scalar("SELECT count(*) FROM effects WHERE applied > 1")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(twice, 0, "an event was applied twice");
+        self.shutdown.cancel();
+        self.relay.await.unwrap();
+        self.consumer.await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_stream_leader_loses_nothing_and_doubles_nothing() {
     const EVENTS: u32 = 300;
@@ -129,25 +200,9 @@ async fn killing_the_stream_leader_loses_nothing_and_doubles_nothing() {
     let (_client, js) = choreo::runtime::connect_nats(&url, "test", None)
         .await
         .unwrap();
-    let subscription = Subscription::of(&[Tick::EVENT_TYPE]);
-    let mut stream =
-        choreo::provision::ensure_stream(&js, &config, &StreamSpec::everything(&config), "test")
-            .await
-            .unwrap();
-    assert_eq!(info_of(&mut stream).await.config.num_replicas, 3);
-
-    let shutdown = CancellationToken::new();
-    let relay = Relay::new(pool.clone(), js.clone(), 64, Duration::from_millis(50));
-    let relay_task = tokio::spawn(relay.run(shutdown.clone()));
-    let source = choreo::provision::ConsumerSource::new(
-        js.clone(),
-        config.clone(),
-        "ticks",
-        StreamSpec::everything(&config),
-        subscription.subjects(&config.subject_prefix),
-    );
-    let consumer = Consumer::new(pool.clone(), Arc::new(CountEffects), subscription, 4);
-    let consumer_task = tokio::spawn(consumer.run(vec![source], shutdown.clone()));
+    let mut running = Running::start(&pool, &config, js.clone(), js).await;
+    let stream = &mut running.stream;
+    assert_eq!(info_of(stream).await.config.num_replicas, 3);
 
     // One event every 20 ms, each in its own transaction, as handlers would.
     let emitter = {
@@ -161,7 +216,7 @@ async fn killing_the_stream_leader_loses_nothing_and_doubles_nothing() {
     };
 
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let leader = info_of(&mut stream)
+    let leader = info_of(stream)
         .await
         .cluster
         .as_ref()
@@ -198,7 +253,7 @@ async fn killing_the_stream_leader_loses_nothing_and_doubles_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    let new_leader = info_of(&mut stream)
+    let new_leader = info_of(stream)
         .await
         .cluster
         .as_ref()
@@ -227,11 +282,6 @@ async fn killing_the_stream_leader_loses_nothing_and_doubles_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let twice: i64 = sqlx::query_scalar("SELECT count(*) FROM effects WHERE applied > 1")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(twice, 0, "an event was applied twice");
     let unsent: i64 =
         sqlx::query_scalar("SELECT count(*) FROM choreo_outbox WHERE sent_at IS NULL")
             .fetch_one(&pool)
@@ -239,13 +289,11 @@ async fn killing_the_stream_leader_loses_nothing_and_doubles_nothing() {
             .unwrap();
     assert_eq!(unsent, 0);
     assert_eq!(
-        info_of(&mut stream).await.state.messages,
+        info_of(stream).await.state.messages,
         EVENTS as u64,
         "the stream holds each event once: retried publishes kept their Nats-Msg-Id"
     );
-    shutdown.cancel();
-    relay_task.await.unwrap();
-    consumer_task.await.unwrap();
+    running.stop(&pool).await;
 }
 
 /// A consumer whose node was cut off from the others pulls again once the
@@ -264,40 +312,9 @@ async fn a_consumer_whose_lookup_gets_no_answer_pulls_from_the_consumer_found_be
     let (_puller, js_0) = choreo::runtime::connect_nats(cluster.node_url(0), "consumer", None)
         .await
         .unwrap();
-    let spec = StreamSpec::everything(&config);
-    choreo::provision::ensure_stream(&js_1, &config, &spec, "test")
-        .await
-        .unwrap();
-    let shutdown = CancellationToken::new();
-    let relay = Relay::new(pool.clone(), js_1, 64, Duration::from_millis(50));
-    let relay_task = tokio::spawn(relay.run(shutdown.clone()));
-    let subscription = Subscription::of(&[Tick::EVENT_TYPE]);
-    let source = choreo::provision::ConsumerSource::new(
-        js_0.clone(),
-        config.clone(),
-        "ticks",
-        spec.clone(),
-        subscription.subjects(&config.subject_prefix),
-    );
-    let consumer = Consumer::new(pool.clone(), Arc::new(CountEffects), subscription, 4);
-    let stats = consumer.stats();
-    let consumer_task = tokio::spawn(consumer.run(vec![source], shutdown.clone()));
-    let until = |n: i64, within: Duration| {
-        let pool = pool.clone();
-        async move {
-            let deadline = Instant::now() + within;
-            while applied(&pool).await < n {
-                assert!(
-                    Instant::now() < deadline,
-                    "only {} of {n} events applied within {within:?}",
-                    applied(&pool).await
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
+    let running = Running::start(&pool, &config, js_1, js_0.clone()).await;
     emit(&pool, &config, 0..10).await;
-    until(10, Duration::from_secs(30)).await;
+    until_applied(&pool, 10, Duration::from_secs(30)).await;
 
     let admin = "{ user: admin, password: $NATS_ADMIN_PASSWORD }";
     assert!(harness::NATS_CONFIG.contains(admin));
@@ -308,7 +325,11 @@ async fn a_consumer_whose_lookup_gets_no_answer_pulls_from_the_consumer_found_be
             "$JS.API.CONSUMER.INFO.>", "$JS.API.CONSUMER.CREATE.>", "$JS.API.CONSUMER.DURABLE.CREATE.>"] } } }"#,
     );
     tokio::task::block_in_place(|| cluster.reload(0, no_lookups)).unwrap();
-    let looked_up = tokio::time::timeout(Duration::from_secs(3), js_0.get_stream(&spec.name)).await;
+    let looked_up = tokio::time::timeout(
+        Duration::from_secs(3),
+        js_0.get_stream(&StreamSpec::everything(&config).name),
+    )
+    .await;
     assert!(
         !matches!(looked_up, Ok(Ok(_))),
         "node 0 still answers lookups"
@@ -318,7 +339,7 @@ async fn a_consumer_whose_lookup_gets_no_answer_pulls_from_the_consumer_found_be
     // gives them up to look its durable consumer up again.
     cluster.isolate(0, harness::Mode::Cut);
     let cut = Instant::now();
-    while stats.pulls_given_up.load(Ordering::Relaxed) == 0 {
+    while running.stats.pulls_given_up.load(Ordering::Relaxed) == 0 {
         assert!(
             cut.elapsed() < Duration::from_secs(60),
             "the consumer did not give its pulls up within 60 s of its node's cut"
@@ -327,13 +348,63 @@ async fn a_consumer_whose_lookup_gets_no_answer_pulls_from_the_consumer_found_be
     }
     cluster.isolate(0, harness::Mode::Pass);
     emit(&pool, &config, 10..20).await;
-    until(20, Duration::from_secs(30)).await;
-    let twice: i64 = sqlx::query_scalar("SELECT count(*) FROM effects WHERE applied > 1")
-        .fetch_one(&pool)
+    until_applied(&pool, 20, Duration::from_secs(30)).await;
+    running.stop(&pool).await;
+}
+
+/// A consumer whose node is cut off from the other two, and stays cut off,
+/// moves its client to another node and pulls there. The cut-off node
+/// keeps its clients, but every pull through it reaches nobody until the
+/// cut heals, while the other two serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_whose_node_stays_cut_off_moves_to_another_node_and_pulls_there() {
+    let (cluster, _pg, pool, config) = on_a_cluster().await;
+    // The consumer's client may dial any node; the relay publishes through
+    // another node than the one the consumer is on.
+    let (puller, js) = choreo::runtime::connect_nats(&cluster.url(), "consumer", None)
         .await
         .unwrap();
-    assert_eq!(twice, 0, "an event was applied twice");
-    shutdown.cancel();
-    relay_task.await.unwrap();
-    consumer_task.await.unwrap();
+    // The client connects in the background.
+    let connected = Instant::now();
+    while puller.server_info().server_name.is_empty() {
+        assert!(
+            connected.elapsed() < Duration::from_secs(10),
+            "not connected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let on = cluster
+        .index_of(&puller.server_info().server_name)
+        .expect("a node of ours");
+    let (_publisher, js_relay) =
+        choreo::runtime::connect_nats(cluster.node_url((on + 1) % 3), "relay", None)
+            .await
+            .unwrap();
+    let running = Running::start(&pool, &config, js_relay, js).await;
+    emit(&pool, &config, 0..10).await;
+    until_applied(&pool, 10, Duration::from_secs(30)).await;
+
+    cluster.isolate(on, harness::Mode::Cut);
+    let cut = Instant::now();
+    emit(&pool, &config, 10..20).await;
+    // When the consumer's leader was on the cut-off node, that node goes on
+    // answering its pulls (expired, empty) until it finds it lost its
+    // quorum, about 20 s here; then they reach nobody, the consumer gives
+    // them up twice (3 s each) and moves.
+    until_applied(&pool, 20, Duration::from_secs(60)).await;
+    let moved_to = puller.server_info().server_name;
+    println!(
+        "cut off n{}; the consumer moved {} time(s), to {moved_to}, and applied the ten events {} ms after the cut",
+        on + 1,
+        running.stats.node_moves.load(Ordering::Relaxed),
+        cut.elapsed().as_millis()
+    );
+    assert!(running.stats.node_moves.load(Ordering::Relaxed) >= 1);
+    assert_ne!(
+        moved_to,
+        harness::node_name(on),
+        "still on the cut-off node"
+    );
+    cluster.isolate(on, harness::Mode::Pass);
+    running.stop(&pool).await;
 }
