@@ -292,34 +292,6 @@ impl InventoryHandler {
             }
         })
     }
-
-    /// The reservation of `order_id` in a batch: a refusal the
-    /// configuration injects, or every line taken from the batch's stock
-    /// ([`BatchStock`]) and held, or none and why.
-    async fn reserve_in_batch(
-        &self,
-        tx: &mut Tx<'_>,
-        order_id: Uuid,
-        order: ev::OrderCreated,
-    ) -> Result<Verdict<ev::InventoryReserved, ev::InventoryRejected>, HandleError> {
-        let taken =
-            match self.config.injected_failure() {
-                Some(reason) => Err(reason),
-                None => batch::with(|stock: &mut BatchStock| stock.take(&order.lines)).ok_or_else(
-                    || HandleError::Transient("the batch keeps no stock to take from".to_owned()),
-                )?,
-            };
-        Ok(match taken {
-            Ok(()) => {
-                hold(tx, order_id, &order.lines).await?;
-                Verdict::Succeeded(reserved(order))
-            }
-            Err(reason) => {
-                record(tx, order_id, ReservationStatus::Rejected, &reason).await?;
-                Verdict::Failed(ev::InventoryRejected { reason })
-            }
-        })
-    }
 }
 
 #[async_trait::async_trait]
@@ -342,11 +314,25 @@ impl CompensableStep for InventoryHandler {
         order: ev::OrderCreated,
     ) -> Result<Verdict<ev::InventoryReserved, ev::InventoryRejected>, HandleError> {
         let order_id = contracts::order_id_of(envelope)?;
-        let in_batch = batch::with(|_: &mut BatchStock| ()).is_some();
-        let verdict = if in_batch {
-            self.reserve_in_batch(tx, order_id, order).await?
-        } else {
-            self.reserve_now(tx, order_id, order).await?
+        // In a batch: a refusal the configuration injects, or every line
+        // taken from the batch's stock ([`BatchStock`]), or none and why.
+        let taken_in_batch =
+            batch::with(
+                |stock: &mut BatchStock| match self.config.injected_failure() {
+                    Some(reason) => Err(reason),
+                    None => stock.take(&order.lines),
+                },
+            );
+        let verdict = match taken_in_batch {
+            Some(Ok(())) => {
+                hold(tx, order_id, &order.lines).await?;
+                Verdict::Succeeded(reserved(order))
+            }
+            Some(Err(reason)) => {
+                record(tx, order_id, ReservationStatus::Rejected, &reason).await?;
+                Verdict::Failed(ev::InventoryRejected { reason })
+            }
+            None => self.reserve_now(tx, order_id, order).await?,
         };
         match &verdict {
             Verdict::Failed(rejected) => {

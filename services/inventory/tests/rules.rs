@@ -326,6 +326,32 @@ async fn waiting_for_a_lock(pool: &PgPool) -> String {
     panic!("no backend waited for a lock within 10 s");
 }
 
+/// A batch of `orders` orders of `quantity` BOOKs each, applied in a task
+/// of its own while another transaction holds BOOK's row: once it waits
+/// for that row, which must be in the statement that settles its stock.
+async fn a_batch_waiting_to_settle(
+    pool: &PgPool,
+    orders: usize,
+    quantity: u32,
+) -> (
+    Vec<Envelope>,
+    tokio::task::JoinHandle<Result<Vec<Outcome>, choreo::HandleError>>,
+) {
+    let orders: Vec<Envelope> = (0..orders)
+        .map(|_| created(&uuid::Uuid::now_v7().to_string(), &[("BOOK", quantity)]))
+        .collect();
+    let batch = tokio::spawn({
+        let pool = pool.clone();
+        let orders = orders.clone();
+        async move { choreo::inbox::apply_as_batch(&pool, &handler(), &claims(), &orders).await }
+    });
+    assert_eq!(
+        waiting_for_a_lock(pool).await,
+        inventory::handler::SETTLE_STOCK
+    );
+    (orders, batch)
+}
+
 /// A batch takes its products' rows last: while another transaction holds
 /// BOOK's row, a batch of BOOK orders does all its work and waits only in
 /// its last statement, the one that settles the stock, and goes on once
@@ -338,16 +364,7 @@ async fn a_batch_waits_for_a_products_row_only_in_its_last_statement() {
         .execute(&mut *holder)
         .await
         .unwrap();
-    let orders: Vec<Envelope> = (0..3)
-        .map(|_| created(&uuid::Uuid::now_v7().to_string(), &[("BOOK", 2)]))
-        .collect();
-    let batch = tokio::spawn({
-        let pool = pool.clone();
-        let orders = orders.clone();
-        async move { choreo::inbox::apply_as_batch(&pool, &handler(), &claims(), &orders).await }
-    });
-    let waiting = waiting_for_a_lock(&pool).await;
-    assert_eq!(waiting, inventory::handler::SETTLE_STOCK);
+    let (orders, batch) = a_batch_waiting_to_settle(&pool, 3, 2).await;
     holder.commit().await.unwrap();
     assert_eq!(batch.await.unwrap().unwrap(), vec![Outcome::Applied; 3]);
     assert_eq!(stock(&pool, "BOOK").await, (4, 6));
@@ -369,18 +386,7 @@ async fn a_batch_whose_stock_was_taken_meanwhile_writes_nothing_and_oversells_no
         .execute(&mut *taker)
         .await
         .unwrap();
-    let orders: Vec<Envelope> = (0..2)
-        .map(|_| created(&uuid::Uuid::now_v7().to_string(), &[("BOOK", 1)]))
-        .collect();
-    let batch = tokio::spawn({
-        let pool = pool.clone();
-        let orders = orders.clone();
-        async move { choreo::inbox::apply_as_batch(&pool, &handler(), &claims(), &orders).await }
-    });
-    assert_eq!(
-        waiting_for_a_lock(&pool).await,
-        inventory::handler::SETTLE_STOCK
-    );
+    let (orders, batch) = a_batch_waiting_to_settle(&pool, 2, 1).await;
     taker.commit().await.unwrap();
     match batch.await.unwrap() {
         Err(choreo::HandleError::Transient(why)) => assert!(why.contains("BOOK"), "{why}"),
