@@ -400,7 +400,6 @@ const MOVE_EVERY: Duration = Duration::from_secs(10);
 /// caller may ask again while the trouble lasts, at most once every
 /// [`MOVE_EVERY`] a process. Whether it asked.
 pub async fn move_to_another_node(client: &async_nats::Client) -> bool {
-    static LAST_MOVE: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
     if client.connection_state() != async_nats::connection::State::Connected {
         return false;
     }
@@ -408,23 +407,26 @@ pub async fn move_to_another_node(client: &async_nats::Client) -> bool {
         Ok(pool) if pool.len() > 1 => {}
         _ => return false,
     }
+    let node = client.server_info().server_name;
     {
         let mut last = LAST_MOVE.lock().unwrap_or_else(|e| e.into_inner());
-        if last.is_some_and(|at| at.elapsed() < MOVE_EVERY) {
+        if last
+            .as_ref()
+            .is_some_and(|(_, at)| at.elapsed() < MOVE_EVERY)
+        {
             return false;
         }
-        *last = Some(std::time::Instant::now());
+        *last = Some((node.clone(), std::time::Instant::now()));
     }
-    let node = client.server_info().server_name;
     tracing::warn!(%node, "this NATS node has taken no JetStream request for a while; moving to another");
-    *LEAVING.lock().unwrap_or_else(|e| e.into_inner()) = Some((node, std::time::Instant::now()));
     client.force_reconnect().await.is_ok()
 }
 
 /// The node a client of this process was last asked to move away from
-/// ([`move_to_another_node`]), and when: its reconnect picks another
-/// ([`pick_server`]) for [`MOVE_EVERY`] after that.
-static LEAVING: std::sync::Mutex<Option<(String, std::time::Instant)>> =
+/// ([`move_to_another_node`]), and when: no client of the process moves
+/// again for [`MOVE_EVERY`] after that, and this one's reconnect picks
+/// another node meanwhile ([`pick_server`]).
+static LAST_MOVE: std::sync::Mutex<Option<(String, std::time::Instant)>> =
     std::sync::Mutex::new(None);
 
 /// The server a client dials next, as async-nats picks one (at random among
@@ -438,7 +440,7 @@ fn pick_server(
     last: &mut Option<async_nats::ServerAddr>,
 ) -> Option<async_nats::ReconnectToServer> {
     use rand::seq::IndexedRandom;
-    let leaving = LEAVING
+    let leaving = LAST_MOVE
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .as_ref()
@@ -573,7 +575,7 @@ mod node_pick_tests {
             picked_first += usize::from(pick.addr == first);
         }
         assert!(picked_first > 0, "not asked to leave: any server");
-        *LEAVING.lock().unwrap() = Some(("n1".to_owned(), std::time::Instant::now()));
+        *LAST_MOVE.lock().unwrap() = Some(("n1".to_owned(), std::time::Instant::now()));
         for _ in 0..60 {
             let mut last = Some(first.clone());
             let pick = pick_server(&servers, &connected_to("n1"), &mut last).unwrap();
