@@ -2083,9 +2083,201 @@ async fn unsent(db: &mut PgConnection) -> anyhow::Result<i64> {
     )
 }
 
+/// One run of a comparison of instance counts ([`compare_instances`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct InstancesRun {
+    pub round: usize,
+    pub instances: usize,
+    pub limit_commits_per_sec: f64,
+    pub limit_at_end_commits_per_sec: f64,
+    pub spread_sagas_per_sec: f64,
+    pub hot_sagas_per_sec: f64,
+    pub hot_oversold: bool,
+}
+
+/// Alternating runs of one instance of each service and of `instances`
+/// ([`compare_instances`]): on one machine a pair alone says little (one
+/// build's runs have differed by 1.7x), so the figure is the ratio of the
+/// sums over every round, with each round's beside it.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstancesComparison {
+    pub instances: usize,
+    pub runs: Vec<InstancesRun>,
+}
+
+impl InstancesComparison {
+    /// Sagas/s with `instances` over sagas/s with one, summed over every
+    /// round that ran both: (spread catalogue, hot SKU).
+    pub fn ratio(&self) -> (f64, f64) {
+        let (mut one, mut more) = ((0.0, 0.0), (0.0, 0.0));
+        for (single, several) in self.rounds() {
+            one.0 += single.spread_sagas_per_sec;
+            one.1 += single.hot_sagas_per_sec;
+            more.0 += several.spread_sagas_per_sec;
+            more.1 += several.hot_sagas_per_sec;
+        }
+        (more.0 / one.0, more.1 / one.1)
+    }
+
+    /// Each round that ran both: its run with one instance, then with `instances`.
+    fn rounds(&self) -> Vec<(&InstancesRun, &InstancesRun)> {
+        let of = |round, instances| {
+            self.runs
+                .iter()
+                .find(|r| r.round == round && r.instances == instances)
+        };
+        let mut rounds: Vec<usize> = self.runs.iter().map(|r| r.round).collect();
+        rounds.dedup();
+        rounds
+            .into_iter()
+            .filter_map(|round| Some((of(round, 1)?, of(round, self.instances)?)))
+            .collect()
+    }
+
+    pub fn table(&self) -> String {
+        let n = self.instances;
+        let mut table = format!(
+            "| round | C start / end (one; {n}) | spread sagas/s: one, {n} | hot SKU sagas/s: one, {n} | {n} / one: spread, hot |\n| --- | --- | --- | --- | --- |\n"
+        );
+        for (one, more) in self.rounds() {
+            table.push_str(&format!(
+                "| {} | {:.0} / {:.0}; {:.0} / {:.0} | {:.1}, {:.1} | {:.1}, {:.1} | {:.2}x, {:.2}x |\n",
+                one.round,
+                one.limit_commits_per_sec,
+                one.limit_at_end_commits_per_sec,
+                more.limit_commits_per_sec,
+                more.limit_at_end_commits_per_sec,
+                one.spread_sagas_per_sec,
+                more.spread_sagas_per_sec,
+                one.hot_sagas_per_sec,
+                more.hot_sagas_per_sec,
+                more.spread_sagas_per_sec / one.spread_sagas_per_sec,
+                more.hot_sagas_per_sec / one.hot_sagas_per_sec,
+            ));
+        }
+        let (spread, hot) = self.ratio();
+        let oversold = self.runs.iter().any(|r| r.hot_oversold);
+        let rounds = match self.rounds().len() {
+            1 => "1 round".to_string(),
+            n => format!("{n} rounds"),
+        };
+        table.push_str(&format!(
+            "| sums over {rounds} | | | | {spread:.2}x, {hot:.2}x |\n\nthe hot SKU {}",
+            if oversold {
+                "was OVERSOLD in a run"
+            } else {
+                "was never oversold"
+            }
+        ));
+        table
+    }
+}
+
+/// Runs the benchmark `rounds` times with one instance of each service and
+/// with `instances`, alternating, each on a system of its own that
+/// `start` gives (new servers and services, so no run inherits another's
+/// tables or streams), and writes each run's report to
+/// `<out>/i<instances>-r<round>.json` as it ends.
+pub async fn compare_instances<F, Fut>(
+    start: F,
+    settings: &Settings,
+    instances: usize,
+    rounds: usize,
+    out: &std::path::Path,
+) -> anyhow::Result<InstancesComparison>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<System>>,
+{
+    anyhow::ensure!(
+        instances >= 2,
+        "comparing instance counts needs 2 or more instances to set beside one (--instances)"
+    );
+    std::fs::create_dir_all(out)?;
+    let mut comparison = InstancesComparison {
+        instances,
+        runs: Vec::new(),
+    };
+    for round in 1..=rounds {
+        for n in [1, instances] {
+            eprintln!("bench: round {round} of {rounds}, {n} instance(s) of each service");
+            let mut sys = start().await?;
+            sys.scale_to(n)?;
+            let settings = Settings {
+                instances: n,
+                ..settings.clone()
+            };
+            let report = run(&sys, &settings).await?;
+            drop(sys);
+            std::fs::write(
+                out.join(format!("i{n}-r{round}.json")),
+                serde_json::to_string_pretty(&report)?,
+            )?;
+            comparison.runs.push(InstancesRun {
+                round,
+                instances: n,
+                limit_commits_per_sec: report.limit_commits_per_sec,
+                limit_at_end_commits_per_sec: report.limit_at_end_commits_per_sec,
+                spread_sagas_per_sec: report.spread.sagas_per_sec,
+                hot_sagas_per_sec: report.hot.sagas_per_sec,
+                hot_oversold: report.hot_oversold,
+            });
+        }
+    }
+    Ok(comparison)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{MachineCpu, axis_top, drift_percent, next_probe, p99_edge, throughput_over_time};
+    use super::{
+        InstancesComparison, InstancesRun, MachineCpu, axis_top, drift_percent, next_probe,
+        p99_edge, throughput_over_time,
+    };
+
+    #[test]
+    fn instances_compare_by_the_sums_of_every_round_that_ran_both() {
+        let run = |round, instances, spread, hot| InstancesRun {
+            round,
+            instances,
+            limit_commits_per_sec: 6000.0,
+            limit_at_end_commits_per_sec: 5000.0,
+            spread_sagas_per_sec: spread,
+            hot_sagas_per_sec: hot,
+            hot_oversold: false,
+        };
+        let comparison = InstancesComparison {
+            instances: 2,
+            runs: vec![
+                run(1, 1, 1000.0, 800.0),
+                run(1, 2, 1200.0, 800.0),
+                run(2, 1, 1000.0, 1200.0),
+                run(2, 2, 1000.0, 1000.0),
+                // A round cut short (Ctrl-C) counts for nothing.
+                run(3, 1, 5000.0, 5000.0),
+            ],
+        };
+        let (spread, hot) = comparison.ratio();
+        assert!((spread - 1.1).abs() < 1e-9, "{spread}");
+        assert!((hot - 0.9).abs() < 1e-9, "{hot}");
+        let table = comparison.table();
+        assert!(
+            table.contains(
+                "| 1 | 6000 / 5000; 6000 / 5000 | 1000.0, 1200.0 | 800.0, 800.0 | 1.20x, 1.00x |"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains(
+                "| 2 | 6000 / 5000; 6000 / 5000 | 1000.0, 1000.0 | 1200.0, 1000.0 | 1.00x, 0.83x |"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains("| sums over 2 rounds | | | | 1.10x, 0.90x |"),
+            "{table}"
+        );
+        assert!(table.ends_with("the hot SKU was never oversold"), "{table}");
+    }
 
     #[test]
     fn the_drift_of_c_is_its_change_in_percent_of_the_first_figure() {

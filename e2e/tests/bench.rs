@@ -236,3 +236,80 @@ async fn a_backlog_queued_while_nats_is_down_is_published_once_it_is_back() {
     );
     serde_json::to_string(&drained).unwrap();
 }
+
+/// `load --instances 2 --rounds N`: a run with one instance of each
+/// service, then one with two, each on a system started for it, every
+/// run's report written as it ends, and the comparison of their sums.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn comparing_instance_counts_runs_one_and_then_more_each_on_a_system_of_its_own() {
+    let settings = Settings {
+        instances: 1,
+        clients: vec![2],
+        orders: 4,
+        closed_secs: 0.5,
+        skus: 5,
+        open_secs: 1.0,
+        open_at: 0.5,
+        open_rate: Some(8.0),
+        sweep_at: vec![],
+        p99_within_ms: 50.0,
+        p99_probes: 0,
+        alone: 1,
+        limit_clients: 2,
+        limit_secs: 0.3,
+        statements: false,
+    };
+    let out = tempfile::tempdir().unwrap();
+    let started = std::sync::atomic::AtomicUsize::new(0);
+    let start = || {
+        started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        e2e::System::start(Options::default())
+    };
+
+    let refused = e2e::bench::compare_instances(start, &settings, 1, 1, out.path()).await;
+    assert!(
+        refused
+            .unwrap_err()
+            .to_string()
+            .contains("2 or more instances"),
+        "one instance set beside one is no comparison"
+    );
+    assert_eq!(started.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    let comparison = e2e::bench::compare_instances(start, &settings, 2, 1, out.path())
+        .await
+        .unwrap();
+    assert_eq!(started.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let runs: Vec<(usize, usize)> = comparison
+        .runs
+        .iter()
+        .map(|r| (r.round, r.instances))
+        .collect();
+    assert_eq!(runs, [(1, 1), (1, 2)]);
+    for run in &comparison.runs {
+        assert!(
+            run.spread_sagas_per_sec > 0.0 && run.hot_sagas_per_sec > 0.0 && !run.hot_oversold,
+            "{run:?}"
+        );
+        let report: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(out.path().join(format!("i{}-r1.json", run.instances))).unwrap(),
+        )
+        .unwrap();
+        assert!(
+            report["settings"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("instances: {}", run.instances)),
+            "{report}"
+        );
+        // serde_json reads a float back to within a unit of its last place.
+        let written = report["spread"]["sagas_per_sec"].as_f64().unwrap();
+        assert!(
+            (written - run.spread_sagas_per_sec).abs() <= 1e-9 * run.spread_sagas_per_sec,
+            "{written} {run:?}"
+        );
+    }
+    let (spread, hot) = comparison.ratio();
+    assert!(spread > 0.0 && hot > 0.0, "{spread} {hot}");
+    assert!(comparison.table().contains("| sums over 1 round |"));
+}

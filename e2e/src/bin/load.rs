@@ -74,6 +74,12 @@ struct Args {
     /// Instances of each service (sharing its database and durable consumer).
     #[arg(long, default_value_t = 1)]
     instances: usize,
+    /// Instead of one run, compare: this many rounds of a run with one
+    /// instance of each service and a run with --instances, alternating,
+    /// each on servers and services of its own; prints each round and the
+    /// ratio of the sums, and writes each run's report to <out>/instances/.
+    #[arg(long, default_value_t = 0)]
+    rounds: usize,
     /// Afterwards, queue this many orders' events while NATS is down and
     /// measure how fast the backlog drains once it is back (0: skip).
     #[arg(long, default_value_t = 0)]
@@ -89,14 +95,63 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn bench(args: Args) -> anyhow::Result<()> {
-    let mut sys = System::start(Options {
+    let options = Options {
         log: "warn".into(),
         relaxed_fsync: args.relaxed_fsync,
         durable_postgres: std::env::var_os("DATABASE_URL").is_none(),
         shipped_intervals: true,
         ..Options::default()
-    })
-    .await?;
+    };
+    let settings = Settings {
+        instances: args.instances,
+        clients: args.clients.clone(),
+        orders: args.orders,
+        closed_secs: args.closed_secs,
+        skus: args.skus,
+        open_secs: args.open_secs,
+        open_at: args.open_at,
+        open_rate: args.open_rate,
+        sweep_at: args.sweep_at.clone(),
+        p99_within_ms: args.p99_within_ms,
+        p99_probes: args.p99_probes,
+        alone: args.alone,
+        limit_clients: args.limit_clients,
+        limit_secs: args.limit_secs,
+        statements: args.statements,
+    };
+    if args.rounds > 0 {
+        anyhow::ensure!(
+            args.drain == 0,
+            "--rounds compares throughput; measure the drain (--drain) in a run of its own"
+        );
+        let out = args.out.join("instances");
+        eprintln!(
+            "load: {} rounds of 1 and {} instance(s) of each service; binaries in {}, on {}",
+            args.rounds,
+            args.instances,
+            harness::bin_dir().display(),
+            e2e::bench::machine()
+        );
+        let comparison = e2e::bench::compare_instances(
+            || System::start(options.clone()),
+            &settings,
+            args.instances,
+            args.rounds,
+            &out,
+        )
+        .await?;
+        println!("{}", comparison.table());
+        std::fs::write(
+            out.join("comparison.json"),
+            serde_json::to_string_pretty(&comparison)?,
+        )?;
+        eprintln!(
+            "wrote each run's report and comparison.json in {}",
+            out.display()
+        );
+        return Ok(());
+    }
+    let mut sys = System::start(options).await?;
     // The extra instances run until the end of the benchmark.
     sys.scale_to(args.instances)?;
     eprintln!(
@@ -105,27 +160,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         harness::bin_dir().display(),
         e2e::bench::machine()
     );
-    let report = run(
-        &sys,
-        &Settings {
-            instances: args.instances,
-            clients: args.clients.clone(),
-            orders: args.orders,
-            closed_secs: args.closed_secs,
-            skus: args.skus,
-            open_secs: args.open_secs,
-            open_at: args.open_at,
-            open_rate: args.open_rate,
-            sweep_at: args.sweep_at.clone(),
-            p99_within_ms: args.p99_within_ms,
-            p99_probes: args.p99_probes,
-            alone: args.alone,
-            limit_clients: args.limit_clients,
-            limit_secs: args.limit_secs,
-            statements: args.statements,
-        },
-    )
-    .await?;
+    let report = run(&sys, &settings).await?;
     println!("{}", report.table());
     if args.drain > 0 {
         sys.scale_to(1)?;
