@@ -1,8 +1,9 @@
 //! Publishes committed outbox rows to JetStream: right after their commit
 //! (the [`Publisher`], used by the code that committed them: the rows of
 //! the transactions that commit while its earlier sends are out go
-//! together, eight or more as one atomic batch), and as the sweeper of
-//! whatever is still unsent after a grace period (the [`Relay`]).
+//! together, [`ATOMIC_AFTER_COMMIT_FROM`] or more as one atomic batch),
+//! and as the sweeper of whatever is still unsent after a grace period
+//! (the [`Relay`]).
 //!
 //! One relay per service database is active at a time: it holds a session
 //! advisory lock on a dedicated connection and does all its reads and writes on
@@ -116,7 +117,8 @@ pub struct Relay {
 /// the broker's group commit. On a quiet system nothing waits, and each
 /// transaction's rows go the moment they are queued; at the peak, where
 /// the stream's fsyncs are what the sagas wait on, many transactions' rows
-/// go as one atomic batch, stored with one fsync.
+/// go as one atomic batch, stored with a few fsyncs (four, measured on
+/// nats-server 2.15) instead of one a row.
 #[derive(Clone)]
 pub struct Publisher {
     queue: tokio::sync::mpsc::Sender<Vec<crate::outbox::Row>>,
@@ -127,8 +129,16 @@ pub struct Publisher {
 /// Measured (`load`, alternating runs): atomic batches of every size
 /// raised the closed loop's peak by 11-27% but cost the open loop at 250
 /// orders/s, where a send holds 1-3 rows, a third more of nats-server's CPU
-/// and 35-40 ms of p99; so small ones go row by row.
-const ATOMIC_AFTER_COMMIT_FROM: usize = 8;
+/// and 35-40 ms of p99; so small ones go row by row. Alone, nats-server
+/// stages an atomic batch in a store of its own (folders and files made
+/// and deleted a batch) and fsyncs it four times, where it fsyncs each
+/// plain publish: batches of 8 and 16 rows cost it more CPU than the same
+/// rows one by one, from 32 rows less. In the whole system, sending
+/// atomically only from 32 rows cut the open loop's p99 at 340 orders/s
+/// (110-112 ms -> 66-86 ms in three pairs) but raised it at 420/s, nearer
+/// half the peak (120-148 -> 160-182 ms in two), so 8 stays
+/// (`docs/bench/round-2026-12-06-ak.md`).
+pub const ATOMIC_AFTER_COMMIT_FROM: usize = 8;
 
 /// A publisher's sends whose PubAcks may still be coming. Its service's
 /// stream stores what it is sent one publish or atomic batch at a time, an

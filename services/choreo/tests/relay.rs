@@ -433,32 +433,35 @@ async fn commit_and_publish(s: &Setup, outbox: &choreo::outbox::Outbox, first: u
 async fn a_transactions_rows_go_after_commit_as_one_atomic_batch_and_a_refused_one_to_the_relay() {
     let s = setup().await;
     let (outbox, shutdown, marker) = publishing_outbox(&s);
+    let many = choreo::relay::ATOMIC_AFTER_COMMIT_FROM as u32 + 4;
 
-    commit_and_publish(&s, &outbox, 0, 12).await;
-    commit_and_publish(&s, &outbox, 12, 1).await;
-    commit_and_publish(&s, &outbox, 13, 3).await;
+    commit_and_publish(&s, &outbox, 0, many).await;
+    commit_and_publish(&s, &outbox, many, 1).await;
+    commit_and_publish(&s, &outbox, many + 1, 3).await;
     eventually("every row marked sent", Duration::from_secs(10), || async {
         s.unsent().await == 0
     })
     .await;
     let events = s.stream_events().await;
-    assert_eq!(events.len(), 16);
+    let sent = many + 4;
+    assert_eq!(events.len(), sent as usize);
     let batch = events[0].1.clone();
-    assert!(batch.is_some(), "the twelve rows went as an atomic batch");
+    assert!(batch.is_some(), "the many rows went as an atomic batch");
     assert!(
-        events[..12].iter().all(|(_, b)| *b == batch),
-        "all twelve in the same batch: {events:?}"
+        events[..many as usize].iter().all(|(_, b)| *b == batch),
+        "all {many} in the same batch: {events:?}"
     );
     assert!(
-        events[12..].iter().all(|(_, b)| b.is_none()),
+        events[many as usize..].iter().all(|(_, b)| b.is_none()),
         "a lone row, and a few, go as plain publishes: {events:?}"
     );
 
     // A relay that crashed after its PubAck stored the first row of the
     // next transaction and marked nothing: the publisher's batch holding
     // that row is refused whole, and the relay sends the rest, once.
+    let refused = choreo::relay::ATOMIC_AFTER_COMMIT_FROM as u32 + 2;
     let crashed = s.relay(1).row_by_row();
-    let written = commit_rows(&s, &outbox, 16..26).await;
+    let written = commit_rows(&s, &outbox, sent..sent + refused).await;
     let mut conn = s.pool.acquire().await.unwrap();
     assert_eq!(crashed.publish(&mut conn).await.unwrap().acked.len(), 1);
     drop(conn);
@@ -466,13 +469,21 @@ async fn a_transactions_rows_go_after_commit_as_one_atomic_batch_and_a_refused_o
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         s.stream_messages().await,
-        17,
+        u64::from(sent + 1),
         "the refused batch stored nothing"
     );
-    assert_eq!(s.unsent().await, 10, "its rows are left to the relay");
+    assert_eq!(
+        s.unsent().await,
+        i64::from(refused),
+        "its rows are left to the relay"
+    );
     s.relay_until_sent(s.relay(256), Duration::from_secs(30))
         .await;
-    assert_eq!(s.stream_messages().await, 26, "each row once");
+    assert_eq!(
+        s.stream_messages().await,
+        u64::from(sent + refused),
+        "each row once"
+    );
 
     shutdown.cancel();
     marker.await.unwrap();
@@ -480,16 +491,19 @@ async fn a_transactions_rows_go_after_commit_as_one_atomic_batch_and_a_refused_o
 
 /// The rows of transactions that queue for the publisher together (their
 /// commits came while its sends were out, or before its task came round)
-/// go together, in commit order: eight or more as one atomic batch, one
-/// fsync of the broker's for all of them, though no transaction wrote
-/// eight.
+/// go together, in commit order: enough of them
+/// ([`choreo::relay::ATOMIC_AFTER_COMMIT_FROM`]) as one atomic batch, a few
+/// fsyncs of the broker's for all of them, though no transaction wrote
+/// that many.
 #[tokio::test]
 async fn the_rows_of_transactions_that_queue_together_go_as_one_atomic_batch_in_commit_order() {
     let s = setup().await;
     let (outbox, shutdown, marker) = publishing_outbox(&s);
+    // Four transactions, each of fewer rows than an atomic batch takes.
+    let rows = choreo::relay::ATOMIC_AFTER_COMMIT_FROM.div_ceil(4) as u32;
     let mut committed = Vec::new();
     for t in 0..4 {
-        committed.push(commit_rows(&s, &outbox, t * 3..t * 3 + 3).await);
+        committed.push(commit_rows(&s, &outbox, t * rows..(t + 1) * rows).await);
     }
     // On this one-thread runtime the publisher's task runs only at the next
     // await: all four transactions' rows are queued when it does.
@@ -515,7 +529,7 @@ async fn the_rows_of_transactions_that_queue_together_go_as_one_atomic_batch_in_
             .map(uuid::Uuid::to_string)
             .collect();
     let ids: Vec<String> = events.into_iter().map(|(id, _)| id).collect();
-    assert_eq!(ids.len(), 12);
+    assert_eq!(ids.len(), 4 * rows as usize);
     assert_eq!(ids, in_commit_order, "in commit order");
 
     shutdown.cancel();
@@ -529,21 +543,23 @@ async fn on_a_stream_without_atomic_batches_the_publisher_goes_row_by_row() {
     let s = setup_without_atomic_batches().await;
     let (outbox, shutdown, marker) = publishing_outbox(&s);
 
-    commit_and_publish(&s, &outbox, 0, 10).await;
+    // Enough rows for an atomic batch, twice.
+    let n = choreo::relay::ATOMIC_AFTER_COMMIT_FROM as u32 + 2;
+    commit_and_publish(&s, &outbox, 0, n).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(s.stream_messages().await, 0, "the atomic batch was refused");
-    assert_eq!(s.unsent().await, 10);
-    commit_and_publish(&s, &outbox, 10, 10).await;
+    assert_eq!(s.unsent().await, i64::from(n));
+    commit_and_publish(&s, &outbox, n, n).await;
     eventually(
         "the second transaction's rows sent",
         Duration::from_secs(10),
-        || async { s.unsent().await == 10 },
+        || async { s.unsent().await == i64::from(n) },
     )
     .await;
-    assert_eq!(s.stream_messages().await, 10);
+    assert_eq!(s.stream_messages().await, u64::from(n));
     s.relay_until_sent(s.relay(256), Duration::from_secs(30))
         .await;
-    assert_eq!(s.stream_messages().await, 20);
+    assert_eq!(s.stream_messages().await, u64::from(2 * n));
     assert!(s.stream_events().await.iter().all(|(_, b)| b.is_none()));
 
     shutdown.cancel();
