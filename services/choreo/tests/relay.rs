@@ -425,7 +425,7 @@ async fn commit_and_publish(s: &Setup, outbox: &choreo::outbox::Outbox, first: u
 }
 
 /// The many rows of one transaction go right after its commit as one
-/// atomic batch (one fsync of the broker's for all of them), a few as plain
+/// atomic batch (four fsyncs of the broker's for all of them), a few as plain
 /// publishes; both are marked sent once acknowledged. A batch the broker
 /// refuses (one of its rows stored already) is left whole to the relay,
 /// which sends it once.
