@@ -1,7 +1,8 @@
 //! Publishes committed outbox rows to JetStream: right after their commit
 //! (the [`Publisher`], used by the code that committed them: the rows of
 //! the transactions that commit while its earlier sends are out go
-//! together, [`ATOMIC_AFTER_COMMIT_FROM`] or more as one atomic batch),
+//! together, as one atomic batch from [`ATOMIC_WHILE_AHEAD_FROM`] rows, or
+//! from [`ATOMIC_WHILE_BEHIND_FROM`] while the broker is behind),
 //! and as the sweeper of whatever is still unsent after a grace period
 //! (the [`Relay`]).
 //!
@@ -125,20 +126,29 @@ pub struct Publisher {
     marks: tokio::sync::mpsc::UnboundedSender<i64>,
 }
 
-/// The fewest rows of one send that go after commit as an atomic batch.
-/// Measured (`load`, alternating runs): atomic batches of every size
-/// raised the closed loop's peak by 11-27% but cost the open loop at 250
-/// orders/s, where a send holds 1-3 rows, a third more of nats-server's CPU
-/// and 35-40 ms of p99; so small ones go row by row. Alone, nats-server
-/// stages an atomic batch in a store of its own (folders and files made
-/// and deleted a batch) and fsyncs it four times, where it fsyncs each
-/// plain publish: batches of 8 and 16 rows cost it more CPU than the same
-/// rows one by one, from 32 rows less. In the whole system, sending
-/// atomically only from 32 rows cut the open loop's p99 at 340 orders/s
-/// (110-112 ms -> 66-86 ms in three pairs) but raised it at 420/s, nearer
-/// half the peak (120-148 -> 160-182 ms in two), so 8 stays
-/// (`docs/bench/round-2026-12-06-ak.md`).
-pub const ATOMIC_AFTER_COMMIT_FROM: usize = 8;
+/// The fewest rows of one send that go as an atomic batch while the broker
+/// is behind on this publisher's stream: every one of its
+/// [`SENDS_IN_FLIGHT`] was out when this send's turn came. There each
+/// plain publish would queue for an fsync of its own, where an atomic batch
+/// takes four for all its rows. Measured (`load`, alternating runs): atomic
+/// batches of every size raised the closed loop's peak by 11-27% but cost
+/// the open loop at 250 orders/s, where a send holds 1-3 rows, a third
+/// more of nats-server's CPU and 35-40 ms of p99; so small ones go row by
+/// row (`docs/bench/round-2026-12-04-n.md`).
+pub const ATOMIC_WHILE_BEHIND_FROM: usize = 8;
+
+/// The fewest rows of one send that go as an atomic batch while the broker
+/// keeps up with this publisher (a send was free when its turn came). Alone,
+/// nats-server stages an atomic batch in a store of its own (folders and
+/// files made and deleted a batch): batches of 8 and 16 rows cost it more
+/// CPU than the same rows one by one, from 32 rows less
+/// (`docs/bench/round-2026-12-06-ak.md`). In the whole system, nine
+/// alternating pairs against 8 whatever the broker's state: at 420
+/// orders/s, about half these runs' peaks, p50 51 ms against 88 and p99
+/// 171 ms against 213 (medians; better p99 in six pairs of nine), each
+/// hop's PubAck sooner in seven; at 336/s and 168/s the same
+/// (`docs/bench/round-2026-12-07-al.md`).
+pub const ATOMIC_WHILE_AHEAD_FROM: usize = 32;
 
 /// A publisher's sends whose PubAcks may still be coming. Its service's
 /// stream stores what it is sent one publish or atomic batch at a time, an
@@ -184,8 +194,9 @@ impl Publisher {
 
 /// The publisher's sending task: takes whatever rows have queued (up to
 /// [`MAX_ATOMIC_BATCH`]) whenever one of its [`SENDS_IN_FLIGHT`] is free,
-/// sends them (from [`ATOMIC_AFTER_COMMIT_FROM`] rows as one atomic batch,
-/// fewer row by row), and awaits their PubAcks in a task of its own, which
+/// sends them (from [`ATOMIC_WHILE_AHEAD_FROM`] rows as one atomic batch,
+/// or from [`ATOMIC_WHILE_BEHIND_FROM`] when every send was out; fewer row
+/// by row), and awaits their PubAcks in a task of its own, which
 /// queues the acknowledged rows to be marked sent. A batch refused as a
 /// whole (one of its rows already stored, when the relay swept it first) is
 /// left to the relay, like any row that fails. On a stream without
@@ -199,16 +210,28 @@ async fn send_in_turn(
     let atomic = Arc::new(AtomicBool::new(true));
     let mut next: Option<Vec<crate::outbox::Row>> = None;
     loop {
-        let permit = sends
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
-        let mut rows = match next.take() {
-            Some(rows) => rows,
-            None => match queued.recv().await {
-                Some(rows) => rows,
-                None => return,
+        let (permit, waited) = match sends.clone().try_acquire_owned() {
+            Ok(permit) => (permit, false),
+            Err(_) => (
+                sends
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the semaphore is never closed"),
+                true,
+            ),
+        };
+        // The broker is behind on this stream (its fsyncs are the queue)
+        // when rows waited for a send: every one was out.
+        let (mut rows, behind) = match next.take() {
+            Some(rows) => (rows, waited),
+            None => match queued.try_recv() {
+                Ok(rows) => (rows, waited),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => match queued.recv().await {
+                    Some(rows) => (rows, false),
+                    None => return,
+                },
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => return,
             },
         };
         while let Ok(more) = queued.try_recv() {
@@ -218,8 +241,13 @@ async fn send_in_turn(
             }
             rows.extend(more);
         }
-        let atomically = (ATOMIC_AFTER_COMMIT_FROM..=MAX_ATOMIC_BATCH).contains(&rows.len())
-            && atomic.load(Ordering::Relaxed);
+        let from = if behind {
+            ATOMIC_WHILE_BEHIND_FROM
+        } else {
+            ATOMIC_WHILE_AHEAD_FROM
+        };
+        let atomically =
+            (from..=MAX_ATOMIC_BATCH).contains(&rows.len()) && atomic.load(Ordering::Relaxed);
         let sending = if atomically {
             send_atomically(&js, rows).await
         } else {

@@ -384,6 +384,18 @@ fn publishing_outbox(
     CancellationToken,
     tokio::task::JoinHandle<()>,
 ) {
+    publishing_outbox_on(s, s.js.clone())
+}
+
+/// [`publishing_outbox`], its publisher sending on `js`.
+fn publishing_outbox_on(
+    s: &Setup,
+    js: jetstream::Context,
+) -> (
+    choreo::outbox::Outbox,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
     let (marks, acked) = tokio::sync::mpsc::unbounded_channel();
     let shutdown = CancellationToken::new();
     let marker = tokio::spawn(choreo::relay::mark_sent_in_batches(
@@ -394,7 +406,7 @@ fn publishing_outbox(
     ));
     let outbox = s
         .outbox()
-        .publishing_through(choreo::relay::Publisher::new(s.js.clone(), marks));
+        .publishing_through(choreo::relay::Publisher::new(js, marks));
     (outbox, shutdown, marker)
 }
 
@@ -425,25 +437,26 @@ async fn commit_and_publish(s: &Setup, outbox: &choreo::outbox::Outbox, first: u
 }
 
 /// The many rows of one transaction go right after its commit as one
-/// atomic batch (four fsyncs of the broker's for all of them), a few as plain
-/// publishes; both are marked sent once acknowledged. A batch the broker
-/// refuses (one of its rows stored already) is left whole to the relay,
-/// which sends it once.
+/// atomic batch (four fsyncs of the broker's for all of them), fewer as
+/// plain publishes while the broker keeps up; both are marked sent once
+/// acknowledged. A batch the broker refuses (one of its rows stored
+/// already) is left whole to the relay, which sends it once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transactions_rows_go_after_commit_as_one_atomic_batch_and_a_refused_one_to_the_relay() {
     let s = setup().await;
     let (outbox, shutdown, marker) = publishing_outbox(&s);
-    let many = choreo::relay::ATOMIC_AFTER_COMMIT_FROM as u32 + 4;
+    let many = choreo::relay::ATOMIC_WHILE_AHEAD_FROM as u32 + 4;
+    let fewer = choreo::relay::ATOMIC_WHILE_AHEAD_FROM as u32 - 1;
 
     commit_and_publish(&s, &outbox, 0, many).await;
     commit_and_publish(&s, &outbox, many, 1).await;
-    commit_and_publish(&s, &outbox, many + 1, 3).await;
+    commit_and_publish(&s, &outbox, many + 1, fewer).await;
     eventually("every row marked sent", Duration::from_secs(10), || async {
         s.unsent().await == 0
     })
     .await;
     let events = s.stream_events().await;
-    let sent = many + 4;
+    let sent = many + 1 + fewer;
     assert_eq!(events.len(), sent as usize);
     let batch = events[0].1.clone();
     assert!(batch.is_some(), "the many rows went as an atomic batch");
@@ -453,13 +466,13 @@ async fn a_transactions_rows_go_after_commit_as_one_atomic_batch_and_a_refused_o
     );
     assert!(
         events[many as usize..].iter().all(|(_, b)| b.is_none()),
-        "a lone row, and a few, go as plain publishes: {events:?}"
+        "a lone row, and fewer than a batch while the broker keeps up, go as plain publishes: {events:?}"
     );
 
     // A relay that crashed after its PubAck stored the first row of the
     // next transaction and marked nothing: the publisher's batch holding
     // that row is refused whole, and the relay sends the rest, once.
-    let refused = choreo::relay::ATOMIC_AFTER_COMMIT_FROM as u32 + 2;
+    let refused = choreo::relay::ATOMIC_WHILE_AHEAD_FROM as u32 + 2;
     let crashed = s.relay(1).row_by_row();
     let written = commit_rows(&s, &outbox, sent..sent + refused).await;
     let mut conn = s.pool.acquire().await.unwrap();
@@ -492,7 +505,7 @@ async fn a_transactions_rows_go_after_commit_as_one_atomic_batch_and_a_refused_o
 /// The rows of transactions that queue for the publisher together (their
 /// commits came while its sends were out, or before its task came round)
 /// go together, in commit order: enough of them
-/// ([`choreo::relay::ATOMIC_AFTER_COMMIT_FROM`]) as one atomic batch, a few
+/// ([`choreo::relay::ATOMIC_WHILE_AHEAD_FROM`]) as one atomic batch, a few
 /// fsyncs of the broker's for all of them, though no transaction wrote
 /// that many.
 #[tokio::test]
@@ -500,7 +513,7 @@ async fn the_rows_of_transactions_that_queue_together_go_as_one_atomic_batch_in_
     let s = setup().await;
     let (outbox, shutdown, marker) = publishing_outbox(&s);
     // Four transactions, each of fewer rows than an atomic batch takes.
-    let rows = choreo::relay::ATOMIC_AFTER_COMMIT_FROM.div_ceil(4) as u32;
+    let rows = choreo::relay::ATOMIC_WHILE_AHEAD_FROM.div_ceil(4) as u32;
     let mut committed = Vec::new();
     for t in 0..4 {
         committed.push(commit_rows(&s, &outbox, t * rows..(t + 1) * rows).await);
@@ -536,6 +549,75 @@ async fn the_rows_of_transactions_that_queue_together_go_as_one_atomic_batch_in_
     marker.await.unwrap();
 }
 
+/// While every one of the publisher's sends is out (the broker is behind
+/// on its stream), the next send goes as an atomic batch from
+/// [`choreo::relay::ATOMIC_WHILE_BEHIND_FROM`] rows: there each plain
+/// publish would queue for an fsync of its own. The same rows go plain
+/// once the broker keeps up again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_every_send_is_out_fewer_rows_go_as_an_atomic_batch() {
+    let s = setup_own().await;
+    let proxy = harness::Proxy::start(s.infra.nats.port()).await.unwrap();
+    let through_proxy = s.infra.nats.url().replace(
+        &format!("127.0.0.1:{}", s.infra.nats.port()),
+        &format!("127.0.0.1:{}", proxy.port()),
+    );
+    let (client, js) = choreo::runtime::connect_nats(&through_proxy, "test", None)
+        .await
+        .unwrap();
+    eventually(
+        "connected through the proxy",
+        Duration::from_secs(10),
+        || async { client.connection_state() == async_nats::connection::State::Connected },
+    )
+    .await;
+    let (outbox, shutdown, marker) = publishing_outbox_on(&s, js);
+    let few = choreo::relay::ATOMIC_WHILE_BEHIND_FROM as u32;
+    assert!(few < choreo::relay::ATOMIC_WHILE_AHEAD_FROM as u32);
+
+    // The broker hears nothing while the proxy holds the bytes: four
+    // single rows take every send, and `few` rows queue behind them.
+    proxy.set(harness::Mode::Stall);
+    for i in 0..4 {
+        commit_and_publish(&s, &outbox, i, 1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    commit_and_publish(&s, &outbox, 4, few).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.set(harness::Mode::Pass);
+    eventually("every row marked sent", Duration::from_secs(10), || async {
+        s.unsent().await == 0
+    })
+    .await;
+    // Then the same number of rows with every send free.
+    commit_and_publish(&s, &outbox, 4 + few, few).await;
+    eventually("every row marked sent", Duration::from_secs(10), || async {
+        s.unsent().await == 0
+    })
+    .await;
+
+    let events = s.stream_events().await;
+    assert_eq!(events.len(), (4 + 2 * few) as usize);
+    assert!(
+        events[..4].iter().all(|(_, b)| b.is_none()),
+        "the lone rows went plain: {events:?}"
+    );
+    let behind = &events[4..(4 + few) as usize];
+    assert!(
+        behind[0].1.is_some() && behind.iter().all(|(_, b)| *b == behind[0].1),
+        "the rows that waited for a send went as one atomic batch: {events:?}"
+    );
+    assert!(
+        events[(4 + few) as usize..]
+            .iter()
+            .all(|(_, b)| b.is_none()),
+        "as many rows with a send free went plain: {events:?}"
+    );
+
+    shutdown.cancel();
+    marker.await.unwrap();
+}
+
 /// On a stream without atomic batches, the publisher's first batch is
 /// refused and left to the relay; from then on it sends row by row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -544,7 +626,7 @@ async fn on_a_stream_without_atomic_batches_the_publisher_goes_row_by_row() {
     let (outbox, shutdown, marker) = publishing_outbox(&s);
 
     // Enough rows for an atomic batch, twice.
-    let n = choreo::relay::ATOMIC_AFTER_COMMIT_FROM as u32 + 2;
+    let n = choreo::relay::ATOMIC_WHILE_AHEAD_FROM as u32 + 2;
     commit_and_publish(&s, &outbox, 0, n).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(s.stream_messages().await, 0, "the atomic batch was refused");
