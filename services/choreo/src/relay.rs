@@ -127,8 +127,8 @@ pub struct Publisher {
 }
 
 /// The fewest rows of one send that go as an atomic batch while the broker
-/// is behind on this publisher's stream: every one of its
-/// [`SENDS_IN_FLIGHT`] was out when this send's turn came. There each
+/// is behind on this publisher's stream: the send's rows waited while every
+/// one of its [`SENDS_IN_FLIGHT`] was out. There each
 /// plain publish would queue for an fsync of its own, where an atomic batch
 /// takes four for all its rows. Measured (`load`, alternating runs): atomic
 /// batches of every size raised the closed loop's peak by 11-27% but cost
@@ -138,16 +138,16 @@ pub struct Publisher {
 pub const ATOMIC_WHILE_BEHIND_FROM: usize = 8;
 
 /// The fewest rows of one send that go as an atomic batch while the broker
-/// keeps up with this publisher (a send was free when its turn came). Alone,
+/// keeps up with this publisher (a send was free when its rows came). Alone,
 /// nats-server stages an atomic batch in a store of its own (folders and
 /// files made and deleted a batch): batches of 8 and 16 rows cost it more
 /// CPU than the same rows one by one, from 32 rows less
 /// (`docs/bench/round-2026-12-06-ak.md`). In the whole system, nine
 /// alternating pairs against 8 whatever the broker's state: at 420
-/// orders/s, about half these runs' peaks, p50 51 ms against 88 and p99
+/// orders/s, about 45% of these runs' peaks, p50 51 ms against 88 and p99
 /// 171 ms against 213 (medians; better p99 in six pairs of nine), each
-/// hop's PubAck sooner in seven; at 336/s and 168/s the same
-/// (`docs/bench/round-2026-12-07-al.md`).
+/// hop's PubAck sooner in seven; at 336/s no better (the same median p99,
+/// p50 51 ms against 35) (`docs/bench/round-2026-12-07-al.md`).
 pub const ATOMIC_WHILE_AHEAD_FROM: usize = 32;
 
 /// A publisher's sends whose PubAcks may still be coming. Its service's
