@@ -223,15 +223,12 @@ async fn send_in_turn(
         };
         // The broker is behind on this stream (its fsyncs are the queue)
         // when rows waited for a send: every one was out.
-        let (mut rows, behind) = match next.take() {
-            Some(rows) => (rows, waited),
-            None => match queued.try_recv() {
-                Ok(rows) => (rows, waited),
-                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => match queued.recv().await {
-                    Some(rows) => (rows, false),
-                    None => return,
-                },
-                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => return,
+        let behind = waited && (next.is_some() || !queued.is_empty());
+        let mut rows = match next.take() {
+            Some(rows) => rows,
+            None => match queued.recv().await {
+                Some(rows) => rows,
+                None => return,
             },
         };
         while let Ok(more) = queued.try_recv() {
