@@ -376,6 +376,9 @@ pub struct OpenLoop {
     pub system_cpu_ms_per_saga: f64,
     /// The whole machine's idle time while the orders arrived.
     pub idle_percent: f64,
+    /// The share of the machine the hypervisor gave to other guests
+    /// meanwhile: a row that lost much of it measured the neighbours too.
+    pub stolen_percent: f64,
     /// Each process's CPU per saga and peak RSS (`load`'s too): where a
     /// saga's CPU goes at this rate.
     pub processes: Vec<ProcessCost>,
@@ -471,6 +474,8 @@ pub struct ByClients {
     pub sagas_per_sec: f64,
     pub latency: Percentiles,
     pub transactions_per_saga: f64,
+    /// The share of the machine the hypervisor took while the clients ran.
+    pub stolen_percent: f64,
 }
 
 /// Sagas whose last event has been seen, and who waits for which.
@@ -692,6 +697,7 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
                 .map(|p| p.cpu_ms_per_saga)
                 .sum(),
             idle_percent: run.beside.machine.idle_percent,
+            stolen_percent: run.beside.machine.steal_percent,
             processes: run.cost.processes.clone(),
         });
     }
@@ -717,6 +723,7 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
             sagas_per_sec: run.sagas_per_sec,
             latency: Percentiles::of(completion_ms(&mut order_db, ids).await?),
             transactions_per_saga: run.cost.transactions_per_saga,
+            stolen_percent: run.machine.steal_percent,
         });
     }
     spread.latency = spread_by_clients[peak].latency.clone();
@@ -1625,8 +1632,12 @@ impl Report {
                 .iter()
                 .map(|run| {
                     format!(
-                        "{} clients {:.1}/s, {:.0} / {:.0} ms",
-                        run.clients, run.sagas_per_sec, run.latency.p50_ms, run.latency.p99_ms
+                        "{} clients {:.1}/s, {:.0} / {:.0} ms{}",
+                        run.clients,
+                        run.sagas_per_sec,
+                        run.latency.p50_ms,
+                        run.latency.p99_ms,
+                        stolen(run.stolen_percent)
                     )
                 })
                 .collect::<Vec<_>>()
@@ -1636,14 +1647,15 @@ impl Report {
             row(
                 &format!("closed loop, {}: completed sagas/s", run.catalogue),
                 format!(
-                    "{:.1} ({} clients, {} orders, {} completed, {:.1} s); placed -> COMPLETED p50 {:.0} ms, p99 {:.0} ms",
+                    "{:.1} ({} clients, {} orders, {} completed, {:.1} s); placed -> COMPLETED p50 {:.0} ms, p99 {:.0} ms{}",
                     run.sagas_per_sec,
                     run.clients,
                     run.orders,
                     run.completed,
                     run.seconds,
                     run.latency.p50_ms,
-                    run.latency.p99_ms
+                    run.latency.p99_ms,
+                    stolen(run.machine.steal_percent)
                 ),
             );
         }
@@ -1676,13 +1688,14 @@ impl Report {
                 .iter()
                 .map(|run| {
                     format!(
-                        "{:.0}/s: {:.0} / {:.0} ms, {:.1} tx, {:.1} ms, {:.0}% idle",
+                        "{:.0}/s: {:.0} / {:.0} ms, {:.1} tx, {:.1} ms, {:.0}% idle{}",
                         run.rate_per_sec,
                         run.latency.p50_ms,
                         run.latency.p99_ms,
                         run.transactions_per_saga,
                         run.system_cpu_ms_per_saga,
-                        run.idle_percent
+                        run.idle_percent,
+                        stolen(run.stolen_percent)
                     )
                 })
                 .collect::<Vec<_>>()
@@ -1920,6 +1933,20 @@ pub fn axis_top(max: f64) -> f64 {
 /// A line of a chart: its name, colour and points.
 type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
 
+/// Below this share of the machine taken by the hypervisor a row says
+/// nothing of it: a percent or two comes and goes on any guest.
+const STOLEN_WORTH_SAYING: f64 = 3.0;
+
+/// What a row adds when the hypervisor took a share of the machine worth
+/// saying while it ran (its figure then measured the neighbours too).
+fn stolen(percent: f64) -> String {
+    if percent >= STOLEN_WORTH_SAYING {
+        format!(" (the hypervisor took {percent:.0}% of the machine)")
+    } else {
+        String::new()
+    }
+}
+
 fn percentiles(p: &Percentiles) -> String {
     format!(
         "p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms, max {:.0} ms ({} orders)",
@@ -2093,6 +2120,8 @@ pub struct InstancesRun {
     pub spread_sagas_per_sec: f64,
     pub hot_sagas_per_sec: f64,
     pub hot_oversold: bool,
+    /// The most the hypervisor took of the machine in either closed loop.
+    pub stolen_percent: f64,
 }
 
 /// Alternating runs of one instance of each service and of `instances`
@@ -2137,11 +2166,11 @@ impl InstancesComparison {
     pub fn table(&self) -> String {
         let n = self.instances;
         let mut table = format!(
-            "| round | C start / end (one; {n}) | spread sagas/s: one, {n} | hot SKU sagas/s: one, {n} | {n} / one: spread, hot |\n| --- | --- | --- | --- | --- |\n"
+            "| round | C start / end (one; {n}) | spread sagas/s: one, {n} | hot SKU sagas/s: one, {n} | {n} / one: spread, hot | the hypervisor took, at most (one; {n}) |\n| --- | --- | --- | --- | --- | --- |\n"
         );
         for (one, more) in self.rounds() {
             table.push_str(&format!(
-                "| {} | {:.0} / {:.0}; {:.0} / {:.0} | {:.1}, {:.1} | {:.1}, {:.1} | {:.2}x, {:.2}x |\n",
+                "| {} | {:.0} / {:.0}; {:.0} / {:.0} | {:.1}, {:.1} | {:.1}, {:.1} | {:.2}x, {:.2}x | {:.0}%; {:.0}% |\n",
                 one.round,
                 one.limit_commits_per_sec,
                 one.limit_at_end_commits_per_sec,
@@ -2153,6 +2182,8 @@ impl InstancesComparison {
                 more.hot_sagas_per_sec,
                 more.spread_sagas_per_sec / one.spread_sagas_per_sec,
                 more.hot_sagas_per_sec / one.hot_sagas_per_sec,
+                one.stolen_percent,
+                more.stolen_percent,
             ));
         }
         let (spread, hot) = self.ratio();
@@ -2162,7 +2193,7 @@ impl InstancesComparison {
             n => format!("{n} rounds"),
         };
         table.push_str(&format!(
-            "| sums over {rounds} | | | | {spread:.2}x, {hot:.2}x |\n\nthe hot SKU {}",
+            "| sums over {rounds} | | | | {spread:.2}x, {hot:.2}x | |\n\nthe hot SKU {}",
             if oversold {
                 "was OVERSOLD in a run"
             } else {
@@ -2221,6 +2252,11 @@ where
                 spread_sagas_per_sec: report.spread.sagas_per_sec,
                 hot_sagas_per_sec: report.hot.sagas_per_sec,
                 hot_oversold: report.hot_oversold,
+                stolen_percent: report
+                    .spread
+                    .machine
+                    .steal_percent
+                    .max(report.hot.machine.steal_percent),
             });
         }
     }
@@ -2230,8 +2266,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::{
-        InstancesComparison, InstancesRun, MachineCpu, axis_top, drift_percent, next_probe,
-        p99_edge, throughput_over_time,
+        InstancesComparison, InstancesRun, MachineCpu, STOLEN_WORTH_SAYING, axis_top,
+        drift_percent, next_probe, p99_edge, stolen, throughput_over_time,
     };
 
     #[test]
@@ -2244,6 +2280,7 @@ mod tests {
             spread_sagas_per_sec: spread,
             hot_sagas_per_sec: hot,
             hot_oversold: false,
+            stolen_percent: if round == 2 { 12.4 } else { 0.0 },
         };
         let comparison = InstancesComparison {
             instances: 2,
@@ -2262,21 +2299,28 @@ mod tests {
         let table = comparison.table();
         assert!(
             table.contains(
-                "| 1 | 6000 / 5000; 6000 / 5000 | 1000.0, 1200.0 | 800.0, 800.0 | 1.20x, 1.00x |"
+                "| 1 | 6000 / 5000; 6000 / 5000 | 1000.0, 1200.0 | 800.0, 800.0 | 1.20x, 1.00x | 0%; 0% |"
             ),
             "{table}"
         );
         assert!(
             table.contains(
-                "| 2 | 6000 / 5000; 6000 / 5000 | 1000.0, 1000.0 | 1200.0, 1000.0 | 1.00x, 0.83x |"
+                "| 2 | 6000 / 5000; 6000 / 5000 | 1000.0, 1000.0 | 1200.0, 1000.0 | 1.00x, 0.83x | 12%; 12% |"
             ),
             "{table}"
         );
         assert!(
-            table.contains("| sums over 2 rounds | | | | 1.10x, 0.90x |"),
+            table.contains("| sums over 2 rounds | | | | 1.10x, 0.90x | |"),
             "{table}"
         );
         assert!(table.ends_with("the hot SKU was never oversold"), "{table}");
+    }
+
+    #[test]
+    fn a_row_says_what_the_hypervisor_took_only_when_it_is_worth_saying() {
+        assert_eq!(stolen(0.0), "");
+        assert_eq!(stolen(STOLEN_WORTH_SAYING - 0.1), "");
+        assert_eq!(stolen(21.6), " (the hypervisor took 22% of the machine)");
     }
 
     #[test]

@@ -65,6 +65,23 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
                 == (report.spread.clients, report.spread.sagas_per_sec)),
         "the peak is one of the runs"
     );
+    // Each row carries what the hypervisor took while it ran: the peak's
+    // is the spread loop's, the main open loop's what was beside it.
+    let peak = report
+        .spread_by_clients
+        .iter()
+        .find(|r| r.clients == report.spread.clients)
+        .unwrap();
+    assert_eq!(peak.stolen_percent, report.spread.machine.steal_percent);
+    let main_open = report
+        .open_loops
+        .iter()
+        .find(|r| r.rate_per_sec == report.open_rate_per_sec)
+        .unwrap();
+    assert_eq!(
+        main_open.stolen_percent,
+        report.open_loop_beside.machine.steal_percent
+    );
     assert_eq!(report.hot.clients, report.spread.clients);
     assert_eq!(
         report.open_loop.count,
@@ -303,6 +320,11 @@ async fn comparing_instance_counts_runs_one_and_then_more_each_on_a_system_of_it
             "{report}"
         );
         // serde_json reads a float back to within a unit of its last place.
+        let stolen = |lp: &str| report[lp]["machine"]["steal_percent"].as_f64().unwrap();
+        assert!(
+            (stolen("spread").max(stolen("hot")) - run.stolen_percent).abs() <= 1e-9,
+            "{run:?}"
+        );
         let written = report["spread"]["sagas_per_sec"].as_f64().unwrap();
         assert!(
             (written - run.spread_sagas_per_sec).abs() <= 1e-9 * run.spread_sagas_per_sec,
