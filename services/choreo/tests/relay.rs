@@ -450,6 +450,14 @@ async fn a_transactions_rows_go_after_commit_as_one_atomic_batch_and_a_refused_o
     let fewer = choreo::relay::ATOMIC_WHILE_AHEAD_FROM as u32 - 2;
 
     commit_and_publish(&s, &outbox, 0, many).await;
+    // The publisher merges whatever is queued when it takes a send: had
+    // the lone row come before it took the many, it would join their batch.
+    eventually(
+        "the many rows marked sent",
+        Duration::from_secs(10),
+        || async { s.unsent().await == 0 },
+    )
+    .await;
     commit_and_publish(&s, &outbox, many, 1).await;
     commit_and_publish(&s, &outbox, many + 1, fewer).await;
     eventually("every row marked sent", Duration::from_secs(10), || async {
