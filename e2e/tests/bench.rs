@@ -319,12 +319,14 @@ async fn comparing_instance_counts_runs_one_and_then_more_each_on_a_system_of_it
                 .contains(&format!("instances: {}", run.instances)),
             "{report}"
         );
-        // serde_json reads a float back to within a unit of its last place.
+        // The run's share taken by the hypervisor: the larger of its two
+        // closed loops' (a percentage, so within 1e-9 after serde_json).
         let stolen = |lp: &str| report[lp]["machine"]["steal_percent"].as_f64().unwrap();
         assert!(
             (stolen("spread").max(stolen("hot")) - run.stolen_percent).abs() <= 1e-9,
             "{run:?}"
         );
+        // serde_json reads a float back to within a unit of its last place.
         let written = report["spread"]["sagas_per_sec"].as_f64().unwrap();
         assert!(
             (written - run.spread_sagas_per_sec).abs() <= 1e-9 * run.spread_sagas_per_sec,
