@@ -2110,80 +2110,230 @@ async fn unsent(db: &mut PgConnection) -> anyhow::Result<i64> {
     )
 }
 
-/// One run of a comparison of instance counts ([`compare_instances`]).
+/// One of the two setups a comparison sets side by side ([`compare`]): a
+/// build, by the folder of its binaries, and the instances of each service
+/// it runs.
 #[derive(Debug, Clone, Serialize)]
-pub struct InstancesRun {
-    pub round: usize,
+pub struct Setup {
+    /// What the table and the reports' files call it (`A`, `i2`).
+    pub name: String,
+    pub bin_dir: std::path::PathBuf,
     pub instances: usize,
+}
+
+impl Setup {
+    fn describe(&self) -> String {
+        format!(
+            "{}: the build in {}, {} instance{} of each service",
+            self.name,
+            self.bin_dir.display(),
+            self.instances,
+            if self.instances == 1 { "" } else { "s" }
+        )
+    }
+}
+
+/// One open loop of a compared run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ComparedOpenLoop {
+    pub rate_per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+/// One run of a comparison ([`compare`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct ComparedRun {
+    pub round: usize,
+    /// The setup that ran: 0 (the first, A) or 1 (B).
+    pub setup: usize,
     pub limit_commits_per_sec: f64,
     pub limit_at_end_commits_per_sec: f64,
     pub spread_sagas_per_sec: f64,
     pub hot_sagas_per_sec: f64,
     pub hot_oversold: bool,
-    /// The most the hypervisor took of the machine in either closed loop.
+    /// Every open loop, in the run's order: the lighter ones, the main
+    /// one, the search's probes.
+    pub open_loops: Vec<ComparedOpenLoop>,
+    /// The most the hypervisor took of the machine in any loop of the run.
     pub stolen_percent: f64,
 }
 
-/// Alternating runs of one instance of each service and of `instances`
-/// ([`compare_instances`]): on one machine a pair alone says little (one
-/// build's runs have differed by 1.7x), so the figure is the ratio of the
-/// sums over every round, with each round's beside it.
-#[derive(Debug, Clone, Serialize)]
-pub struct InstancesComparison {
-    pub instances: usize,
-    pub runs: Vec<InstancesRun>,
+impl ComparedRun {
+    fn of(round: usize, setup: usize, report: &Report) -> ComparedRun {
+        let closed = [&report.spread, &report.hot].map(|l| l.machine.steal_percent);
+        let open = report.open_loops.iter().map(|l| l.stolen_percent);
+        ComparedRun {
+            round,
+            setup,
+            limit_commits_per_sec: report.limit_commits_per_sec,
+            limit_at_end_commits_per_sec: report.limit_at_end_commits_per_sec,
+            spread_sagas_per_sec: report.spread.sagas_per_sec,
+            hot_sagas_per_sec: report.hot.sagas_per_sec,
+            hot_oversold: report.hot_oversold,
+            open_loops: report
+                .open_loops
+                .iter()
+                .map(|l| ComparedOpenLoop {
+                    rate_per_sec: l.rate_per_sec,
+                    p50_ms: l.latency.p50_ms,
+                    p99_ms: l.latency.p99_ms,
+                })
+                .collect(),
+            stolen_percent: closed.into_iter().chain(open).fold(0.0, f64::max),
+        }
+    }
 }
 
-impl InstancesComparison {
-    /// Sagas/s with `instances` over sagas/s with one, summed over every
-    /// round that ran both: (spread catalogue, hot SKU).
+/// Alternating runs of two setups ([`compare`]): two builds, or one build
+/// with one instance of each service and with more. On one machine a pair
+/// alone says little (one build's runs have differed by 1.7x), so the
+/// figures are the ratio of the sums over every round, the medians of each
+/// open loop's latency, and in how many rounds B did better, with each
+/// round's figures beside them.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub setups: [Setup; 2],
+    pub runs: Vec<ComparedRun>,
+}
+
+/// Where a comparison's open loop stands: its rate, each setup's median
+/// p50 and p99, and in how many rounds of how many B's p50 and p99 were
+/// the lower.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenLoopVerdict {
+    pub rate_per_sec: f64,
+    /// Whether the rate moved by more than 1% between runs (it follows
+    /// each run's peak unless the rate is fixed, `--open-rate`).
+    pub rates_differ: bool,
+    pub median_p50_ms: [f64; 2],
+    pub median_p99_ms: [f64; 2],
+    pub b_lower_p50: usize,
+    pub b_lower_p99: usize,
+    pub rounds: usize,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+impl Comparison {
+    /// B's sagas/s over A's, summed over every round that ran both:
+    /// (spread catalogue, hot SKU).
     pub fn ratio(&self) -> (f64, f64) {
-        let (mut one, mut more) = ((0.0, 0.0), (0.0, 0.0));
-        for (single, several) in self.rounds() {
-            one.0 += single.spread_sagas_per_sec;
-            one.1 += single.hot_sagas_per_sec;
-            more.0 += several.spread_sagas_per_sec;
-            more.1 += several.hot_sagas_per_sec;
+        let (mut a, mut b) = ((0.0, 0.0), (0.0, 0.0));
+        for (first, second) in self.rounds() {
+            a.0 += first.spread_sagas_per_sec;
+            a.1 += first.hot_sagas_per_sec;
+            b.0 += second.spread_sagas_per_sec;
+            b.1 += second.hot_sagas_per_sec;
         }
-        (more.0 / one.0, more.1 / one.1)
+        (b.0 / a.0, b.1 / a.1)
     }
 
-    /// Each round that ran both: its run with one instance, then with `instances`.
-    fn rounds(&self) -> Vec<(&InstancesRun, &InstancesRun)> {
-        let of = |round, instances| {
+    /// Each round that ran both: its run of A, then its run of B.
+    fn rounds(&self) -> Vec<(&ComparedRun, &ComparedRun)> {
+        let of = |round, setup| {
             self.runs
                 .iter()
-                .find(|r| r.round == round && r.instances == instances)
+                .find(|r| r.round == round && r.setup == setup)
         };
         let mut rounds: Vec<usize> = self.runs.iter().map(|r| r.round).collect();
         rounds.dedup();
         rounds
             .into_iter()
-            .filter_map(|round| Some((of(round, 1)?, of(round, self.instances)?)))
+            .filter_map(|round| Some((of(round, 0)?, of(round, 1)?)))
+            .collect()
+    }
+
+    /// Each open loop that every run of every round that ran both has,
+    /// by its place in the runs' order.
+    pub fn open_loops(&self) -> Vec<OpenLoopVerdict> {
+        let rounds = self.rounds();
+        let loops = rounds
+            .iter()
+            .map(|(a, b)| a.open_loops.len().min(b.open_loops.len()))
+            .min()
+            .unwrap_or(0);
+        (0..loops)
+            .map(|i| {
+                let each = |setup: usize, figure: fn(&ComparedOpenLoop) -> f64| -> Vec<f64> {
+                    rounds
+                        .iter()
+                        .map(|pair| figure(&[pair.0, pair.1][setup].open_loops[i]))
+                        .collect()
+                };
+                let rates: Vec<f64> = each(0, |l| l.rate_per_sec)
+                    .into_iter()
+                    .chain(each(1, |l| l.rate_per_sec))
+                    .collect();
+                let (low, high) = rates.iter().fold((f64::INFINITY, 0.0_f64), |(lo, hi), r| {
+                    (lo.min(*r), hi.max(*r))
+                });
+                let lower = |figure: fn(&ComparedOpenLoop) -> f64| {
+                    each(1, figure)
+                        .iter()
+                        .zip(each(0, figure))
+                        .filter(|(b, a)| **b < *a)
+                        .count()
+                };
+                OpenLoopVerdict {
+                    rate_per_sec: median(rates),
+                    rates_differ: high > low * 1.01,
+                    median_p50_ms: [median(each(0, |l| l.p50_ms)), median(each(1, |l| l.p50_ms))],
+                    median_p99_ms: [median(each(0, |l| l.p99_ms)), median(each(1, |l| l.p99_ms))],
+                    b_lower_p50: lower(|l| l.p50_ms),
+                    b_lower_p99: lower(|l| l.p99_ms),
+                    rounds: rounds.len(),
+                }
+            })
             .collect()
     }
 
     pub fn table(&self) -> String {
-        let n = self.instances;
+        let [a, b] = [&self.setups[0].name, &self.setups[1].name];
         let mut table = format!(
-            "| round | C start / end (one; {n}) | spread sagas/s: one, {n} | hot SKU sagas/s: one, {n} | {n} / one: spread, hot | the hypervisor took, at most (one; {n}) |\n| --- | --- | --- | --- | --- | --- |\n"
+            "{}\n{}\n\n| round | C start / end ({a}; {b}) | spread sagas/s: {a}, {b} | hot SKU sagas/s: {a}, {b} | {b} / {a}: spread, hot | open loops, p50 / p99 ms ({a}; {b}) | the hypervisor took, at most ({a}; {b}) |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+            self.setups[0].describe(),
+            self.setups[1].describe(),
         );
-        for (one, more) in self.rounds() {
+        let loops = |run: &ComparedRun| {
+            run.open_loops
+                .iter()
+                .map(|l| format!("{:.0}/s {:.0} / {:.0}", l.rate_per_sec, l.p50_ms, l.p99_ms))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for (first, second) in self.rounds() {
+            let order = if self.runs.iter().position(|r| std::ptr::eq(r, first))
+                < self.runs.iter().position(|r| std::ptr::eq(r, second))
+            {
+                a
+            } else {
+                b
+            };
             table.push_str(&format!(
-                "| {} | {:.0} / {:.0}; {:.0} / {:.0} | {:.1}, {:.1} | {:.1}, {:.1} | {:.2}x, {:.2}x | {:.0}%; {:.0}% |\n",
-                one.round,
-                one.limit_commits_per_sec,
-                one.limit_at_end_commits_per_sec,
-                more.limit_commits_per_sec,
-                more.limit_at_end_commits_per_sec,
-                one.spread_sagas_per_sec,
-                more.spread_sagas_per_sec,
-                one.hot_sagas_per_sec,
-                more.hot_sagas_per_sec,
-                more.spread_sagas_per_sec / one.spread_sagas_per_sec,
-                more.hot_sagas_per_sec / one.hot_sagas_per_sec,
-                one.stolen_percent,
-                more.stolen_percent,
+                "| {} ({order} first) | {:.0} / {:.0}; {:.0} / {:.0} | {:.1}, {:.1} | {:.1}, {:.1} | {:.2}x, {:.2}x | {}; {} | {:.0}%; {:.0}% |\n",
+                first.round,
+                first.limit_commits_per_sec,
+                first.limit_at_end_commits_per_sec,
+                second.limit_commits_per_sec,
+                second.limit_at_end_commits_per_sec,
+                first.spread_sagas_per_sec,
+                second.spread_sagas_per_sec,
+                first.hot_sagas_per_sec,
+                second.hot_sagas_per_sec,
+                second.spread_sagas_per_sec / first.spread_sagas_per_sec,
+                second.hot_sagas_per_sec / first.hot_sagas_per_sec,
+                loops(first),
+                loops(second),
+                first.stolen_percent,
+                second.stolen_percent,
             ));
         }
         let (spread, hot) = self.ratio();
@@ -2193,7 +2343,35 @@ impl InstancesComparison {
             n => format!("{n} rounds"),
         };
         table.push_str(&format!(
-            "| sums over {rounds} | | | | {spread:.2}x, {hot:.2}x | |\n\nthe hot SKU {}",
+            "| sums over {rounds} | | | | {spread:.2}x, {hot:.2}x | | |\n"
+        ));
+        let verdicts = self.open_loops();
+        if !verdicts.is_empty() {
+            table.push_str(&format!(
+                "\n| open loop | {a}: p50 / p99, medians | {b}: p50 / p99, medians | {b} lower: p50; p99 |\n| --- | --- | --- | --- |\n"
+            ));
+            for v in verdicts {
+                table.push_str(&format!(
+                    "| {:.0}/s{} | {:.0} / {:.0} ms | {:.0} / {:.0} ms | in {} of {}; in {} of {} |\n",
+                    v.rate_per_sec,
+                    if v.rates_differ {
+                        " (the median: each run's rate follows its peak)"
+                    } else {
+                        ""
+                    },
+                    v.median_p50_ms[0],
+                    v.median_p99_ms[0],
+                    v.median_p50_ms[1],
+                    v.median_p99_ms[1],
+                    v.b_lower_p50,
+                    v.rounds,
+                    v.b_lower_p99,
+                    v.rounds,
+                ));
+            }
+        }
+        table.push_str(&format!(
+            "\nthe hot SKU {}",
             if oversold {
                 "was OVERSOLD in a run"
             } else {
@@ -2204,60 +2382,56 @@ impl InstancesComparison {
     }
 }
 
-/// Runs the benchmark `rounds` times with one instance of each service and
-/// with `instances`, alternating, each on a system of its own that
-/// `start` gives (new servers and services, so no run inherits another's
-/// tables or streams), and writes each run's report to
-/// `<out>/i<instances>-r<round>.json` as it ends.
-pub async fn compare_instances<F, Fut>(
+/// Runs the benchmark `rounds` times with each of two setups, alternating
+/// which goes first (A in odd rounds, B in even ones, so that a machine
+/// that drifts through the rounds favours neither), each run on a system
+/// of its own that `start` gives for the setup's build (new servers and
+/// services, so no run inherits another's tables or streams), and writes
+/// each run's report to `<out>/<setup's name>-r<round>.json` as it ends,
+/// and the comparison so far to `<out>/comparison.json`.
+pub async fn compare<F, Fut>(
     start: F,
     settings: &Settings,
-    instances: usize,
+    setups: [Setup; 2],
     rounds: usize,
     out: &std::path::Path,
-) -> anyhow::Result<InstancesComparison>
+) -> anyhow::Result<Comparison>
 where
-    F: Fn() -> Fut,
+    F: Fn(&Setup) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<System>>,
 {
     anyhow::ensure!(
-        instances >= 2,
-        "comparing instance counts needs 2 or more instances to set beside one (--instances)"
+        setups[0].bin_dir != setups[1].bin_dir || setups[0].instances != setups[1].instances,
+        "both setups run the same build with the same instances: there is nothing to compare"
     );
     std::fs::create_dir_all(out)?;
-    let mut comparison = InstancesComparison {
-        instances,
+    let mut comparison = Comparison {
+        setups,
         runs: Vec::new(),
     };
     for round in 1..=rounds {
-        for n in [1, instances] {
-            eprintln!("bench: round {round} of {rounds}, {n} instance(s) of each service");
-            let mut sys = start().await?;
-            sys.scale_to(n)?;
+        let order = if round % 2 == 1 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let setup = comparison.setups[i].clone();
+            eprintln!("bench: round {round} of {rounds}, {}", setup.describe());
+            let mut sys = start(&setup).await?;
+            sys.scale_to(setup.instances)?;
             let settings = Settings {
-                instances: n,
+                instances: setup.instances,
                 ..settings.clone()
             };
             let report = run(&sys, &settings).await?;
             drop(sys);
             std::fs::write(
-                out.join(format!("i{n}-r{round}.json")),
+                out.join(format!("{}-r{round}.json", setup.name)),
                 serde_json::to_string_pretty(&report)?,
             )?;
-            comparison.runs.push(InstancesRun {
-                round,
-                instances: n,
-                limit_commits_per_sec: report.limit_commits_per_sec,
-                limit_at_end_commits_per_sec: report.limit_at_end_commits_per_sec,
-                spread_sagas_per_sec: report.spread.sagas_per_sec,
-                hot_sagas_per_sec: report.hot.sagas_per_sec,
-                hot_oversold: report.hot_oversold,
-                stolen_percent: report
-                    .spread
-                    .machine
-                    .steal_percent
-                    .max(report.hot.machine.steal_percent),
-            });
+            comparison.runs.push(ComparedRun::of(round, i, &report));
+            // As it stands, so that a comparison cut short keeps its rounds.
+            std::fs::write(
+                out.join("comparison.json"),
+                serde_json::to_string_pretty(&comparison)?,
+            )?;
         }
     }
     Ok(comparison)
@@ -2266,54 +2440,149 @@ where
 #[cfg(test)]
 mod tests {
     use super::{
-        InstancesComparison, InstancesRun, MachineCpu, STOLEN_WORTH_SAYING, axis_top,
-        drift_percent, next_probe, p99_edge, stolen, throughput_over_time,
+        ComparedOpenLoop, ComparedRun, Comparison, MachineCpu, OpenLoopVerdict,
+        STOLEN_WORTH_SAYING, Setup, axis_top, drift_percent, next_probe, p99_edge, stolen,
+        throughput_over_time,
     };
 
     #[test]
-    fn instances_compare_by_the_sums_of_every_round_that_ran_both() {
-        let run = |round, instances, spread, hot| InstancesRun {
+    fn a_comparison_sums_every_round_that_ran_both_and_takes_each_open_loops_medians() {
+        let run = |round, setup, spread, hot, p99s: [f64; 2]| ComparedRun {
             round,
-            instances,
+            setup,
             limit_commits_per_sec: 6000.0,
             limit_at_end_commits_per_sec: 5000.0,
             spread_sagas_per_sec: spread,
             hot_sagas_per_sec: hot,
             hot_oversold: false,
+            open_loops: p99s
+                .iter()
+                .enumerate()
+                .map(|(i, p99)| ComparedOpenLoop {
+                    rate_per_sec: [100.0, 400.0][i],
+                    p50_ms: p99 / 4.0,
+                    p99_ms: *p99,
+                })
+                .collect(),
             stolen_percent: if round == 2 { 12.4 } else { 0.0 },
         };
-        let comparison = InstancesComparison {
-            instances: 2,
+        let setup = |name: &str, dir: &str, instances| Setup {
+            name: name.into(),
+            bin_dir: dir.into(),
+            instances,
+        };
+        let comparison = Comparison {
+            setups: [setup("A", "/a", 1), setup("B", "/b", 1)],
             runs: vec![
-                run(1, 1, 1000.0, 800.0),
-                run(1, 2, 1200.0, 800.0),
-                run(2, 1, 1000.0, 1200.0),
-                run(2, 2, 1000.0, 1000.0),
+                run(1, 0, 1000.0, 800.0, [20.0, 200.0]),
+                run(1, 1, 1200.0, 800.0, [16.0, 100.0]),
+                // Round 2 ran B first.
+                run(2, 1, 1000.0, 1000.0, [40.0, 120.0]),
+                run(2, 0, 1000.0, 1200.0, [24.0, 160.0]),
+                run(3, 0, 900.0, 900.0, [28.0, 80.0]),
+                run(3, 1, 1000.0, 800.0, [32.0, 100.0]),
                 // A round cut short (Ctrl-C) counts for nothing.
-                run(3, 1, 5000.0, 5000.0),
+                run(4, 1, 5000.0, 5000.0, [1.0, 1.0]),
             ],
         };
         let (spread, hot) = comparison.ratio();
-        assert!((spread - 1.1).abs() < 1e-9, "{spread}");
-        assert!((hot - 0.9).abs() < 1e-9, "{hot}");
+        assert!((spread - 3200.0 / 2900.0).abs() < 1e-9, "{spread}");
+        assert!((hot - 2600.0 / 2900.0).abs() < 1e-9, "{hot}");
+        assert_eq!(
+            comparison.open_loops(),
+            [
+                OpenLoopVerdict {
+                    rate_per_sec: 100.0,
+                    rates_differ: false,
+                    median_p50_ms: [6.0, 8.0],
+                    median_p99_ms: [24.0, 32.0],
+                    b_lower_p50: 1,
+                    b_lower_p99: 1,
+                    rounds: 3,
+                },
+                OpenLoopVerdict {
+                    rate_per_sec: 400.0,
+                    rates_differ: false,
+                    median_p50_ms: [40.0, 25.0],
+                    median_p99_ms: [160.0, 100.0],
+                    b_lower_p50: 2,
+                    b_lower_p99: 2,
+                    rounds: 3,
+                },
+            ]
+        );
         let table = comparison.table();
         assert!(
-            table.contains(
-                "| 1 | 6000 / 5000; 6000 / 5000 | 1000.0, 1200.0 | 800.0, 800.0 | 1.20x, 1.00x | 0%; 0% |"
+            table.starts_with(
+                "A: the build in /a, 1 instance of each service\nB: the build in /b, 1 instance of each service\n"
             ),
             "{table}"
         );
         assert!(
             table.contains(
-                "| 2 | 6000 / 5000; 6000 / 5000 | 1000.0, 1000.0 | 1200.0, 1000.0 | 1.00x, 0.83x | 12%; 12% |"
+                "| 1 (A first) | 6000 / 5000; 6000 / 5000 | 1000.0, 1200.0 | 800.0, 800.0 | 1.20x, 1.00x | 100/s 5 / 20, 400/s 50 / 200; 100/s 4 / 16, 400/s 25 / 100 | 0%; 0% |"
             ),
             "{table}"
         );
         assert!(
-            table.contains("| sums over 2 rounds | | | | 1.10x, 0.90x | |"),
+            table.contains(
+                "| 2 (B first) | 6000 / 5000; 6000 / 5000 | 1000.0, 1000.0 | 1200.0, 1000.0 | 1.00x, 0.83x |"
+            ),
+            "{table}"
+        );
+        assert!(table.contains("| 12%; 12% |"), "{table}");
+        assert!(
+            table.contains("| sums over 3 rounds | | | | 1.10x, 0.90x | | |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| 400/s | 40 / 160 ms | 25 / 100 ms | in 2 of 3; in 2 of 3 |"),
             "{table}"
         );
         assert!(table.ends_with("the hot SKU was never oversold"), "{table}");
+    }
+
+    #[test]
+    fn an_open_loops_rate_that_follows_each_runs_peak_is_said_to_differ() {
+        let run = |round, setup, rate| ComparedRun {
+            round,
+            setup,
+            limit_commits_per_sec: 1.0,
+            limit_at_end_commits_per_sec: 1.0,
+            spread_sagas_per_sec: 1.0,
+            hot_sagas_per_sec: 1.0,
+            hot_oversold: false,
+            open_loops: vec![ComparedOpenLoop {
+                rate_per_sec: rate,
+                p50_ms: 1.0,
+                p99_ms: 2.0,
+            }],
+            stolen_percent: 0.0,
+        };
+        let setup = |name: &str, instances| Setup {
+            name: name.into(),
+            bin_dir: "/same".into(),
+            instances,
+        };
+        let comparison = Comparison {
+            setups: [setup("i1", 1), setup("i2", 2)],
+            runs: vec![run(1, 0, 300.0), run(1, 1, 340.0)],
+        };
+        let verdicts = comparison.open_loops();
+        assert!(verdicts[0].rates_differ);
+        assert_eq!(verdicts[0].rate_per_sec, 320.0);
+        assert!(
+            comparison
+                .table()
+                .contains("| 320/s (the median: each run's rate follows its peak) |"),
+            "{}",
+            comparison.table()
+        );
+        assert!(
+            comparison
+                .table()
+                .contains("i2: the build in /same, 2 instances of each service"),
+        );
     }
 
     #[test]

@@ -95,6 +95,9 @@ pub struct Options {
     /// Run NATS as a 3-node JetStream cluster (streams with three replicas,
     /// the services given every node's URL) instead of one server.
     pub cluster: bool,
+    /// The folder of the build whose services run (`None`: this build's,
+    /// [`harness::bin_dir`]): the benchmark sets two builds side by side.
+    pub bin_dir: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -112,6 +115,7 @@ impl Default for Options {
             durable_postgres: false,
             shipped_intervals: false,
             cluster: false,
+            bin_dir: None,
         }
     }
 }
@@ -152,6 +156,8 @@ pub struct System {
     pub cluster: Option<harness::NatsCluster>,
     /// The services' client and admin tokens, when [`Options::extra_env`] set them.
     pub tokens: (Option<String>, Option<String>),
+    /// The folder of the build whose binaries run ([`Options::bin_dir`]).
+    pub bin_dir: PathBuf,
 }
 
 /// The saga console, running as its own process against a [`System`].
@@ -358,6 +364,7 @@ impl System {
         } else {
             None
         };
+        let bin_dir = options.bin_dir.clone().unwrap_or_else(harness::bin_dir);
         let mut processes = Vec::new();
         let mut ports = Vec::new();
         let mut databases = Vec::new();
@@ -478,7 +485,8 @@ impl System {
                 env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint.clone()));
                 env.push(("OTEL_BSP_SCHEDULE_DELAY".into(), "200".into()));
             }
-            processes.push(ServiceProcess::start(
+            processes.push(ServiceProcess::start_in(
+                &bin_dir,
                 name,
                 env,
                 logs.join(format!("{name}.log")),
@@ -521,6 +529,7 @@ impl System {
             tls_ca,
             cluster,
             tokens,
+            bin_dir,
         })
     }
 
@@ -553,7 +562,8 @@ impl System {
                 self.logs.join("tls-cert.pem").display().to_string(),
             ));
         }
-        let process = ServiceProcess::start("console", env, self.logs.join("console.log"))?;
+        let process =
+            ServiceProcess::start_in(&self.bin_dir, "console", env, self.logs.join("console.log"))?;
         let url = format!("http://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(30);
         while let Err(e) = http_get(port, "/healthz").await {

@@ -2,7 +2,7 @@
 //! holds together: every order ended, the hot SKU was never oversold, and
 //! each loop's cost was counted on its own. Nothing here is timed: speed
 //! is what the benchmark measures, not what a test asserts.
-use e2e::bench::{Settings, run};
+use e2e::bench::{Settings, Setup, run};
 use e2e::{Options, system};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,11 +254,12 @@ async fn a_backlog_queued_while_nats_is_down_is_published_once_it_is_back() {
     serde_json::to_string(&drained).unwrap();
 }
 
-/// `load --instances 2 --rounds N`: a run with one instance of each
-/// service, then one with two, each on a system started for it, every
-/// run's report written as it ends, and the comparison of their sums.
+/// `load --instances 2 --rounds N` and `load --against DIR --rounds N`:
+/// each setup's run on a system started for it from its build's folder,
+/// every run's report written as it ends, and the comparison of their
+/// sums and open loops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn comparing_instance_counts_runs_one_and_then_more_each_on_a_system_of_its_own() {
+async fn a_comparison_runs_each_setup_on_a_system_of_its_own_from_its_build() {
     let settings = Settings {
         instances: 1,
         clients: vec![2],
@@ -277,63 +278,141 @@ async fn comparing_instance_counts_runs_one_and_then_more_each_on_a_system_of_it
         statements: false,
     };
     let out = tempfile::tempdir().unwrap();
-    let started = std::sync::atomic::AtomicUsize::new(0);
-    let start = || {
-        started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        e2e::System::start(Options::default())
+    // The other build: this one's binaries, linked from a folder of its own.
+    let other = tempfile::tempdir().unwrap();
+    for name in e2e::SERVICES {
+        std::os::unix::fs::symlink(harness::bin_dir().join(name), other.path().join(name)).unwrap();
+    }
+    let started = std::sync::Mutex::new(Vec::new());
+    let start = |setup: &Setup| {
+        started.lock().unwrap().push(setup.name.clone());
+        e2e::System::start(Options {
+            bin_dir: Some(setup.bin_dir.clone()),
+            ..Options::default()
+        })
+    };
+    let setup = |name: &str, bin_dir: &std::path::Path, instances| Setup {
+        name: name.into(),
+        bin_dir: bin_dir.to_path_buf(),
+        instances,
     };
 
-    let refused = e2e::bench::compare_instances(start, &settings, 1, 1, out.path()).await;
+    let same = [
+        setup("A", &harness::bin_dir(), 1),
+        setup("B", &harness::bin_dir(), 1),
+    ];
+    let refused = e2e::bench::compare(start, &settings, same, 1, out.path()).await;
     assert!(
         refused
             .unwrap_err()
             .to_string()
-            .contains("2 or more instances"),
-        "one instance set beside one is no comparison"
+            .contains("nothing to compare"),
+        "a setup set beside itself is no comparison"
     );
-    assert_eq!(started.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert!(started.lock().unwrap().is_empty());
 
-    let comparison = e2e::bench::compare_instances(start, &settings, 2, 1, out.path())
+    let setups = [
+        setup("i1", &harness::bin_dir(), 1),
+        setup("B", other.path(), 2),
+    ];
+    let comparison = e2e::bench::compare(start, &settings, setups, 1, out.path())
         .await
         .unwrap();
-    assert_eq!(started.load(std::sync::atomic::Ordering::SeqCst), 2);
-    let runs: Vec<(usize, usize)> = comparison
-        .runs
-        .iter()
-        .map(|r| (r.round, r.instances))
-        .collect();
-    assert_eq!(runs, [(1, 1), (1, 2)]);
+    assert_eq!(*started.lock().unwrap(), ["i1", "B"]);
+    let runs: Vec<(usize, usize)> = comparison.runs.iter().map(|r| (r.round, r.setup)).collect();
+    assert_eq!(runs, [(1, 0), (1, 1)]);
     for run in &comparison.runs {
         assert!(
             run.spread_sagas_per_sec > 0.0 && run.hot_sagas_per_sec > 0.0 && !run.hot_oversold,
             "{run:?}"
         );
+        let setup = &comparison.setups[run.setup];
         let report: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(out.path().join(format!("i{}-r1.json", run.instances))).unwrap(),
+            &std::fs::read(out.path().join(format!("{}-r1.json", setup.name))).unwrap(),
         )
         .unwrap();
         assert!(
             report["settings"]
                 .as_str()
                 .unwrap()
-                .contains(&format!("instances: {}", run.instances)),
+                .contains(&format!("instances: {}", setup.instances)),
             "{report}"
         );
-        // The run's share taken by the hypervisor: the larger of its two
-        // closed loops' (a percentage, so within 1e-9 after serde_json).
-        let stolen = |lp: &str| report[lp]["machine"]["steal_percent"].as_f64().unwrap();
-        assert!(
-            (stolen("spread").max(stolen("hot")) - run.stolen_percent).abs() <= 1e-9,
-            "{run:?}"
-        );
+        // The run's share taken by the hypervisor: the largest of its
+        // loops' (a percentage, so within 1e-9 after serde_json).
+        let closed = |lp: &str| report[lp]["machine"]["steal_percent"].as_f64().unwrap();
+        let stolen = report["open_loops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["stolen_percent"].as_f64().unwrap())
+            .fold(closed("spread").max(closed("hot")), f64::max);
+        assert!((stolen - run.stolen_percent).abs() <= 1e-9, "{run:?}");
         // serde_json reads a float back to within a unit of its last place.
         let written = report["spread"]["sagas_per_sec"].as_f64().unwrap();
         assert!(
             (written - run.spread_sagas_per_sec).abs() <= 1e-9 * run.spread_sagas_per_sec,
             "{written} {run:?}"
         );
+        let open = &report["open_loops"][0];
+        assert_eq!(run.open_loops.len(), 1, "{run:?}");
+        assert_eq!(
+            run.open_loops[0].p99_ms,
+            open["latency"]["p99_ms"].as_f64().unwrap()
+        );
     }
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("comparison.json")).unwrap())
+            .unwrap();
+    assert_eq!(written["runs"].as_array().unwrap().len(), 2, "{written}");
+    assert_eq!(written["setups"][1]["instances"], 2, "{written}");
     let (spread, hot) = comparison.ratio();
     assert!(spread > 0.0 && hot > 0.0, "{spread} {hot}");
-    assert!(comparison.table().contains("| sums over 1 round |"));
+    let table = comparison.table();
+    assert!(table.contains("| sums over 1 round |"), "{table}");
+    assert!(table.contains("| 8/s | "), "{table}");
+    assert!(
+        table.contains(&format!(
+            "B: the build in {}, 2 instances of each service",
+            other.path().display()
+        )),
+        "{table}"
+    );
+}
+
+/// A system started from another build's folder runs that build's
+/// binaries, and so do the instances it scales to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_system_runs_the_binaries_of_the_build_it_is_given_and_so_do_its_twins() {
+    let other = tempfile::tempdir().unwrap();
+    for name in e2e::SERVICES {
+        std::os::unix::fs::symlink(harness::bin_dir().join(name), other.path().join(name)).unwrap();
+    }
+    let mut sys = system(Options {
+        bin_dir: Some(other.path().to_path_buf()),
+        ..Options::default()
+    })
+    .await;
+    sys.scale_to(2).unwrap();
+    assert_eq!(sys.extra_instances.len(), e2e::SERVICES.len());
+    for process in sys.processes.iter().chain(&sys.extra_instances) {
+        let pid = process.pid().expect("running");
+        // A process just spawned may not have its arguments in place yet
+        // (its parent goes on while its exec is still under way).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let cmdline = loop {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+            if !cmdline.is_empty() || std::time::Instant::now() > deadline {
+                break cmdline;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        let program = String::from_utf8_lossy(cmdline.split(|b| *b == 0).next().unwrap());
+        assert_eq!(
+            std::path::Path::new(&*program),
+            other.path().join(process.name()),
+            "{}",
+            process.name()
+        );
+    }
 }

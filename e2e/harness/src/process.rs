@@ -1,6 +1,6 @@
 //! A service binary run as a child process that a test can SIGKILL, stop
 //! gracefully and start again with the same settings.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -29,7 +29,18 @@ pub struct ServiceProcess {
 impl ServiceProcess {
     /// Starts binary `name` with `env`, appending its output to `log`.
     pub fn start(name: &str, env: Vec<(String, String)>, log: PathBuf) -> anyhow::Result<Self> {
-        let program = bin_dir().join(name);
+        ServiceProcess::start_in(&bin_dir(), name, env, log)
+    }
+
+    /// Starts binary `name` of the build in `dir` (another build's, to set
+    /// beside this one) with `env`, appending its output to `log`.
+    pub fn start_in(
+        dir: &Path,
+        name: &str,
+        env: Vec<(String, String)>,
+        log: PathBuf,
+    ) -> anyhow::Result<Self> {
+        let program = dir.join(name);
         anyhow::ensure!(
             program.exists(),
             "{} is missing: build the binaries first (cargo build --workspace --bins)",
@@ -54,7 +65,8 @@ impl ServiceProcess {
             env.retain(|(k, _)| k != key);
             env.push(((*key).to_owned(), value.clone()));
         }
-        ServiceProcess::start(&self.name, env, log)
+        let dir = self.program.parent().expect("a binary's folder");
+        ServiceProcess::start_in(dir, &self.name, env, log)
     }
 
     /// The running process's id.

@@ -11,7 +11,7 @@
 //! (fsync and synchronous_commit on) unless NATS_URL / DATABASE_URL name
 //! servers to use. See e2e/src/bench.rs for what each figure means.
 use clap::Parser;
-use e2e::bench::{Settings, run};
+use e2e::bench::{Settings, Setup, run};
 use e2e::{Options, System};
 
 #[derive(Parser)]
@@ -75,11 +75,18 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     instances: usize,
     /// Instead of one run, compare: this many rounds of a run with one
-    /// instance of each service and a run with --instances, alternating,
-    /// each on servers and services of its own; prints each round and the
-    /// ratio of the sums, and writes each run's report to <out>/instances/.
+    /// instance of each service and a run with --instances (or, with
+    /// --against, of this build and that one), alternating, each on
+    /// servers and services of its own; prints each round, the ratio of the
+    /// sums and each open loop's median latencies, and writes each run's
+    /// report to <out>/instances/ (<out>/builds/).
     #[arg(long, default_value_t = 0)]
     rounds: usize,
+    /// With --rounds: set the build whose binaries are in this folder (B)
+    /// beside this one (A, SAGA_BIN_DIR or load's own folder), each with
+    /// --instances of each service.
+    #[arg(long)]
+    against: Option<std::path::PathBuf>,
     /// Afterwards, queue this many orders' events while NATS is down and
     /// measure how fast the backlog drains once it is back (0: skip).
     #[arg(long, default_value_t = 0)]
@@ -119,32 +126,70 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         limit_secs: args.limit_secs,
         statements: args.statements,
     };
+    anyhow::ensure!(
+        args.against.is_none() || args.rounds > 0,
+        "--against compares two builds over rounds: give --rounds too"
+    );
     if args.rounds > 0 {
         anyhow::ensure!(
             args.drain == 0,
-            "--rounds compares throughput; measure the drain (--drain) in a run of its own"
+            "--rounds compares throughput and latency; measure the drain (--drain) in a run of its own"
         );
-        let out = args.out.join("instances");
+        let this = harness::bin_dir();
+        let (setups, out) = match &args.against {
+            Some(other) => {
+                anyhow::ensure!(
+                    other.join("order").exists(),
+                    "{} holds no service binaries (build them with cargo build --release --workspace --bins and copy target/release's)",
+                    other.display()
+                );
+                let setup = |name: &str, bin_dir| Setup {
+                    name: name.into(),
+                    bin_dir,
+                    instances: args.instances,
+                };
+                (
+                    [setup("A", this), setup("B", other.clone())],
+                    args.out.join("builds"),
+                )
+            }
+            None => {
+                anyhow::ensure!(
+                    args.instances >= 2,
+                    "comparing instance counts needs 2 or more instances to set beside one (--instances), or another build (--against)"
+                );
+                let setup = |instances| Setup {
+                    name: format!("i{instances}"),
+                    bin_dir: this.clone(),
+                    instances,
+                };
+                (
+                    [setup(1), setup(args.instances)],
+                    args.out.join("instances"),
+                )
+            }
+        };
         eprintln!(
-            "load: {} rounds of 1 and {} instance(s) of each service; binaries in {}, on {}",
+            "load: {} rounds of {} and {}, on {}",
             args.rounds,
-            args.instances,
-            harness::bin_dir().display(),
+            setups[0].name,
+            setups[1].name,
             e2e::bench::machine()
         );
-        let comparison = e2e::bench::compare_instances(
-            || System::start(options.clone()),
+        let comparison = e2e::bench::compare(
+            |setup: &Setup| {
+                System::start(Options {
+                    bin_dir: Some(setup.bin_dir.clone()),
+                    ..options.clone()
+                })
+            },
             &settings,
-            args.instances,
+            setups,
             args.rounds,
             &out,
         )
         .await?;
         println!("{}", comparison.table());
-        std::fs::write(
-            out.join("comparison.json"),
-            serde_json::to_string_pretty(&comparison)?,
-        )?;
         eprintln!(
             "wrote each run's report and comparison.json in {}",
             out.display()
