@@ -2139,6 +2139,8 @@ pub struct ComparedOpenLoop {
     pub rate_per_sec: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// The CPU of the services, nats-server and PostgreSQL per saga.
+    pub system_cpu_ms_per_saga: f64,
 }
 
 /// One run of a comparison ([`compare`]).
@@ -2178,6 +2180,7 @@ impl ComparedRun {
                     rate_per_sec: l.rate_per_sec,
                     p50_ms: l.latency.p50_ms,
                     p99_ms: l.latency.p99_ms,
+                    system_cpu_ms_per_saga: l.system_cpu_ms_per_saga,
                 })
                 .collect(),
             stolen_percent: closed.into_iter().chain(open).fold(0.0, f64::max),
@@ -2208,6 +2211,7 @@ pub struct OpenLoopVerdict {
     pub rates_differ: bool,
     pub median_p50_ms: [f64; 2],
     pub median_p99_ms: [f64; 2],
+    pub median_cpu_ms_per_saga: [f64; 2],
     pub b_lower_p50: usize,
     pub b_lower_p99: usize,
     pub rounds: usize,
@@ -2287,6 +2291,10 @@ impl Comparison {
                     rates_differ: high > low * 1.01,
                     median_p50_ms: [median(each(0, |l| l.p50_ms)), median(each(1, |l| l.p50_ms))],
                     median_p99_ms: [median(each(0, |l| l.p99_ms)), median(each(1, |l| l.p99_ms))],
+                    median_cpu_ms_per_saga: [
+                        median(each(0, |l| l.system_cpu_ms_per_saga)),
+                        median(each(1, |l| l.system_cpu_ms_per_saga)),
+                    ],
                     b_lower_p50: lower(|l| l.p50_ms),
                     b_lower_p99: lower(|l| l.p99_ms),
                     rounds: rounds.len(),
@@ -2348,11 +2356,11 @@ impl Comparison {
         let verdicts = self.open_loops();
         if !verdicts.is_empty() {
             table.push_str(&format!(
-                "\n| open loop | {a}: p50 / p99, medians | {b}: p50 / p99, medians | {b} lower: p50; p99 |\n| --- | --- | --- | --- |\n"
+                "\n| open loop | {a}: p50 / p99, medians | {b}: p50 / p99, medians | {b} lower: p50; p99 | CPU a saga, medians: {a}; {b} |\n| --- | --- | --- | --- | --- |\n"
             ));
             for v in verdicts {
                 table.push_str(&format!(
-                    "| {:.0}/s{} | {:.0} / {:.0} ms | {:.0} / {:.0} ms | in {} of {}; in {} of {} |\n",
+                    "| {:.0}/s{} | {:.0} / {:.0} ms | {:.0} / {:.0} ms | in {} of {}; in {} of {} | {:.1}; {:.1} ms |\n",
                     v.rate_per_sec,
                     if v.rates_differ {
                         " (the median: each run's rate follows its peak)"
@@ -2367,6 +2375,8 @@ impl Comparison {
                     v.rounds,
                     v.b_lower_p99,
                     v.rounds,
+                    v.median_cpu_ms_per_saga[0],
+                    v.median_cpu_ms_per_saga[1],
                 ));
             }
         }
@@ -2462,6 +2472,7 @@ mod tests {
                     rate_per_sec: [100.0, 400.0][i],
                     p50_ms: p99 / 4.0,
                     p99_ms: *p99,
+                    system_cpu_ms_per_saga: p99 / 10.0,
                 })
                 .collect(),
             stolen_percent: if round == 2 { 12.4 } else { 0.0 },
@@ -2496,6 +2507,7 @@ mod tests {
                     rates_differ: false,
                     median_p50_ms: [6.0, 8.0],
                     median_p99_ms: [24.0, 32.0],
+                    median_cpu_ms_per_saga: [2.4, 3.2],
                     b_lower_p50: 1,
                     b_lower_p99: 1,
                     rounds: 3,
@@ -2505,6 +2517,7 @@ mod tests {
                     rates_differ: false,
                     median_p50_ms: [40.0, 25.0],
                     median_p99_ms: [160.0, 100.0],
+                    median_cpu_ms_per_saga: [16.0, 10.0],
                     b_lower_p50: 2,
                     b_lower_p99: 2,
                     rounds: 3,
@@ -2536,7 +2549,9 @@ mod tests {
             "{table}"
         );
         assert!(
-            table.contains("| 400/s | 40 / 160 ms | 25 / 100 ms | in 2 of 3; in 2 of 3 |"),
+            table.contains(
+                "| 400/s | 40 / 160 ms | 25 / 100 ms | in 2 of 3; in 2 of 3 | 16.0; 10.0 ms |"
+            ),
             "{table}"
         );
         assert!(table.ends_with("the hot SKU was never oversold"), "{table}");
@@ -2556,6 +2571,7 @@ mod tests {
                 rate_per_sec: rate,
                 p50_ms: 1.0,
                 p99_ms: 2.0,
+                system_cpu_ms_per_saga: 3.0,
             }],
             stolen_percent: 0.0,
         };

@@ -3,7 +3,10 @@
 //! number of clients given, `--clients`) and one hot SKU, latency under an
 //! open loop at half that peak (`--open-at`) and for one order alone, what
 //! each saga costs (transactions, messages, CPU, memory) and each hop's
-//! time; it prints a table and writes JSON and an SVG.
+//! time; it prints a table and writes JSON and an SVG. With `--rounds N`
+//! it compares instead: alternating runs of two setups (one instance of
+//! each service and `--instances`, or this build and the one in
+//! `--against DIR`), their figures side by side.
 //!
 //! cargo build --release --workspace --bins && target/release/load
 //!
