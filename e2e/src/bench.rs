@@ -127,6 +127,11 @@ pub struct ProcessCost {
     pub process: String,
     pub cpu_seconds: f64,
     pub cpu_ms_per_saga: f64,
+    /// How long its threads were ready to run but waited for a core, per
+    /// saga: the kernel's run delay (`/proc/<pid>/task/*/schedstat`),
+    /// summed over its threads (PostgreSQL: over the postmaster and its
+    /// live backends). None where the kernel does not keep it.
+    pub waited_ms_per_saga: Option<f64>,
     pub peak_rss_mb: f64,
 }
 
@@ -144,6 +149,12 @@ pub struct Cost {
 }
 
 impl Cost {
+    /// The processes of the system measured: the services, nats-server and
+    /// PostgreSQL, not the benchmark's own.
+    fn system(&self) -> impl Iterator<Item = &ProcessCost> {
+        self.processes.iter().filter(|p| p.process != "load")
+    }
+
     /// "1.9: 1.9 commits + 0.0 rollbacks (order 1.3+0.0, ...)"
     fn transactions(&self) -> String {
         format!(
@@ -162,13 +173,17 @@ impl Cost {
         )
     }
 
-    /// "order 0.7 ms, 18 MB; ..."
+    /// "order 0.7 ms (waited 1.2), 18 MB; ..."
     fn cpu(&self) -> String {
         self.processes
             .iter()
             .map(|p| {
+                let waited = p
+                    .waited_ms_per_saga
+                    .map(|w| format!(" (waited {w:.1})"))
+                    .unwrap_or_default();
                 format!(
-                    "{} {:.1} ms, {:.0} MB",
+                    "{} {:.1} ms{waited}, {:.0} MB",
                     p.process, p.cpu_ms_per_saga, p.peak_rss_mb
                 )
             })
@@ -374,6 +389,11 @@ pub struct OpenLoop {
     /// CPU of the services, nats-server and PostgreSQL per saga (not the
     /// benchmark's own).
     pub system_cpu_ms_per_saga: f64,
+    /// How long their threads waited for a core per saga, ready to run
+    /// (the kernel's run delay; None where it keeps none). Times the rate,
+    /// it is how many of them waited at any moment on average: the queue
+    /// for the cores that a busy machine's latency is made of.
+    pub system_waited_ms_per_saga: Option<f64>,
     /// The whole machine's idle time while the orders arrived.
     pub idle_percent: f64,
     /// The share of the machine the hypervisor gave to other guests
@@ -689,13 +709,8 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
             rate_per_sec: run.rate,
             latency: run.latency.clone(),
             transactions_per_saga: run.cost.transactions_per_saga,
-            system_cpu_ms_per_saga: run
-                .cost
-                .processes
-                .iter()
-                .filter(|p| p.process != "load")
-                .map(|p| p.cpu_ms_per_saga)
-                .sum(),
+            system_cpu_ms_per_saga: run.cost.system().map(|p| p.cpu_ms_per_saga).sum(),
+            system_waited_ms_per_saga: run.cost.system().map(|p| p.waited_ms_per_saga).sum(),
             idle_percent: run.beside.machine.idle_percent,
             stolen_percent: run.beside.machine.steal_percent,
             processes: run.cost.processes.clone(),
@@ -1133,8 +1148,7 @@ struct Counters {
     /// Summed over the services' consumers.
     deliveries: u64,
     acks: u64,
-    /// CPU seconds of each process, and its peak RSS in MB.
-    processes: Vec<(String, f64, f64)>,
+    processes: Vec<ProcessUse>,
 }
 
 impl Counters {
@@ -1179,18 +1193,20 @@ impl Counters {
         let processes = self
             .processes
             .iter()
-            .map(|(name, cpu, rss)| {
-                let cpu_before = before
-                    .processes
-                    .iter()
-                    .find(|p| &p.0 == name)
-                    .map(|p| p.1)
-                    .unwrap_or(0.0);
+            .map(|now| {
+                let then = before.processes.iter().find(|p| p.name == now.name);
+                let cpu = now.cpu_seconds - then.map_or(0.0, |p| p.cpu_seconds);
+                // A thread that exits takes its run delay with it (a
+                // backend that closed, say): never below nothing.
+                let waited = now
+                    .waited_seconds
+                    .map(|w| (w - then.and_then(|p| p.waited_seconds).unwrap_or(0.0)).max(0.0));
                 ProcessCost {
-                    process: name.clone(),
-                    cpu_seconds: cpu - cpu_before,
-                    cpu_ms_per_saga: (cpu - cpu_before) * 1000.0 / n,
-                    peak_rss_mb: *rss,
+                    process: now.name.clone(),
+                    cpu_seconds: cpu,
+                    cpu_ms_per_saga: cpu * 1000.0 / n,
+                    waited_ms_per_saga: waited.map(|w| w * 1000.0 / n),
+                    peak_rss_mb: now.peak_rss_mb,
                 }
             })
             .collect();
@@ -1207,52 +1223,106 @@ impl Counters {
     }
 }
 
-/// CPU seconds and peak RSS (MB) of each service, nats-server, PostgreSQL
-/// (the postmaster with its backends: their CPU summed, their private memory
-/// summed plus the shared memory once) and the benchmark itself.
-fn process_use(sys: &System) -> Vec<(String, f64, f64)> {
-    let mut found: Vec<(String, f64, f64)> = Vec::new();
-    // A service's instances together: their CPU summed, the largest peak RSS.
+/// What one process (or a service's instances together) has used so far.
+#[derive(Debug, Clone, PartialEq)]
+struct ProcessUse {
+    name: String,
+    cpu_seconds: f64,
+    /// Seconds its threads were ready to run but waited for a core.
+    waited_seconds: Option<f64>,
+    peak_rss_mb: f64,
+}
+
+/// The CPU seconds, the seconds waited for a core, and the peak RSS (MB)
+/// of each service, nats-server, PostgreSQL (the postmaster with its
+/// backends: their CPU and waits summed, their private memory summed plus
+/// the shared memory once) and the benchmark itself.
+fn process_use(sys: &System) -> Vec<ProcessUse> {
+    let mut found: Vec<ProcessUse> = Vec::new();
+    // A service's instances together: their CPU and waits summed, the largest peak RSS.
     for process in sys.processes.iter().chain(&sys.extra_instances) {
         if let Some(pid) = process.pid() {
             let (cpu, _) = cpu_of(pid);
+            let waited = waited_of(pid);
             let rss = status_kb(pid, "VmHWM") / 1024.0;
-            match found.iter_mut().find(|f| f.0 == process.name()) {
+            match found.iter_mut().find(|f| f.name == process.name()) {
                 Some(service) => {
-                    service.1 += cpu;
-                    service.2 = service.2.max(rss);
+                    service.cpu_seconds += cpu;
+                    service.waited_seconds = service.waited_seconds.zip(waited).map(|(a, b)| a + b);
+                    service.peak_rss_mb = service.peak_rss_mb.max(rss);
                 }
-                None => found.push((process.name().to_owned(), cpu, rss)),
+                None => found.push(ProcessUse {
+                    name: process.name().to_owned(),
+                    cpu_seconds: cpu,
+                    waited_seconds: waited,
+                    peak_rss_mb: rss,
+                }),
             }
         }
     }
     if let Some(pid) = sys.infra.nats.pid() {
-        found.push((
-            "nats-server".into(),
-            cpu_of(pid).0,
-            status_kb(pid, "VmHWM") / 1024.0,
-        ));
+        found.push(ProcessUse {
+            name: "nats-server".into(),
+            cpu_seconds: cpu_of(pid).0,
+            waited_seconds: waited_of(pid),
+            peak_rss_mb: status_kb(pid, "VmHWM") / 1024.0,
+        });
     }
     if let Some(postmaster) = sys.infra.postgres.postmaster_pid() {
         let (own, exited_children) = cpu_of(postmaster);
         let mut cpu = own + exited_children;
+        let mut waited = waited_of(postmaster);
         let mut private_kb = status_kb(postmaster, "RssAnon");
         let mut shared_kb = status_kb(postmaster, "RssShmem");
         for child in children_of(postmaster) {
             cpu += cpu_of(child).0;
+            waited = waited.map(|w| w + waited_of(child).unwrap_or(0.0));
             private_kb += status_kb(child, "RssAnon");
             shared_kb = shared_kb.max(status_kb(child, "RssShmem"));
         }
-        found.push(("postgres".into(), cpu, (private_kb + shared_kb) / 1024.0));
+        found.push(ProcessUse {
+            name: "postgres".into(),
+            cpu_seconds: cpu,
+            waited_seconds: waited,
+            peak_rss_mb: (private_kb + shared_kb) / 1024.0,
+        });
     }
     // The benchmark itself (its gRPC clients and watcher) shares the cores.
     let own = std::process::id();
-    found.push((
-        "load".into(),
-        cpu_of(own).0,
-        status_kb(own, "VmHWM") / 1024.0,
-    ));
+    found.push(ProcessUse {
+        name: "load".into(),
+        cpu_seconds: cpu_of(own).0,
+        waited_seconds: waited_of(own),
+        peak_rss_mb: status_kb(own, "VmHWM") / 1024.0,
+    });
     found
+}
+
+/// Seconds the threads of process `pid` that are alive now have spent
+/// ready to run but waiting for a core (the second figure of each
+/// `/proc/<pid>/task/<tid>/schedstat`, in nanoseconds); None where the
+/// kernel keeps no such figures (or the process is gone).
+fn waited_of(pid: u32) -> Option<f64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut waited_ns = None;
+    for task in tasks.flatten() {
+        let Ok(line) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue; // exited meanwhile
+        };
+        if let Some(ns) = run_delay_ns(&line) {
+            *waited_ns.get_or_insert(0u64) += ns;
+        }
+    }
+    waited_ns.map(|ns| ns as f64 / 1e9)
+}
+
+/// The run delay of a `schedstat` line: "<on the cpu ns> <waited ns> <timeslices>".
+fn run_delay_ns(schedstat: &str) -> Option<u64> {
+    let fields: Vec<&str> = schedstat.split_whitespace().collect();
+    match fields.as_slice() {
+        [_, waited, _] => waited.parse().ok(),
+        _ => None,
+    }
 }
 
 /// (own CPU seconds, CPU seconds of waited-for children) of process `pid`.
@@ -1683,12 +1753,21 @@ impl Report {
             percentiles(&self.open_loop),
         );
         row(
-            "open loops by rate: placed -> COMPLETED p50 / p99; transactions and CPU ms (services, NATS, PostgreSQL) per saga; the machine idle",
+            "open loops by rate: placed -> COMPLETED p50 / p99; transactions, CPU ms and ms waited for a core (services, NATS, PostgreSQL) per saga, and how many of their threads waited at a time; the machine idle",
             self.open_loops
                 .iter()
                 .map(|run| {
+                    let waited = run
+                        .system_waited_ms_per_saga
+                        .map(|w| {
+                            format!(
+                                ", waited {w:.1} ms ({:.1} at a time)",
+                                w * run.rate_per_sec / 1000.0
+                            )
+                        })
+                        .unwrap_or_default();
                     format!(
-                        "{:.0}/s: {:.0} / {:.0} ms, {:.1} tx, {:.1} ms, {:.0}% idle{}",
+                        "{:.0}/s: {:.0} / {:.0} ms, {:.1} tx, {:.1} ms{waited}, {:.0}% idle{}",
                         run.rate_per_sec,
                         run.latency.p50_ms,
                         run.latency.p99_ms,
@@ -2043,12 +2122,12 @@ pub async fn drain(sys: &mut System, orders: usize, clients: usize) -> anyhow::R
     let machine = MachineCpu::between(&machine_before, &MachineCpu::ticks());
     let mut cores: Vec<(String, f64)> = process_use(sys)
         .into_iter()
-        .map(|(process, cpu, _)| {
+        .map(|now| {
             let before = use_before
                 .iter()
-                .find(|(p, ..)| *p == process)
-                .map_or(0.0, |(_, cpu, _)| *cpu);
-            (process, (cpu - before) / drain_seconds)
+                .find(|p| p.name == now.name)
+                .map_or(0.0, |p| p.cpu_seconds);
+            (now.name, (now.cpu_seconds - before) / drain_seconds)
         })
         .collect();
     cores.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -2141,6 +2220,8 @@ pub struct ComparedOpenLoop {
     pub p99_ms: f64,
     /// The CPU of the services, nats-server and PostgreSQL per saga.
     pub system_cpu_ms_per_saga: f64,
+    /// How long their threads waited for a core per saga.
+    pub system_waited_ms_per_saga: Option<f64>,
 }
 
 /// One run of a comparison ([`compare`]).
@@ -2181,6 +2262,7 @@ impl ComparedRun {
                     p50_ms: l.latency.p50_ms,
                     p99_ms: l.latency.p99_ms,
                     system_cpu_ms_per_saga: l.system_cpu_ms_per_saga,
+                    system_waited_ms_per_saga: l.system_waited_ms_per_saga,
                 })
                 .collect(),
             stolen_percent: closed.into_iter().chain(open).fold(0.0, f64::max),
@@ -2451,9 +2533,10 @@ where
 mod tests {
     use super::{
         ComparedOpenLoop, ComparedRun, Comparison, MachineCpu, OpenLoopVerdict,
-        STOLEN_WORTH_SAYING, Setup, axis_top, drift_percent, next_probe, p99_edge, stolen,
-        throughput_over_time,
+        STOLEN_WORTH_SAYING, Setup, axis_top, drift_percent, next_probe, p99_edge, run_delay_ns,
+        stolen, throughput_over_time, waited_of,
     };
+    use std::time::Duration;
 
     #[test]
     fn a_comparison_sums_every_round_that_ran_both_and_takes_each_open_loops_medians() {
@@ -2473,6 +2556,7 @@ mod tests {
                     p50_ms: p99 / 4.0,
                     p99_ms: *p99,
                     system_cpu_ms_per_saga: p99 / 10.0,
+                    system_waited_ms_per_saga: Some(p99 / 5.0),
                 })
                 .collect(),
             stolen_percent: if round == 2 { 12.4 } else { 0.0 },
@@ -2572,6 +2656,7 @@ mod tests {
                 p50_ms: 1.0,
                 p99_ms: 2.0,
                 system_cpu_ms_per_saga: 3.0,
+                system_waited_ms_per_saga: None,
             }],
             stolen_percent: 0.0,
         };
@@ -2613,6 +2698,38 @@ mod tests {
         assert_eq!(drift_percent(4000.0, 3000.0), -25.0);
         assert_eq!(drift_percent(2000.0, 2500.0), 25.0);
         assert_eq!(drift_percent(0.0, 2500.0), 0.0);
+    }
+
+    #[test]
+    fn a_process_whose_threads_outnumber_the_cores_is_seen_waiting_for_them() {
+        assert_eq!(run_delay_ns("2510901 838270 12\n"), Some(838270));
+        assert_eq!(run_delay_ns("garbage"), None);
+        let me = std::process::id();
+        let before = waited_of(me).expect("this kernel keeps each thread's run delay");
+        // Twice as many spinning threads as cores, for 300 ms: half of them
+        // wait at any moment, so together they wait about as long as they run.
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let until = std::time::Instant::now() + Duration::from_millis(300);
+        let spinners: Vec<_> = (0..cores * 2)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    while std::time::Instant::now() < until {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        // Read while they still run: a thread's figures leave with it.
+        std::thread::sleep(Duration::from_millis(250));
+        let during = waited_of(me).expect("still readable");
+        spinners.into_iter().for_each(|t| t.join().unwrap());
+        assert!(
+            during - before > 0.05,
+            "{cores} cores, {} threads spinning for 250 ms waited only {:.3} s",
+            cores * 2,
+            during - before
+        );
+        assert_eq!(waited_of(u32::MAX), None, "no such process");
     }
 
     #[test]

@@ -124,6 +124,19 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
             (of_processes - run.system_cpu_ms_per_saga).abs() < 1e-9 && run.processes.len() == 7,
             "{run:?}"
         );
+        // So is its wait for a core: every process's threads woke and
+        // waited, if only microseconds, for a core to run on.
+        let waited: Vec<f64> = run
+            .processes
+            .iter()
+            .map(|p| p.waited_ms_per_saga.expect("this kernel keeps run delays"))
+            .collect();
+        assert!(waited.iter().all(|w| *w > 0.0), "{run:?}");
+        let system_waited = run.system_waited_ms_per_saga.expect("every process's");
+        assert!(
+            (waited[..6].iter().sum::<f64>() - system_waited).abs() < 1e-9,
+            "{run:?}"
+        );
     }
     assert_eq!(report.open_loops[2].latency, report.open_loop);
 
@@ -209,6 +222,13 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
     }
     assert!(
         table.contains("none of the rates run; beyond it from 2/s"),
+        "{table}"
+    );
+    // Each open loop's wait for a core, and each process's.
+    assert!(
+        table.matches(" at a time), ").count() == 3
+            && table.contains("postgres ")
+            && table.contains(" ms (waited "),
         "{table}"
     );
     assert!(report.svg().starts_with("<svg"));
