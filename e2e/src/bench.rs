@@ -2294,6 +2294,9 @@ pub struct OpenLoopVerdict {
     pub median_p50_ms: [f64; 2],
     pub median_p99_ms: [f64; 2],
     pub median_cpu_ms_per_saga: [f64; 2],
+    /// The median time the system's threads waited for a core a saga;
+    /// None unless every run read it.
+    pub median_waited_ms_per_saga: [Option<f64>; 2],
     pub b_lower_p50: usize,
     pub b_lower_p99: usize,
     pub rounds: usize,
@@ -2377,6 +2380,11 @@ impl Comparison {
                         median(each(0, |l| l.system_cpu_ms_per_saga)),
                         median(each(1, |l| l.system_cpu_ms_per_saga)),
                     ],
+                    median_waited_ms_per_saga: [0, 1].map(|setup| {
+                        let waited =
+                            each(setup, |l| l.system_waited_ms_per_saga.unwrap_or(f64::NAN));
+                        waited.iter().all(|w| !w.is_nan()).then(|| median(waited))
+                    }),
                     b_lower_p50: lower(|l| l.p50_ms),
                     b_lower_p99: lower(|l| l.p99_ms),
                     rounds: rounds.len(),
@@ -2436,13 +2444,15 @@ impl Comparison {
             "| sums over {rounds} | | | | {spread:.2}x, {hot:.2}x | | |\n"
         ));
         let verdicts = self.open_loops();
+        let waited =
+            |ms: Option<f64>| ms.map_or_else(|| "-".to_owned(), |ms| format!("{ms:.1} ms"));
         if !verdicts.is_empty() {
             table.push_str(&format!(
-                "\n| open loop | {a}: p50 / p99, medians | {b}: p50 / p99, medians | {b} lower: p50; p99 | CPU a saga, medians: {a}; {b} |\n| --- | --- | --- | --- | --- |\n"
+                "\n| open loop | {a}: p50 / p99, medians | {b}: p50 / p99, medians | {b} lower: p50; p99 | CPU a saga, medians: {a}; {b} | waited for a core a saga, medians: {a}; {b} |\n| --- | --- | --- | --- | --- | --- |\n"
             ));
             for v in verdicts {
                 table.push_str(&format!(
-                    "| {:.0}/s{} | {:.0} / {:.0} ms | {:.0} / {:.0} ms | in {} of {}; in {} of {} | {:.1}; {:.1} ms |\n",
+                    "| {:.0}/s{} | {:.0} / {:.0} ms | {:.0} / {:.0} ms | in {} of {}; in {} of {} | {:.1}; {:.1} ms | {}; {} |\n",
                     v.rate_per_sec,
                     if v.rates_differ {
                         " (the median: each run's rate follows its peak)"
@@ -2459,6 +2469,8 @@ impl Comparison {
                     v.rounds,
                     v.median_cpu_ms_per_saga[0],
                     v.median_cpu_ms_per_saga[1],
+                    waited(v.median_waited_ms_per_saga[0]),
+                    waited(v.median_waited_ms_per_saga[1]),
                 ));
             }
         }
@@ -2592,6 +2604,7 @@ mod tests {
                     median_p50_ms: [6.0, 8.0],
                     median_p99_ms: [24.0, 32.0],
                     median_cpu_ms_per_saga: [2.4, 3.2],
+                    median_waited_ms_per_saga: [Some(4.8), Some(6.4)],
                     b_lower_p50: 1,
                     b_lower_p99: 1,
                     rounds: 3,
@@ -2602,6 +2615,7 @@ mod tests {
                     median_p50_ms: [40.0, 25.0],
                     median_p99_ms: [160.0, 100.0],
                     median_cpu_ms_per_saga: [16.0, 10.0],
+                    median_waited_ms_per_saga: [Some(32.0), Some(20.0)],
                     b_lower_p50: 2,
                     b_lower_p99: 2,
                     rounds: 3,
@@ -2634,7 +2648,7 @@ mod tests {
         );
         assert!(
             table.contains(
-                "| 400/s | 40 / 160 ms | 25 / 100 ms | in 2 of 3; in 2 of 3 | 16.0; 10.0 ms |"
+                "| 400/s | 40 / 160 ms | 25 / 100 ms | in 2 of 3; in 2 of 3 | 16.0; 10.0 ms | 32.0 ms; 20.0 ms |"
             ),
             "{table}"
         );
@@ -2672,6 +2686,9 @@ mod tests {
         let verdicts = comparison.open_loops();
         assert!(verdicts[0].rates_differ);
         assert_eq!(verdicts[0].rate_per_sec, 320.0);
+        // Runs that could not read the wait for a core say so.
+        assert_eq!(verdicts[0].median_waited_ms_per_saga, [None, None]);
+        assert!(comparison.table().contains("| 3.0; 3.0 ms | -; - |"));
         assert!(
             comparison
                 .table()

@@ -387,6 +387,15 @@ async fn a_comparison_runs_each_setup_on_a_system_of_its_own_from_its_build() {
     let table = comparison.table();
     assert!(table.contains("| sums over 1 round |"), "{table}");
     assert!(table.contains("| 8/s | "), "{table}");
+    // Both runs read their processes' wait for a core.
+    let verdict = &comparison.open_loops()[0];
+    assert!(
+        verdict
+            .median_waited_ms_per_saga
+            .iter()
+            .all(|w| w.is_some_and(|w| w > 0.0)),
+        "{verdict:?}"
+    );
     assert!(
         table.contains(&format!(
             "B: the build in {}, 2 instances of each service",
