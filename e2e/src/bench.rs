@@ -1224,7 +1224,7 @@ impl Counters {
 }
 
 /// What one process (or a service's instances together) has used so far.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 struct ProcessUse {
     name: String,
     cpu_seconds: f64,
