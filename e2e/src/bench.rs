@@ -2380,10 +2380,15 @@ impl Comparison {
                         median(each(0, |l| l.system_cpu_ms_per_saga)),
                         median(each(1, |l| l.system_cpu_ms_per_saga)),
                     ],
+                    // A median only where every run read the wait.
                     median_waited_ms_per_saga: [0, 1].map(|setup| {
-                        let waited =
-                            each(setup, |l| l.system_waited_ms_per_saga.unwrap_or(f64::NAN));
-                        waited.iter().all(|w| !w.is_nan()).then(|| median(waited))
+                        rounds
+                            .iter()
+                            .map(|pair| {
+                                [pair.0, pair.1][setup].open_loops[i].system_waited_ms_per_saga
+                            })
+                            .collect::<Option<Vec<f64>>>()
+                            .map(median)
                     }),
                     b_lower_p50: lower(|l| l.p50_ms),
                     b_lower_p99: lower(|l| l.p99_ms),
