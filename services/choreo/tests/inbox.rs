@@ -176,9 +176,11 @@ async fn a_consumer_the_broker_lost_is_recreated_and_nothing_is_applied_twice() 
         || async { stats.applied.load(Ordering::SeqCst) == 30 },
     )
     .await;
-    // The re-created consumer starts from the beginning: the inbox absorbs the first 20.
+    // The re-created consumer starts from the beginning: the inbox absorbs
+    // the first 20 (and any event redelivered besides, on a busy machine
+    // whose ack came after the ack wait: absorbed the same way).
     eventually("the replay absorbed", Duration::from_secs(30), || async {
-        stats.duplicates.load(Ordering::SeqCst) == 20
+        stats.duplicates.load(Ordering::SeqCst) >= 20
     })
     .await;
     consumer.stop().await;
