@@ -36,6 +36,9 @@ pub struct Profile {
     /// durable consumer and network links. A kill fault kills the first
     /// instance; the others carry on.
     pub instances: usize,
+    /// The services' log filter (their RUST_LOG): `info` unless a run asks
+    /// for more, e.g. `info,choreo::relay=debug` to see refused batches.
+    pub service_log: String,
 }
 
 impl Profile {
@@ -50,6 +53,7 @@ impl Profile {
             order_deadline_secs: 20,
             cluster: false,
             instances: 1,
+            service_log: "info".into(),
         }
     }
 
@@ -64,6 +68,7 @@ impl Profile {
             order_deadline_secs: 30,
             cluster: true,
             instances: 1,
+            service_log: "info".into(),
         }
     }
 
@@ -89,11 +94,13 @@ impl Profile {
             order_deadline_secs: 30,
             cluster: false,
             instances: 1,
+            service_log: "info".into(),
         }
     }
 
     /// `CHAOS_PROFILE` (short, long, cluster or cluster-long), `CHAOS_SEED`
-    /// (else a fresh one), `CHAOS_ORDERS` and `CHAOS_INSTANCES` (of each service).
+    /// (else a fresh one), `CHAOS_ORDERS`, `CHAOS_INSTANCES` (of each service)
+    /// and `CHAOS_LOG` (the services' log filter).
     pub fn from_env() -> Self {
         let seed = std::env::var("CHAOS_SEED")
             .ok()
@@ -116,6 +123,9 @@ impl Profile {
             .and_then(|s| s.parse().ok())
         {
             profile.instances = instances;
+        }
+        if let Ok(log) = std::env::var("CHAOS_LOG") {
+            profile.service_log = log;
         }
         profile
     }
@@ -766,7 +776,7 @@ pub async fn run(profile: Profile) -> anyhow::Result<Report> {
     let started_run = Instant::now();
     let mut sys = System::start(Options {
         order_deadline_secs: profile.order_deadline_secs,
-        log: "info".into(),
+        log: profile.service_log.clone(),
         proxies: !profile.cluster,
         cluster: profile.cluster,
         ..Options::default()
