@@ -54,6 +54,31 @@ tokio::task_local! {
     static WRITTEN: RefCell<Vec<(Publisher, Row)>>;
 }
 
+/// What an outbox INSERT returns for each row it writes (in its
+/// `RETURNING`, where `choreo_outbox` is the new row): the row's seq, for
+/// publishing it right after commit and marking it sent, or NULL when an
+/// earlier event of its saga, written by another transaction, is still
+/// unsent. That event waits for the relay (its send after commit failed,
+/// or is still out), and this one is left to the relay too, which sends
+/// both in seq order: a saga's events never pass each other on their way
+/// to the stream, whichever instance wrote them. A row of the writing
+/// transaction itself has the same `created_at` (the transaction's start,
+/// `now()`) and does not count: those go together in order anyway.
+const SEQ_TO_PUBLISH: &str = "CASE WHEN EXISTS (
+         SELECT FROM choreo_outbox earlier
+         WHERE earlier.saga_id = choreo_outbox.saga_id AND earlier.sent_at IS NULL
+           AND earlier.created_at <> now())
+     THEN NULL ELSE choreo_outbox.seq END";
+
+/// The `RETURNING` of an outbox INSERT: [`SEQ_TO_PUBLISH`] where the rows
+/// are published after commit, their seq where the relay sends every row.
+fn returning(publishes: bool) -> String {
+    format!(
+        "RETURNING {} AS seq",
+        if publishes { SEQ_TO_PUBLISH } else { "seq" }
+    )
+}
+
 /// The rows a piece of work wrote through outboxes that publish after
 /// commit. Publish them only once the transaction they were written in has
 /// committed; dropped unpublished, the relay sweeps them later.
@@ -274,14 +299,16 @@ impl Emitted {
             "choreo_written AS (
                  INSERT INTO choreo_outbox (event_id, subject, event_type, saga_id, payload, traceparent)
                  SELECT {} {condition}
-                 RETURNING seq)",
-            values.join(", ")
+                 {})",
+            values.join(", "),
+            returning(self.publisher.is_some())
         );
         (statement, written)
     }
 
-    /// The scalar query for the written row's seq. Without a publisher the
-    /// relay publishes the row, woken by the NOTIFY it sends too.
+    /// The scalar query for the written row's seq (NULL: left to the relay,
+    /// [`SEQ_TO_PUBLISH`]). Without a publisher the relay publishes the
+    /// row, woken by the NOTIFY it sends too.
     pub(crate) fn seq_query(&self) -> &'static str {
         if self.publisher.is_none() {
             "(SELECT seq FROM choreo_written, pg_notify('choreo_outbox', ''))"
@@ -319,22 +346,35 @@ impl Emitted {
     }
 
     /// Written with `seq` in a transaction that is still open: the row is
-    /// published once it commits, where the work runs in [`capture`].
-    fn publish_once_committed(mut self, seq: i64) {
-        self.row.seq = seq;
-        if let Some(publisher) = self.publisher {
+    /// published once it commits, where the work runs in [`capture`]
+    /// (`None`: left to the relay).
+    fn publish_once_committed(mut self, seq: Option<i64>) {
+        if let (Some(publisher), Some(seq)) = (self.publisher, left_to_relay_unless(seq)) {
+            self.row.seq = seq;
             let row = self.row;
             let _ = WRITTEN.try_with(|written| written.borrow_mut().push((publisher, row)));
         }
     }
 
-    /// Written with `seq` by a statement that has committed: published now.
-    pub(crate) fn publish(mut self, seq: i64) {
-        self.row.seq = seq;
-        if let Some(publisher) = self.publisher {
+    /// Written with `seq` by a statement that has committed: published now
+    /// (`None`: left to the relay).
+    pub(crate) fn publish(mut self, seq: Option<i64>) {
+        if let (Some(publisher), Some(seq)) = (self.publisher, left_to_relay_unless(seq)) {
+            self.row.seq = seq;
             publisher.publish(vec![self.row]);
         }
     }
+}
+
+/// `seq` as [`SEQ_TO_PUBLISH`] returned it; counts a row left to the relay.
+fn left_to_relay_unless(seq: Option<i64>) -> Option<i64> {
+    if seq.is_none() {
+        metrics::counter!("saga_outbox_left_to_relay_total").increment(1);
+        tracing::debug!(
+            "an earlier event of this saga is still unsent: the relay sends this one after it"
+        );
+    }
+    seq
 }
 
 tokio::task_local! {
@@ -367,7 +407,7 @@ async fn insert_all(
     if events.is_empty() {
         return Ok(());
     }
-    let mut rows: Vec<Row> = events
+    let rows: Vec<Row> = events
         .iter()
         .map(|(outbox, envelope)| outbox.row(envelope))
         .collect();
@@ -376,25 +416,31 @@ async fn insert_all(
     // serialize this commit with every other notifying one; the rows' seqs
     // come back, for marking them sent once they are published.
     let notify = events.iter().any(|(outbox, _)| outbox.publisher.is_none());
-    let seqs: Vec<i64> = if let [(_, envelope)] = events {
+    let returning = returning(!notify);
+    let seqs: Vec<Option<i64>> = if let [(_, envelope)] = events {
         let row = &rows[0];
-        sqlx::query_scalar(if notify {
-            "WITH written AS (
-                 INSERT INTO choreo_outbox (event_id, subject, event_type, saga_id, payload, traceparent)
-                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq)
-             SELECT seq FROM written, pg_notify('choreo_outbox', '')"
+        let sql = if notify {
+            format!(
+                "WITH written AS (
+                     INSERT INTO choreo_outbox (event_id, subject, event_type, saga_id, payload, traceparent)
+                     VALUES ($1, $2, $3, $4, $5, $6) {returning})
+                 SELECT seq FROM written, pg_notify('choreo_outbox', '')"
+            )
         } else {
-            "INSERT INTO choreo_outbox (event_id, subject, event_type, saga_id, payload, traceparent)
-             VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq"
-        })
-        .bind(row.event_id)
-        .bind(&row.subject)
-        .bind(&envelope.event_type)
-        .bind(&row.saga_id)
-        .bind(&row.payload)
-        .bind(&row.traceparent)
-        .fetch_all(&mut *tx)
-        .await?
+            format!(
+                "INSERT INTO choreo_outbox (event_id, subject, event_type, saga_id, payload, traceparent)
+                 VALUES ($1, $2, $3, $4, $5, $6) {returning}"
+            )
+        };
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(row.event_id)
+            .bind(&row.subject)
+            .bind(&envelope.event_type)
+            .bind(&row.saga_id)
+            .bind(&row.payload)
+            .bind(&row.traceparent)
+            .fetch_all(&mut *tx)
+            .await?
     } else {
         // Sorted by their place in the arrays before the insert numbers
         // them, so a saga's events keep their order in the outbox.
@@ -404,42 +450,40 @@ async fn insert_all(
         let sagas: Vec<&str> = rows.iter().map(|r| r.saga_id.as_str()).collect();
         let payloads: Vec<&[u8]> = rows.iter().map(|r| r.payload.as_slice()).collect();
         let traceparents: Vec<&str> = rows.iter().map(|r| r.traceparent.as_str()).collect();
-        let written: Vec<(i64, Uuid)> = sqlx::query_as(if notify {
-            "WITH written AS (
-                 INSERT INTO choreo_outbox (event_id, subject, event_type, saga_id, payload, traceparent)
-                 SELECT event_id, subject, event_type, saga_id, payload, traceparent
-                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[])
-                     WITH ORDINALITY AS e (event_id, subject, event_type, saga_id, payload, traceparent, n)
-                 ORDER BY n
-                 RETURNING seq, event_id)
-             SELECT seq, event_id FROM written, pg_notify('choreo_outbox', '')"
-        } else {
+        let insert = format!(
             "INSERT INTO choreo_outbox (event_id, subject, event_type, saga_id, payload, traceparent)
              SELECT event_id, subject, event_type, saga_id, payload, traceparent
              FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[])
                  WITH ORDINALITY AS e (event_id, subject, event_type, saga_id, payload, traceparent, n)
              ORDER BY n
-             RETURNING seq, event_id"
-        })
-        .bind(&ids)
-        .bind(&subjects)
-        .bind(&types)
-        .bind(&sagas)
-        .bind(&payloads)
-        .bind(&traceparents)
-        .fetch_all(&mut *tx)
-        .await?;
-        let by_id: std::collections::HashMap<Uuid, i64> =
+             {returning}, event_id"
+        );
+        let sql = if notify {
+            format!(
+                "WITH written AS ({insert})
+                 SELECT seq, event_id FROM written, pg_notify('choreo_outbox', '')"
+            )
+        } else {
+            insert
+        };
+        let written: Vec<(Option<i64>, Uuid)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(&ids)
+            .bind(&subjects)
+            .bind(&types)
+            .bind(&sagas)
+            .bind(&payloads)
+            .bind(&traceparents)
+            .fetch_all(&mut *tx)
+            .await?;
+        let by_id: std::collections::HashMap<Uuid, Option<i64>> =
             written.into_iter().map(|(seq, id)| (id, seq)).collect();
         ids.iter()
-            .map(|id| by_id.get(id).copied().unwrap_or(0))
+            .map(|id| by_id.get(id).copied().flatten())
             .collect()
     };
-    for (row, seq) in rows.iter_mut().zip(seqs) {
-        row.seq = seq;
-    }
-    for ((outbox, _), row) in events.iter().zip(rows) {
-        if let Some(publisher) = &outbox.publisher {
+    for (((outbox, _), mut row), seq) in events.iter().zip(rows).zip(seqs) {
+        if let (Some(publisher), Some(seq)) = (&outbox.publisher, left_to_relay_unless(seq)) {
+            row.seq = seq;
             let _ = WRITTEN.try_with(|written| written.borrow_mut().push((publisher.clone(), row)));
         }
     }
