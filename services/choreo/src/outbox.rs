@@ -57,17 +57,24 @@ tokio::task_local! {
 /// What an outbox INSERT returns for each row it writes (in its
 /// `RETURNING`, where `choreo_outbox` is the new row): the row's seq, for
 /// publishing it right after commit and marking it sent, or NULL when an
-/// earlier event of its saga, written by another transaction, is still
-/// unsent. That event waits for the relay (its send after commit failed,
-/// or is still out), and this one is left to the relay too, which sends
-/// both in seq order: a saga's events never pass each other on their way
-/// to the stream, whichever instance wrote them. A row of the writing
-/// transaction itself has the same `created_at` (the transaction's start,
-/// `now()`) and does not count: those go together in order anyway.
+/// earlier event of its saga is still unsent past the relay's sweep delay
+/// (`RELAY_SWEEP_AFTER_MS`, 2 s by default). That event is the relay's (its
+/// send after commit failed), and this one is left to the relay too, which
+/// sends both in seq order: a saga's events do not pass each other on
+/// their way to the stream, whichever instance wrote them. An earlier row
+/// younger than that is its publisher's, on its way most likely (acknowledged
+/// rows are marked sent up to 200 ms later, in batches): counting those too
+/// cost 13% of the closed loop's peak, most likely by leaving many a
+/// saga's `order.completed` to the relay (`docs/bench/round-2026-12-07-aq.md`;
+/// counting only the relay's: no difference). So an event
+/// written within 2 s of a failed send of its saga can still pass it; the
+/// causal chain keeps most from trying (a saga's next event in the happy
+/// path is caused by the earlier one, already in the stream), and the
+/// barrier absorbs the rest.
 const SEQ_TO_PUBLISH: &str = "CASE WHEN EXISTS (
          SELECT FROM choreo_outbox earlier
          WHERE earlier.saga_id = choreo_outbox.saga_id AND earlier.sent_at IS NULL
-           AND earlier.created_at <> now())
+           AND earlier.created_at < now() - interval '2 seconds')
      THEN NULL ELSE choreo_outbox.seq END";
 
 /// The `RETURNING` of an outbox INSERT: [`SEQ_TO_PUBLISH`] where the rows
