@@ -3,6 +3,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+/// `RELAY_SWEEP_AFTER_MS` unless set: rows younger than this are their
+/// publisher's (crate::outbox's ordering rule counts only older ones).
+pub const DEFAULT_RELAY_SWEEP_AFTER_MS: u64 = 2000;
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct Config {
     /// NATS server with JetStream.
@@ -79,7 +83,7 @@ pub struct Config {
     /// publishes only rows still unsent this long after their commit (a
     /// crash, a broker outage), in milliseconds. 0: the relay publishes
     /// every row, woken by each insert, and nothing is published at commit.
-    #[arg(long, env = "RELAY_SWEEP_AFTER_MS", default_value_t = 2000)]
+    #[arg(long, env = "RELAY_SWEEP_AFTER_MS", default_value_t = DEFAULT_RELAY_SWEEP_AFTER_MS)]
     pub relay_sweep_after_ms: u64,
     /// How often sent outbox rows and old inbox rows are deleted, in seconds.
     #[arg(long, env = "CLEANUP_INTERVAL_SECS", default_value_t = 300)]

@@ -58,7 +58,8 @@ tokio::task_local! {
 /// `RETURNING`, where `choreo_outbox` is the new row): the row's seq, for
 /// publishing it right after commit and marking it sent, or NULL when an
 /// earlier event of its saga is still unsent past the relay's sweep delay
-/// (`RELAY_SWEEP_AFTER_MS`, 2 s by default). That event is the relay's (its
+/// (`RELAY_SWEEP_AFTER_MS`'s default, 2 s: `{after_ms}` in the text, filled
+/// in by [`returning`]). That event is the relay's (its
 /// send after commit failed), and this one is left to the relay too, which
 /// sends both in seq order: a saga's events do not pass each other on
 /// their way to the stream, whichever instance wrote them. An earlier row
@@ -74,16 +75,27 @@ tokio::task_local! {
 const SEQ_TO_PUBLISH: &str = "CASE WHEN EXISTS (
          SELECT FROM choreo_outbox earlier
          WHERE earlier.saga_id = choreo_outbox.saga_id AND earlier.sent_at IS NULL
-           AND earlier.created_at < now() - interval '2 seconds')
+           AND earlier.created_at < now() - interval '{after_ms} milliseconds')
      THEN NULL ELSE choreo_outbox.seq END";
+
+/// The `RETURNING` of an outbox INSERT whose rows are published after
+/// commit: [`SEQ_TO_PUBLISH`], made once.
+static RETURNING_TO_PUBLISH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let after_ms = crate::config::DEFAULT_RELAY_SWEEP_AFTER_MS.to_string();
+    format!(
+        "RETURNING {} AS seq",
+        SEQ_TO_PUBLISH.replace("{after_ms}", &after_ms)
+    )
+});
 
 /// The `RETURNING` of an outbox INSERT: [`SEQ_TO_PUBLISH`] where the rows
 /// are published after commit, their seq where the relay sends every row.
-fn returning(publishes: bool) -> String {
-    format!(
-        "RETURNING {} AS seq",
-        if publishes { SEQ_TO_PUBLISH } else { "seq" }
-    )
+fn returning(publishes: bool) -> &'static str {
+    if publishes {
+        &RETURNING_TO_PUBLISH
+    } else {
+        "RETURNING seq"
+    }
 }
 
 /// The rows a piece of work wrote through outboxes that publish after

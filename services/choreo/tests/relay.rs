@@ -830,13 +830,12 @@ async fn an_event_written_after_an_unsent_one_of_its_saga_follows_it_through_the
 
     s.relay_until_sent(s.relay(256), Duration::from_secs(30))
         .await;
-    let written: Vec<(String, String)> = sqlx::query_as(
-        "SELECT event_id::text, saga_id FROM choreo_outbox WHERE saga_id = 'saga-0' ORDER BY seq",
+    let saga_0: Vec<String> = sqlx::query_scalar(
+        "SELECT event_id::text FROM choreo_outbox WHERE saga_id = 'saga-0' ORDER BY seq",
     )
     .fetch_all(&s.pool)
     .await
     .unwrap();
-    let saga_0: Vec<String> = written.into_iter().map(|(id, _)| id).collect();
     let in_stream: Vec<String> = s
         .stream_events()
         .await
