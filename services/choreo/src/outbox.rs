@@ -58,8 +58,8 @@ tokio::task_local! {
 /// `RETURNING`, where `choreo_outbox` is the new row): the row's seq, for
 /// publishing it right after commit and marking it sent, or NULL when an
 /// earlier event of its saga is still unsent past the relay's sweep delay
-/// (`RELAY_SWEEP_AFTER_MS`'s default, 2 s: `{after_ms}` in the text, filled
-/// in by [`returning`]). That event is the relay's (its
+/// (`RELAY_SWEEP_AFTER_MS`, 2 s by default: `{after_ms}` in the text, filled
+/// in by [`returning_to_publish`]). That event is the relay's (its
 /// send after commit failed), and this one is left to the relay too, which
 /// sends both in seq order: a saga's events do not pass each other on
 /// their way to the stream, whichever instance wrote them. An earlier row
@@ -79,23 +79,19 @@ const SEQ_TO_PUBLISH: &str = "CASE WHEN EXISTS (
      THEN NULL ELSE choreo_outbox.seq END";
 
 /// The `RETURNING` of an outbox INSERT whose rows are published after
-/// commit: [`SEQ_TO_PUBLISH`], made once.
-static RETURNING_TO_PUBLISH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let after_ms = crate::config::DEFAULT_RELAY_SWEEP_AFTER_MS.to_string();
+/// commit: [`SEQ_TO_PUBLISH`] with the relay's `sweep_after`, made once
+/// for each [`Publisher`].
+pub(crate) fn returning_to_publish(sweep_after: std::time::Duration) -> String {
     format!(
         "RETURNING {} AS seq",
-        SEQ_TO_PUBLISH.replace("{after_ms}", &after_ms)
+        SEQ_TO_PUBLISH.replace("{after_ms}", &sweep_after.as_millis().to_string())
     )
-});
+}
 
 /// The `RETURNING` of an outbox INSERT: [`SEQ_TO_PUBLISH`] where the rows
 /// are published after commit, their seq where the relay sends every row.
-fn returning(publishes: bool) -> &'static str {
-    if publishes {
-        &RETURNING_TO_PUBLISH
-    } else {
-        "RETURNING seq"
-    }
+fn returning(publisher: Option<&Publisher>) -> &str {
+    publisher.map_or("RETURNING seq", Publisher::returning)
 }
 
 /// The rows a piece of work wrote through outboxes that publish after
@@ -320,7 +316,7 @@ impl Emitted {
                  SELECT {} {condition}
                  {})",
             values.join(", "),
-            returning(self.publisher.is_some())
+            returning(self.publisher.as_ref())
         );
         (statement, written)
     }
@@ -435,7 +431,15 @@ async fn insert_all(
     // serialize this commit with every other notifying one; the rows' seqs
     // come back, for marking them sent once they are published.
     let notify = events.iter().any(|(outbox, _)| outbox.publisher.is_none());
-    let returning = returning(!notify);
+    let returning = if notify {
+        returning(None)
+    } else {
+        returning(
+            events
+                .iter()
+                .find_map(|(outbox, _)| outbox.publisher.as_ref()),
+        )
+    };
     let seqs: Vec<Option<i64>> = if let [(_, envelope)] = events {
         let row = &rows[0];
         let sql = if notify {

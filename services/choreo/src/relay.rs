@@ -124,6 +124,9 @@ pub struct Relay {
 pub struct Publisher {
     queue: tokio::sync::mpsc::Sender<Vec<crate::outbox::Row>>,
     marks: tokio::sync::mpsc::UnboundedSender<i64>,
+    /// The `RETURNING` of the outbox INSERTs whose rows this publisher
+    /// sends ([`crate::outbox::returning_to_publish`]).
+    returning: std::sync::Arc<str>,
 }
 
 /// The fewest rows of one send that go as an atomic batch while the broker
@@ -165,11 +168,27 @@ const QUEUED_TRANSACTIONS: usize = 512;
 
 impl Publisher {
     /// A publisher on `js` whose acknowledged rows' seqs go to `marks`. Its
-    /// sending task runs until the last clone of it is dropped.
-    pub fn new(js: jetstream::Context, marks: tokio::sync::mpsc::UnboundedSender<i64>) -> Self {
+    /// sending task runs until the last clone of it is dropped. An event
+    /// written while an earlier one of its saga is unsent for longer than
+    /// `sweep_after` (the relay's: `RELAY_SWEEP_AFTER_MS`) is left to the
+    /// relay, behind that one.
+    pub fn new(
+        js: jetstream::Context,
+        marks: tokio::sync::mpsc::UnboundedSender<i64>,
+        sweep_after: Duration,
+    ) -> Self {
         let (queue, queued) = tokio::sync::mpsc::channel(QUEUED_TRANSACTIONS);
         tokio::spawn(send_in_turn(js, queued, marks.clone()));
-        Publisher { queue, marks }
+        Publisher {
+            queue,
+            marks,
+            returning: crate::outbox::returning_to_publish(sweep_after).into(),
+        }
+    }
+
+    /// The `RETURNING` of an outbox INSERT whose rows this publisher sends.
+    pub(crate) fn returning(&self) -> &str {
+        &self.returning
     }
 
     /// Whether both send to the same place (the same service's outbox).

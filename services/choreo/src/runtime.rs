@@ -187,7 +187,11 @@ impl Service {
                 MARK_LINGER.min(sweep_after / 4),
                 shutdown.clone(),
             ));
-            outbox = outbox.publishing_through(crate::relay::Publisher::new(js.clone(), marks));
+            outbox = outbox.publishing_through(crate::relay::Publisher::new(
+                js.clone(),
+                marks,
+                sweep_after,
+            ));
         }
         let context = Context {
             pool: pool.clone(),

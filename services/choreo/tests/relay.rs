@@ -439,13 +439,19 @@ fn publishing_outbox(
     CancellationToken,
     tokio::task::JoinHandle<()>,
 ) {
-    publishing_outbox_on(s, s.js.clone())
+    publishing_outbox_on(
+        s,
+        s.js.clone(),
+        Duration::from_millis(choreo::config::DEFAULT_RELAY_SWEEP_AFTER_MS),
+    )
 }
 
-/// [`publishing_outbox`], its publisher sending on `js`.
+/// [`publishing_outbox`], its publisher sending on `js` and leaving to the
+/// relay an event whose saga has one unsent for longer than `sweep_after`.
 fn publishing_outbox_on(
     s: &Setup,
     js: jetstream::Context,
+    sweep_after: Duration,
 ) -> (
     choreo::outbox::Outbox,
     CancellationToken,
@@ -459,9 +465,9 @@ fn publishing_outbox_on(
         Duration::from_millis(5),
         shutdown.clone(),
     ));
-    let outbox = s
-        .outbox()
-        .publishing_through(choreo::relay::Publisher::new(js, marks));
+    let outbox =
+        s.outbox()
+            .publishing_through(choreo::relay::Publisher::new(js, marks, sweep_after));
     (outbox, shutdown, marker)
 }
 
@@ -635,7 +641,11 @@ async fn while_every_send_is_out_fewer_rows_go_as_an_atomic_batch() {
         || async { client.connection_state() == async_nats::connection::State::Connected },
     )
     .await;
-    let (outbox, shutdown, marker) = publishing_outbox_on(&s, js);
+    let (outbox, shutdown, marker) = publishing_outbox_on(
+        &s,
+        js,
+        Duration::from_millis(choreo::config::DEFAULT_RELAY_SWEEP_AFTER_MS),
+    );
     let few = choreo::relay::ATOMIC_WHILE_BEHIND_FROM as u32;
     assert!(few < choreo::relay::ATOMIC_WHILE_AHEAD_FROM as u32);
 
@@ -801,12 +811,14 @@ async fn an_event_written_after_an_unsent_one_of_its_saga_follows_it_through_the
     let (_client, nowhere) = choreo::runtime::connect_nats(elsewhere.url(), "test", None)
         .await
         .unwrap();
-    let (a, a_shutdown, a_marker) = publishing_outbox_on(&s, nowhere);
-    let (b, b_shutdown, b_marker) = publishing_outbox(&s);
+    // A sweep delay below the default: the rule follows the setting.
+    let sweep_after = Duration::from_millis(500);
+    let (a, a_shutdown, a_marker) = publishing_outbox_on(&s, nowhere, sweep_after);
+    let (b, b_shutdown, b_marker) = publishing_outbox_on(&s, s.js.clone(), sweep_after);
 
     commit_and_publish(&s, &a, 0, 1).await; // saga-0's first event
     // Past the relay's sweep delay: the row is the relay's now.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(s.unsent().await, 1, "A's send failed: its row is unsent");
     // B writes saga-0's second event and saga-1's first, in one transaction.
     commit_and_publish(&s, &b, 0, 2).await;
