@@ -30,9 +30,6 @@ pub use order::OrderStatus;
 /// The four services, in saga order.
 pub const SERVICES: [&str; 4] = ["order", "inventory", "shipping", "notification"];
 
-/// Seconds JetStream waits for a service's ack before redelivering, in tests.
-const ACK_WAIT_SECS: u64 = 10;
-
 /// How long a test waits for an order to settle before it calls it stuck.
 pub const SETTLE: Duration = Duration::from_secs(60);
 
@@ -393,7 +390,6 @@ impl System {
             let mut setup = choreo::Config::new(infra.nats.url(), "");
             setup.stream = stream.clone();
             setup.subject_prefix = subject_prefix.clone();
-            setup.ack_wait_secs = ACK_WAIT_SECS;
             if options.cluster {
                 setup.stream_replicas = 3;
             }
@@ -441,7 +437,6 @@ impl System {
                 ("GRPC_ADDR", format!("127.0.0.1:{port}")),
                 ("STREAM", stream.clone()),
                 ("SUBJECT_PREFIX", subject_prefix.clone()),
-                ("ACK_WAIT_SECS", ACK_WAIT_SECS.to_string()),
                 (
                     "ORDER_DEADLINE_SECS",
                     options.order_deadline_secs.to_string(),

@@ -69,8 +69,13 @@ pub struct Config {
     /// Messages delivered and not yet acknowledged, at most.
     #[arg(long, env = "MAX_ACK_PENDING", default_value_t = 512)]
     pub max_ack_pending: i64,
-    /// Seconds JetStream waits for an ack before redelivering.
-    #[arg(long, env = "ACK_WAIT_SECS", default_value_t = 30)]
+    /// Seconds JetStream waits for an ack before redelivering. A delivery
+    /// lost on its way (its node killed or cut off, a consumer leader
+    /// change) comes again only after this, so it stays well below the
+    /// order's deadline (`ORDER_DEADLINE_SECS`, 30), which cancels an order
+    /// that makes no progress for that long. A handler slower than this
+    /// costs no more than a redelivery the inbox absorbs.
+    #[arg(long, env = "ACK_WAIT_SECS", default_value_t = 10)]
     pub ack_wait_secs: u64,
     /// Outbox rows the relay reads and publishes at a time; at most 1000,
     /// what nats-server takes as one atomic batch.

@@ -41,7 +41,28 @@ pub const ERASE_CONTACTS: Erasure = Erasure {
                   AND updated_at < now() - make_interval(secs => $1)",
 };
 
+impl Rules {
+    /// Why the deadline is too short for the ack wait `ack_wait_secs`, if
+    /// it is: an event whose delivery was lost (its node killed or cut off)
+    /// comes again only after the ack wait, and an order that waits on it
+    /// must not run out of time meanwhile. Two ack waits leave room for one
+    /// lost delivery and the step's own time.
+    pub fn deadline_too_short(&self, ack_wait_secs: u64) -> Option<String> {
+        (self.deadline_secs < 2 * ack_wait_secs).then(|| {
+            format!(
+                "ORDER_DEADLINE_SECS ({}) is less than two ack waits (ACK_WAIT_SECS {ack_wait_secs}): \
+                 an event whose delivery a broker failover lost comes again only after the ack wait, \
+                 so its order may be cancelled by its deadline meanwhile; raise the deadline or lower the ack wait",
+                self.deadline_secs
+            )
+        })
+    }
+}
+
 pub fn parts(context: &Context, rules: Rules) -> Parts<handler::OrderHandler> {
+    if let Some(warning) = rules.deadline_too_short(context.config.ack_wait_secs) {
+        tracing::warn!("{warning}");
+    }
     let deadline = Duration::from_secs(rules.deadline_secs);
     context.tasks.spawn(deadline::run(
         context.pool.clone(),
@@ -73,5 +94,43 @@ pub fn parts(context: &Context, rules: Rules) -> Parts<handler::OrderHandler> {
         descriptor: contracts::DESCRIPTOR_SET,
         admin_methods: vec![],
         erasures: vec![ERASE_CONTACTS],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Rules;
+
+    fn rules_by_default() -> Rules {
+        use clap::{FromArgMatches, Parser};
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            rules: Rules,
+        }
+        let matches = <Wrapper as clap::CommandFactory>::command()
+            .no_binary_name(true)
+            .try_get_matches_from(Vec::<String>::new())
+            .unwrap();
+        Wrapper::from_arg_matches(&matches).unwrap().rules
+    }
+
+    #[test]
+    fn the_shipped_deadline_outlasts_two_of_the_shipped_ack_waits() {
+        let rules = rules_by_default();
+        let ack_wait = choreo::Config::defaults().ack_wait_secs;
+        assert_eq!(rules.deadline_too_short(ack_wait), None);
+    }
+
+    #[test]
+    fn a_deadline_within_two_ack_waits_is_named_with_both_settings() {
+        let rules = Rules {
+            deadline_secs: 30,
+            ..rules_by_default()
+        };
+        let warning = rules.deadline_too_short(30).expect("30 s is one ack wait");
+        assert!(warning.contains("ORDER_DEADLINE_SECS (30)"), "{warning}");
+        assert!(warning.contains("ACK_WAIT_SECS 30"), "{warning}");
+        assert_eq!(rules.deadline_too_short(15), None);
     }
 }
