@@ -3,9 +3,20 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// `RELAY_SWEEP_AFTER_MS` unless set: rows younger than this are their
-/// publisher's (crate::outbox's ordering rule counts only older ones).
+/// `RELAY_SWEEP_AFTER_MS` unless set.
 pub const DEFAULT_RELAY_SWEEP_AFTER_MS: u64 = 2000;
+
+/// The settings of `T` (a service's `clap::Args`) at their defaults, the
+/// environment's variables still applied; `args` gives those without one.
+/// Parsed through clap on purpose: the `#[arg(default_value..)]`s are the
+/// one place each default is written.
+pub fn defaults_of<T: clap::Args + clap::FromArgMatches>(args: &[&str]) -> T {
+    let matches = T::augment_args(clap::Command::new("defaults"))
+        .no_binary_name(true)
+        .try_get_matches_from(args)
+        .expect("built-in defaults parse");
+    T::from_arg_matches(&matches).expect("built-in defaults parse")
+}
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Config {
@@ -149,25 +160,10 @@ impl Config {
     }
 
     /// Every setting at its default (the environment's variables still
-    /// apply), with no database: for tools that only talk to NATS.
-    ///
-    /// Parsed through clap on purpose: the `#[arg(default_value..)]`s above
-    /// are the one place each default is written, and a `Default` impl would
-    /// write every one of them a second time.
+    /// apply), with no database: for tools that only talk to NATS
+    /// ([`defaults_of`]: no `Default` impl writing each default twice).
     pub fn defaults() -> Self {
-        use clap::{FromArgMatches, Parser};
-        #[derive(Parser)]
-        struct Wrapper {
-            #[command(flatten)]
-            config: Config,
-        }
-        let matches = <Wrapper as clap::CommandFactory>::command()
-            .no_binary_name(true)
-            .try_get_matches_from(["--database-url", ""])
-            .expect("built-in defaults parse");
-        Wrapper::from_arg_matches(&matches)
-            .expect("built-in defaults parse")
-            .config
+        defaults_of(&["--database-url", ""])
     }
 
     /// Draws whether this step should fail on purpose (see

@@ -68,7 +68,7 @@ tokio::task_local! {
 /// cost 13% of the closed loop's peak, most likely by leaving many a
 /// saga's `order.completed` to the relay (`docs/bench/round-2026-12-07-aq.md`;
 /// counting only the relay's: no difference). So an event
-/// written within 2 s of a failed send of its saga can still pass it; the
+/// written within that delay of a failed send of its saga can still pass it; the
 /// causal chain keeps most from trying (a saga's next event in the happy
 /// path is caused by the earlier one, already in the stream), and the
 /// barrier absorbs the rest.

@@ -101,23 +101,9 @@ pub fn parts(context: &Context, rules: Rules) -> Parts<handler::OrderHandler> {
 mod tests {
     use super::Rules;
 
-    fn rules_by_default() -> Rules {
-        use clap::{FromArgMatches, Parser};
-        #[derive(Parser)]
-        struct Wrapper {
-            #[command(flatten)]
-            rules: Rules,
-        }
-        let matches = <Wrapper as clap::CommandFactory>::command()
-            .no_binary_name(true)
-            .try_get_matches_from(Vec::<String>::new())
-            .unwrap();
-        Wrapper::from_arg_matches(&matches).unwrap().rules
-    }
-
     #[test]
     fn the_shipped_deadline_outlasts_two_of_the_shipped_ack_waits() {
-        let rules = rules_by_default();
+        let rules: Rules = choreo::config::defaults_of(&[]);
         let ack_wait = choreo::Config::defaults().ack_wait_secs;
         assert_eq!(rules.deadline_too_short(ack_wait), None);
     }
@@ -126,7 +112,7 @@ mod tests {
     fn a_deadline_within_two_ack_waits_is_named_with_both_settings() {
         let rules = Rules {
             deadline_secs: 30,
-            ..rules_by_default()
+            ..choreo::config::defaults_of(&[])
         };
         let warning = rules.deadline_too_short(30).expect("30 s is one ack wait");
         assert!(warning.contains("ORDER_DEADLINE_SECS (30)"), "{warning}");
