@@ -402,6 +402,81 @@ pub struct OpenLoop {
     /// Each process's CPU per saga and peak RSS (`load`'s too): where a
     /// saga's CPU goes at this rate.
     pub processes: Vec<ProcessCost>,
+    /// Where its slowest sagas spent their time, and when they were placed.
+    pub tail: Tail,
+}
+
+/// The hops of a happy saga, as the order's timeline shows them: from the
+/// order's placing to `inventory.reserved`, to `shipping.scheduled`, to
+/// `notification.sent` (each event's time is its producer's), and to the
+/// order's COMPLETED.
+pub const HOPS: [&str; 4] = [
+    "placed -> reserved",
+    "reserved -> scheduled",
+    "scheduled -> sent",
+    "sent -> COMPLETED",
+];
+
+/// One completed saga of an open loop: when it was placed, in seconds
+/// from the loop's first order, and its time in each of [`HOPS`], ms.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SagaTimes {
+    pub placed_secs: f64,
+    pub hops_ms: [f64; 4],
+}
+
+/// Where the slowest sagas of an open loop spent their time: in one hop
+/// (one service, or the broker between two), in all of them alike (a queue
+/// for the cores), or in a few moments of the loop (a stall: they were
+/// placed close together).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Tail {
+    /// The sagas whose placed -> COMPLETED was the loop's p99 or more.
+    pub sagas: usize,
+    /// Their mean time in each of [`HOPS`], ms.
+    pub hops_ms: [f64; 4],
+    /// Each hop's median over all the loop's sagas, ms.
+    pub median_hops_ms: [f64; 4],
+    /// In how many of the loop's half-seconds they were placed, of how
+    /// many the loop had.
+    pub placed_in_half_seconds: usize,
+    pub half_seconds: usize,
+}
+
+impl Tail {
+    /// The tail of `sagas` at and above `p99_ms` (placed -> COMPLETED).
+    pub fn of(sagas: &[SagaTimes], p99_ms: f64) -> Self {
+        if sagas.is_empty() {
+            return Tail::default();
+        }
+        let total = |s: &SagaTimes| s.hops_ms.iter().sum::<f64>();
+        // A saga's hops add up to its placed -> COMPLETED, but for the
+        // rounding of four sums instead of one.
+        let slow: Vec<&SagaTimes> = sagas.iter().filter(|s| total(s) >= p99_ms - 1e-6).collect();
+        let half_second = |s: &SagaTimes| (s.placed_secs * 2.0).floor() as i64;
+        let mut hops_ms = [0.0; 4];
+        let mut median_hops_ms = [0.0; 4];
+        for hop in 0..4 {
+            if !slow.is_empty() {
+                hops_ms[hop] = slow.iter().map(|s| s.hops_ms[hop]).sum::<f64>() / slow.len() as f64;
+            }
+            let mut all: Vec<f64> = sagas.iter().map(|s| s.hops_ms[hop]).collect();
+            all.sort_by(f64::total_cmp);
+            median_hops_ms[hop] = all[(all.len() - 1) / 2];
+        }
+        let mut placed: Vec<i64> = slow.iter().map(|s| half_second(s)).collect();
+        placed.sort_unstable();
+        placed.dedup();
+        let first = sagas.iter().map(half_second).min().unwrap_or(0);
+        let last = sagas.iter().map(half_second).max().unwrap_or(0);
+        Tail {
+            sagas: slow.len(),
+            hops_ms,
+            median_hops_ms,
+            placed_in_half_seconds: placed.len(),
+            half_seconds: (last - first + 1) as usize,
+        }
+    }
 }
 
 /// The counted side of an open loop, its latency read at the end.
@@ -410,6 +485,7 @@ struct OpenLoopRun {
     ids: Vec<String>,
     /// Placed -> COMPLETED, read once the loop was counted.
     latency: Percentiles,
+    tail: Tail,
     cost: Cost,
     beside: Beside,
     /// Each service's send -> PubAck over the loop.
@@ -714,6 +790,7 @@ pub async fn run(sys: &System, settings: &Settings) -> anyhow::Result<Report> {
             idle_percent: run.beside.machine.idle_percent,
             stolen_percent: run.beside.machine.steal_percent,
             processes: run.cost.processes.clone(),
+            tail: run.tail.clone(),
         });
     }
     // The main open loop's row is the last one made.
@@ -922,11 +999,12 @@ async fn measured_open_loop(
     } else {
         Vec::new()
     };
-    let latency = latency_between_windows(sys, &ids).await?;
+    let (latency, tail) = latency_between_windows(sys, &ids).await?;
     Ok(OpenLoopRun {
         rate,
         ids,
         latency,
+        tail,
         cost,
         beside,
         puback,
@@ -991,12 +1069,16 @@ pub fn throughput_over_time(ended_per_tenth: &[u32], seconds: f64) -> Vec<(f64, 
 /// Placed -> COMPLETED over `ids`, read between two measured windows on a
 /// connection of its own: it is closed, and its backend has reported its
 /// one transaction as it ended, before the next window counts.
-async fn latency_between_windows(sys: &System, ids: &[String]) -> anyhow::Result<Percentiles> {
+async fn latency_between_windows(
+    sys: &System,
+    ids: &[String],
+) -> anyhow::Result<(Percentiles, Tail)> {
     let mut db = PgConnection::connect(&sys.databases[0]).await?;
     let latency = Percentiles::of(completion_ms(&mut db, ids).await?);
+    let tail = Tail::of(&saga_times(&mut db, ids).await?, latency.p99_ms);
     db.close().await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    Ok(latency)
+    Ok((latency, tail))
 }
 
 /// An idle PostgreSQL backend flushes its transaction counts to
@@ -1393,6 +1475,40 @@ async fn completion_ms(db: &mut PgConnection, ids: &[String]) -> anyhow::Result<
     Ok(rows.into_iter().map(|r| r.0).collect())
 }
 
+/// The completed sagas among `ids`, each with its time in each of [`HOPS`].
+async fn saga_times(db: &mut PgConnection, ids: &[String]) -> anyhow::Result<Vec<SagaTimes>> {
+    let ids: Vec<uuid::Uuid> = ids.iter().filter_map(|i| i.parse().ok()).collect();
+    let rows: Vec<(f64, f64, f64, f64, f64)> = sqlx::query_as(
+        "WITH t AS (
+             SELECT o.created_at,
+                    (SELECT min(occurred_at) FROM order_timeline e
+                     WHERE e.order_id = o.order_id AND e.event_type = 'inventory.reserved') AS reserved,
+                    (SELECT min(occurred_at) FROM order_timeline e
+                     WHERE e.order_id = o.order_id AND e.event_type = 'shipping.scheduled') AS scheduled,
+                    (SELECT min(occurred_at) FROM order_timeline e
+                     WHERE e.order_id = o.order_id AND e.event_type = 'notification.sent') AS sent,
+                    c.at AS completed
+             FROM orders o JOIN order_status_changes c ON c.order_id = o.order_id
+             WHERE o.order_id = ANY($1) AND c.status = 'COMPLETED')
+         SELECT EXTRACT(EPOCH FROM (created_at - min(created_at) OVER ()))::float8,
+                EXTRACT(EPOCH FROM (reserved - created_at))::float8 * 1000,
+                EXTRACT(EPOCH FROM (scheduled - reserved))::float8 * 1000,
+                EXTRACT(EPOCH FROM (sent - scheduled))::float8 * 1000,
+                EXTRACT(EPOCH FROM (completed - sent))::float8 * 1000
+         FROM t WHERE reserved IS NOT NULL AND scheduled IS NOT NULL AND sent IS NOT NULL",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(placed_secs, a, b, c, d)| SagaTimes {
+            placed_secs,
+            hops_ms: [a, b, c, d],
+        })
+        .collect())
+}
+
 /// The slowest placed -> COMPLETED of the orders among `ids` placed in each
 /// second, from the first one placed.
 async fn worst_per_second_ms(db: &mut PgConnection, ids: &[String]) -> anyhow::Result<Vec<f64>> {
@@ -1775,6 +1891,33 @@ impl Report {
                         run.system_cpu_ms_per_saga,
                         run.idle_percent,
                         stolen(run.stolen_percent)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        );
+        row(
+            &format!(
+                "open loops' slowest sagas (p99 and up): ms in each hop ({}), against every saga's median; in how many of the loop's half-seconds they were placed",
+                HOPS.join(", ")
+            ),
+            self.open_loops
+                .iter()
+                .map(|run| {
+                    let ms = |hops: &[f64; 4]| {
+                        hops.iter()
+                            .map(|h| format!("{h:.1}"))
+                            .collect::<Vec<_>>()
+                            .join(" / ")
+                    };
+                    format!(
+                        "{:.0}/s: {} sagas, {} against {}, in {} of {}",
+                        run.rate_per_sec,
+                        run.tail.sagas,
+                        ms(&run.tail.hops_ms),
+                        ms(&run.tail.median_hops_ms),
+                        run.tail.placed_in_half_seconds,
+                        run.tail.half_seconds
                     )
                 })
                 .collect::<Vec<_>>()
@@ -2550,10 +2693,40 @@ where
 mod tests {
     use super::{
         ComparedOpenLoop, ComparedRun, Comparison, MachineCpu, OpenLoopVerdict,
-        STOLEN_WORTH_SAYING, Setup, axis_top, drift_percent, next_probe, p99_edge, run_delay_ns,
-        stolen, throughput_over_time, waited_of,
+        STOLEN_WORTH_SAYING, SagaTimes, Setup, Tail, axis_top, drift_percent, next_probe, p99_edge,
+        run_delay_ns, stolen, throughput_over_time, waited_of,
     };
     use std::time::Duration;
+
+    #[test]
+    fn the_tail_says_which_hop_its_sagas_waited_in_and_when_they_were_placed() {
+        // 100 sagas over 10 s, 2, 2, 3 and 1 ms a hop; the two placed in
+        // the fifth second waited 40 ms more in the third hop.
+        let mut sagas: Vec<SagaTimes> = (0..100)
+            .map(|i| SagaTimes {
+                placed_secs: i as f64 / 10.0,
+                hops_ms: [2.0, 2.0, 3.0, 1.0],
+            })
+            .collect();
+        sagas[50].hops_ms[2] = 43.0;
+        sagas[51].hops_ms[2] = 43.0;
+        let tail = Tail::of(&sagas, 48.0);
+        assert_eq!(tail.sagas, 2);
+        assert_eq!(tail.hops_ms, [2.0, 2.0, 43.0, 1.0]);
+        assert_eq!(tail.median_hops_ms, [2.0, 2.0, 3.0, 1.0]);
+        // Both in the half-second from 5.0 s, of the loop's 20.
+        assert_eq!((tail.placed_in_half_seconds, tail.half_seconds), (1, 20));
+
+        // A queue: every saga a little slower, the slowest spread out.
+        for (i, s) in sagas.iter_mut().enumerate() {
+            s.hops_ms = [2.0 + (i % 10) as f64; 4];
+        }
+        let tail = Tail::of(&sagas, 44.0);
+        assert_eq!(tail.sagas, 10);
+        assert_eq!(tail.hops_ms, [11.0; 4]);
+        assert_eq!(tail.placed_in_half_seconds, 10);
+        assert_eq!(Tail::of(&[], 1.0).sagas, 0);
+    }
 
     #[test]
     fn a_comparison_sums_every_round_that_ran_both_and_takes_each_open_loops_medians() {

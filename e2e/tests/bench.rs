@@ -109,6 +109,25 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
             (run.rate_per_sec * settings.open_secs).round() as usize,
             "{run:?}"
         );
+        // Its slowest sagas, read from each order's timeline: at least
+        // the one at its p99, placed within the loop's half-seconds, their
+        // hops no shorter than the median's on the whole (each hop of a
+        // saga is an event after the one before it) and adding up to no
+        // more than its slowest saga.
+        let tail = &run.tail;
+        assert!(
+            tail.sagas >= 1
+                && tail.placed_in_half_seconds >= 1
+                && tail.placed_in_half_seconds <= tail.half_seconds
+                && tail.half_seconds <= (settings.open_secs * 2.0).ceil() as usize + 1,
+            "{run:?}"
+        );
+        assert!(tail.median_hops_ms.iter().all(|h| *h > 0.0), "{run:?}");
+        let slowest: f64 = tail.hops_ms.iter().sum();
+        assert!(
+            slowest >= run.latency.p99_ms - 1e-6 && slowest <= run.latency.max_ms + 1e-6,
+            "{run:?}"
+        );
         assert!(
             run.transactions_per_saga >= 1.0 && run.system_cpu_ms_per_saga > 0.0,
             "{run:?}"
