@@ -441,6 +441,12 @@ pub struct Tail {
     /// many the loop had.
     pub placed_in_half_seconds: usize,
     pub half_seconds: usize,
+    /// Those half-seconds, each as seconds from the loop's first order,
+    /// with how many of them it placed.
+    pub placed: Vec<(f64, usize)>,
+    /// When the loop's first order was placed (Unix time, seconds): to
+    /// set `placed` beside the servers' logs.
+    pub first_placed_unix_secs: f64,
 }
 
 impl Tail {
@@ -464,9 +470,15 @@ impl Tail {
             all.sort_by(f64::total_cmp);
             median_hops_ms[hop] = all[(all.len() - 1) / 2];
         }
-        let mut placed: Vec<i64> = slow.iter().map(|s| half_second(s)).collect();
-        placed.sort_unstable();
-        placed.dedup();
+        let mut placed: Vec<(f64, usize)> = Vec::new();
+        let mut halves: Vec<i64> = slow.iter().map(|s| half_second(s)).collect();
+        halves.sort_unstable();
+        for half in halves {
+            match placed.last_mut() {
+                Some((at, n)) if *at == half as f64 / 2.0 => *n += 1,
+                _ => placed.push((half as f64 / 2.0, 1)),
+            }
+        }
         let first = sagas.iter().map(half_second).min().unwrap_or(0);
         let last = sagas.iter().map(half_second).max().unwrap_or(0);
         Tail {
@@ -475,6 +487,8 @@ impl Tail {
             median_hops_ms,
             placed_in_half_seconds: placed.len(),
             half_seconds: (last - first + 1) as usize,
+            placed,
+            first_placed_unix_secs: 0.0,
         }
     }
 }
@@ -1075,7 +1089,11 @@ async fn latency_between_windows(
 ) -> anyhow::Result<(Percentiles, Tail)> {
     let mut db = PgConnection::connect(&sys.databases[0]).await?;
     let latency = Percentiles::of(completion_ms(&mut db, ids).await?);
-    let tail = Tail::of(&saga_times(&mut db, ids).await?, latency.p99_ms);
+    let (first_placed_unix_secs, sagas) = saga_times(&mut db, ids).await?;
+    let tail = Tail {
+        first_placed_unix_secs,
+        ..Tail::of(&sagas, latency.p99_ms)
+    };
     db.close().await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok((latency, tail))
@@ -1475,10 +1493,14 @@ async fn completion_ms(db: &mut PgConnection, ids: &[String]) -> anyhow::Result<
     Ok(rows.into_iter().map(|r| r.0).collect())
 }
 
-/// The completed sagas among `ids`, each with its time in each of [`HOPS`].
-async fn saga_times(db: &mut PgConnection, ids: &[String]) -> anyhow::Result<Vec<SagaTimes>> {
+/// The completed sagas among `ids`, each with its time in each of
+/// [`HOPS`], and when the first of them was placed (Unix time, seconds).
+async fn saga_times(
+    db: &mut PgConnection,
+    ids: &[String],
+) -> anyhow::Result<(f64, Vec<SagaTimes>)> {
     let ids: Vec<uuid::Uuid> = ids.iter().filter_map(|i| i.parse().ok()).collect();
-    let rows: Vec<(f64, f64, f64, f64, f64)> = sqlx::query_as(
+    let rows: Vec<(f64, f64, f64, f64, f64, f64)> = sqlx::query_as(
         "WITH t AS (
              SELECT o.created_at,
                     (SELECT min(occurred_at) FROM order_timeline e
@@ -1490,7 +1512,8 @@ async fn saga_times(db: &mut PgConnection, ids: &[String]) -> anyhow::Result<Vec
                     c.at AS completed
              FROM orders o JOIN order_status_changes c ON c.order_id = o.order_id
              WHERE o.order_id = ANY($1) AND c.status = 'COMPLETED')
-         SELECT EXTRACT(EPOCH FROM (created_at - min(created_at) OVER ()))::float8,
+         SELECT EXTRACT(EPOCH FROM min(created_at) OVER ())::float8,
+                EXTRACT(EPOCH FROM (created_at - min(created_at) OVER ()))::float8,
                 EXTRACT(EPOCH FROM (reserved - created_at))::float8 * 1000,
                 EXTRACT(EPOCH FROM (scheduled - reserved))::float8 * 1000,
                 EXTRACT(EPOCH FROM (sent - scheduled))::float8 * 1000,
@@ -1500,13 +1523,15 @@ async fn saga_times(db: &mut PgConnection, ids: &[String]) -> anyhow::Result<Vec
     .bind(&ids)
     .fetch_all(&mut *db)
     .await?;
-    Ok(rows
+    let first = rows.first().map_or(0.0, |r| r.0);
+    let sagas = rows
         .into_iter()
-        .map(|(placed_secs, a, b, c, d)| SagaTimes {
+        .map(|(_, placed_secs, a, b, c, d)| SagaTimes {
             placed_secs,
             hops_ms: [a, b, c, d],
         })
-        .collect())
+        .collect();
+    Ok((first, sagas))
 }
 
 /// The slowest placed -> COMPLETED of the orders among `ids` placed in each
@@ -2716,6 +2741,7 @@ mod tests {
         assert_eq!(tail.median_hops_ms, [2.0, 2.0, 3.0, 1.0]);
         // Both in the half-second from 5.0 s, of the loop's 20.
         assert_eq!((tail.placed_in_half_seconds, tail.half_seconds), (1, 20));
+        assert_eq!(tail.placed, [(5.0, 2)]);
 
         // A queue: every saga a little slower, the slowest spread out.
         for (i, s) in sagas.iter_mut().enumerate() {

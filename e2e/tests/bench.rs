@@ -123,6 +123,12 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
             "{run:?}"
         );
         assert!(tail.median_hops_ms.iter().all(|h| *h > 0.0), "{run:?}");
+        assert_eq!(
+            tail.placed.iter().map(|(_, n)| n).sum::<usize>(),
+            tail.sagas,
+            "{run:?}"
+        );
+        assert!(tail.first_placed_unix_secs > 1.7e9, "{run:?}");
         let slowest: f64 = tail.hops_ms.iter().sum();
         assert!(
             slowest >= run.latency.p99_ms - 1e-6 && slowest <= run.latency.max_ms + 1e-6,
