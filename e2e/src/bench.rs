@@ -437,21 +437,20 @@ pub struct Tail {
     pub hops_ms: [f64; 4],
     /// Each hop's median over all the loop's sagas, ms.
     pub median_hops_ms: [f64; 4],
-    /// In how many of the loop's half-seconds they were placed, of how
-    /// many the loop had.
-    pub placed_in_half_seconds: usize,
-    pub half_seconds: usize,
-    /// Those half-seconds, each as seconds from the loop's first order,
-    /// with how many of them it placed.
+    /// The half-seconds of the loop in which they were placed, each as
+    /// seconds from the loop's first order, with how many of them it
+    /// placed; and how many half-seconds the loop had.
     pub placed: Vec<(f64, usize)>,
+    pub half_seconds: usize,
     /// When the loop's first order was placed (Unix time, seconds): to
     /// set `placed` beside the servers' logs.
     pub first_placed_unix_secs: f64,
 }
 
 impl Tail {
-    /// The tail of `sagas` at and above `p99_ms` (placed -> COMPLETED).
-    pub fn of(sagas: &[SagaTimes], p99_ms: f64) -> Self {
+    /// The tail of `sagas` at and above `p99_ms` (placed -> COMPLETED),
+    /// of a loop whose first order was placed at `first_placed_unix_secs`.
+    pub fn of(sagas: &[SagaTimes], p99_ms: f64, first_placed_unix_secs: f64) -> Self {
         if sagas.is_empty() {
             return Tail::default();
         }
@@ -466,9 +465,8 @@ impl Tail {
             if !slow.is_empty() {
                 hops_ms[hop] = slow.iter().map(|s| s.hops_ms[hop]).sum::<f64>() / slow.len() as f64;
             }
-            let mut all: Vec<f64> = sagas.iter().map(|s| s.hops_ms[hop]).collect();
-            all.sort_by(f64::total_cmp);
-            median_hops_ms[hop] = all[(all.len() - 1) / 2];
+            median_hops_ms[hop] =
+                Percentiles::of(sagas.iter().map(|s| s.hops_ms[hop]).collect()).p50_ms;
         }
         let mut placed: Vec<(f64, usize)> = Vec::new();
         let mut halves: Vec<i64> = slow.iter().map(|s| half_second(s)).collect();
@@ -485,10 +483,9 @@ impl Tail {
             sagas: slow.len(),
             hops_ms,
             median_hops_ms,
-            placed_in_half_seconds: placed.len(),
-            half_seconds: (last - first + 1) as usize,
             placed,
-            first_placed_unix_secs: 0.0,
+            half_seconds: (last - first + 1) as usize,
+            first_placed_unix_secs,
         }
     }
 }
@@ -1090,10 +1087,7 @@ async fn latency_between_windows(
     let mut db = PgConnection::connect(&sys.databases[0]).await?;
     let latency = Percentiles::of(completion_ms(&mut db, ids).await?);
     let (first_placed_unix_secs, sagas) = saga_times(&mut db, ids).await?;
-    let tail = Tail {
-        first_placed_unix_secs,
-        ..Tail::of(&sagas, latency.p99_ms)
-    };
+    let tail = Tail::of(&sagas, latency.p99_ms, first_placed_unix_secs);
     db.close().await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok((latency, tail))
@@ -1941,7 +1935,7 @@ impl Report {
                         run.tail.sagas,
                         ms(&run.tail.hops_ms),
                         ms(&run.tail.median_hops_ms),
-                        run.tail.placed_in_half_seconds,
+                        run.tail.placed.len(),
                         run.tail.half_seconds
                     )
                 })
@@ -2725,8 +2719,8 @@ mod tests {
 
     #[test]
     fn the_tail_says_which_hop_its_sagas_waited_in_and_when_they_were_placed() {
-        // 100 sagas over 10 s, 2, 2, 3 and 1 ms a hop; the two placed in
-        // the fifth second waited 40 ms more in the third hop.
+        // 100 sagas over 10 s, 2, 2, 3 and 1 ms a hop; the two placed at
+        // 5.0 and 5.1 s waited 40 ms more in the third hop.
         let mut sagas: Vec<SagaTimes> = (0..100)
             .map(|i| SagaTimes {
                 placed_secs: i as f64 / 10.0,
@@ -2735,23 +2729,24 @@ mod tests {
             .collect();
         sagas[50].hops_ms[2] = 43.0;
         sagas[51].hops_ms[2] = 43.0;
-        let tail = Tail::of(&sagas, 48.0);
+        let tail = Tail::of(&sagas, 48.0, 1.8e9);
         assert_eq!(tail.sagas, 2);
         assert_eq!(tail.hops_ms, [2.0, 2.0, 43.0, 1.0]);
         assert_eq!(tail.median_hops_ms, [2.0, 2.0, 3.0, 1.0]);
         // Both in the half-second from 5.0 s, of the loop's 20.
-        assert_eq!((tail.placed_in_half_seconds, tail.half_seconds), (1, 20));
         assert_eq!(tail.placed, [(5.0, 2)]);
+        assert_eq!(tail.half_seconds, 20);
+        assert_eq!(tail.first_placed_unix_secs, 1.8e9);
 
         // A queue: every saga a little slower, the slowest spread out.
         for (i, s) in sagas.iter_mut().enumerate() {
             s.hops_ms = [2.0 + (i % 10) as f64; 4];
         }
-        let tail = Tail::of(&sagas, 44.0);
+        let tail = Tail::of(&sagas, 44.0, 1.8e9);
         assert_eq!(tail.sagas, 10);
         assert_eq!(tail.hops_ms, [11.0; 4]);
-        assert_eq!(tail.placed_in_half_seconds, 10);
-        assert_eq!(Tail::of(&[], 1.0).sagas, 0);
+        assert_eq!(tail.placed.len(), 10);
+        assert_eq!(Tail::of(&[], 1.0, 1.8e9).sagas, 0);
     }
 
     #[test]
