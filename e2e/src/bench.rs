@@ -293,6 +293,10 @@ pub struct Beside {
     /// Checkpoints PostgreSQL began (timed or requested).
     pub checkpoints: i64,
     pub machine: MachineCpu,
+    /// Each autovacuum or autoanalyze of a table that ended: its
+    /// database's name and when it ended (Unix time, seconds).
+    #[serde(skip)]
+    pub autovacuum_ends: Vec<(String, f64)>,
 }
 
 /// The counters `Beside` is the difference of.
@@ -301,11 +305,15 @@ struct BesideCounters {
     autoanalyzes: i64,
     checkpoints: i64,
     machine: Vec<u64>,
+    /// Each table's last autovacuum's and autoanalyze's end: its database,
+    /// the table and which of the two, and when (Unix time, seconds).
+    last_ends: Vec<(String, String, f64)>,
 }
 
 impl BesideCounters {
     async fn read(sys: &System) -> anyhow::Result<Self> {
         let (mut autovacuums, mut autoanalyzes) = (0, 0);
+        let mut last_ends = Vec::new();
         for url in &sys.databases {
             let mut db = PgConnection::connect(url).await?;
             let (vacuums, analyzes): (i64, i64) = sqlx::query_as(
@@ -314,6 +322,20 @@ impl BesideCounters {
             )
             .fetch_one(&mut db)
             .await?;
+            // Only each table's last ends are kept: a loop longer than
+            // `autovacuum_naptime` (a minute unless set) may miss a
+            // database's earlier round.
+            let ends: Vec<(String, String, f64)> = sqlx::query_as(
+                "SELECT current_database()::text, relname || ' ' || what, \
+                        extract(epoch FROM ended)::float8 \
+                 FROM pg_stat_user_tables, \
+                      LATERAL (VALUES ('vacuum', last_autovacuum), ('analyze', last_autoanalyze)) \
+                          AS runs (what, ended) \
+                 WHERE ended IS NOT NULL",
+            )
+            .fetch_all(&mut db)
+            .await?;
+            last_ends.extend(ends);
             db.close().await?;
             autovacuums += vacuums;
             autoanalyzes += analyzes;
@@ -329,6 +351,7 @@ impl BesideCounters {
             autoanalyzes,
             checkpoints,
             machine: MachineCpu::ticks(),
+            last_ends,
         })
     }
 
@@ -338,6 +361,12 @@ impl BesideCounters {
             autoanalyzes: self.autoanalyzes - before.autoanalyzes,
             checkpoints: self.checkpoints - before.checkpoints,
             machine: MachineCpu::between(&before.machine, &self.machine),
+            autovacuum_ends: self
+                .last_ends
+                .iter()
+                .filter(|end| !before.last_ends.contains(end))
+                .map(|(database, _, at)| (database.clone(), *at))
+                .collect(),
         }
     }
 }
@@ -445,6 +474,60 @@ pub struct Tail {
     /// When the loop's first order was placed (Unix time, seconds): to
     /// set `placed` beside the servers' logs.
     pub first_placed_unix_secs: f64,
+    /// PostgreSQL's autovacuum rounds that ended while the loop ran: a
+    /// burst of work beside which a stall's half-seconds may sit.
+    pub autovacuum_rounds: Vec<AutovacuumRound>,
+}
+
+/// One database's autovacuum round in an open loop: its tables' vacuums
+/// and analyzes that ended close together, in seconds from the loop's
+/// first order (PostgreSQL's clock against `load`'s: one machine's, when
+/// `load` started the servers).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AutovacuumRound {
+    pub database: String,
+    /// When its first and its last vacuum or analyze ended.
+    pub first_ended_secs: f64,
+    pub last_ended_secs: f64,
+    /// The vacuums and analyzes it ran.
+    pub runs: usize,
+}
+
+/// Two ends of one database's vacuums or analyzes further apart than this
+/// are two rounds: the launcher visits a database once every
+/// `autovacuum_naptime` (a minute unless set), and a round of the
+/// services' few tables takes a few seconds at most.
+const ROUND_GAP_SECS: f64 = 5.0;
+
+impl AutovacuumRound {
+    /// The rounds of `ends` (each a database's name and a vacuum's or an
+    /// analyze's end, Unix time), in seconds from `origin_unix_secs`, by
+    /// when they began to end.
+    pub fn group(ends: &[(String, f64)], origin_unix_secs: f64) -> Vec<AutovacuumRound> {
+        let mut ends = ends.to_vec();
+        ends.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+        let mut rounds: Vec<AutovacuumRound> = Vec::new();
+        for (database, at) in ends {
+            let at = at - origin_unix_secs;
+            match rounds.last_mut() {
+                Some(round)
+                    if round.database == database
+                        && at - round.last_ended_secs <= ROUND_GAP_SECS =>
+                {
+                    round.last_ended_secs = at;
+                    round.runs += 1;
+                }
+                _ => rounds.push(AutovacuumRound {
+                    database,
+                    first_ended_secs: at,
+                    last_ended_secs: at,
+                    runs: 1,
+                }),
+            }
+        }
+        rounds.sort_by(|a, b| a.first_ended_secs.total_cmp(&b.first_ended_secs));
+        rounds
+    }
 }
 
 impl Tail {
@@ -486,6 +569,7 @@ impl Tail {
             placed,
             half_seconds: (last - first + 1) as usize,
             first_placed_unix_secs,
+            autovacuum_rounds: Vec::new(),
         }
     }
 }
@@ -1010,7 +1094,9 @@ async fn measured_open_loop(
     } else {
         Vec::new()
     };
-    let (latency, tail) = latency_between_windows(sys, &ids).await?;
+    let (latency, mut tail) = latency_between_windows(sys, &ids).await?;
+    tail.autovacuum_rounds =
+        AutovacuumRound::group(&beside.autovacuum_ends, tail.first_placed_unix_secs);
     Ok(OpenLoopRun {
         rate,
         ids,
@@ -1917,7 +2003,7 @@ impl Report {
         );
         row(
             &format!(
-                "open loops' slowest sagas (p99 and up): ms in each hop ({}), against every saga's median; in how many of the loop's half-seconds they were placed",
+                "open loops' slowest sagas (p99 and up): ms in each hop ({}), against every saga's median; in how many of the loop's half-seconds they were placed (how many at how many s from its first order); the autovacuum rounds that ended meanwhile (s)",
                 HOPS.join(", ")
             ),
             self.open_loops
@@ -1929,8 +2015,28 @@ impl Report {
                             .collect::<Vec<_>>()
                             .join(" / ")
                     };
+                    let placed = run
+                        .tail
+                        .placed
+                        .iter()
+                        .map(|(at, n)| format!("{n}@{at:.1}"))
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    let rounds = match run.tail.autovacuum_rounds.as_slice() {
+                        [] => "no autovacuum round".to_string(),
+                        rounds => rounds
+                            .iter()
+                            .map(|r| {
+                                format!(
+                                    "{} {:.1}-{:.1}",
+                                    r.database, r.first_ended_secs, r.last_ended_secs
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    };
                     format!(
-                        "{:.0}/s: {} sagas, {} against {}, in {} of {}",
+                        "{:.0}/s: {} sagas, {} against {}, in {} of {} ({placed}); {rounds}",
                         run.rate_per_sec,
                         run.tail.sagas,
                         ms(&run.tail.hops_ms),
@@ -2711,11 +2817,50 @@ where
 #[cfg(test)]
 mod tests {
     use super::{
-        ComparedOpenLoop, ComparedRun, Comparison, MachineCpu, OpenLoopVerdict,
+        AutovacuumRound, ComparedOpenLoop, ComparedRun, Comparison, MachineCpu, OpenLoopVerdict,
         STOLEN_WORTH_SAYING, SagaTimes, Setup, Tail, axis_top, drift_percent, next_probe, p99_edge,
         run_delay_ns, stolen, throughput_over_time, waited_of,
     };
     use std::time::Duration;
+
+    #[test]
+    fn autovacuum_ends_are_grouped_into_each_databases_rounds_from_the_loops_start() {
+        let at = |database: &str, secs: f64| (database.to_string(), 1.8e9 + secs);
+        // The order database's round ends its tables over 2.4 s, with a
+        // gap of 3 s inside it; inventory's round comes between, and the
+        // order database's next one 60 s later.
+        let ends = [
+            at("order", 18.2),
+            at("inventory", 6.5),
+            at("order", 16.6),
+            at("order", 75.0),
+            at("inventory", 6.9),
+            at("order", 19.0),
+            at("order", 13.6),
+        ];
+        let rounds = AutovacuumRound::group(&ends, 1.8e9 + 0.5);
+        let seen: Vec<(&str, f64, f64, usize)> = rounds
+            .iter()
+            .map(|r| {
+                let secs = |s: f64| (s * 10.0).round() / 10.0;
+                (
+                    r.database.as_str(),
+                    secs(r.first_ended_secs),
+                    secs(r.last_ended_secs),
+                    r.runs,
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("inventory", 6.0, 6.4, 2),
+                ("order", 13.1, 18.5, 4),
+                ("order", 74.5, 74.5, 1),
+            ]
+        );
+        assert!(AutovacuumRound::group(&[], 0.0).is_empty());
+    }
 
     #[test]
     fn the_tail_says_which_hop_its_sagas_waited_in_and_when_they_were_placed() {

@@ -86,6 +86,8 @@ pub struct Options {
     /// Run our own PostgreSQL with `fsync` and `synchronous_commit` on (the
     /// benchmark; tests run without, on throwaway folders).
     pub durable_postgres: bool,
+    /// More settings for that PostgreSQL (`-c name=value ...`).
+    pub postgres_settings: String,
     /// Leave the services' polling intervals at their shipped defaults
     /// instead of the tests' shorter ones (the benchmark).
     pub shipped_intervals: bool,
@@ -110,6 +112,7 @@ impl Default for Options {
             relaxed_fsync: false,
             tls: false,
             durable_postgres: false,
+            postgres_settings: String::new(),
             shipped_intervals: false,
             cluster: false,
             bin_dir: None,
@@ -337,7 +340,11 @@ impl System {
                 tokio::task::spawn_blocking(harness::Nats::start_own).await??
             };
             let postgres = if options.durable_postgres {
-                tokio::task::spawn_blocking(harness::Postgres::start_own_durable).await??
+                let settings = options.postgres_settings.clone();
+                tokio::task::spawn_blocking(move || {
+                    harness::Postgres::start_own_durable_with(&settings)
+                })
+                .await??
             } else {
                 tokio::task::spawn_blocking(harness::Postgres::start).await??
             };

@@ -7,7 +7,19 @@ use e2e::{Options, system};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_benchmark_runs_and_its_report_holds_together() {
-    let sys = system(Options::default()).await;
+    // PostgreSQL of its own (the benchmark's, fsync on), whose autovacuum
+    // visits each database every second and takes every table that
+    // changed at all, so that its rounds end while the short loops run.
+    let sys = system(Options {
+        durable_postgres: true,
+        postgres_settings: "-c autovacuum_naptime=1 \
+             -c autovacuum_analyze_threshold=1 -c autovacuum_analyze_scale_factor=0 \
+             -c autovacuum_vacuum_threshold=1 -c autovacuum_vacuum_scale_factor=0 \
+             -c autovacuum_vacuum_insert_threshold=1 -c autovacuum_vacuum_insert_scale_factor=0"
+            .into(),
+        ..Options::default()
+    })
+    .await;
     let settings = Settings {
         instances: 1,
         clients: vec![2, 4],
@@ -103,6 +115,14 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
         ),
         (None, Some(2.0))
     );
+    assert!(
+        report
+            .open_loops
+            .iter()
+            .any(|run| !run.tail.autovacuum_rounds.is_empty()),
+        "autovacuum, visiting every database each second, ended a round in some loop: {:?}",
+        report.open_loops
+    );
     for run in &report.open_loops {
         assert_eq!(
             run.latency.count,
@@ -129,6 +149,21 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
             "{run:?}"
         );
         assert!(tail.first_placed_unix_secs > 1.7e9, "{run:?}");
+        // The autovacuum rounds that ended while it ran, each of a
+        // service's database, between the loop's start and its sagas'
+        // ends (its counters were read just before its first order).
+        for round in &tail.autovacuum_rounds {
+            assert!(
+                ["order", "inventory", "shipping", "notification"]
+                    .iter()
+                    .any(|service| round.database.contains(service))
+                    && round.runs >= 1
+                    && -1.0 < round.first_ended_secs
+                    && round.first_ended_secs <= round.last_ended_secs
+                    && round.last_ended_secs < settings.open_secs + 60.0,
+                "{round:?} of {run:?}"
+            );
+        }
         let slowest: f64 = tail.hops_ms.iter().sum();
         assert!(
             slowest >= run.latency.p99_ms - 1e-6 && slowest <= run.latency.max_ms + 1e-6,

@@ -21,6 +21,9 @@ pub struct Postgres {
     /// Whether the server fsyncs its commits (off for tests: they run on
     /// throwaway folders; on for the benchmark, as a real server runs).
     durable: bool,
+    /// More server settings (`-c name=value ...`) for our own server,
+    /// beside HARNESS_POSTGRES_OPTIONS's.
+    settings: String,
 }
 
 fn bin(name: &str) -> PathBuf {
@@ -89,6 +92,7 @@ impl Postgres {
                 dir: None,
                 running: true,
                 durable: true,
+                settings: String::new(),
             }),
             Err(_) => Self::start_own(),
         }
@@ -135,6 +139,7 @@ impl Postgres {
             dir: Some(dir),
             running: false,
             durable: false,
+            settings: String::new(),
         };
         pg.restart()?;
         Ok(pg)
@@ -152,8 +157,15 @@ impl Postgres {
     /// A fresh cluster of our own that fsyncs every commit (`fsync` and
     /// `synchronous_commit` on, PostgreSQL's defaults), for the benchmark.
     pub fn start_own_durable() -> anyhow::Result<Self> {
+        Self::start_own_durable_with("")
+    }
+
+    /// The same, with more server settings (`-c name=value ...`), kept
+    /// for its restarts too.
+    pub fn start_own_durable_with(settings: &str) -> anyhow::Result<Self> {
         let mut pg = Self::start_own()?;
         pg.durable = true;
+        pg.settings = settings.to_owned();
         pg.kill()?;
         pg.restart()?;
         Ok(pg)
@@ -193,9 +205,10 @@ impl Postgres {
         // "-c shared_preload_libraries=pg_stat_statements".
         let extra = std::env::var("HARNESS_POSTGRES_OPTIONS").unwrap_or_default();
         let options = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c max_connections=400 {fsync} {extra}",
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c max_connections=400 {fsync} {} {extra}",
             self.port,
-            path_str(&dir)?
+            path_str(&dir)?,
+            self.settings
         );
         run_pg(
             "pg_ctl",
