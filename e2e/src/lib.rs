@@ -86,7 +86,8 @@ pub struct Options {
     /// Run our own PostgreSQL with `fsync` and `synchronous_commit` on (the
     /// benchmark; tests run without, on throwaway folders).
     pub durable_postgres: bool,
-    /// More settings for that PostgreSQL (`-c name=value ...`).
+    /// More settings for that PostgreSQL (`-c name=value ...`); only with
+    /// `durable_postgres`, the one server of our own it always starts.
     pub postgres_settings: String,
     /// Leave the services' polling intervals at their shipped defaults
     /// instead of the tests' shorter ones (the benchmark).

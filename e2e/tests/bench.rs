@@ -154,7 +154,7 @@ async fn the_benchmark_runs_and_its_report_holds_together() {
         // ends (its counters were read just before its first order).
         for round in &tail.autovacuum_rounds {
             assert!(
-                ["order", "inventory", "shipping", "notification"]
+                e2e::SERVICES
                     .iter()
                     .any(|service| round.database.contains(service))
                     && round.runs >= 1
