@@ -50,6 +50,17 @@ const LEADER_LOCK: i64 = 0x63686f72656f;
 /// waited past its end is a second every saga stalls.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
+/// How long a leading relay's publish rounds fail, one after another,
+/// before it asks its client to move to another node
+/// ([`crate::runtime::move_to_another_node`]): a node cut off from the rest
+/// of its cluster keeps its clients, and every publish through it fails
+/// until the cut heals, while the other nodes serve. Longer than a stream
+/// leader's election (5.1-8.8 s from a leader's kill to the first event
+/// applied, on the harness's 3-node cluster), so an election alone does not
+/// move it: a move costs the process's pulls the deliveries they have in
+/// flight, which come again after the ack wait.
+pub const MOVE_AFTER_FAILING: Duration = Duration::from_secs(12);
+
 /// Batches read one past the other before reading again from the first
 /// unsent row (where a row that committed late with a lower seq waits).
 const MAX_BATCHES_IN_A_RUN: u32 = 16;
@@ -71,6 +82,9 @@ const MAX_ATOMIC_BATCH: usize = 1000;
 pub struct RelayStats {
     /// Outbox rows this relay published and saw acknowledged.
     pub published: AtomicU64,
+    /// Times the relay asked its NATS client to move to another node: its
+    /// publishes had failed for [`MOVE_AFTER_FAILING`].
+    pub node_moves: AtomicU64,
 }
 
 /// The result of one publish round.
@@ -685,6 +699,8 @@ impl Relay {
             wakeup.listen().await;
         }
         let mut backoff = Duration::from_millis(100);
+        // Since when every publish round has failed; `None` while they go.
+        let mut failing_since: Option<tokio::time::Instant> = None;
         // Batches sent whose PubAcks are still to come, each with the sagas
         // of its rows: while they come the next batch is read and sent, so
         // reading and marking in PostgreSQL overlap the broker's work.
@@ -791,6 +807,17 @@ impl Relay {
                     continue;
                 }
                 tracing::warn!(%error, "publish failed; will retry");
+                let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= MOVE_AFTER_FAILING
+                    && crate::runtime::move_to_another_node(&self.js.client()).await
+                {
+                    tracing::warn!(
+                        failing_for = ?since.elapsed(),
+                        "the relay's publishes failed all this while: its NATS client moves to another node"
+                    );
+                    self.stats.node_moves.fetch_add(1, Ordering::Relaxed);
+                    failing_since = None;
+                }
                 tokio::select! {
                     _ = retry_after(&self.js, backoff) => {}
                     _ = shutdown.cancelled() => {}
@@ -799,6 +826,7 @@ impl Relay {
                 continue;
             }
             backoff = Duration::from_millis(100);
+            failing_since = None;
             if full {
                 continue; // more rows are waiting
             }

@@ -402,7 +402,10 @@ const MOVE_EVERY: Duration = Duration::from_secs(10);
 /// reaches nobody until the cut heals, while the other nodes serve. The
 /// reconnect picks another node than this one ([`pick_server`]); the
 /// caller may ask again while the trouble lasts, at most once every
-/// [`MOVE_EVERY`] a process. Whether it asked.
+/// [`MOVE_EVERY`] a process. Whether it asked. A pull loop asks when its
+/// pulls have reached nobody twice in a row ([`crate::consumer`]), the
+/// leading relay when its publishes have failed for
+/// [`crate::relay::MOVE_AFTER_FAILING`].
 pub async fn move_to_another_node(client: &async_nats::Client) -> bool {
     if client.connection_state() != async_nats::connection::State::Connected {
         return false;

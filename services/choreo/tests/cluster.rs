@@ -139,6 +139,7 @@ async fn until_applied(pool: &sqlx::PgPool, n: i64, within: Duration) {
 struct Running {
     stream: async_nats::jetstream::stream::Stream,
     stats: Arc<choreo::consumer::ConsumerStats>,
+    relay_stats: Arc<choreo::relay::RelayStats>,
     shutdown: CancellationToken,
     relay: tokio::task::JoinHandle<()>,
     consumer: tokio::task::JoinHandle<()>,
@@ -157,6 +158,7 @@ impl Running {
             .unwrap();
         let shutdown = CancellationToken::new();
         let relay = Relay::new(pool.clone(), publisher, 64, Duration::from_millis(50));
+        let relay_stats = relay.stats();
         let relay = tokio::spawn(relay.run(shutdown.clone()));
         let subscription = Subscription::of(&[Tick::EVENT_TYPE]);
         let source = choreo::provision::ConsumerSource::new(
@@ -172,6 +174,7 @@ impl Running {
         Running {
             stream,
             stats,
+            relay_stats,
             shutdown,
             relay,
             consumer,
@@ -352,21 +355,26 @@ async fn a_consumer_whose_lookup_gets_no_answer_pulls_from_the_consumer_found_be
     running.stop(&pool).await;
 }
 
-/// A consumer whose node is cut off from the other two, and stays cut off,
-/// moves its client to another node and pulls there. The cut-off node
-/// keeps its clients, but every pull through it reaches nobody until the
-/// cut heals, while the other two serve.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_consumer_whose_node_stays_cut_off_moves_to_another_node_and_pulls_there() {
+/// Which side of the flow [`moves_off_a_node_that_stays_cut_off`] cuts off.
+#[derive(Clone, Copy, PartialEq)]
+enum CutOff {
+    Consumer,
+    Relay,
+}
+
+/// Puts the `cut_off` side's client on whichever node it dials and the
+/// other side's on another, applies ten events, then cuts that node off
+/// from the other two, writes ten more and waits `within` for them: the
+/// cut-off side has to move its client to a node on the other side of the
+/// cut. Checks that it moved and is no longer on the cut-off node.
+async fn moves_off_a_node_that_stays_cut_off(cut_off: CutOff, within: Duration) {
     let (cluster, _pg, pool, config) = on_a_cluster().await;
-    // The consumer's client may dial any node; the relay publishes through
-    // another node than the one the consumer is on.
-    let (puller, js) = choreo::runtime::connect_nats(&cluster.url(), "consumer", None)
+    let (client, js) = choreo::runtime::connect_nats(&cluster.url(), "cut-off", None)
         .await
         .unwrap();
     // The client connects in the background.
     let connected = Instant::now();
-    while puller.server_info().server_name.is_empty() {
+    while client.server_info().server_name.is_empty() {
         assert!(
             connected.elapsed() < Duration::from_secs(10),
             "not connected"
@@ -374,32 +382,34 @@ async fn a_consumer_whose_node_stays_cut_off_moves_to_another_node_and_pulls_the
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let on = cluster
-        .index_of(&puller.server_info().server_name)
+        .index_of(&client.server_info().server_name)
         .expect("a node of ours");
-    let (_publisher, js_relay) =
-        choreo::runtime::connect_nats(cluster.node_url((on + 1) % 3), "relay", None)
+    let (_other, js_other) =
+        choreo::runtime::connect_nats(cluster.node_url((on + 1) % 3), "across", None)
             .await
             .unwrap();
-    let running = Running::start(&pool, &config, js_relay, js).await;
+    let running = match cut_off {
+        CutOff::Consumer => Running::start(&pool, &config, js_other, js).await,
+        CutOff::Relay => Running::start(&pool, &config, js, js_other).await,
+    };
     emit(&pool, &config, 0..10).await;
     until_applied(&pool, 10, Duration::from_secs(30)).await;
 
     cluster.isolate(on, harness::Mode::Cut);
     let cut = Instant::now();
     emit(&pool, &config, 10..20).await;
-    // When the consumer's leader was on the cut-off node, that node goes on
-    // answering its pulls (expired, empty) until it finds it lost its
-    // quorum, about 20 s here; then they reach nobody, the consumer gives
-    // them up twice (3 s each) and moves.
-    until_applied(&pool, 20, Duration::from_secs(60)).await;
-    let moved_to = puller.server_info().server_name;
+    until_applied(&pool, 20, within).await;
+    let moves = match cut_off {
+        CutOff::Consumer => running.stats.node_moves.load(Ordering::Relaxed),
+        CutOff::Relay => running.relay_stats.node_moves.load(Ordering::Relaxed),
+    };
+    let moved_to = client.server_info().server_name;
     println!(
-        "cut off n{}; the consumer moved {} time(s), to {moved_to}, and applied the ten events {} ms after the cut",
+        "cut off n{}; it moved {moves} time(s), to {moved_to}, and the ten events were applied {} ms after the cut",
         on + 1,
-        running.stats.node_moves.load(Ordering::Relaxed),
         cut.elapsed().as_millis()
     );
-    assert!(running.stats.node_moves.load(Ordering::Relaxed) >= 1);
+    assert!(moves >= 1);
     assert_ne!(
         moved_to,
         harness::node_name(on),
@@ -407,4 +417,26 @@ async fn a_consumer_whose_node_stays_cut_off_moves_to_another_node_and_pulls_the
     );
     cluster.isolate(on, harness::Mode::Pass);
     running.stop(&pool).await;
+}
+
+/// A consumer whose node is cut off from the other two, and stays cut off,
+/// moves its client to another node and pulls there. The cut-off node
+/// keeps its clients, but every pull through it reaches nobody until the
+/// cut heals, while the other two serve. When the consumer's leader was on
+/// the cut-off node, that node goes on answering its pulls (expired, empty)
+/// until it finds it lost its quorum, about 20 s here; then they reach
+/// nobody, the consumer gives them up twice (3 s each) and moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_whose_node_stays_cut_off_moves_to_another_node_and_pulls_there() {
+    moves_off_a_node_that_stays_cut_off(CutOff::Consumer, Duration::from_secs(60)).await;
+}
+
+/// A relay whose node is cut off from the other two, and stays cut off,
+/// moves its client to another node once its publishes have failed for
+/// [`choreo::relay::MOVE_AFTER_FAILING`], and publishes there. The
+/// consumer pulls through a node on the other side of the cut, so only the
+/// relay's own rule can end the wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_node_stays_cut_off_moves_to_another_node_and_publishes_there() {
+    moves_off_a_node_that_stays_cut_off(CutOff::Relay, Duration::from_secs(90)).await;
 }
