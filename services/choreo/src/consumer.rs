@@ -353,6 +353,7 @@ impl<H: Handler> Consumer<H> {
                             if unanswered >= 2
                                 && crate::runtime::move_to_another_node(
                                     &source.jetstream().client(),
+                                    "pull",
                                 )
                                 .await
                             {

@@ -809,12 +809,8 @@ impl Relay {
                 tracing::warn!(%error, "publish failed; will retry");
                 let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
                 if since.elapsed() >= MOVE_AFTER_FAILING
-                    && crate::runtime::move_to_another_node(&self.js.client()).await
+                    && crate::runtime::move_to_another_node(&self.js.client(), "relay").await
                 {
-                    tracing::warn!(
-                        failing_for = ?since.elapsed(),
-                        "the relay's publishes failed all this while: its NATS client moves to another node"
-                    );
                     self.stats.node_moves.fetch_add(1, Ordering::Relaxed);
                     failing_since = None;
                 }

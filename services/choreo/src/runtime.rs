@@ -402,11 +402,12 @@ const MOVE_EVERY: Duration = Duration::from_secs(10);
 /// reaches nobody until the cut heals, while the other nodes serve. The
 /// reconnect picks another node than this one ([`pick_server`]); the
 /// caller may ask again while the trouble lasts, at most once every
-/// [`MOVE_EVERY`] a process. Whether it asked. A pull loop asks when its
-/// pulls have reached nobody twice in a row ([`crate::consumer`]), the
-/// leading relay when its publishes have failed for
+/// [`MOVE_EVERY`] a process. Whether it asked. `by` says who asks, as the
+/// log line and `saga_nats_node_moves_total{by}` say it: `pull`, a pull
+/// loop whose pulls have reached nobody twice in a row ([`crate::consumer`]),
+/// or `relay`, the leading relay whose publishes have failed for
 /// [`crate::relay::MOVE_AFTER_FAILING`].
-pub async fn move_to_another_node(client: &async_nats::Client) -> bool {
+pub async fn move_to_another_node(client: &async_nats::Client, by: &'static str) -> bool {
     if client.connection_state() != async_nats::connection::State::Connected {
         return false;
     }
@@ -425,8 +426,12 @@ pub async fn move_to_another_node(client: &async_nats::Client) -> bool {
         }
         *last = Some((node.clone(), std::time::Instant::now()));
     }
-    tracing::warn!(%node, "this NATS node has taken no JetStream request for a while; moving to another");
-    client.force_reconnect().await.is_ok()
+    tracing::warn!(%node, by, "this NATS node has taken no JetStream request for a while; moving to another");
+    let asked = client.force_reconnect().await.is_ok();
+    if asked {
+        metrics::counter!("saga_nats_node_moves_total", "by" => by).increment(1);
+    }
+    asked
 }
 
 /// The node a client of this process was last asked to move away from

@@ -355,6 +355,20 @@ async fn a_consumer_whose_lookup_gets_no_answer_pulls_from_the_consumer_found_be
     running.stop(&pool).await;
 }
 
+/// This process's metrics, as a service's endpoint serves them (one
+/// recorder for the whole test process).
+fn metrics_of_this_process() -> metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .expect("a metrics recorder")
+        })
+        .clone()
+}
+
 /// Which side of the flow [`moves_off_a_node_that_stays_cut_off`] cuts off.
 #[derive(Clone, Copy, PartialEq)]
 enum CutOff {
@@ -368,6 +382,7 @@ enum CutOff {
 /// cut-off side has to move its client to a node on the other side of the
 /// cut. Checks that it moved and is no longer on the cut-off node.
 async fn moves_off_a_node_that_stays_cut_off(cut_off: CutOff, within: Duration) {
+    let metrics = metrics_of_this_process();
     let (cluster, _pg, pool, config) = on_a_cluster().await;
     let (client, js) = choreo::runtime::connect_nats(&cluster.url(), "cut-off", None)
         .await
@@ -399,9 +414,12 @@ async fn moves_off_a_node_that_stays_cut_off(cut_off: CutOff, within: Duration) 
     let cut = Instant::now();
     emit(&pool, &config, 10..20).await;
     until_applied(&pool, 20, within).await;
-    let moves = match cut_off {
-        CutOff::Consumer => running.stats.node_moves.load(Ordering::Relaxed),
-        CutOff::Relay => running.relay_stats.node_moves.load(Ordering::Relaxed),
+    let (moves, by) = match cut_off {
+        CutOff::Consumer => (running.stats.node_moves.load(Ordering::Relaxed), "pull"),
+        CutOff::Relay => (
+            running.relay_stats.node_moves.load(Ordering::Relaxed),
+            "relay",
+        ),
     };
     let moved_to = client.server_info().server_name;
     println!(
@@ -414,6 +432,12 @@ async fn moves_off_a_node_that_stays_cut_off(cut_off: CutOff, within: Duration) 
         moved_to,
         harness::node_name(on),
         "still on the cut-off node"
+    );
+    let counted = format!("saga_nats_node_moves_total{{by=\"{by}\"}}");
+    let text = metrics.render();
+    assert!(
+        text.lines().any(|line| line.starts_with(&counted)),
+        "no {counted} in the metrics:\n{text}"
     );
     cluster.isolate(on, harness::Mode::Pass);
     running.stop(&pool).await;
