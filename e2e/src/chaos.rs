@@ -217,9 +217,9 @@ impl Fault {
     }
 }
 
-/// Fault kinds of the single-server profiles (0..8) and of the cluster ones (8..11).
+/// Fault kinds of the single-server profiles (0..8) and of the cluster ones (8..12).
 const KINDS: std::ops::Range<u8> = 0..8;
-const CLUSTER_KINDS: std::ops::Range<u8> = 8..11;
+const CLUSTER_KINDS: std::ops::Range<u8> = 8..12;
 
 fn make_fault(kind: u8, rng: &mut StdRng) -> Fault {
     let service = |rng: &mut StdRng| SERVICES[rng.random_range(0..SERVICES.len())];
@@ -281,9 +281,17 @@ fn make_fault(kind: u8, rng: &mut StdRng) -> Fault {
             node: rng.random_range(0..3),
             pause: Duration::from_millis(rng.random_range(1000..8000)),
         },
-        _ => Fault::IsolateNode {
+        10 => Fault::IsolateNode {
             node: rng.random_range(0..3),
             span: Duration::from_millis(rng.random_range(3000..10000)),
+        },
+        // A node cut off for long: past the quorum loss of a leader it holds
+        // (about 20 s), after which its clients' pulls reach nobody, and
+        // past the relay's MOVE_AFTER_FAILING, so the services have to move
+        // their clients to the other side of the cut.
+        _ => Fault::IsolateNode {
+            node: rng.random_range(0..3),
+            span: Duration::from_millis(rng.random_range(20_000..30_000)),
         },
     }
 }
@@ -1451,6 +1459,13 @@ mod tests {
                 "kill the stream leader"
             ]
             .into()
+        );
+        // One cut lasts long enough for the services to have to move.
+        assert!(
+            schedule(7, Duration::from_secs(60), true)
+                .iter()
+                .any(|(_, f)| matches!(f, Fault::IsolateNode { span, .. } if *span >= Duration::from_secs(20))),
+            "no long cut"
         );
     }
 }
