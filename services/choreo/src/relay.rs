@@ -32,7 +32,10 @@
 //!
 //! Only acknowledged rows are marked sent. A crash between PubAck and marking
 //! republishes, and JetStream's duplicate window (`Nats-Msg-Id` = event id)
-//! or, past it, the consumers' inbox drops the copy.
+//! or, past it, the consumers' inbox drops the copy. A relay whose publish
+//! rounds all fail for [`MOVE_AFTER_FAILING`] moves its client to another
+//! node of the cluster (its own may be cut off from the others) and sends
+//! the same rows again there.
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
