@@ -370,7 +370,7 @@ fn metrics_of_this_process() -> metrics_exporter_prometheus::PrometheusHandle {
 }
 
 /// Which side of the flow [`moves_off_a_node_that_stays_cut_off`] cuts off.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum CutOff {
     Consumer,
     Relay,
